@@ -1,0 +1,56 @@
+"""Plain-PyTorch twin of the fused latent-fusion op: short, obvious, the oracle for tests and the fallback.
+
+    e_t = E[x_t] + lam * m_{t-1} * (c / max(||h_{t-1}||, eps)) * P(h_{t-1})     (DESIGN.md section 1)
+
+`h_{-1}` is `prev_latent` (fused with multiplier 1; zero a row to disable it) or absent (no fusion at t=0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def vocab_mean_norm(weight: torch.Tensor) -> torch.Tensor:
+    """Mean L2 norm of the rows of `weight` [V, H] as an fp32 scalar tensor (always a constant: no gradient)."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight.detach().float(), dim=-1).mean()
+
+
+def latent_fuse_naive(
+    input_ids: torch.Tensor,  # [B, T] int
+    weight: torch.Tensor,  # [V, H_g]
+    latent: torch.Tensor,  # [B, T, H_r]: h_t, fused into position t + 1
+    mask: torch.Tensor | None = None,  # [B, T]: mask[b, t] = 0 -> latent[b, t] is never fused
+    *,
+    lam: float,
+    norm_target: str | float = "vocab_mean",
+    projection: torch.Tensor | None = None,  # [H_g, H_r] for "linear", None for "pad"
+    prev_latent: torch.Tensor | None = None,  # [B, H_r]: h_{-1}, fused into position 0
+    eps: float = 1e-6,
+    detach_norm: bool = True,
+) -> torch.Tensor:  # [B, T, H_g] in weight.dtype
+    B, T = input_ids.shape
+    H_g, H_r = weight.shape[1], latent.shape[-1]
+    emb = weight[input_ids].float()  # [B, T, H_g]
+    h = latent.float()
+    prev = prev_latent.float()[:, None] if prev_latent is not None else h.new_zeros(B, 1, H_r)
+    src = torch.cat([prev, h[:, :-1]], dim=1)  # [B, T, H_r]: h_{t-1} sits at slot t
+
+    m = torch.ones(B, T, device=h.device) if mask is None else mask.float()
+    m_src = torch.cat([m.new_full((B, 1), float(prev_latent is not None)), m[:, :-1]], dim=1)  # [B, T]
+
+    norm = torch.linalg.vector_norm(src, dim=-1, keepdim=True)
+    if detach_norm:
+        norm = norm.detach()
+    if norm_target == "vocab_mean":
+        c = vocab_mean_norm(weight)
+    elif norm_target == "token":
+        c = torch.linalg.vector_norm(emb, dim=-1, keepdim=True)
+        if detach_norm:
+            c = c.detach()
+    else:
+        c = float(norm_target)
+    scaled = src * (c / norm.clamp_min(eps))  # [B, T, H_r]
+    proj = F.pad(scaled, (0, H_g - H_r)) if projection is None else scaled @ projection.float().T
+    return (emb + lam * m_src[..., None] * proj).to(weight.dtype)
