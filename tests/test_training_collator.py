@@ -1,0 +1,116 @@
+"""FlyThinkerCollator: masking, padding sides, EOS, truncation, split context, errors."""
+
+import pytest
+import torch
+
+from flythinker.training.collator import IGNORE_INDEX, FlyThinkerCollator
+from flythinker.training.toy import char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def test_shared_context_left_padding_ids():
+    c = FlyThinkerCollator(pad_token_id=0, eos_token_id=2)
+    b = c([([5, 6, 7], [8, 9]), ([5], [10])])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2], [0, 0, 0, 5, 10, 2]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]
+    assert b["labels"].tolist() == [[-100, -100, -100, 8, 9, 2], [-100, -100, -100, -100, 10, 2]]
+    assert set(b) == {"input_ids", "attention_mask", "labels"}
+    assert all(v.dtype == torch.long for v in b.values())
+
+
+def test_right_padding_and_no_eos():
+    c = FlyThinkerCollator(pad_token_id=0, eos_token_id=2, padding_side="right", add_eos=False)
+    b = c([{"prompt": [5, 6], "response": [8]}, {"prompt": [5], "response": [9, 9, 9]}])
+    assert b["input_ids"].tolist() == [[5, 6, 8, 0], [5, 9, 9, 9]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert b["labels"].tolist() == [[-100, -100, 8, -100], [-100, 9, 9, 9]]
+
+
+def test_eos_not_doubled():
+    c = FlyThinkerCollator(pad_token_id=0, eos_token_id=2)
+    b = c([([5], [8, 2])])
+    assert b["input_ids"].tolist() == [[5, 8, 2]]
+
+
+def test_strings_and_chat_messages(tok):
+    c = FlyThinkerCollator(tokenizer=tok)
+    b = c([{"prompt": "ab=", "response": "ba"}])
+    ids = tok("ab=")["input_ids"] + tok("ba", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert b["input_ids"][0].tolist() == ids
+    assert tok.decode([t for t in b["labels"][0].tolist() if t != IGNORE_INDEX], skip_special_tokens=True) == "ba"
+    # chat messages (and chat_template=True for plain strings) go through the template
+    msgs = [{"role": "user", "content": "hi"}]
+    b1 = c([{"prompt": msgs, "response": "yo"}])
+    b2 = FlyThinkerCollator(tokenizer=tok, chat_template=True)([{"prompt": "hi", "response": "yo"}])
+    assert torch.equal(b1["input_ids"], b2["input_ids"])
+    assert tok.decode(b1["input_ids"][0]).startswith("u:hi\na:yo")
+
+
+def test_split_context_alignment_left_padding():
+    c = FlyThinkerCollator(pad_token_id=0, eos_token_id=2)
+    b = c([
+        {"generator_prompt": [5], "reasoner_prompt": [6, 6, 6, 6], "response": [8, 9]},
+        {"generator_prompt": [5, 5, 5], "reasoner_prompt": [6], "response": [10]},
+    ])
+    assert b["input_ids"].tolist() == [[0, 5, 8, 9, 2], [5, 5, 5, 10, 2]]
+    assert b["reasoner_input_ids"].tolist() == [[6, 6, 6, 6, 8, 9, 2], [0, 0, 0, 0, 6, 10, 2]]
+    assert b["reasoner_attention_mask"].tolist() == [[1] * 7, [0, 0, 0, 0, 1, 1, 1]]
+    # left padding: each row's response occupies the same trailing columns in both views
+    L, Lr = b["input_ids"].shape[1], b["reasoner_input_ids"].shape[1]
+    for row in range(2):
+        n = int((b["labels"][row] != IGNORE_INDEX).sum())
+        assert torch.equal(b["input_ids"][row, L - n :], b["reasoner_input_ids"][row, Lr - n :])
+
+
+def test_truncation_drops_oldest_prompt_tokens_and_keeps_views_aligned():
+    c = FlyThinkerCollator(pad_token_id=0, eos_token_id=2, max_length=5, reasoner_max_length=4)
+    b = c([{"generator_prompt": [11, 12, 13, 14], "reasoner_prompt": [21, 22, 23], "response": [8, 9]}])
+    # reasoner caps the response at 3 tokens (>= 1 prompt token): 8, 9, eos fits; prompts lose their oldest tokens
+    assert b["input_ids"].tolist() == [[13, 14, 8, 9, 2]]
+    assert b["reasoner_input_ids"].tolist() == [[23, 8, 9, 2]]
+    # a response longer than the room is cut on the right, identically in both views, and gets no EOS
+    b = c([{"generator_prompt": [11], "reasoner_prompt": [21], "response": [8, 9, 10, 11, 12]}])
+    assert b["input_ids"].tolist() == [[11, 8, 9, 10]]
+    assert b["reasoner_input_ids"].tolist() == [[21, 8, 9, 10]]
+
+
+def test_pad_to_multiple_of():
+    b = FlyThinkerCollator(pad_token_id=0, eos_token_id=2, pad_to_multiple_of=4)([([5], [6])])
+    assert b["input_ids"].tolist() == [[0, 5, 6, 2]]
+    assert b["labels"].tolist() == [[-100, -100, 6, 2]]
+
+
+@pytest.mark.parametrize(
+    "features, match",
+    [
+        ([{"prompt": [1]}], "no 'response'"),
+        ([{"question": [1], "response": [2]}], "needs 'prompt'"),
+        ([{"generator_prompt": [1], "response": [2]}], "missing"),
+        ([([1], [])], "empty response"),
+        ([([1], [2]), ([1], [2], [3])], "mixes"),
+        ([("text", [2])], "no tokenizer"),
+        ([([1, -4], [2])], "negative"),
+        ([([], [], [2])], "non-empty"),
+        ([], "empty batch"),
+    ],
+)
+def test_bad_input_errors(features, match):
+    with pytest.raises(ValueError, match=match):
+        FlyThinkerCollator(pad_token_id=0, eos_token_id=2)(features)
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="padding_side"):
+        FlyThinkerCollator(pad_token_id=0, padding_side="middle")
+    with pytest.raises(ValueError, match="pad token"):
+        FlyThinkerCollator()
+    with pytest.raises(ValueError, match="max_length"):
+        FlyThinkerCollator(pad_token_id=0, eos_token_id=2, max_length=1)
+    with pytest.raises(TypeError):
+        FlyThinkerCollator(pad_token_id=0, eos_token_id=2)([([1.5], [2])])
+    with pytest.raises(TypeError):
+        FlyThinkerCollator(pad_token_id=0, eos_token_id=2)([42])
