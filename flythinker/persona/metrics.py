@@ -1,0 +1,153 @@
+"""Metrics for the ``persona-empathy`` benchmark: rule-based strategy checks, ROUGE-L, held-out NLL.
+
+The strategy checks read a response the way the data generator wrote it:
+
+- *strategy*: does the first sentence validate feelings or announce a plan? Cue words are the words that occur
+  only in validation sentences (resp. only in plan openers and steps) of the generator's phrase banks.
+- *length*: ``short`` when the response has at most :data:`SHORT_MAX_WORDS` words.
+- *register*: more formal-only than casual-only words -> ``formal`` (and vice versa; a tie is ``unknown``).
+
+``unknown`` never matches a trait, so garbage output scores 0 on that dimension.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from .empathy_dataset import CLOSERS, OPENERS, SHORT_MAX_WORDS, TOPICS, TRAITS, VALIDATION_MORE
+
+_WORD = re.compile(r"[a-z0-9']+")
+_SENTENCE_END = re.compile(r"[.!?]")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (punctuation dropped); the unit of length, cues and ROUGE-L."""
+    return _WORD.findall(text.lower())
+
+
+def _vocab(phrases: Iterable[str]) -> set[str]:
+    return {w for p in phrases for w in words(p)}
+
+
+_VALIDATION = [p for reg in ("formal", "casual") for p in OPENERS[("validation", reg)] + VALIDATION_MORE[reg]]
+_PLAN = [p for reg in ("formal", "casual") for p in OPENERS[("steps", reg)]
+         + [s for _, steps in TOPICS.values() for s in steps[reg]]]
+VALIDATION_CUES = frozenset(_vocab(_VALIDATION) - _vocab(_PLAN))
+PLAN_CUES = frozenset(_vocab(_PLAN) - _vocab(_VALIDATION))
+
+
+def _register_phrases(reg: str) -> list[str]:
+    return ([p for (_, r), ps in OPENERS.items() if r == reg for p in ps] + VALIDATION_MORE[reg] + CLOSERS[reg]
+            + [s for _, steps in TOPICS.values() for s in steps[reg]])
+
+
+FORMAL_CUES = frozenset(_vocab(_register_phrases("formal")) - _vocab(_register_phrases("casual")))
+CASUAL_CUES = frozenset(_vocab(_register_phrases("casual")) - _vocab(_register_phrases("formal")))
+
+
+def first_sentence(text: str) -> str:
+    """Text up to the first ``.``, ``!`` or ``?`` (the whole text if there is none)."""
+    m = _SENTENCE_END.search(text)
+    return text[: m.start()] if m else text
+
+
+def opens_with_validation(text: str) -> bool:
+    """True when the first sentence has more validation cues than plan cues."""
+    w = words(first_sentence(text))
+    return sum(x in VALIDATION_CUES for x in w) > sum(x in PLAN_CUES for x in w)
+
+
+def classify_response(text: str) -> dict[str, str]:
+    """Predicted ``{"strategy", "length", "register"}`` of a response (values as in :data:`TRAITS` or
+    ``"unknown"``)."""
+    first = words(first_sentence(text))
+    v, p = sum(x in VALIDATION_CUES for x in first), sum(x in PLAN_CUES for x in first)
+    strategy = "validation" if v > p else "steps" if p > v else "unknown"
+    w = words(text)
+    length = "unknown" if not w else "short" if len(w) <= SHORT_MAX_WORDS else "detailed"
+    f, c = sum(x in FORMAL_CUES for x in w), sum(x in CASUAL_CUES for x in w)
+    register = "formal" if f > c else "casual" if c > f else "unknown"
+    return {"strategy": strategy, "length": length, "register": register}
+
+
+def strategy_accuracy(responses: Sequence[str], traits: Sequence[dict[str, str]]) -> dict[str, float]:
+    """Agreement of the responses' predicted strategy with the users' hidden traits.
+
+    Returns per-dimension accuracies (``strategy``, ``length``, ``register``), their mean
+    ``strategy_accuracy`` (0.5 is chance for a trait-blind model) and ``exact`` (all three right).
+    """
+    if len(responses) != len(traits):
+        raise ValueError(f"{len(responses)} responses but {len(traits)} trait dicts")
+    if not responses:
+        raise ValueError("strategy_accuracy needs at least one response")
+    hits = {k: 0 for k in TRAITS}
+    exact = 0
+    for text, t in zip(responses, traits):
+        pred = classify_response(text)
+        ok = [pred[k] == t[k] for k in TRAITS]
+        for k, good in zip(TRAITS, ok):
+            hits[k] += good
+        exact += all(ok)
+    n = len(responses)
+    out = {k: hits[k] / n for k in TRAITS}
+    out["strategy_accuracy"] = sum(out[k] for k in TRAITS) / len(TRAITS)
+    out["exact"] = exact / n
+    return out
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased words: LCS-based precision/recall (Lin, 2004) with beta = 1."""
+    c, r = words(candidate), words(reference)
+    if not c or not r:
+        return 0.0
+    lcs = _lcs(c, r)
+    if lcs == 0:
+        return 0.0
+    p, rec = lcs / len(c), lcs / len(r)
+    return 2 * p * rec / (p + rec)
+
+
+def mean_rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 over pairs."""
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError(f"need equal, non-zero counts, got {len(candidates)} and {len(references)}")
+    return sum(rouge_l(c, r) for c, r in zip(candidates, references)) / len(candidates)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL and token count over positions whose label is not -100.
+
+    logits: [B, T, V]; labels: [B, T] (unshifted, HF convention: position t predicts labels[t + 1]).
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
+    lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    lb = labels[:, 1:].reshape(-1)
+    loss = torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100, reduction="sum")
+    return float(loss), int((lb != -100).sum())
+
+
+@torch.no_grad()
+def heldout_nll(forward: Callable[[dict], torch.Tensor], batches: Iterable[dict]) -> float:
+    """Mean NLL per response token over ``batches``: ``forward(batch) -> logits [B, T, V]``, each batch holds
+    ``labels`` [B, T] with -100 outside the response."""
+    total, count = 0.0, 0
+    for batch in batches:
+        s, n = token_nll(forward(batch), batch["labels"])
+        total, count = total + s, count + n
+    if count == 0:
+        raise ValueError("no labelled tokens in the held-out batches")
+    return total / count
