@@ -3,6 +3,8 @@
     e_t = E[x_t] + lam * m_{t-1} * (c / max(||h_{t-1}||, eps)) * P(h_{t-1})     (DESIGN.md section 1)
 
 `h_{-1}` is `prev_latent` (fused with multiplier 1; zero a row to disable it) or absent (no fusion at t=0).
+`mask[b, t]` belongs to the SOURCE latent h_t: it gates whether h_t is fused into position t + 1.
+Computes in fp32 (fp64 when any input is fp64, so torch.autograd.gradcheck can run on it).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 def vocab_mean_norm(weight: torch.Tensor) -> torch.Tensor:
     """Mean L2 norm of the rows of `weight` [V, H] as an fp32 scalar tensor (always a constant: no gradient)."""
     with torch.no_grad():
-        return torch.linalg.vector_norm(weight.detach().float(), dim=-1).mean()
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        return torch.linalg.vector_norm(weight.detach().to(acc), dim=-1).mean()
 
 
 def latent_fuse_naive(
@@ -32,12 +35,13 @@ def latent_fuse_naive(
 ) -> torch.Tensor:  # [B, T, H_g] in weight.dtype
     B, T = input_ids.shape
     H_g, H_r = weight.shape[1], latent.shape[-1]
-    emb = weight[input_ids].float()  # [B, T, H_g]
-    h = latent.float()
-    prev = prev_latent.float()[:, None] if prev_latent is not None else h.new_zeros(B, 1, H_r)
+    acc = torch.float64 if torch.float64 in (weight.dtype, latent.dtype) else torch.float32
+    emb = weight[input_ids].to(acc)  # [B, T, H_g]
+    h = latent.to(acc)
+    prev = prev_latent.to(acc)[:, None] if prev_latent is not None else h.new_zeros(B, 1, H_r)
     src = torch.cat([prev, h[:, :-1]], dim=1)  # [B, T, H_r]: h_{t-1} sits at slot t
 
-    m = torch.ones(B, T, device=h.device) if mask is None else mask.float()
+    m = torch.ones(B, T, device=h.device, dtype=acc) if mask is None else mask.to(acc)
     m_src = torch.cat([m.new_full((B, 1), float(prev_latent is not None)), m[:, :-1]], dim=1)  # [B, T]
 
     norm = torch.linalg.vector_norm(src, dim=-1, keepdim=True)
@@ -49,8 +53,8 @@ def latent_fuse_naive(
         c = torch.linalg.vector_norm(emb, dim=-1, keepdim=True)
         if detach_norm:
             c = c.detach()
-    else:
-        c = float(norm_target)
+    else:  # a fixed target (float, or a 0-dim tensor such as a cached vocab mean): a constant
+        c = torch.as_tensor(norm_target, dtype=acc, device=h.device).detach()
     scaled = src * (c / norm.clamp_min(eps))  # [B, T, H_r]
-    proj = F.pad(scaled, (0, H_g - H_r)) if projection is None else scaled @ projection.float().T
+    proj = F.pad(scaled, (0, H_g - H_r)) if projection is None else scaled @ projection.to(acc).T
     return (emb + lam * m_src[..., None] * proj).to(weight.dtype)
