@@ -1,0 +1,124 @@
+"""FlyThinkerConfig: the generator and reasoner configs as sub-configs plus the fusion fields (DESIGN.md 1, 4).
+
+Naming the generator sub-config `generator` makes `config.get_text_config(decoder=True)` resolve to it, so HF's
+generation plumbing (eos/pad ids, default cache config, ...) sees the generator.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+FUSION_FIELDS = ("fusion_lambda", "norm_target", "projection", "detach_norm", "fuse_prompt", "parallel",
+                 "loss_impl", "latent_eps")
+NORM_TARGETS = ("vocab_mean", "token")
+PROJECTIONS = ("pad", "linear")
+PARALLEL_MODES = ("auto", "off", "threads", "streams")
+LOSS_IMPLS = ("fused", "naive")
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class FlyThinkerConfig(PreTrainedConfig):
+    r"""Configuration of a [`FlyThinkerForCausalLM`].
+
+    Args:
+        generator, reasoner: the two causal LMs' configs (config objects or dicts with a `model_type`).
+        fusion_lambda: weight of the fused latent (0 reproduces the generator exactly). Finite, in [0, 100].
+        norm_target: `"vocab_mean"` (mean row norm of the generator's input embedding table), `"token"` (the norm
+            of the current token's embedding) or a positive float (fixed).
+        projection: `"pad"` (add into the first H_r channels; needs H_r <= H_g) or `"linear"` (learned H_r -> H_g).
+        detach_norm: treat the latent norms as constants in backward (authors' choice).
+        fuse_prompt: shared context only. True (paper): fuse at every position. False: fuse only on the
+            response side, i.e. the generator's last prompt position and every later one. "Response" is defined
+            by `labels` in training (first position whose label is not -100) and, without labels, by the cache:
+            in a forward on an empty cache (prefill) only the last position is fused, decode steps always are.
+        parallel: `"auto" | "off" | "threads" | "streams"`: how a decode step runs the two models.
+        loss_impl: `"fused"` (memory-lean linear + cross-entropy, no logits materialised when labels are given)
+            or `"naive"` (lm_head + cross_entropy).
+        latent_eps: clamp of the latent norm in the rescaling.
+    """
+
+    model_type = "flythinker"
+    sub_configs_defaults = {
+        "generator": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "reasoner": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    generator: dict | PreTrainedConfig | None = None
+    reasoner: dict | PreTrainedConfig | None = None
+    fusion_lambda: float = 0.5
+    norm_target: str | float = "vocab_mean"
+    projection: str = "pad"
+    detach_norm: bool = True
+    fuse_prompt: bool = True
+    parallel: str = "auto"
+    loss_impl: str = "fused"
+    latent_eps: float = 1e-6
+    tie_word_embeddings: bool = False  # the generator sub-config decides its own tying
+
+    def __post_init__(self, **kwargs: Any):
+        # HF configs accept arbitrary extra keys (hub BC); we reject the ones that look like a misspelt fusion
+        # option, which would otherwise be silently ignored.
+        for key in kwargs:
+            near = difflib.get_close_matches(key, FUSION_FIELDS, n=1, cutoff=0.75)
+            if near or key.startswith(("fusion_", "latent_")):
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ValueError(f"unknown FlyThinker option {key!r}{hint}; known: {list(FUSION_FIELDS)}")
+        super().__post_init__(**kwargs)
+        self.check_fusion()
+
+    def check_fusion(self) -> None:
+        """Raise ValueError/TypeError naming the problem if a fusion field is invalid (also re-run by the model)."""
+        lam = self.fusion_lambda
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise TypeError(f"fusion_lambda must be a float, got {type(lam).__name__}")
+        if not math.isfinite(lam) or not 0.0 <= lam <= 100.0:
+            raise ValueError(f"fusion_lambda must be finite and in [0, 100], got {lam}")
+        nt = self.norm_target
+        if isinstance(nt, str):
+            if nt not in NORM_TARGETS:
+                raise ValueError(f"norm_target must be one of {NORM_TARGETS} or a positive float, got {nt!r}")
+        elif isinstance(nt, bool) or not isinstance(nt, (int, float)) or not math.isfinite(nt) or nt <= 0:
+            raise ValueError(f"norm_target must be one of {NORM_TARGETS} or a positive finite float, got {nt!r}")
+        for name, allowed in (("projection", PROJECTIONS), ("parallel", PARALLEL_MODES), ("loss_impl", LOSS_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("detach_norm", "fuse_prompt"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not (isinstance(self.latent_eps, (int, float)) and self.latent_eps > 0):
+            raise ValueError(f"latent_eps must be a positive float, got {self.latent_eps!r}")
+        self.check_pair()
+
+    def check_pair(self) -> None:
+        """The two models must share one vocabulary; "pad" needs H_r <= H_g."""
+        g, r = self.generator, self.reasoner
+        if g is None or r is None:
+            return
+        gv, rv = getattr(g, "vocab_size", None), getattr(r, "vocab_size", None)
+        if gv != rv:
+            raise ValueError(
+                f"generator and reasoner must share one vocabulary: vocab_size {gv} (generator) != {rv} (reasoner)")
+        for tok in SPECIAL_TOKENS:
+            a, b = getattr(g, tok, None), getattr(r, tok, None)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"generator and reasoner disagree on special token {tok}: {a} vs {b} "
+                                 "(they must share one tokenizer)")
+        if self.projection == "pad" and r.hidden_size > g.hidden_size:
+            raise ValueError(
+                f'projection="pad" needs reasoner hidden size <= generator hidden size, got H_r={r.hidden_size} > '
+                f'H_g={g.hidden_size}; use projection="linear"')
+
+
+def fusion_kwargs_check(kwargs: dict[str, Any]) -> None:
+    """Reject unknown fusion options by name (from_pair and friends)."""
+    unknown = sorted(set(kwargs) - set(FUSION_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown FlyThinker option(s) {unknown}; known: {list(FUSION_FIELDS)}")
+
+
+__all__ = ["FlyThinkerConfig"]

@@ -1,0 +1,60 @@
+"""Shared tiny-model helpers for FlyThinker tests (CPU, fp32, random weights; fast).
+
+Import from tests: `from model_helpers import tiny_lm, tiny_pair, left_pad`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from flythinker import FlyThinkerForCausalLM
+from flythinker.models import tiny_config
+
+VOCAB = 128
+PAD, BOS, EOS = 0, 1, 2
+
+
+def tiny_lm(family: str = "llama", *, seed: int = 0, hidden_size: int = 32, vocab_size: int = VOCAB,
+            attn_implementation: str = "eager", **overrides):
+    """A random tiny causal LM of `family` (llama, qwen2, mistral, gemma, ...) in eval mode, fp32, CPU.
+
+    Weights are re-drawn with a larger std than HF's 0.02 so that the logits are far from uniform (greedy ties
+    would make token comparisons fragile)."""
+    cfg = tiny_config(family, hidden_size=hidden_size, vocab_size=vocab_size, **overrides)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    return model.eval()
+
+
+def tiny_pair(gen_family: str = "llama", rsn_family: str | None = None, *, seed: int = 0, gen_hidden: int = 48,
+              rsn_hidden: int = 32, **fusion) -> FlyThinkerForCausalLM:
+    """A FlyThinker pair of two tiny random LMs sharing the vocabulary (default lam 0.5, pad projection)."""
+    gen = tiny_lm(gen_family, seed=seed, hidden_size=gen_hidden)
+    rsn = tiny_lm(rsn_family or gen_family, seed=seed + 1, hidden_size=rsn_hidden)
+    fusion.setdefault("fusion_lambda", 0.5)
+    fusion.setdefault("parallel", "off")
+    return FlyThinkerForCausalLM.from_pair(gen, rsn, **fusion).eval()
+
+
+def random_ids(B: int, T: int, *, seed: int = 0, vocab_size: int = VOCAB, low: int = 3) -> torch.Tensor:
+    """Random token ids `[B, T]` avoiding the special ids 0..2."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab_size, (B, T), generator=g)
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id tensors into `(ids [B, L], mask [B, L])`."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        mask[i, L - len(r):] = 1
+    return ids, mask
