@@ -61,7 +61,6 @@ if HAS_TRITON:
             cs = tl.arange(0, BLOCK_R)
         else:
             cs = cg
-        smask = cs < H_r
         s = tl.load(LAT + b * s_lb + tp * s_lt + cs * s_lh, mask=cs < tl.where(from_lat, H_r, 0), other=0.0).to(ACC)
         if HAS_MASK:
             m = tl.load(MASK + b * s_mb + tp * s_mt, mask=from_lat, other=0).to(ACC)

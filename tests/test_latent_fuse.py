@@ -8,8 +8,6 @@ import warnings
 
 import pytest
 import torch
-
-from flythinker.kernels import latent_fuse as lf_mod  # noqa: F401  (package import path)
 from flythinker.kernels import latent_fuse_cpp
 from flythinker.kernels.latent_fuse import _pick_backend, latent_fuse
 from flythinker.kernels.latent_fuse_naive import latent_fuse_naive, vocab_mean_norm
