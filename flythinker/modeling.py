@@ -28,6 +28,7 @@ from flythinker.alignment import (
     split_latents,
 )
 from flythinker.cache import FlyThinkerCache
+from flythinker.concurrency import InlineWorker, pipelined_shared_prefill, pipelined_split_prefill, worker_for
 from flythinker.configuration import FlyThinkerConfig, fusion_kwargs_check
 from flythinker.kernels import latent_fuse, vocab_mean_norm
 
@@ -156,8 +157,19 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             cache=cache.generator if cache is not None else None, use_cache=use_cache, **kwargs)
 
     def _run_pair(self, gen_fn: Callable[[], Any], rsn_fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        """Run a decode step's generator and reasoner halves (independent). Sequential here; config.parallel hook."""
-        return gen_fn(), rsn_fn()
+        """Run a decode step's generator and reasoner halves (independent) as config.parallel says: "off" one
+        after the other; "threads" (CPU) the reasoner on a persistent worker thread, one core each; "streams" (CUDA)
+        the reasoner launched on side streams (also when it lives on another device). See flythinker.concurrency."""
+        return worker_for(self).run_pair(gen_fn, rsn_fn)
+
+    def _prefill_worker(self, T: int, use_cache: bool, labels: torch.Tensor | None, gen_kwargs: dict):
+        """The worker for an overlapped prefill, or None for the plain sequential one (parallel="off", training,
+        no cache, a 1-token prompt, or extra generator outputs requested)."""
+        if (T < 2 or not use_cache or labels is not None or gen_kwargs or self.config.parallel == "off"
+                or (self.training and torch.is_grad_enabled())):
+            return None
+        worker = worker_for(self)
+        return None if isinstance(worker, InlineWorker) else worker
 
     # ------------------------------------------------------------------ fusion
     def _norm_target(self) -> str | float:
@@ -288,14 +300,21 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             if cache_for_step is not None:
                 cache_for_step.split = True
                 cache_for_step.extend_reasoner_mask(r_mask)
-            h = self._reasoner_forward(r_ids, r_mask, positions_from_mask(r_mask), cache_for_step, use_cache)
-            n_fused = (torch.ones(B, dtype=torch.long, device=input_ids.device) if labels is None
-                       else self._split_fused_count(local_mask, labels))
-            latent, lmask, prev = split_latents(h, *split_alignment(local_mask, r_mask, n_fused))
+            worker = self._prefill_worker(T, use_cache, labels, gen_kwargs)
+            if worker is not None and bool(local_mask[:, -1].all()):
+                # Only the last prompt position needs a latent: the rest of G's prompt overlaps R's prefill.
+                h, g_out = pipelined_split_prefill(self, worker, input_ids, attention_mask, position_ids,
+                                                   local_mask, r_ids, r_mask, positions_from_mask(r_mask),
+                                                   cache_for_step)
+            else:
+                h = self._reasoner_forward(r_ids, r_mask, positions_from_mask(r_mask), cache_for_step, use_cache)
+                n_fused = (torch.ones(B, dtype=torch.long, device=input_ids.device) if labels is None
+                           else self._split_fused_count(local_mask, labels))
+                latent, lmask, prev = split_latents(h, *split_alignment(local_mask, r_mask, n_fused))
+                emb = self._fuse(input_ids, latent, lmask, prev)
+                g_out = self._generator_forward(emb, attention_mask, position_ids, cache_for_step, use_cache,
+                                                **gen_kwargs)
             new_latents = h[:, -1:] * r_mask[:, -1:, None].to(h.dtype)
-            emb = self._fuse(input_ids, latent, lmask, prev)
-            g_out = self._generator_forward(emb, attention_mask, position_ids, cache_for_step, use_cache,
-                                            **gen_kwargs)
         else:
             if split:  # decode chunk in split context: the reasoner's own mask/positions live in the cache
                 r_mask = cache.extend_reasoner_mask(local_mask)
@@ -321,6 +340,10 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
                 g_out, h = self._run_pair(
                     lambda: self._generator_forward(emb, attention_mask, position_ids, cache_for_step, use_cache,
                                                     **gen_kwargs), rsn_fn)
+            elif prefill and (worker := self._prefill_worker(T, use_cache, labels, gen_kwargs)) is not None:
+                # Shared context: R on chunk k+1 while G consumes chunk k (DESIGN.md 1; flythinker.concurrency).
+                h, g_out = pipelined_shared_prefill(self, worker, input_ids, attention_mask, position_ids, src_mask,
+                                                    prev, cache_for_step)
             else:
                 h = rsn_fn()
                 emb = self._fuse(input_ids, h, src_mask, prev)
