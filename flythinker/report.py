@@ -1,0 +1,250 @@
+"""`flythinker bench`: run the benchmark scripts, then turn their JSON into benchmarks/results/REPORT.md.
+
+Each script in `benchmarks/` runs in its own process (`python -m benchmarks.<name>`, with `--quick` when the
+script supports it) and writes `<results>/<stem>.json` (+ usually its own PNG). The report renders every JSON
+it finds generically, so a new benchmark needs no change here:
+
+- top-level scalars (device, dtype, load average, targets, ...) -> a "run" line: machine and baseline facts;
+- lists of dicts (cases) and dicts of dicts (variants) -> markdown tables, nested dicts flattened `a.b`;
+- every column whose name contains `ratio` -> one bar chart across all benchmarks (`ratios.png`), because
+  ratios to a baseline measured in the same run are the only numbers comparable across runs on a shared box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SKIP = {"__init__", "conftest", "common"}
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from flythinker.cli import positive_int
+
+    p.add_argument("--quick", action="store_true",
+                   help="quick mode of each suite that has one (minutes on 2 CPU cores instead of much longer)")
+    p.add_argument("--only", action="append", metavar="NAME", default=None,
+                   help="run only this suite (file stem in benchmarks/, e.g. bench_loss); repeatable")
+    p.add_argument("--list", action="store_true", help="list the suites and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="do not run anything: rebuild REPORT.md from the JSON results already there")
+    p.add_argument("--bench-dir", default=None, help="benchmark scripts folder (default: <repo>/benchmarks)")
+    p.add_argument("--results-dir", default=None, help="results folder (default: <bench-dir>/results)")
+    p.add_argument("--timeout", type=positive_int, default=3600, help="seconds allowed per suite (default: "
+                   "%(default)s)")
+
+
+def discover(bench_dir: Path) -> list[Path]:
+    return sorted(p for p in bench_dir.glob("*.py") if p.stem not in SKIP and not p.stem.startswith("_"))
+
+
+def run_suite(script: Path, quick: bool, timeout: int, root: Path) -> dict[str, Any]:
+    """Run one benchmark script in its own process; returns {name, rc, seconds, tail}."""
+    cmd = [sys.executable, str(script)]
+    if script.parent.resolve() == (root / "benchmarks").resolve():
+        cmd = [sys.executable, "-m", f"benchmarks.{script.stem}"]
+    if quick and "--quick" in script.read_text():
+        cmd.append("--quick")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = 124, f"timed out after {timeout} s\n{(exc.stdout or b'')[-1000:]!r}"
+    return {"name": script.stem, "cmd": " ".join(cmd[1:]), "rc": rc, "seconds": time.perf_counter() - start,
+            "tail": tail}
+
+
+# ---- rendering -----------------------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        a = abs(v)
+        return f"{v:.3g}" if (a and (a < 1e-2 or a >= 1e4)) else f"{v:.3f}".rstrip("0").rstrip(".") or "0"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v).replace("|", "/").replace("\n", " ")
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool)) or (
+        isinstance(v, (list, tuple)) and len(v) <= 4 and all(isinstance(x, (int, float, str)) for x in v))
+
+
+def flatten(d: dict, prefix: str = "", depth: int = 2) -> dict[str, Any]:
+    """Scalar leaves of a nested dict, keys joined with dots (at most `depth` levels)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and depth > 0:
+            out.update(flatten(v, key + ".", depth - 1))
+        elif _is_scalar(v):
+            out[key] = v
+    return out
+
+
+def table(rows: list[dict[str, Any]], first: str | None = None) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    if first and first in cols:
+        cols.remove(first)
+        cols.insert(0, first)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def tables_of(data: dict) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(title, rows) for each list of dicts / dict of dicts in a result JSON (one level deep)."""
+    found = []
+    for key, v in data.items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            found.append((key, [flatten(x) for x in v]))
+        elif isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            found.append((key, [{"name": k, **flatten(x)} for k, x in v.items()]))
+        elif isinstance(v, dict) and any(isinstance(x, list) and x and isinstance(x[0], dict) for x in v.values()):
+            found += [(f"{key}.{t}", rows) for t, rows in tables_of(v)]
+    return found
+
+
+def ratio_points(name: str, data: dict) -> list[tuple[str, float]]:
+    pts = []
+    for _title, rows in tables_of(data):
+        for i, row in enumerate(rows):
+            label = row.get("name") or ", ".join(f"{k}={row[k]}" for k in list(row)[:2] if not isinstance(row[k],
+                                                                                                           float))
+            for col, v in row.items():
+                if "ratio" in col and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    pts.append((f"{name}: {label or i} {col}", float(v)))
+    return pts
+
+
+def plot_ratios(points: list[tuple[str, float]], path: Path) -> bool:
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(points) + 1.2))
+    labels = [p[0] for p in points]
+    vals = [p[1] for p in points]
+    ax.barh(range(len(points)), vals, color=["tab:green" if v <= 1 else "tab:orange" for v in vals])
+    ax.axvline(1.0, color="k", lw=1)
+    ax.set_yticks(range(len(points)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio to the baseline measured in the same run (< 1: less time / memory than baseline)")
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(results_dir: Path, runs: list[dict[str, Any]] | None = None) -> Path:
+    """Render every `*.json` in `results_dir` into `REPORT.md` (+ `ratios.png`); returns the report path."""
+    from flythinker.info import collect
+
+    info = collect()
+    v = info["versions"]
+    load = os.getloadavg()
+    lines = ["# flythinker benchmark report", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `flythinker bench`.", "",
+             f"- Machine: {info['cpu']['machine']}, {info['cpu']['cores']} CPU cores (torch threads "
+             f"{info['cpu']['torch_threads']}), GPUs: {', '.join(info['gpus']) or 'none'}; load average now "
+             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
+             "- Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]),
+             "- Kernel backends (CPU / CUDA): " + "; ".join(f"{op} {b['cpu']} / {b['cuda']}"
+                                                           for op, b in info["backends"].items()),
+             "- Every speed or memory figure below is a ratio to a baseline measured in the same run, on the same "
+             "machine (absolute times on a shared machine drift between runs); each section lists its run facts "
+             "(device, dtype, load average, baseline).", ""]
+    if runs:
+        lines += ["## Runs", "", table([{k: r[k] for k in ("name", "cmd", "rc", "seconds")} for r in runs]), ""]
+        for r in runs:
+            if r["rc"] != 0:
+                lines += [f"`{r['name']}` failed (exit {r['rc']}); last output:", "", "```",
+                          r["tail"].strip()[-1500:], "```", ""]
+    points: list[tuple[str, float]] = []
+    jsons = sorted(results_dir.glob("*.json"))
+    for path in jsons:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            lines += [f"## {path.stem}", "", f"unreadable result file: {exc}", ""]
+            continue
+        if not isinstance(data, dict):
+            data = {"results": data}
+        lines += [f"## {path.stem}", "", f"Source: `{path.name}`", ""]
+        facts = {k: x for k, x in data.items() if _is_scalar(x)}
+        facts.update({f"{k}.{kk}": x for k, d in data.items() if isinstance(d, dict)
+                      and not any(isinstance(y, (dict, list)) for y in d.values()) for kk, x in d.items()})
+        if facts:
+            lines += ["Run: " + "; ".join(f"{k} = {_fmt(x)}" for k, x in facts.items()), ""]
+        for title, rows in tables_of(data):
+            lines += [f"### {title}", "", table(rows, first="name"), ""]
+        png = path.with_suffix(".png")
+        if png.is_file():
+            lines += [f"![{path.stem}]({png.name})", ""]
+        points += ratio_points(path.stem, data)
+    if plot_ratios(points, results_dir / "ratios.png"):
+        lines[lines.index("- Every speed or memory figure below is a ratio to a baseline measured in the same run, "
+                          "on the same machine (absolute times on a shared machine drift between runs); each "
+                          "section lists its run facts (device, dtype, load average, baseline).") + 1:0] = [
+            "", "![all ratios](ratios.png)"]
+    if not jsons:
+        lines += ["No result JSON found: run `flythinker bench` (or a script in benchmarks/) first.", ""]
+    out = results_dir / "REPORT.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def run_bench(args) -> int:
+    from tqdm.auto import tqdm
+
+    from flythinker.cli import CLIError
+
+    root = repo_root()
+    bench_dir = Path(args.bench_dir).expanduser() if args.bench_dir else root / "benchmarks"
+    if not bench_dir.is_dir():
+        raise CLIError(f"benchmark folder not found: {bench_dir} (run from a flythinker source checkout)")
+    results = Path(args.results_dir).expanduser() if args.results_dir else bench_dir / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    suites = discover(bench_dir)
+    if args.list:
+        print("\n".join(s.stem for s in suites))
+        return 0
+    if args.only:
+        unknown = sorted(set(args.only) - {s.stem for s in suites})
+        if unknown:
+            raise CLIError(f"unknown suite(s) {unknown}; available: {[s.stem for s in suites]}")
+        suites = [s for s in suites if s.stem in args.only]
+    runs = []
+    if not args.report_only:
+        bar = tqdm(suites, desc="benchmarks", unit="suite", file=sys.stdout)
+        for script in bar:
+            bar.set_postfix_str(script.stem)
+            r = run_suite(script, args.quick, args.timeout, root)
+            runs.append(r)
+            status = "ok" if r["rc"] == 0 else f"FAILED (exit {r['rc']})"
+            bar.write(f"{script.stem}: {status} in {r['seconds']:.0f} s")
+    report = write_report(results, runs)
+    print(f"wrote {report}")
+    return 0 if all(r["rc"] == 0 for r in runs) else 1

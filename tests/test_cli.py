@@ -1,0 +1,277 @@
+"""The `flythinker` CLI end to end on a tiny random pair saved to disk (char tokenizer with a chat template).
+
+In-process `main([...])` keeps it fast (one torch import); stdout/stderr are captured with capsys. One
+subprocess run checks the real entry point (`python -m flythinker.cli`) and that a user error prints one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flythinker.cli import main
+from flythinker.training.toy import save_tiny_model
+
+SUBCOMMANDS = ("demo", "generate", "train", "bench", "info")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    gen = save_tiny_model(root / "gen", seed=0, hidden_size=64)
+    rsn = save_tiny_model(root / "rsn", seed=1, hidden_size=48)  # H_r < H_g: pad projection
+    return gen, rsn
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLYTHINKER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLYTHINKER_NO_CPP", "1")  # `info` must not JIT-build the C++ op inside the test
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_user_error(rc, err, *needles):
+    assert rc == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected a one-line error, got:\n{err}"
+    assert lines[0].startswith("flythinker: error: "), lines[0]
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_help_of_each_subcommand(capsys, sub):
+    with pytest.raises(SystemExit) as exc:
+        main([sub, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: flythinker {sub}")
+    assert len(out.splitlines()) > 5
+
+
+def test_top_level_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for sub in SUBCOMMANDS:
+        assert sub in out
+
+
+def test_generate_pair_split_context(capsys, pair):
+    gen, rsn = pair
+    rc, out, err = run(capsys, "generate", "--generator", gen, "--reasoner", rsn, "--prompt", "hello",
+                       "--reasoner-prompt", "long history, then hello", "--max-new-tokens", 6, "--seed", 0)
+    assert rc == 0, err
+    assert "6 new tokens" in err and "flythinker, split context" in err and "tok/s" in err
+    assert out.strip() != "" or out == "\n"  # random weights: any text, but it was streamed through stdout
+
+
+def test_generate_sampling_options_and_lambda_zero_matches_generator(capsys, pair):
+    gen, rsn = pair
+    common = ["--prompt", "abc", "--max-new-tokens", 8, "--no-stream"]
+    rc, alone, err = run(capsys, "generate", "--generator", gen, "--generator-only", *common)
+    assert rc == 0, err and "generator alone" in err
+    rc, lam0, err = run(capsys, "generate", "--generator", gen, "--reasoner", rsn, "--lambda", 0, *common)
+    assert rc == 0, err
+    assert lam0 == alone  # λ = 0 reproduces the plain generator exactly (greedy)
+    rc, out, err = run(capsys, "generate", "--generator", gen, "--reasoner", rsn, *common, "--do-sample",
+                       "--temperature", 0.7, "--top-k", 20, "--top-p", 0.9, "--min-p", 0.05, "--seed", 1)
+    assert rc == 0, err
+    rc, beams, err = run(capsys, "generate", "--generator", gen, "--reasoner", rsn, *common, "--num-beams", 2)
+    assert rc == 0, err
+
+
+def test_generate_from_persona_record(capsys, pair, tmp_path):
+    gen, rsn = pair
+    rec = {"profile": "likes short answers", "input": "how do I relax?", "output": "breathe."}
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([rec, {**rec, "input": "second"}]))
+    rc, out, err = run(capsys, "generate", "--generator", gen, "--reasoner", rsn, "--record", path,
+                       "--record-index", 1, "--max-new-tokens", 4)
+    assert rc == 0, err
+    assert "split context" in err and "reasoner" in err
+
+
+def test_train_then_generate_from_checkpoint(capsys, pair, tmp_path):
+    gen, rsn = pair
+    data = tmp_path / "train.jsonl"
+    rows = [{"generator_prompt": f"q{i}", "reasoner_prompt": f"user likes {i}. q{i}", "response": f"a{i}"}
+            for i in range(8)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out_dir = tmp_path / "ckpt"
+    rc, out, err = run(capsys, "train", "--generator", gen, "--reasoner", rsn, "--data", data, "--output-dir",
+                       out_dir, "--max-steps", 3, "--batch-size", 2, "--lr", 1e-3, "--no-progress")
+    assert rc == 0, err
+    assert (out_dir / "config.json").is_file()
+    assert any(out_dir.glob("*.safetensors"))
+    assert json.loads((out_dir / "config.json").read_text())["model_type"] == "flythinker"
+    rc, out, err = run(capsys, "generate", "--model", out_dir, "--prompt", "q1", "--reasoner-prompt",
+                       "user likes 1. q1", "--max-new-tokens", 5, "--no-stream")
+    assert rc == 0, err
+    assert "5 new tokens" in err or "new tokens" in err
+
+
+def test_info_reports_versions_backends_cache(capsys, tmp_path):
+    rc, out, err = run(capsys, "info")
+    assert rc == 0, err
+    for word in ("torch", "triton", "transformers", "latent_fuse", "linear_cross_entropy", "sample", "cache"):
+        assert word in out
+    rc, out, err = run(capsys, "info", "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["cache_dir"] == str(tmp_path / "cache")
+    assert set(info["backends"]) == {"latent_fuse", "linear_cross_entropy", "sample"}
+    # FLYTHINKER_NO_CPP=1: the C++ op is disabled, so CPU tensors go to the PyTorch twin
+    assert info["backends"]["latent_fuse"]["cpu"] == "PyTorch"
+    for per in info["backends"].values():
+        assert set(per.values()) <= {"Triton", "C++", "PyTorch", "missing"}
+
+
+# ---- user errors: non-zero exit, one line, no traceback ------------------------------------------------------------
+def test_unknown_model_name(capsys):
+    rc, out, err = run(capsys, "generate", "--generator", "no-such-model-xyz", "--prompt", "hi")
+    assert_user_error(rc, err, "no-such-model-xyz")
+
+
+def test_missing_record_file(capsys, pair, tmp_path):
+    rc, out, err = run(capsys, "generate", "--generator", pair[0], "--record", tmp_path / "nope.json")
+    assert_user_error(rc, err, "nope.json")
+
+
+def test_malformed_record(capsys, pair, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"profile": "x", "input": 42}]))
+    rc, out, err = run(capsys, "generate", "--generator", pair[0], "--reasoner", pair[1], "--record", bad)
+    assert_user_error(rc, err, "bad.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    rc, out, err = run(capsys, "generate", "--generator", pair[0], "--reasoner", pair[1], "--record", broken)
+    assert_user_error(rc, err, "broken.json")
+
+
+def test_incompatible_pair(capsys, pair, tmp_path):
+    other = save_tiny_model(tmp_path / "other", vocab_size=200)
+    rc, out, err = run(capsys, "generate", "--generator", pair[0], "--reasoner", other, "--prompt", "hi")
+    assert_user_error(rc, err, "incompatible pair")
+    wide = save_tiny_model(tmp_path / "wide", hidden_size=96)  # H_r > H_g with the pad projection
+    rc, out, err = run(capsys, "generate", "--generator", pair[0], "--reasoner", wide, "--prompt", "hi")
+    assert_user_error(rc, err)
+
+
+@pytest.mark.parametrize("bad", [["--temperature", "0"], ["--top-p", "1.5"], ["--max-new-tokens", "-3"],
+                                 ["--lambda", "abc"], ["--num-beams", "0"]])
+def test_bad_option_values(capsys, pair, bad):
+    rc, out, err = run(capsys, "generate", "--generator", pair[0], "--prompt", "hi", *bad)
+    assert_user_error(rc, err, bad[0])
+
+
+def test_record_index_out_of_range_and_conflicting_inputs(capsys, pair, tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps([{"profile": "p", "input": "q", "output": "r"}]))
+    rc, out, err = run(capsys, "generate", "--generator", pair[0], "--record", path, "--record-index", 5)
+    assert_user_error(rc, err, "out of range")
+    rc, out, err = run(capsys, "generate", "--generator", pair[0], "--record", path, "--prompt", "x")
+    assert_user_error(rc, err)
+    rc, out, err = run(capsys, "generate", "--prompt", "x")
+    assert_user_error(rc, err, "no model")
+
+
+def test_train_missing_data_file(capsys, pair, tmp_path):
+    rc, out, err = run(capsys, "train", "--generator", pair[0], "--data", tmp_path / "none.jsonl",
+                       "--output-dir", tmp_path / "o")
+    assert_user_error(rc, err, "none.jsonl")
+
+
+def test_entry_point_subprocess_one_line_error(pair, tmp_path):
+    env = dict(os.environ, FLYTHINKER_CACHE=str(tmp_path / "c"))
+    proc = subprocess.run([sys.executable, "-m", "flythinker.cli", "generate", "--generator", "not-a-model",
+                           "--prompt", "x"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("flythinker: error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---- the demo's pieces on a tiny pair -------------------------------------------------------------------------------
+def test_demo_tiny_trains_caches_and_compares(capsys, tmp_path):
+    argv = ["demo", "--tiny", "--steps", "2", "--users", "1", "--max-new-tokens", "5"]
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "Trained in" in out and "generator alone" in out and "flythinker" in out
+    assert "strategy metric" in out and "tok/s" in out
+    cached = list((tmp_path / "cache" / "demo").glob("tiny-*/lora.safetensors"))
+    assert len(cached) == 1
+    rc, out, err = run(capsys, *argv)  # second run reuses the cached fine-tune
+    assert rc == 0, err
+    assert "Reusing the fine-tuned pair" in out and "Trained in" not in out
+
+
+def test_demo_lora_training_changes_only_adapters(tmp_path):
+    import torch
+
+    from flythinker.demo import Recipe, _tiny_pair, build_pair, finetune, trainable_state
+    from flythinker.persona import load_dataset
+
+    base, tok = _tiny_pair()
+    recipe = Recipe(steps=3, batch_size=1, max_reasoner_tokens=400, reasoner_layers=1, lr=1e-2)
+    model = build_pair(base, recipe)
+    frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
+    before = {k: v.clone() for k, v in trainable_state(model).items()}
+    assert before and all("lora_" in k for k in before)
+    assert not any(k.startswith("reasoner.") and ".layers.0." in k for k in before)  # only the top layer
+    losses = finetune(model, tok, load_dataset("persona-empathy", "train")[:6], recipe, progress=False)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    after = trainable_state(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(frozen[k], v) for k, v in model.named_parameters() if k in frozen)
+    # the base model the demo compares against is untouched by the pair's LoRA
+    assert not any("lora_" in k for k, _ in base.named_parameters())
+
+
+def test_bench_report_from_results(capsys, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "toy.json").write_text(json.dumps({
+        "device": "cpu", "loadavg_start": [1.0, 1.0, 1.0],
+        "cases": [{"V": 10, "naive": {"time_s": 2.0}, "fused": {"time_s": 1.0}, "time_ratio": 0.5}]}))
+    variants = {"a": {"strategy_accuracy": 0.5}, "b": {"strategy_accuracy": 0.9}}
+    (results / "variants.json").write_text(json.dumps(variants))
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    rc, out, err = run(capsys, "bench", "--report-only", "--bench-dir", bench, "--results-dir", results)
+    assert rc == 0, err
+    report = (results / "REPORT.md").read_text()
+    assert "| V | naive.time_s | fused.time_s | time_ratio |" in report
+    assert "| name | strategy_accuracy |" in report and "| b | 0.9 |" in report
+    assert "Versions:" in report and "torch" in report and "Machine:" in report
+    assert (results / "ratios.png").is_file()
+    rc, out, err = run(capsys, "bench", "--only", "nope", "--bench-dir", bench, "--results-dir", results)
+    assert_user_error(rc, err, "nope")
+
+
+def test_bench_runs_a_suite_script(capsys, tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "tiny_suite.py").write_text(
+        "import json, sys, pathlib\n"
+        "quick = '--quick' in sys.argv\n"
+        "out = pathlib.Path(__file__).parent / 'results' / 'tiny_suite.json'\n"
+        "out.write_text(json.dumps({'quick': quick, 'cases': [{'n': 1, 'mem_ratio': 0.25}]}))\n")
+    rc, out, err = run(capsys, "bench", "--quick", "--bench-dir", bench)
+    assert rc == 0, err
+    data = json.loads((bench / "results" / "tiny_suite.json").read_text())
+    assert data["quick"] is True
+    assert "mem_ratio" in (bench / "results" / "REPORT.md").read_text()
+
+
+def test_module_files_are_paths():
+    assert Path(__file__).is_file()
