@@ -256,6 +256,7 @@ def _train(args) -> int:
         seed=args.seed,
         data_seed=args.seed,
         remove_unused_columns=False,  # the collator needs the raw prompt/response fields
+        ddp_find_unused_parameters=False,  # every trainable parameter reaches the loss (see set_trainable)
         dataloader_num_workers=0,
         disable_tqdm=args.no_progress,
         report_to="none",
