@@ -64,10 +64,9 @@ class FlyThinkerConfig(PreTrainedConfig):
         # HF configs accept arbitrary extra keys (hub BC); we reject the ones that look like a misspelt fusion
         # option, which would otherwise be silently ignored.
         for key in kwargs:
-            near = difflib.get_close_matches(key, FUSION_FIELDS, n=1, cutoff=0.75)
-            if near or key.startswith(("fusion_", "latent_")):
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ValueError(f"unknown FlyThinker option {key!r}{hint}; known: {list(FUSION_FIELDS)}")
+            if difflib.get_close_matches(key, FUSION_FIELDS, n=1, cutoff=0.75) or key.startswith(
+                    ("fusion_", "latent_")):
+                raise _unknown_option(key)
         super().__post_init__(**kwargs)
         self.check_fusion()
 
@@ -116,9 +115,14 @@ class FlyThinkerConfig(PreTrainedConfig):
 
 def fusion_kwargs_check(kwargs: dict[str, Any]) -> None:
     """Reject unknown fusion options by name (from_pair and friends)."""
-    unknown = sorted(set(kwargs) - set(FUSION_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown FlyThinker option(s) {unknown}; known: {list(FUSION_FIELDS)}")
+    for key in sorted(set(kwargs) - set(FUSION_FIELDS)):
+        raise _unknown_option(key)
+
+
+def _unknown_option(key: str) -> ValueError:
+    near = difflib.get_close_matches(key, FUSION_FIELDS, n=1, cutoff=0.75)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ValueError(f"unknown FlyThinker option {key!r}{hint}; known: {list(FUSION_FIELDS)}")
 
 
 __all__ = ["FlyThinkerConfig"]

@@ -1,0 +1,153 @@
+"""Split context (DESIGN.md 2) and fuse_prompt=False against explicit per-position reference computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_helpers import EOS, PAD, left_pad, random_ids, tiny_pair
+
+LAM = 0.9
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return tiny_pair(fusion_lambda=LAM)
+
+
+def split_reference_logits(model, g: torch.Tensor, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One unpadded row, written out position by position: generator position p-1+k receives the reasoner latent
+    of position q-2+k (k >= 0). Returns the generator logits `[p + L, V]`."""
+    p, q = len(g), len(r)
+    G, R = torch.cat([g, y]), torch.cat([r, y])
+    hR = model.reasoner.model(input_ids=R[None]).last_hidden_state[0]  # [q + L, H_r]
+    W = model.generator.get_input_embeddings().weight
+    c = torch.linalg.vector_norm(W, dim=-1).mean()
+    emb = W[G].clone()
+    for i in range(len(G)):
+        k = i - (p - 1)
+        if k >= 0 and q - 2 + k >= 0:
+            h = hR[q - 2 + k]
+            emb[i, : h.shape[0]] += LAM * c / torch.linalg.vector_norm(h) * h
+    return model.generator(inputs_embeds=emb[None]).logits[0]
+
+
+def rows(seed: int):
+    g = [random_ids(1, n, seed=seed + n)[0] for n in (3, 5)]
+    r = [random_ids(1, n, seed=seed + 10 + n)[0] for n in (9, 6)]
+    y = [random_ids(1, 4, seed=seed + 20 + i)[0] for i in range(2)]
+    return g, r, y
+
+
+@torch.no_grad()
+def test_split_forward_with_labels_matches_reference_left_padded(model):
+    g, r, y = rows(0)
+    G_ids, G_mask = left_pad([torch.cat([a, b]) for a, b in zip(g, y)], EOS)  # pad = EOS: non-zero embedding
+    R_ids, R_mask = left_pad([torch.cat([a, b]) for a, b in zip(r, y)], EOS)
+    labels = torch.full_like(G_ids, -100)
+    for i in range(2):
+        labels[i, -len(y[i]):] = y[i]
+    out = model(G_ids, attention_mask=G_mask, labels=labels, reasoner_input_ids=R_ids,
+                reasoner_attention_mask=R_mask, use_cache=False)
+    assert out.logits is None  # default loss_impl="fused": no logits with labels
+    nll, n = 0.0, 0
+    for i in range(2):
+        ref = split_reference_logits(model, g[i], r[i], y[i])
+        nll += F.cross_entropy(ref[len(g[i]) - 1: -1], y[i], reduction="sum")
+        n += len(y[i])
+    torch.testing.assert_close(out.loss, nll / n, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_split_forward_logits_right_padded_training_batch():
+    model = tiny_pair(fusion_lambda=LAM, loss_impl="naive")
+    g, r, y = rows(1)
+    y[1] = y[1][:2]  # different response lengths
+    Tg = max(len(a) + len(b) for a, b in zip(g, y))
+    Tr = max(len(a) + len(b) for a, b in zip(r, y))
+    G_ids = torch.full((2, Tg), EOS)
+    R_ids = torch.full((2, Tr), EOS)
+    G_mask, R_mask = torch.zeros_like(G_ids), torch.zeros_like(R_ids)
+    labels = torch.full_like(G_ids, -100)
+    for i in range(2):
+        a, b = torch.cat([g[i], y[i]]), torch.cat([r[i], y[i]])
+        G_ids[i, : len(a)], G_mask[i, : len(a)] = a, 1
+        R_ids[i, : len(b)], R_mask[i, : len(b)] = b, 1
+        labels[i, len(g[i]): len(a)] = y[i]
+    out = model(G_ids, attention_mask=G_mask, labels=labels, reasoner_input_ids=R_ids,
+                reasoner_attention_mask=R_mask, use_cache=False)
+    for i in range(2):
+        ref = split_reference_logits(model, g[i], r[i], y[i])
+        torch.testing.assert_close(out.logits[i, : len(ref)], ref, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_split_generate_matches_reference_and_rows_alone(model):
+    g, r, _ = rows(2)
+    G_ids, G_mask = left_pad(g, EOS)
+    R_ids, R_mask = left_pad(r, EOS)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=EOS, eos_token_id=None)
+    out = model.generate(G_ids, attention_mask=G_mask, reasoner_input_ids=R_ids, reasoner_attention_mask=R_mask,
+                         **kw)
+    P = G_ids.shape[1]
+    for i in range(2):
+        y = out[i, P:]
+        ref = split_reference_logits(model, g[i], r[i], y)
+        assert torch.equal(ref[len(g[i]) - 1: -1].argmax(-1), y), i
+        alone = model.generate(g[i][None], reasoner_input_ids=r[i][None], **kw)
+        assert torch.equal(alone[0, len(g[i]):], y)
+    # the reasoner's prompt matters (it is a different conditioning than shared context)
+    shared = model.generate(G_ids, attention_mask=G_mask, **kw)
+    assert not torch.equal(shared, out)
+
+
+@torch.no_grad()
+def test_split_expansion_beams_and_return_sequences(model):
+    g, r, _ = rows(3)
+    G_ids, G_mask = left_pad(g, EOS)
+    R_ids, R_mask = left_pad(r, EOS)
+    kw = dict(max_new_tokens=4, pad_token_id=EOS, eos_token_id=None)
+    torch.manual_seed(3)
+    a = model.generate(G_ids, attention_mask=G_mask, reasoner_input_ids=R_ids, reasoner_attention_mask=R_mask,
+                       do_sample=True, num_return_sequences=2, **kw)
+    torch.manual_seed(3)
+    b = model.generate(G_ids.repeat_interleave(2, 0), attention_mask=G_mask.repeat_interleave(2, 0),
+                       reasoner_input_ids=R_ids.repeat_interleave(2, 0),
+                       reasoner_attention_mask=R_mask.repeat_interleave(2, 0), do_sample=True, **kw)
+    assert torch.equal(a, b)
+    out = model.generate(G_ids, attention_mask=G_mask, reasoner_input_ids=R_ids, reasoner_attention_mask=R_mask,
+                         num_beams=3, do_sample=False, length_penalty=0.0, return_dict_in_generate=True,
+                         output_scores=True, **kw)
+    P = G_ids.shape[1]
+    for i in range(2):
+        y = out.sequences[i, P:]
+        ref = torch.log_softmax(split_reference_logits(model, g[i], r[i], y)[len(g[i]) - 1: -1], -1)
+        torch.testing.assert_close(out.sequences_scores[i], ref.gather(-1, y[:, None]).sum(), atol=1e-4,
+                                   rtol=1e-4)
+
+
+@torch.no_grad()
+def test_split_reasoner_prompt_of_one_token(model):
+    """Q = 1: the generator's last prompt position has no reasoner latent (Q-2 = -1): it is not fused."""
+    g = random_ids(1, 4, seed=40)
+    r = random_ids(1, 1, seed=41)
+    out = model(g, reasoner_input_ids=r, use_cache=False).logits
+    torch.testing.assert_close(out, model.generator(g).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_fuse_prompt_false_generate_agrees_with_labels_rule():
+    m = tiny_pair(fusion_lambda=LAM, fuse_prompt=False, loss_impl="naive")
+    full = tiny_pair(fusion_lambda=LAM, fuse_prompt=True)
+    ids = random_ids(2, 6, seed=42)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    out = m.generate(ids, **kw)
+    labels = out.clone()
+    labels[:, :6] = -100
+    logits = m(out, labels=labels, use_cache=False).logits
+    assert torch.equal(logits[:, 5:-1].argmax(-1), out[:, 6:])
+    # prompt positions before the last one are not fused: they equal the plain generator
+    torch.testing.assert_close(logits[:, :5], m.generator(out).logits[:, :5], atol=1e-5, rtol=1e-5)
+    assert (logits[:, 5] - m.generator(out).logits[:, 5]).abs().max() > 1e-3
+    assert not torch.equal(out, full.generate(ids, **kw))

@@ -1,0 +1,92 @@
+"""Every bad input to FlyThinkerConfig / FlyThinkerForCausalLM gets a clear error naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import random_ids, tiny_lm, tiny_pair
+from transformers import DynamicCache
+
+from flythinker import FlyThinkerConfig, FlyThinkerForCausalLM
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_lm(seed=0, hidden_size=48), tiny_lm(seed=1, hidden_size=32)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"fusion_lambda": float("nan")}, ValueError, "fusion_lambda"),
+    ({"fusion_lambda": float("inf")}, ValueError, "fusion_lambda"),
+    ({"fusion_lambda": -0.1}, ValueError, "fusion_lambda"),
+    ({"fusion_lambda": "0.5"}, TypeError, "fusion_lambda"),
+    ({"norm_target": "mean"}, ValueError, "norm_target"),
+    ({"norm_target": -1.0}, ValueError, "norm_target"),
+    ({"projection": "mlp"}, ValueError, "projection"),
+    ({"parallel": "processes"}, ValueError, "parallel"),
+    ({"loss_impl": "liger"}, ValueError, "loss_impl"),
+    ({"detach_norm": "yes"}, TypeError, "detach_norm"),
+    ({"fuse_prompt": 1}, TypeError, "fuse_prompt"),
+    ({"fusion_lamda": 0.5}, ValueError, "did you mean 'fusion_lambda'"),
+])
+def test_bad_fusion_options(pair, kwargs, exc, match):
+    gen, rsn = pair
+    with pytest.raises(exc, match=match):
+        FlyThinkerForCausalLM.from_pair(gen, rsn, **kwargs)
+    with pytest.raises(exc, match=match):
+        FlyThinkerConfig(generator=gen.config, reasoner=rsn.config, **kwargs)
+
+
+def test_unknown_from_pair_option(pair):
+    with pytest.raises(ValueError, match="unknown FlyThinker option.*temperature"):
+        FlyThinkerForCausalLM.from_pair(*pair, temperature=0.7)
+
+
+def test_vocab_and_special_token_mismatch():
+    gen = tiny_lm(seed=0)
+    with pytest.raises(ValueError, match="vocab_size 128 .* 160"):
+        FlyThinkerForCausalLM.from_pair(gen, tiny_lm(seed=1, vocab_size=160))
+    with pytest.raises(ValueError, match="eos_token_id"):
+        FlyThinkerForCausalLM.from_pair(gen, tiny_lm(seed=1, eos_token_id=5))
+
+
+def test_pad_projection_needs_narrower_reasoner():
+    gen, rsn = tiny_lm(seed=0, hidden_size=32), tiny_lm(seed=1, hidden_size=48)
+    with pytest.raises(ValueError, match=r'projection="pad".*H_r=48 > H_g=32'):
+        FlyThinkerForCausalLM.from_pair(gen, rsn)
+
+
+def test_bad_model_arguments(pair):
+    with pytest.raises(TypeError, match="generator must be"):
+        FlyThinkerForCausalLM.from_pair(torch.nn.Linear(2, 2), pair[1])
+
+
+@torch.no_grad()
+def test_bad_forward_and_generate_inputs():
+    m = tiny_pair()
+    ids = random_ids(2, 4)
+    with pytest.raises(ValueError, match="inputs_embeds is not supported"):
+        m(inputs_embeds=torch.zeros(2, 4, 48))
+    with pytest.raises(ValueError, match="inputs_embeds is not supported"):
+        m(ids, inputs_embeds=torch.zeros(2, 4, 48))
+    with pytest.raises(ValueError, match="input_ids is required"):
+        m(attention_mask=torch.ones(2, 4))
+    with pytest.raises(TypeError, match="FlyThinkerCache"):
+        m(ids, cache=DynamicCache())
+    with pytest.raises(TypeError, match="FlyThinkerCache"):
+        m.generate(ids, cache=DynamicCache(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="reasoner_input_ids must be"):
+        m(ids, reasoner_input_ids=random_ids(3, 5))
+    with pytest.raises(ValueError, match="reasoner_attention_mask"):
+        m(ids, reasoner_input_ids=random_ids(2, 5), reasoner_attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="2-D"):
+        m(ids, attention_mask=torch.ones(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="only the dynamic cache"):
+        m.generate(ids, cache_implementation="static", max_new_tokens=2)
+    with pytest.raises(ValueError, match="not used by the model"):
+        m.generate(ids, reasoner_ids=ids, max_new_tokens=2)
+
+
+def test_reasoner_device_keyword(pair):
+    m = FlyThinkerForCausalLM.from_pair(*pair, reasoner_device="cpu")
+    assert next(m.reasoner.parameters()).device.type == "cpu"
