@@ -1,0 +1,62 @@
+"""Fused sampling inside Hugging Face `generate`: a LogitsProcessor that draws the token itself.
+
+HF samples through a chain of warpers (temperature, top-k, top-p, min-p), each writing a full-vocabulary
+tensor, then softmax + multinomial. `FusedSamplingLogitsProcessor` replaces that chain with one call to
+`flythinker.kernels.sample` (Triton on CUDA, sorting-free torch path on CPU; semantics in
+`kernels/sampling_naive.py`) and returns scores that are -inf everywhere except the drawn token, so whatever
+HF does next (argmax, or softmax + multinomial over a one-hot) picks that token.
+
+Usage::
+
+    proc = FusedSamplingLogitsProcessor(temperature=0.7, top_k=50, top_p=0.9, min_p=0.0, seed=0)
+    out = model.generate(input_ids, max_new_tokens=64, **proc.generate_kwargs())
+    # == generate(..., do_sample=False, logits_processor=LogitsProcessorList([proc]))
+
+`do_sample=False` is what `generate_kwargs()` sets: HF then builds none of its warpers, whatever the model's
+generation_config says, and its argmax returns our token. `do_sample=True` also works (HF's warpers, if any,
+leave a one-hot distribution unchanged, and multinomial of a one-hot is deterministic). HF's own sampling
+stays available: simply don't pass the processor. User processors run after HF's built-in ones (repetition
+penalty, min_length, bad words, ...), so those still shape the scores before the draw. Not meant for beam
+search (the processor would pick one token per beam). The lean decode loop (`flythinker.fast_generate`)
+calls `flythinker.kernels.sample` directly instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from flythinker.kernels.sampling import sample
+
+
+class FusedSamplingLogitsProcessor(LogitsProcessor):
+    """Draw the next token with the fused sampler; return -inf scores except 0 at the drawn token.
+
+    temperature/top_k/top_p/min_p: scalars or per-row tensors [B] (as `flythinker.kernels.sample`).
+    generator: a torch.Generator on the scores' device; or seed: builds one lazily on that device.
+    """
+
+    def __init__(self, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor | None = None,
+                 top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
+                 generator: torch.Generator | None = None, seed: int | None = None, backend: str = "auto"):
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator or seed, not both")
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
+        self.generator, self.seed, self.backend = generator, seed, backend
+        self.last_tokens: torch.Tensor | None = None  # [B] drawn at the latest step
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.generator is None and self.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        tok = sample(scores, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                     generator=self._generator(scores.device), backend=self.backend)  # [B]
+        self.last_tokens = tok
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tok[:, None], 0.0)
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `model.generate` that route token selection through this processor."""
+        return {"do_sample": False, "logits_processor": LogitsProcessorList([self])}
