@@ -1,0 +1,206 @@
+"""Fused linear cross-entropy vs plain logits + F.cross_entropy: peak memory and time of forward+backward.
+
+    .venv/bin/python benchmarks/bench_loss.py            # N=4096, H=576, V in {49152, 151936}
+    .venv/bin/python benchmarks/bench_loss.py --chunks   # also sweep chunk sizes of the fused op (V=49152)
+
+Every measurement runs in its own subprocess so that one case's allocations never inflate another's peak.
+What is measured, per case, on one forward+backward of `loss(hidden @ W^T, labels)` with hidden [N, H] and
+W [V, H] both requiring grad (fp32 on CPU, bf16 on CUDA):
+- CPU: peak resident-set growth of the process during the step: the kernel's high-water mark (VmHWM) is reset
+  through /proc/self/clear_refs after the inputs exist, so `peak - rss_before` counts everything the step
+  allocates and touches (logits, softmax, gradients of hidden and W, scratch). glibc serves these large blocks
+  with mmap and returns them on free, so RSS tracks live tensors.
+- CUDA: torch.cuda.max_memory_allocated() growth over the same step.
+- time: the first step is the warm-up (and the memory measurement); then `--reps` timed steps, min reported.
+The cases run interleaved (naive, fused, naive, fused, ...) and ratios fused/naive are taken within one run,
+because this machine is shared (os.getloadavg() is recorded). Results: benchmarks/results/loss.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_MEM, TARGET_TIME = 0.2, 1.0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes(reset_ok: bool) -> int:
+    if reset_ok:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # lifetime peak: upper bound
+
+
+def worker(cfg: dict) -> dict:
+    import torch
+    from flythinker.kernels import linear_cross_entropy
+
+    device = torch.device(cfg["device"])
+    dtype = getattr(torch, cfg["dtype"])
+    N, H, V = cfg["N"], cfg["H"], cfg["V"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # in-place init: no transient bigger than the inputs before the measurement starts
+    hidden = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
+    weight = torch.randn(V, H, generator=g).mul_(H**-0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g).to(device)
+    labels[::7] = -100  # some prompt tokens
+
+    def step():
+        loss = linear_cross_entropy(hidden, weight, labels, impl=cfg["impl"], chunk_size=cfg.get("chunk"))
+        loss.backward()
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes()
+        reset_ok = _reset_peak()
+    t0 = time.perf_counter()
+    loss = step()
+    sync()
+    warm_s = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_bytes(reset_ok)
+    times = []
+    for _ in range(cfg["reps"]):
+        hidden.grad = weight.grad = None
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"peak_growth_mb": (peak - base) / 2**20, "warmup_s": warm_s, "times_s": times,
+            "time_s": min(times) if times else warm_s, "loss": float(loss)}
+
+
+def run_case(cfg: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"case {cfg} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--N", type=int, default=4096)
+    ap.add_argument("--H", type=int, default=576)
+    ap.add_argument("--V", type=int, nargs="+", default=[49152, 151936])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved naive/fused rounds (min time kept)")
+    ap.add_argument("--chunks", action="store_true", help="also sweep chunk sizes at the first V")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=str(RESULTS / "loss"))
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    fused_impl = "triton" if device == "cuda" else "torch"
+    base = {"device": device, "dtype": dtype, "N": args.N, "H": args.H, "reps": args.reps}
+    report = {"what": "forward+backward of LM-head cross-entropy, hidden [N,H], weight [V,H], both with grad",
+              "memory": "CPU: peak RSS growth over the step (VmHWM reset); CUDA: max_memory_allocated growth",
+              "device": device, "dtype": dtype, "torch_threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+              "loadavg_start": os.getloadavg(), "targets": {"mem_ratio<=": TARGET_MEM, "time_ratio<=": TARGET_TIME},
+              "cases": []}
+    for V in args.V:
+        res: dict[str, dict] = {}
+        for _ in range(args.rounds):
+            for name, impl in (("naive", "naive"), ("fused", fused_impl)):
+                r = run_case({**base, "V": V, "impl": impl})
+                prev = res.get(name)
+                if prev is None:
+                    res[name] = r
+                else:  # keep the lower time; memory is deterministic up to allocator noise
+                    prev["time_s"] = min(prev["time_s"], r["time_s"])
+                    prev["times_s"] += r["times_s"]
+        from flythinker.kernels.linear_cross_entropy import default_chunk_size
+
+        case = {"N": args.N, "H": args.H, "V": V, "chunk": default_chunk_size(args.N, V, args.H),
+                "naive": res["naive"], "fused": res["fused"],
+                "mem_ratio": res["fused"]["peak_growth_mb"] / res["naive"]["peak_growth_mb"],
+                "time_ratio": res["fused"]["time_s"] / res["naive"]["time_s"], "loadavg": os.getloadavg()}
+        report["cases"].append(case)
+        print(f"V={V:6d} chunk={case['chunk']}: naive {res['naive']['peak_growth_mb']:8.1f} MiB "
+              f"{res['naive']['time_s']:7.2f} s | fused {res['fused']['peak_growth_mb']:8.1f} MiB "
+              f"{res['fused']['time_s']:7.2f} s | mem {case['mem_ratio']:.3f}x (target <= {TARGET_MEM}) "
+              f"time {case['time_ratio']:.3f}x (target <= {TARGET_TIME}) load {case['loadavg'][0]:.1f}",
+              flush=True)
+    if args.chunks:
+        V = args.V[0]
+        sweep = []
+        for chunk in (64, 128, 256, 512, 1024, 2048):
+            r = run_case({**base, "V": V, "impl": fused_impl, "chunk": chunk})
+            sweep.append({"chunk": chunk, **r})
+            print(f"  chunk {chunk:5d}: {r['peak_growth_mb']:8.1f} MiB {r['time_s']:7.2f} s", flush=True)
+        report["chunk_sweep"] = {"V": V, "naive_time_s": report["cases"][0]["naive"]["time_s"], "runs": sweep}
+    report["loadavg_end"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    _plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and .png")
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = report["cases"]
+    labels = [f"V={c['V']}" for c in cases]
+    xs = range(len(cases))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, unit in ((axes[0], "peak_growth_mb", "peak memory growth (MiB)"), (axes[1], "time_s", "time (s)")):
+        ax.bar([x - 0.2 for x in xs], [c["naive"][key] for c in cases], 0.4, label="logits + cross_entropy")
+        ax.bar([x + 0.2 for x in xs], [c["fused"][key] for c in cases], 0.4, label="linear_cross_entropy")
+        for x, c in zip(xs, cases):
+            ratio = c["mem_ratio"] if key == "peak_growth_mb" else c["time_ratio"]
+            ax.text(x + 0.2, c["fused"][key], f"{ratio:.2f}x", ha="center", va="bottom")
+        ax.set_xticks(list(xs), labels)
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"fwd+bwd, N={cases[0]['N']}, H={cases[0]['H']}, {report['device']} {report['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
