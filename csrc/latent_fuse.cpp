@@ -207,9 +207,10 @@ std::tuple<Tensor, Tensor, Tensor> bwd_impl(const Tensor& g_in, const Tensor& id
           continue;
         }
         const acc_t* gp = linear ? gq_p + row * Hr : as_acc(g_p + row * Hg, Hr, gbuf.data());
-        const acc_t* s = as_acc(s_raw, Hr, sbuf.data());
+        const acc_t* s = nullptr;  // h_{t-1}: only the norm gradient needs it (detach_norm skips the read)
         acc_t proj_dot = 0, shrink = 0;
         if (!detach_norm) {
+          s = as_acc(s_raw, Hr, sbuf.data());
           proj_dot = dot(gp, s, Hr);
           const acc_t n = std::sqrt(sumsq(s, Hr));
           if (n >= eps_a && n > acc_t(0)) shrink = -k * proj_dot / (n * n);
@@ -217,8 +218,12 @@ std::tuple<Tensor, Tensor, Tensor> bwd_impl(const Tensor& g_in, const Tensor& id
         if (dst != nullptr) {
           const Vec<acc_t> kv(k), sv(shrink);
           acc_t* o = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(dst) : obuf.data();
-          at::vec::map2([kv, sv](Vec<acc_t> x, Vec<acc_t> y) { return at::vec::fmadd(sv, y, kv * x); }, o, gp,
-                        s, Hr);
+          if (s == nullptr) {
+            at::vec::map([kv](Vec<acc_t> x) { return kv * x; }, o, gp, Hr);
+          } else {
+            at::vec::map2([kv, sv](Vec<acc_t> x, Vec<acc_t> y) { return at::vec::fmadd(sv, y, kv * x); }, o, gp,
+                          s, Hr);
+          }
           if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(obuf.data(), dst, Hr);
         }
         if (token_full) {

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 
 def vocab_mean_norm(weight: torch.Tensor) -> torch.Tensor:
-    """Mean L2 norm of the rows of `weight` [V, H] as an fp32 scalar tensor (always a constant: no gradient)."""
+    """Mean L2 norm of the rows of `weight` [V, H]: a 0-dim fp32 (fp64 for fp64 tables) constant, no gradient."""
     with torch.no_grad():
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         return torch.linalg.vector_norm(weight.detach().to(acc), dim=-1).mean()
