@@ -40,10 +40,11 @@ def _top_p_threshold(w: torch.Tensor, tau: torch.Tensor, P: torch.Tensor, rows: 
             sub, base = wk[r], 0.0
         else:
             base = float(above[r, j])
+        out_floor = float(tau[r])
         sub = sub.sort(descending=True).values.double()
         before = base + torch.cat([sub.new_zeros(1), sub.cumsum(0)[:-1]])
         n = max(int((before < P[r]).sum()), 1)
-        out[r] = sub[n - 1].float()
+        out[r] = max(float(sub[n - 1]), out_floor)  # never below the top-k threshold
     return out
 
 
@@ -55,23 +56,32 @@ def sample_cpu(logits: torch.Tensor, a: SamplingArgs) -> torch.Tensor:
     t = torch.where(greedy, torch.ones_like(a.temperature), a.temperature)[:, None]
     w = torch.exp((x - x.amax(-1, keepdim=True)) / t)  # [B, V], max exactly 1
     tau = torch.zeros(B, dtype=torch.float32)  # keep w >= tau
+    k = a.top_k
     if a.has_top_k:
-        k = a.top_k
-        kth = torch.topk(w, int(k.max()), dim=-1, sorted=True).values  # [B, kmax]
-        kth = kth.gather(1, (k.clamp(min=1) - 1)[:, None])[:, 0]
-        tau = torch.where(k > 0, kth, tau)
+        vals = torch.topk(w, int(k.max()), dim=-1, sorted=True).values  # [B, kmax] descending
+        tau = torch.where(k > 0, vals.gather(1, (k.clamp(min=1) - 1)[:, None])[:, 0], tau)
     if a.has_top_p:
-        rows = (a.top_p < 1).nonzero()[:, 0].tolist()
-        zk = torch.where(w >= tau[:, None], w, 0.0).sum(-1)  # [B] mass of the top-k set
-        tau = _top_p_threshold(w, tau, a.top_p * zk, rows)
+        zk = torch.where(w >= tau[:, None], w, 0.0).sum(-1) if a.has_top_k else w.sum(-1)  # [B] top-k mass
+        P = a.top_p * zk
+        if a.has_top_k:
+            # top-k rows: the top-p threshold lies among the k sorted values topk already returned (extra
+            # tokens tied at the k-th value share its "mass strictly above", so they need not be listed).
+            before = vals.double().cumsum(-1) - vals.double()  # [B, kmax] mass strictly before position j
+            inside = torch.arange(vals.shape[1])[None, :] < k[:, None]
+            n = ((before < P[:, None]) & inside).sum(-1).clamp(min=1)
+            tau = torch.where((k > 0) & (a.top_p < 1), torch.maximum(tau, vals.gather(1, (n - 1)[:, None])[:, 0]), tau)
+        rows = ((a.top_p < 1) & (k == 0)).nonzero()[:, 0].tolist()
+        if rows:
+            tau = _top_p_threshold(w, tau, P, rows)
     if a.has_min_p:
         tau = torch.maximum(tau, a.min_p)
     wk = torch.where(w >= tau[:, None], w, 0.0)  # [B, V]
     cdf = wk.cumsum(-1)  # sequential fp32 cumsum of non-negatives: monotone
     target = a.uniforms * cdf[:, -1:]  # [B, S]
-    tok = torch.searchsorted(cdf, target, right=True)
-    last = (wk > 0).cumsum(-1).argmax(-1, keepdim=True)  # last index with mass (rounding guard)
-    tok = torch.minimum(tok, last)
+    tok = torch.searchsorted(cdf, target, right=True)  # [B, S]; lands on a token with mass, or V
+    if bool((tok >= V).any()):  # u * total rounded up to total: take the last token with mass
+        last = (wk > 0).cumsum(-1).argmax(-1, keepdim=True)
+        tok = torch.minimum(tok, last)
     if a.any_greedy:
         tok = torch.where(greedy[:, None], x.argmax(-1, keepdim=True), tok)
     return tok

@@ -96,10 +96,11 @@ def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: P
         if uniforms.shape[1] == 0:
             raise ValueError("uniforms must hold at least one sample per row")
     if check_input:
-        # One fused check, one sync: each flag names the first problem found.
-        x = logits
+        # One pass over the logits: a row max is NaN if the row holds a NaN (max propagates NaN), +inf if it
+        # holds +inf, -inf if the row is all -inf. One host sync for all flags.
+        row_max = logits.amax(-1)  # [B]
         flags = torch.stack([
-            torch.isnan(x).any(), (x == float("inf")).any(), (x == float("-inf")).all(-1).any(),
+            torch.isnan(row_max).any(), (row_max == float("inf")).any(), (row_max == float("-inf")).any(),
             ~(t >= 0).all(), (k < 0).any(), ~((p > 0) & (p <= 1)).all(), ~((mp >= 0) & (mp < 1)).all(),
             ~((uniforms >= 0) & (uniforms < 1)).all(),
         ]).tolist()
