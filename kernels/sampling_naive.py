@@ -51,7 +51,8 @@ class SamplingArgs:
     has_min_p: bool
 
 
-def _row_param(value: Param, name: str, B: int, device, dtype) -> torch.Tensor:
+def _row_param(value: Param, name: str, B: int, device, dtype) -> tuple[torch.Tensor, float | None]:
+    """-> (tensor [B], the Python value when a scalar was given, else None)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.reshape(1).expand(B)
@@ -59,18 +60,31 @@ def _row_param(value: Param, name: str, B: int, device, dtype) -> torch.Tensor:
             raise ValueError(f"{name} must be a scalar or a tensor of shape [B]={B}, got {tuple(value.shape)}")
         if dtype == torch.int64 and value.is_floating_point():
             raise ValueError(f"{name} must hold integers, got dtype {value.dtype}")
-        return value.to(device=device, dtype=dtype)
+        return value.to(device=device, dtype=dtype), None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number or a tensor of shape [B], got {type(value).__name__}")
     if dtype == torch.int64 and not float(value).is_integer():
         raise ValueError(f"{name} must be an integer, got {value}")
-    return torch.full((B,), value, device=device, dtype=dtype)
+    return torch.full((B,), value, device=device, dtype=dtype), float(value)
+
+
+_RANGES = {  # name -> (test on a value, message)
+    "temperature": (lambda v: v >= 0, "temperature must be >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "top_k must be >= 0 (0/None = off)"),
+    "top_p": (lambda v: (v > 0) & (v <= 1), "top_p must be in (0, 1] (1 = off)"),
+    "min_p": (lambda v: (v >= 0) & (v < 1), "min_p must be in [0, 1) (0 = off)"),
+}
 
 
 def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = None, top_p: Param = 1.0,
                         min_p: Param = 0.0, generator: torch.Generator | None = None,
                         uniforms: torch.Tensor | None = None, check_input: bool = True) -> SamplingArgs:
-    """Validate the arguments of `sample` and broadcast them to per-row tensors (one host sync on GPU)."""
+    """Validate the arguments of `sample` and broadcast them to per-row tensors.
+
+    Scalar parameters are checked on the host for free. Tensor data (logits, per-row tensors, uniforms) is
+    checked on the device with one host sync when check_input=True; with check_input=False and scalar
+    parameters there is no sync at all (what a CUDA decode loop wants).
+    """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a tensor of shape [B, V], got {got}")
@@ -80,40 +94,57 @@ def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: P
     if B == 0 or V == 0:
         raise ValueError(f"logits must be non-empty, got shape {(B, V)}")
     dev = logits.device
-    t = _row_param(temperature, "temperature", B, dev, torch.float32)
-    k = _row_param(0 if top_k is None else top_k, "top_k", B, dev, torch.int64)
-    p = _row_param(top_p, "top_p", B, dev, torch.float32)
-    mp = _row_param(min_p, "min_p", B, dev, torch.float32)
+    params = {}
+    for name, value, dtype in (("temperature", temperature, torch.float32),
+                               ("top_k", 0 if top_k is None else top_k, torch.int64),
+                               ("top_p", top_p, torch.float32), ("min_p", min_p, torch.float32)):
+        tensor, scalar = _row_param(value, name, B, dev, dtype)
+        ok, msg = _RANGES[name]
+        if scalar is not None and not ok(scalar):
+            raise ValueError(f"{msg}, got {scalar}")
+        params[name] = (tensor, scalar)
+    (t, t_s), (k, k_s), (p, p_s), (mp, mp_s) = params.values()
     if uniforms is None:
         gdev = generator.device if generator is not None else dev
         uniforms = torch.rand((B, 1), generator=generator, device=gdev, dtype=torch.float32).to(dev)
-        squeeze = True
+        squeeze, check_u = True, False
     else:
         if not isinstance(uniforms, torch.Tensor) or uniforms.dim() not in (1, 2) or uniforms.shape[0] != B:
             raise ValueError(f"uniforms must have shape [B] or [B, S] with B={B}")
-        squeeze = uniforms.dim() == 1
+        squeeze, check_u = uniforms.dim() == 1, True
         uniforms = uniforms.reshape(B, -1).to(device=dev, dtype=torch.float32)
         if uniforms.shape[1] == 0:
             raise ValueError("uniforms must hold at least one sample per row")
+    checks, msgs = [], []
     if check_input:
         # One pass over the logits: a row max is NaN if the row holds a NaN (max propagates NaN), +inf if it
-        # holds +inf, -inf if the row is all -inf. One host sync for all flags.
+        # holds +inf, -inf if the row is all -inf.
         row_max = logits.amax(-1)  # [B]
-        flags = torch.stack([
-            torch.isnan(row_max).any(), (row_max == float("inf")).any(), (row_max == float("-inf")).any(),
-            ~(t >= 0).all(), (k < 0).any(), ~((p > 0) & (p <= 1)).all(), ~((mp >= 0) & (mp < 1)).all(),
-            ~((uniforms >= 0) & (uniforms < 1)).all(),
-        ]).tolist()
-        msgs = ["logits contain NaN", "logits contain +inf", "a row of logits is all -inf (no token can be sampled)",
-                "temperature must be >= 0 (0 = greedy)", "top_k must be >= 0 (0/None = off)",
-                "top_p must be in (0, 1] (1 = off)", "min_p must be in [0, 1) (0 = off)",
-                "uniforms must lie in [0, 1)"]
-        for bad, msg in zip(flags, msgs):
+        checks += [torch.isnan(row_max).any(), (row_max == float("inf")).any(), (row_max == float("-inf")).any()]
+        msgs += ["logits contain NaN", "logits contain +inf", "a row of logits is all -inf (no token can be sampled)"]
+        for name, (tensor, scalar) in params.items():
+            if scalar is None:
+                checks.append(~_RANGES[name][0](tensor).all())
+                msgs.append(_RANGES[name][1])
+        if check_u:
+            checks.append(~((uniforms >= 0) & (uniforms < 1)).all())
+            msgs.append("uniforms must lie in [0, 1)")
+    k = torch.where(k >= V, torch.zeros_like(k), k)
+    # "is this filter on for some row": known on the host for scalars; for unchecked tensors assume yes
+    # (every path also handles a disabled row inside an enabled batch).
+    flags = {"greedy": (t, t_s, lambda v: v == 0), "k": (k, k_s, lambda v: (v > 0) & (v < V)),
+             "p": (p, p_s, lambda v: v < 1), "m": (mp, mp_s, lambda v: v > 0)}
+    has = {n: bool(f(s)) if s is not None else (None if check_input else True) for n, (_, s, f) in flags.items()}
+    lazy = [n for n, v in has.items() if v is None]
+    checks += [flags[n][2](flags[n][0]).any() for n in lazy]
+    if checks:
+        values = torch.stack(checks).tolist()  # the one host sync
+        for bad, msg in zip(values, msgs):
             if bad:
                 raise ValueError(msg)
-    k = torch.where(k >= V, torch.zeros_like(k), k)
-    greedy, has_k, has_p, has_m = torch.stack([(t == 0).any(), (k > 0).any(), (p < 1).any(), (mp > 0).any()]).tolist()
-    return SamplingArgs(t, k, p, mp, uniforms, squeeze, greedy, has_k, has_p, has_m)
+        for n, v in zip(lazy, values[len(msgs):]):
+            has[n] = bool(v)
+    return SamplingArgs(t, k, p, mp, uniforms, squeeze, has["greedy"], has["k"], has["p"], has["m"])
 
 
 def sampling_probs_naive(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = None,
