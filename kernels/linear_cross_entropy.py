@@ -194,7 +194,9 @@ def _fused_forward(hidden, weight, labels, scale, ignore_index, chunk_size, soft
                 grad_weight.addmm_(dlogits.t(), x)
             else:  # half: per-chunk product rounded once, then accumulated in fp32 across chunks
                 grad_weight.add_(dlogits.t() @ x)
-    loss = (loss_rows.sum() * scale).reshape(())  # scale is [] (torch) or [1] (triton)
+    # scale is [] (torch) or [1] (triton). .sum(), not .reshape(()): a view returned from an autograd Function
+    # forbids in-place ops on the loss, and HF Trainer does `loss *= num_processes`.
+    loss = (loss_rows.sum() * scale).sum()
     if grad_weight is not None and weight.dtype != acc_dtype:
         grad_weight = grad_weight.to(weight.dtype)
     return loss, grad_hidden, grad_weight
