@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flythinker.training.toy import reverse_task, save_tiny_model
 from flythinker.training.train import main
@@ -21,6 +22,8 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like the OMP_NUM_THREADS=1 of the launched processes: tiny matmuls, shared CPUs
     root = tmp_path_factory.mktemp("dist")
     save_tiny_model(root / "gen", seed=0, hidden_size=64)
     save_tiny_model(root / "rsn", seed=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
@@ -32,7 +35,8 @@ def setup(tmp_path_factory):
               "--chat-template", "off", "--seed", "7"]
     # reference: one process, global batch 4
     assert main([*common, "--output-dir", str(root / "single"), "--batch-size", "4"]) == 0
-    return root, common, _losses(root / "single")
+    yield root, common, _losses(root / "single")
+    torch.set_num_threads(threads)
 
 
 def _losses(out: Path) -> list[float]:

@@ -1,0 +1,291 @@
+"""Joint training: it learns, lambda = 0 leaves the reasoner without gradient, frozen parts get no gradient and no
+optimizer state, LoRA trains/saves/loads on each model, Trainer checkpoints reload, checkpointing is exact."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from flythinker.modeling import FlyThinkerForCausalLM
+from flythinker.models import tiny_config
+from flythinker.training.collator import FlyThinkerCollator
+from flythinker.training.toy import char_tokenizer, reverse_task, secret_task
+from flythinker.training.trainable import (
+    apply_lora,
+    autocast,
+    enable_gradient_checkpointing,
+    load_lora_adapters,
+    merged_state_dict,
+    parse_parts,
+    resolve_precision,
+    save_lora_adapters,
+    save_merged,
+    set_trainable,
+    trainable_parameters,
+)
+from flythinker.training.trainer import FlyThinkerTrainer
+
+TOK = char_tokenizer()
+COLLATE = FlyThinkerCollator(tokenizer=TOK)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls: one intra-op thread is faster, and far faster when the CPUs are shared (measured here under
+    # load 10 on 2 cores: 0.05 s vs 0.5-4 s per forward+backward).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_pair(lam=0.5, projection="pad", seed=0, tie_reasoner=True, **fusion):
+    torch.manual_seed(seed)
+    g = AutoModelForCausalLM.from_config(tiny_config(hidden_size=64))
+    r = AutoModelForCausalLM.from_config(tiny_config(hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                                     tie_word_embeddings=tie_reasoner))
+    return FlyThinkerForCausalLM.from_pair(g, r, fusion_lambda=lam, projection=projection, **fusion)
+
+
+def fit(model, data, steps, lr=3e-3, batch=8, seed=0):
+    """Plain AdamW loop (weight decay 0) over the trainable parameters; returns the loss of each step."""
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(data), (batch,), generator=g).tolist()
+        loss = model(**COLLATE([data[i] for i in idx])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def heldout_loss(model, data):
+    model.eval()
+    return model(**COLLATE(data)).loss.item()
+
+
+def grads(model, prefix):
+    return {n: p.grad for n, p in model.named_parameters() if n.startswith(prefix)}
+
+
+# ---- selection ------------------------------------------------------------------------------------------------
+def test_parse_parts():
+    assert parse_parts("both") == {"generator", "reasoner", "projection"}
+    assert parse_parts("generator,projection") == {"generator", "projection"}
+    assert parse_parts({"reasoner"}) == {"reasoner"}
+    with pytest.raises(ValueError, match="unknown trainable part"):
+        parse_parts("decoder")
+    with pytest.raises(ValueError, match="no parameters"):
+        set_trainable(tiny_pair(projection="pad"), "projection")  # "pad" has no parameters
+
+
+@pytest.mark.parametrize("train", ["generator", "reasoner", "projection", "generator,projection"])
+def test_frozen_parts_get_no_grad(train):
+    model = tiny_pair(projection="linear")
+    parts = parse_parts(train)
+    counts = set_trainable(model, train)
+    assert all((counts[p] > 0) == (p in parts) for p in counts)
+    model.train()
+    model(**COLLATE(reverse_task(4))).loss.backward()
+    for name, p in model.named_parameters():
+        part = "generator" if name.startswith("generator.") else "reasoner" if name.startswith("reasoner.") else \
+            "projection"
+        if part in parts:
+            assert p.requires_grad and p.grad is not None, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    # at least one trained tensor has a non-zero gradient
+    assert any(p.grad.abs().sum() > 0 for p in trainable_parameters(model))
+
+
+def test_untied_reasoner_head_is_never_trained():
+    model = tiny_pair(tie_reasoner=False)
+    set_trainable(model, "both")
+    assert not model.reasoner.get_output_embeddings().weight.requires_grad  # it never runs
+    assert model.reasoner.get_input_embeddings().weight.requires_grad
+
+
+# ---- learning -------------------------------------------------------------------------------------------------
+def test_training_lowers_heldout_loss():
+    model = tiny_pair()
+    train, held = reverse_task(256, seed=0), reverse_task(32, seed=1)
+    before = heldout_loss(model, held)
+    fit(model, train, steps=40)
+    after = heldout_loss(model, held)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_lambda_zero_reasoner_gets_zero_gradient_and_does_not_move():
+    """With lambda = 0 the fused term is multiplied by 0: autograd still reaches the reasoner (its graph runs) but
+    every gradient is exactly 0. With AdamW and weight decay 0 the reasoner weights therefore stay bit-identical.
+    (The CLI freezes the reasoner instead when lambda = 0: no wasted backward, no optimizer state.)"""
+    model = tiny_pair(lam=0.0)
+    set_trainable(model, "both")
+    model.train()
+    model(**COLLATE(reverse_task(4))).loss.backward()
+    r = grads(model, "reasoner.")
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in r.values())
+    assert any(torch.count_nonzero(g) > 0 for g in grads(model, "generator.").values())
+    rsn_before = copy.deepcopy(model.reasoner.state_dict())
+    fit(model, reverse_task(32), steps=3)
+    for k, v in model.reasoner.state_dict().items():
+        assert torch.equal(v, rsn_before[k]), k
+    # lambda = 0 is the plain generator: same loss as the HF model's own
+    batch = COLLATE(reverse_task(4, seed=3))
+    model.eval()
+    with torch.no_grad():
+        ours = model(**batch).loss
+        plain = model.generator(**batch | {"position_ids": (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)}).loss
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_reasoner_latents_carry_split_context_information():
+    """Split context: only the reasoner sees the key. Trained jointly with lambda > 0 the generator learns to write
+    the keyed word; with lambda = 0 it can only guess among 4 words (loss floor ~ ln 4 / len(word))."""
+    train, held = secret_task(256, seed=0), secret_task(32, seed=1)
+    result = {}
+    for lam in (0.0, 1.0):
+        model = tiny_pair(lam=lam)
+        set_trainable(model, "both")
+        fit(model, train, steps=60, lr=5e-3)
+        result[lam] = heldout_loss(model, held)
+    assert result[1.0] < 0.6 * result[0.0], result
+
+
+# ---- optimizer state under HF Trainer ---------------------------------------------------------------------------
+def _trainer(model, tmp_path, steps=3, **kw):
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, learning_rate=3e-3,
+              logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False,
+              disable_tqdm=True, seed=0) | kw
+    args = TrainingArguments(**kw)
+    return FlyThinkerTrainer(model=model, args=args, train_dataset=reverse_task(32), data_collator=COLLATE,
+                             processing_class=TOK)
+
+
+def test_trainer_optimizer_state_only_for_trainable(tmp_path):
+    model = tiny_pair(projection="linear")
+    set_trainable(model, "reasoner,projection")
+    trainer = _trainer(model, tmp_path)
+    gen_before = copy.deepcopy(model.generator.state_dict())
+    trainer.train()
+    opt = trainer.optimizer
+    in_groups = {id(p) for g in opt.param_groups for p in g["params"]}
+    with_state = {id(p) for p in opt.state}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_groups == trainable and with_state == trainable
+    assert all(torch.equal(v, gen_before[k]) for k, v in model.generator.state_dict().items())
+
+
+def test_trainer_end_to_end_checkpoint_reloads(tmp_path):
+    model = tiny_pair()
+    trainer = _trainer(model, tmp_path, steps=4, save_strategy="steps", save_steps=2)
+    trainer.train()
+    assert trainer.model_accepts_loss_kwargs  # Trainer passes num_items_in_batch to the model
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    trainer.save_model(str(tmp_path / "final"))
+    batch = COLLATE(reverse_task(3, seed=5))
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch).loss
+        for folder in (tmp_path / "final", tmp_path / "checkpoint-4"):
+            assert (folder / "model.safetensors").is_file()
+            loaded = FlyThinkerForCausalLM.from_pretrained(folder).eval()
+            torch.testing.assert_close(loaded(**batch).loss, want, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_big_batch(tmp_path):
+    """num_items_in_batch: batch 2 x 2 accumulation steps gives the same updates as batch 4 (token-level mean over
+    the accumulated batch, although the micro-batches hold different numbers of response tokens)."""
+    curves = []
+    for bs, ga in ((4, 1), (2, 2)):
+        model = tiny_pair()
+        args = TrainingArguments(output_dir=str(tmp_path / f"{bs}"), per_device_train_batch_size=bs,
+                                 gradient_accumulation_steps=ga, max_steps=3, learning_rate=3e-3, logging_steps=1,
+                                 save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False,
+                                 disable_tqdm=True, seed=0, data_seed=0)
+        trainer = FlyThinkerTrainer(model=model, args=args, train_dataset=reverse_task(32), data_collator=COLLATE)
+        trainer.train()
+        curves.append([e["loss"] for e in trainer.state.log_history if "loss" in e])
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("part", ["generator", "reasoner"])
+def test_lora_trains_saves_and_loads(part, tmp_path):
+    model = tiny_pair()
+    base = copy.deepcopy(model)
+    apply_lora(model, part, r=4, alpha=8)
+    counts = set_trainable(model, "both")
+    other = "reasoner" if part == "generator" else "generator"
+    assert counts[part] > 0 and counts[other] > 0  # the LoRA'd part trains adapters only, the other one fully
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters() if n.startswith(part + "."))
+    fit(model, reverse_task(64), steps=5)
+    # base weights of the LoRA'd part did not move; its adapters did
+    lora_b = [p for n, p in model.named_parameters() if n.startswith(part + ".") and "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    sd = merged_state_dict(model)
+    assert set(sd) == set(base.state_dict())  # plain FlyThinker keys
+    batch = COLLATE(reverse_task(3, seed=9))
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch).loss
+        save_merged(model, tmp_path / "merged", tokenizer=TOK)
+        merged = FlyThinkerForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(**batch).loss, want, rtol=1e-5, atol=1e-6)
+        # adapters only, loaded into a fresh copy of the base pair
+        save_lora_adapters(model, tmp_path / "adapters")
+        assert (tmp_path / "adapters" / part / "adapter_model.safetensors").is_file()
+        base.load_state_dict({k: v for k, v in sd.items() if not k.startswith(part + ".")}, strict=False)
+        load_lora_adapters(base, tmp_path / "adapters")
+        torch.testing.assert_close(base.eval()(**batch).loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_errors():
+    model = tiny_pair()
+    with pytest.raises(ValueError, match="not found"):
+        apply_lora(model, "generator", target_modules=["c_attn"])
+    apply_lora(model, "generator")
+    with pytest.raises(ValueError, match="already"):
+        apply_lora(model, "generator")
+
+
+# ---- gradient checkpointing and precision -------------------------------------------------------------------------
+def test_gradient_checkpointing_same_loss_and_grads():
+    batch = COLLATE(secret_task(4))
+    out = []
+    for ckpt in (False, True):
+        model = tiny_pair(projection="linear")
+        if ckpt:
+            enable_gradient_checkpointing(model)
+            assert model.generator.model.gradient_checkpointing and model.reasoner.model.gradient_checkpointing
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)
+    assert out[0][1].keys() == out[1][1].keys() and any(k.startswith("reasoner.") for k in out[0][1])
+    for k in out[0][1]:
+        torch.testing.assert_close(out[1][1][k], out[0][1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_precision_resolution_and_cpu_autocast():
+    assert resolve_precision("auto", "cpu") == torch.float32  # documented: CPU stays fp32 unless asked
+    assert resolve_precision("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", "cpu")
+    model = tiny_pair()
+    batch = COLLATE(reverse_task(4))
+    with torch.no_grad():
+        ref = model(**batch).loss
+        with autocast("bf16", "cpu"):
+            low = model(**batch).loss
+    assert torch.isfinite(low) and abs(low.item() - ref.item()) < 0.05 * ref.item()
