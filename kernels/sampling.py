@@ -184,11 +184,13 @@ def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = Non
     if backend not in ("auto", "triton", "cpu"):
         raise ValueError(f"backend must be 'auto', 'triton', 'cpu' or 'naive', got {backend!r}")
     a = check_sampling_args(logits, temperature, top_k, top_p, min_p, generator, uniforms, check_input)
-    use_triton = backend == "triton" or (backend == "auto" and logits.is_cuda and triton is not None)
-    if use_triton:
+    if backend == "triton" or (backend == "auto" and logits.is_cuda and triton is not None):
         tok = sample_triton(logits, a)
-    elif logits.is_cuda:
-        raise ValueError("backend='cpu' needs a CPU tensor")
-    else:
+    elif logits.device.type == "cpu":
         tok = sample_cpu(logits, a)
+    elif backend == "cpu":
+        raise ValueError(f"backend='cpu' needs a CPU tensor, got one on {logits.device}")
+    else:  # another accelerator, or CUDA without triton: the twin's torch ops run anywhere
+        return sample_naive(logits, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                            uniforms=a.uniforms[:, 0] if a.squeeze else a.uniforms)
     return tok[:, 0] if a.squeeze else tok

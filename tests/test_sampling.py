@@ -93,6 +93,7 @@ def test_triton_per_row_params_fp16_noncontiguous():
           "top_p": torch.tensor([1.0, 0.9, 0.5, 1.0, 0.2]), "min_p": torch.tensor([0.0, 0.0, 0.1, 0.3, 0.0])}
     for backend in ("triton", "cpu"):
         check_against_twin(x, backend, S=64, **kw)
+        check_against_twin(x.bfloat16(), backend, S=64, **kw)
 
 
 @pytest.mark.parametrize("name", ["plain", "top_k", "top_p", "all"])
@@ -149,7 +150,7 @@ def test_greedy_and_top1_are_argmax(backend):
     Vs = [5, 777, *BIG_V] if backend == "cpu" else [5, 777]
     for V in Vs:
         x = make_logits(3, V, "normal", seed=V)
-        for dtype in (torch.float32, torch.float16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
             xd = x.to(dtype)
             ref = xd.float().argmax(-1)
             assert torch.equal(sample(xd, temperature=0.0, backend=backend), ref)
