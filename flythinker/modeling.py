@@ -217,17 +217,28 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
                  num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         """Causal LM loss of the generator on `hidden [B, T, H_g]` and unshifted `labels [B, T]` (shift inside,
-        ignore_index -100): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation)."""
-        logits = self._logits(hidden).float()
-        V = logits.shape[-1]
-        shift_logits = logits[:, :-1].reshape(-1, V)
-        shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
-        if num_items_in_batch is None:
-            return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-        loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        return loss / num_items_in_batch
+        ignore_index -100): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation); an
+        all-ignored batch gives 0, not NaN. config.loss_impl "fused": `linear_cross_entropy` on the final hidden
+        states and the LM head weight, never materialising the [B, T, V] logits; "naive": logits + cross_entropy.
+        """
+        from flythinker.kernels import linear_cross_entropy
+        from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
+
+        B, T, H = hidden.shape
+        # shift by padding: position t predicts labels[t + 1], the last position gets -100. `hidden` stays a
+        # free [B*T, H] view (slicing hidden[:, :-1] would copy it) and the ignored row costs one row of work.
+        shift_labels = F.pad(labels.to(hidden.device), (0, 1), value=-100)[:, 1:].reshape(-1)  # [B*T]
+        head = self.generator.get_output_embeddings()
+        cap = getattr(self.config.generator, "final_logit_softcapping", None)
+        # the fused op needs a plain bias-free Linear head; anything else (a peft LoRA-wrapped head, a bias)
+        # falls back to the logits path so that its own forward runs
+        plain_head = isinstance(head, nn.Linear) and head.bias is None and type(head).forward is nn.Linear.forward
+        if self.config.loss_impl == "fused" and plain_head:
+            return linear_cross_entropy(hidden.reshape(B * T, H), head.weight, shift_labels, ignore_index=-100,
+                                        num_items_in_batch=num_items_in_batch, softcap=cap)
+        logits = self._logits(hidden).float()  # [B, T, V]
+        loss = F.cross_entropy(logits.reshape(B * T, -1), shift_labels, ignore_index=-100, reduction="sum")
+        return loss / loss_denominator(shift_labels, -100, num_items_in_batch)
 
     # ------------------------------------------------------------------ forward
     def forward(
