@@ -172,7 +172,7 @@ def plot(res: dict, path: Path) -> None:
             if k in ms:
                 ax.axvline(ms[k], ls="--", color="grey")
         ax.set_xlabel("ms (median, interleaved; dashed: clone of the same bytes)")
-        ax.set_title(f"latent_fuse CPU, {ROWS}x{H_G}/{H_R} fp32, grad: {key.split('_')[0]}")
+        ax.set_title(f"CPU {ROWS}x{H_G}/{H_R} fp32, grad to {key.split('_')[0]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
