@@ -188,7 +188,9 @@ def _triton_bwd(g, ids, weight, latent, prev, gproj, rs, norm_mode, eps, detach,
     pv = prev if prev is not None else latent[:, 0]
     BG, BR = triton.next_power_of_2(H_g), triton.next_power_of_2(H_r)
     _latent_fuse_bwd_kernel[(B * T,)](
-        g, ids, weight, latent, pv, gproj if gproj is not None else rs, rs, glat, gprev, gw,
+        # outputs not asked for are 0-row tensors (data_ptr 0 on CUDA): hand the kernel a real dummy instead
+        g, ids, weight, latent, pv, gproj if gproj is not None else rs, rs, glat if need_lat else rs,
+        gprev if need_prev else rs, gw if need_w else rs,
         T, H_g, H_r, *g.stride(), ids.stride(0), ids.stride(1), weight.stride(0), weight.stride(1),
         *latent.stride(), pv.stride(0), pv.stride(1), float(eps),
         HAS_PREV=prev is not None, LINEAR=gproj is not None, DETACH=detach, TOKEN_FULL=token_full,

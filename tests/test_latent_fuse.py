@@ -69,6 +69,7 @@ CASES = [
     (4, 3, 60, 100, True, "token", False, (0, 1, 2, 0), False),
     (2, 4, 1000, 576, False, "vocab_mean", True, (3, 0), True),
     (3, 2, 60, 60, False, 0.75, True, (0, 2, 1), True),
+    (3, 1, 60, 44, True, "token", True, (), False),  # a decode step: only prev_latent is fused
 ]
 
 
