@@ -25,10 +25,10 @@ _NBUCKET = (0x3F800000 >> _SHIFT) + 1
 def _top_p_threshold(w: torch.Tensor, tau: torch.Tensor, P: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """Smallest value v among w >= tau with mass(w > v) < P, per row in `rows`. w [B, V], tau/P [B]."""
     B, V = w.shape
-    wk = torch.where(w >= tau[:, None], w, 0.0)  # [B, V]
+    wk = torch.where(w >= tau[:, None], w, 0.0) if bool((tau > 0).any()) else w  # [B, V]
     bucket = wk.view(torch.int32) >> _SHIFT  # [B, V], 0 for removed tokens
-    off = torch.arange(B, dtype=torch.int32)[:, None] * _NBUCKET
-    mass = torch.bincount((bucket + off).flatten(), weights=wk.flatten(), minlength=B * _NBUCKET)
+    flat = bucket + torch.arange(B, dtype=torch.int32)[:, None] * _NBUCKET if B > 1 else bucket
+    mass = torch.bincount(flat.flatten(), weights=wk.flatten(), minlength=B * _NBUCKET)
     mass = mass.view(B, _NBUCKET).double()  # [B, NB]
     above = mass.flip(-1).cumsum(-1).flip(-1) - mass  # [B, NB] mass in buckets strictly above
     out = tau.clone()
@@ -54,7 +54,7 @@ def sample_cpu(logits: torch.Tensor, a: SamplingArgs) -> torch.Tensor:
     B, V = x.shape
     greedy = a.temperature == 0
     t = torch.where(greedy, torch.ones_like(a.temperature), a.temperature)[:, None]
-    w = torch.exp((x - x.amax(-1, keepdim=True)) / t)  # [B, V], max exactly 1
+    w = torch.sub(x, x.amax(-1, keepdim=True)).div_(t).exp_()  # [B, V], max exactly 1 (in place: 1 buffer)
     tau = torch.zeros(B, dtype=torch.float32)  # keep w >= tau
     k = a.top_k
     if a.has_top_k:
