@@ -71,6 +71,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: i
     g.add_argument("--num-beams", type=positive_int, default=1,
                    help="beam search width (1 = no beam search; output is not streamed when > 1)")
     g.add_argument("--seed", type=int, default=None, help="random seed (makes sampling reproducible)")
+    g.add_argument("--sampler", choices=("fused", "hf"), default="fused",
+                   help="with --do-sample: fused = flythinker.kernels.sample (temperature/top-k/top-p/min-p in one "
+                        "sorting-free pass; Triton on CUDA), hf = transformers' warper chain (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

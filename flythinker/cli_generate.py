@@ -187,6 +187,14 @@ def generation_kwargs(args) -> dict:
     given = {k: v for k, v in sampling.items() if v is not None}
     if given and not args.do_sample:
         raise CLIError(f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply with --do-sample")
+    if args.do_sample and getattr(args, "sampler", "hf") == "fused" and args.num_beams == 1:
+        from flythinker.sampling import FusedSamplingLogitsProcessor
+
+        proc = FusedSamplingLogitsProcessor(temperature=given.get("temperature", 1.0), top_k=given.get("top_k"),
+                                            top_p=given.get("top_p", 1.0), min_p=given.get("min_p", 0.0),
+                                            seed=args.seed)
+        kw.update(proc.generate_kwargs())  # do_sample=False + our processor: HF builds no warpers of its own
+        return kw
     kw.update(given)
     return kw
 
