@@ -47,7 +47,17 @@ def _read_json_items(path: Path) -> list[Any]:
 
 
 def is_pair_record(item: Any) -> bool:
-    return isinstance(item, dict) and any(keys <= set(item) for keys in PAIR_KEYS)
+    """A pair/triple/chat record, or a malformed one (any of their keys and not a persona record: reported as a
+    malformed pair, not as an unknown persona format)."""
+    from flythinker.persona import detect_format
+
+    if not isinstance(item, dict) or not set().union(*PAIR_KEYS) & set(item):
+        return False
+    try:
+        detect_format(item)
+    except ValueError:
+        return True
+    return False
 
 
 def _check_prompt(value: Any, where: str, field: str) -> None:
