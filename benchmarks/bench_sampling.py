@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from flythinker.kernels.sampling import sample
 from flythinker.kernels.sampling_naive import sample_naive
 
@@ -86,10 +85,11 @@ def bench_cpu(rounds: int) -> list[dict]:
         for B in (1, 8):
             x = 3.0 * torch.randn(B, V, generator=torch.Generator().manual_seed(V + B))
             for name, s in SETTINGS.items():
+                hf = hf_chain(s)
                 fns = {
-                    "fused": lambda s=s: sample(x, generator=g, backend="cpu", **s),
-                    "twin": lambda s=s: sample_naive(x, generator=g, **s),
-                    "hf": lambda s=s, h=hf_chain(s): h(x, g),
+                    "fused": lambda x=x, s=s: sample(x, generator=g, backend="cpu", **s),
+                    "twin": lambda x=x, s=s: sample_naive(x, generator=g, **s),
+                    "hf": lambda x=x, h=hf: h(x, g),
                 }
                 times = {k: [] for k in fns}
                 for f in fns.values():
@@ -121,9 +121,8 @@ def bench_gpu() -> list[dict]:
         for B in (1, 8, 64):
             x = 3.0 * torch.randn(B, V, device="cuda")
             for name, s in SETTINGS.items():
-                kw = {k: v for k, v in s.items()}
-                t_fused = do_bench(lambda kw=kw: sample(x, generator=g, check_input=False, **kw))
-                t_sort = do_bench(lambda s=s: sort_sampler(x, s, g))
+                t_fused = do_bench(lambda x=x, s=s: sample(x, generator=g, check_input=False, **s))
+                t_sort = do_bench(lambda x=x, s=s: sort_sampler(x, s, g))
                 rows.append({"V": V, "B": B, "setting": name, "triton_ms": t_fused, "sort_ms": t_sort,
                              "sort_over_triton": round(t_sort / t_fused, 2)})
                 print(f"GPU V={V:6d} B={B:2d} {name:5s} triton {t_fused:.4f} ms  sort {t_sort:.4f} ms "
