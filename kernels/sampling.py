@@ -144,8 +144,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def sample_triton(logits: torch.Tensor, a: SamplingArgs) -> torch.Tensor:
-    """Launch one program per row. logits [B, V] (unit stride on V), validated args -> tokens [B, S] int64."""
+def sample_triton(logits: torch.Tensor, a: SamplingArgs, block: int | None = None) -> torch.Tensor:
+    """Launch one program per row. logits [B, V], validated args -> tokens [B, S] int64.
+
+    block: tile width override (a power of 2), so tests can exercise the multi-tile loops on small V."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if logits.stride(-1) != 1:
@@ -156,7 +158,7 @@ def sample_triton(logits: torch.Tensor, a: SamplingArgs) -> torch.Tensor:
     interp = _interpreting()
     # Interpreter: each loop iteration costs ~1.5 ms regardless of width, so use wide tiles and many pivots
     # (5 passes at NPIV=64 instead of 8 at 16). GPU: 1024 x 16 compare tile = 64 values per thread at 8 warps.
-    BLOCK = min(triton.next_power_of_2(V), 4096 if interp else 1024)
+    BLOCK = block or min(triton.next_power_of_2(V), 4096 if interp else 1024)
     NPIV = 64 if interp else 16
     BLOCK_S = max(2, min(triton.next_power_of_2(S), 1024 if interp else 16))
     _sample_kernel[(B,)](

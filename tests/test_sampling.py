@@ -80,6 +80,27 @@ def test_triton_matches_twin(V, name):
     check_against_twin(x, "triton", **FILTERS[name])
 
 
+def test_triton_multi_tile():
+    """Small tiles (BLOCK=64 over V=1000: 16 tiles) exercise the cross-tile max/argmax, sums, and the early-exit
+    walk, which a single-tile launch never reaches."""
+    from flythinker.kernels.sampling import sample_triton
+    from flythinker.kernels.sampling_naive import check_sampling_args
+
+    x = make_logits(2, 1000, "gumbel", inf_frac=0.3, seed=11)
+    x[1, 700] = x[1, 300] = x[1].max() + 1.0  # tied max in different tiles: greedy takes the lower index
+    u = stratified(2, 128)
+    for kw in ({"temperature": 0.0}, {"temperature": 0.8, "top_k": 30, "top_p": 0.9, "min_p": 0.01}):
+        a = check_sampling_args(x, **kw, uniforms=u)
+        tok = sample_triton(x, a, block=64)
+        ref = sample_naive(x, uniforms=u, **kw)
+        assert (tok == ref).float().mean() >= 0.99
+        mask, probs = sampling_probs_naive(x, **kw)
+        assert (mask & (probs > 0)).gather(1, tok).all()
+        if kw == {"temperature": 0.0}:
+            assert (tok[1] == 300).all()
+    assert tok.shape == (2, 128)
+
+
 @pytest.mark.parametrize("kind", ["ties", "wide"])
 def test_triton_ties_and_inf(kind):
     x = make_logits(4, 300, kind, inf_frac=0.3, seed=1)
