@@ -57,13 +57,14 @@ def sample_cpu(logits: torch.Tensor, a: SamplingArgs) -> torch.Tensor:
     w = torch.sub(x, x.amax(-1, keepdim=True)).div_(t).exp_()  # [B, V], max exactly 1 (in place: 1 buffer)
     tau = torch.zeros(B, dtype=torch.float32)  # keep w >= tau
     k = a.top_k
-    if a.has_top_k:
+    has_top_k = a.has_top_k and bool((k > 0).any())  # unchecked per-row tensors arrive with has_top_k=True
+    if has_top_k:
         vals = torch.topk(w, int(k.max()), dim=-1, sorted=True).values  # [B, kmax] descending
         tau = torch.where(k > 0, vals.gather(1, (k.clamp(min=1) - 1)[:, None])[:, 0], tau)
     if a.has_top_p:
-        zk = torch.where(w >= tau[:, None], w, 0.0).sum(-1) if a.has_top_k else w.sum(-1)  # [B] top-k mass
+        zk = torch.where(w >= tau[:, None], w, 0.0).sum(-1) if has_top_k else w.sum(-1)  # [B] top-k mass
         P = a.top_p * zk
-        if a.has_top_k:
+        if has_top_k:
             # top-k rows: the top-p threshold lies among the k sorted values topk already returned (extra
             # tokens tied at the k-th value share its "mass strictly above", so they need not be listed).
             before = vals.double().cumsum(-1) - vals.double()  # [B, kmax] mass strictly before position j

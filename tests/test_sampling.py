@@ -314,7 +314,9 @@ def test_unchecked_fast_path_matches():
     u = stratified(4, 32)
     rows = {"temperature": torch.tensor([0.0, 0.7, 1.0, 1.3]), "top_k": torch.tensor([0, 5, 0, 40]),
             "top_p": torch.tensor([1.0, 1.0, 0.6, 0.9]), "min_p": torch.tensor([0.0, 0.0, 0.0, 0.05])}
-    for kw in ({"temperature": 0.8, "top_k": 7, "top_p": 0.9, "min_p": 0.01}, rows):
+    off = {"temperature": torch.ones(4), "top_k": torch.zeros(4, dtype=torch.long), "top_p": torch.ones(4),
+           "min_p": torch.zeros(4)}  # every filter off in every row: flags are assumed on when unchecked
+    for kw in ({"temperature": 0.8, "top_k": 7, "top_p": 0.9, "min_p": 0.01}, rows, off):
         for backend in ("cpu", "triton"):
             a = sample(x, uniforms=u, backend=backend, **kw)
             assert torch.equal(a, sample(x, uniforms=u, backend=backend, check_input=False, **kw))
