@@ -9,6 +9,7 @@ of flythinker is importable. About 20-40 s; deselect with `-m "not packaging"`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -56,9 +57,12 @@ def test_installed_non_editable(tmp_path):
                                check=True, capture_output=True, text=True).stdout.strip())
     (site / "_project_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLYTHINKER_BUILD_EXT")}
-    # --ignore-installed: pip sees the project venv's editable flythinker through the .pth and must not touch it
-    r = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--ignore-installed", "--disable-pip-version-check", str(src)],
+    # --ignore-installed: pip sees the project venv's editable flythinker through the .pth and must not touch it.
+    # Python >= 3.12 venvs have no setuptools: then let pip fetch the build backend (build isolation).
+    have_backend = all(importlib.util.find_spec(m) is not None for m in ("setuptools", "wheel"))
+    build = ["--no-build-isolation", "--no-index"] if have_backend else []
+    r = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", *build, "--ignore-installed",
+                        "--disable-pip-version-check", str(src)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
 
