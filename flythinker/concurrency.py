@@ -180,9 +180,14 @@ def _worker_loop(jobs: queue.SimpleQueue, results: queue.SimpleQueue, num_thread
         fn, args, kwargs, state = job
         try:
             with state.apply():
-                results.put((True, fn(*args, **kwargs)))
+                out = (True, fn(*args, **kwargs))
         except BaseException as e:
-            results.put((False, e))
+            out = (False, e)
+        # Drop the job before waiting for the next one: its closure references the model, which would otherwise
+        # stay alive (and keep this thread alive) until another job arrived.
+        del job, fn, args, kwargs, state
+        results.put(out)
+        del out
 
 
 def _stop_thread(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:

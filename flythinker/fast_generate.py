@@ -103,7 +103,9 @@ def fast_generate(
     if do_sample and generator is None and seed is not None:
         generator = torch.Generator(device=dev).manual_seed(seed)
 
-    mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=dev)  # [B, P + N], grows by views
+    # [B, P + N] masks of fixed shape (a compiled step never sees a new shape): slot P + s turns on at step s.
+    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=dev)
+    mask[:, :P] = 1
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
@@ -113,7 +115,8 @@ def fast_generate(
         if reasoner_input_ids.dim() != 2 or reasoner_input_ids.shape[0] != B:
             raise ValueError(f"reasoner_input_ids must be [B={B}, Q], got {tuple(reasoner_input_ids.shape)}")
         Q = reasoner_input_ids.shape[1]
-        r_mask = torch.ones(B, Q + max_new_tokens, dtype=torch.long, device=dev)
+        r_mask = torch.zeros(B, Q + max_new_tokens, dtype=torch.long, device=dev)
+        r_mask[:, :Q] = 1
         if reasoner_attention_mask is not None:
             if reasoner_attention_mask.shape != reasoner_input_ids.shape:
                 raise ValueError("reasoner_attention_mask must have the shape of reasoner_input_ids")
@@ -177,9 +180,10 @@ def fast_generate(
         t = tok[:, None]  # [B, 1]
         gen_pos, rsn_pos = gen_pos + 1, rsn_pos + 1
         emb = _fuse_one(model, t, pending)
-        m_g = mask[:, : P + s + 1]
-        m_r = r_mask[:, : Q + s + 1] if split else m_g
-        logits, pending = worker.run_pair(partial(gen_call, emb, m_g, gen_pos), partial(rsn_step, t, m_r, rsn_pos))
+        mask[:, P + s] = 1
+        if split:
+            r_mask[:, Q + s] = 1
+        logits, pending = worker.run_pair(partial(gen_call, emb, mask, gen_pos), partial(rsn_step, t, r_mask, rsn_pos))
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, tokens[:, :n]], dim=1)
