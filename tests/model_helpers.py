@@ -5,6 +5,7 @@ Import from tests: `from model_helpers import tiny_lm, tiny_pair, left_pad`.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -58,3 +59,14 @@ def left_pad(rows: list[torch.Tensor], pad_id: int = PAD) -> tuple[torch.Tensor,
         ids[i, L - len(r):] = r
         mask[i, L - len(r):] = 1
     return ids, mask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread while a test module runs (restored after). Tiny matmuls on 2 shared, oversubscribed cores
+    are ~35x slower with 2 OpenMP threads (measured: 1.25 ms vs 34 us for a [10, 48] x [48, 128] linear at load
+    average 12). Import it into a test module to use it: `from model_helpers import single_thread  # noqa: F401`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

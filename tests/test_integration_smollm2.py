@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import single_thread  # noqa: F401  (autouse fixture)
 from transformers import TextStreamer
 
 from flythinker import FlyThinkerForCausalLM

@@ -7,7 +7,14 @@ import os
 import pytest
 import torch
 from flythinker.kernels import latent_fuse_naive
-from model_helpers import EOS, PAD, random_ids, tiny_lm, tiny_pair
+from model_helpers import (
+    EOS,
+    PAD,
+    random_ids,
+    single_thread,  # noqa: F401  (autouse fixture)
+    tiny_lm,
+    tiny_pair,
+)
 from transformers import AutoModelForCausalLM
 
 from flythinker import FlyThinkerCache, FlyThinkerConfig, FlyThinkerForCausalLM

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import EOS, PAD, VOCAB, random_ids, tiny_lm
+from model_helpers import (
+    EOS,
+    PAD,
+    VOCAB,
+    random_ids,
+    single_thread,  # noqa: F401  (autouse fixture)
+    tiny_lm,
+)
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from flythinker import FlyThinkerForCausalLM

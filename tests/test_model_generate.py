@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import PAD, random_ids, tiny_pair
+from model_helpers import (
+    PAD,
+    random_ids,
+    single_thread,  # noqa: F401  (autouse fixture)
+    tiny_pair,
+)
 from transformers import (
     LogitsProcessorList,
     StoppingCriteria,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import EOS, PAD, left_pad, random_ids, tiny_pair
+from model_helpers import (
+    EOS,
+    PAD,
+    left_pad,
+    random_ids,
+    single_thread,  # noqa: F401  (autouse fixture)
+    tiny_pair,
+)
 
 LAM = 0.9
 
