@@ -391,6 +391,11 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ generate integration
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
                                       batch_size: int, max_cache_length: int) -> None:
+        if getattr(generation_config, "prefill_chunk_size", None) is not None and (
+                model_kwargs.get("reasoner_input_ids") is not None or not self.config.fuse_prompt):
+            # a chunk boundary would look like the response boundary (split context / fuse_prompt=False)
+            raise ValueError("prefill_chunk_size is not supported with split context (reasoner_input_ids) or "
+                             "fuse_prompt=False")
         user_cache = model_kwargs.get("cache")
         if user_cache is not None:
             if not isinstance(user_cache, FlyThinkerCache):
