@@ -277,7 +277,7 @@ def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_toke
     return {"rows": rows, "summary": summary}
 
 
-def pick_test_users(n_users: int, cache=None, **data_kwargs):
+def pick_test_users(count: int, cache=None, **data_kwargs):
     from flythinker.persona import load_dataset
 
     seen, out = set(), []
@@ -285,7 +285,7 @@ def pick_test_users(n_users: int, cache=None, **data_kwargs):
         if r.user_id not in seen:
             seen.add(r.user_id)
             out.append(r)
-        if len(out) == n_users:
+        if len(out) == count:
             break
     return out
 

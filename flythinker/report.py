@@ -4,10 +4,11 @@ Each script in `benchmarks/` runs in its own process (`python -m benchmarks.<nam
 script supports it) and writes `<results>/<stem>.json` (+ usually its own PNG). The report renders every JSON
 it finds generically, so a new benchmark needs no change here:
 
-- top-level scalars (device, dtype, load average, targets, ...) -> a "run" line: machine and baseline facts;
-- lists of dicts (cases) and dicts of dicts (variants) -> markdown tables, nested dicts flattened `a.b`;
-- every column whose name contains `ratio` -> one bar chart across all benchmarks (`ratios.png`), because
-  ratios to a baseline measured in the same run are the only numbers comparable across runs on a shared box.
+- scalars of any dict (device, dtype, load average, targets, ...) -> a facts line: machine and baseline facts;
+- lists of dicts (cases) and sibling flat dicts (variants) -> markdown tables, nested dicts flattened `a.b`;
+- every number whose name contains `ratio`, `speedup` or `_over_` -> one bar chart across all benchmarks
+  (`ratios.png`), because ratios to a baseline measured in the same run are the only numbers comparable across
+  runs on a shared machine.
 """
 
 from __future__ import annotations
@@ -104,33 +105,61 @@ def table(rows: list[dict[str, Any]], first: str | None = None) -> str:
     if first and first in cols:
         cols.remove(first)
         cols.insert(0, first)
+    if len(cols) > 12 and len(rows) <= 6:  # wide and short: transpose, one metric per line
+        names = [_fmt(r.get(first, i)) if first else str(i) for i, r in enumerate(rows)]
+        metric_rows = [{"metric": c, **{n: r.get(c, "") for n, r in zip(names, rows)}} for c in cols if c != first]
+        return table(metric_rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def tables_of(data: dict) -> list[tuple[str, list[dict[str, Any]]]]:
-    """(title, rows) for each list of dicts / dict of dicts in a result JSON (one level deep)."""
-    found = []
-    for key, v in data.items():
+def _flat_dict(v: Any) -> bool:
+    """A dict of scalars, or of dicts of scalars: one table row once flattened."""
+    return isinstance(v, dict) and bool(v) and all(
+        _is_scalar(x) or (isinstance(x, dict) and all(_is_scalar(y) for y in x.values())) for x in v.values())
+
+
+def sections(data: dict, path: str = "") -> list[tuple[str, str, Any]]:
+    """Walk a result JSON into (path, "facts" | "table", payload) sections, whatever its nesting.
+
+    Scalars of a dict are its facts; sibling dicts that are flat (see `_flat_dict`) become the rows of one table
+    (variants, backends, ...); lists of dicts become tables; deeper dicts are walked recursively.
+    """
+    out: list[tuple[str, str, Any]] = []
+    facts = {k: v for k, v in data.items() if _is_scalar(v)}
+    if facts:
+        out.append((path, "facts", facts))
+    flat = {k: v for k, v in data.items() if _flat_dict(v)}
+    if len(flat) >= 2:
+        out.append((path, "table", [{"name": k, **flatten(v)} for k, v in flat.items()]))
+    else:
+        out += [(f"{path}.{k}".lstrip("."), "facts", flatten(v)) for k, v in flat.items()]
+    for k, v in data.items():
+        sub = f"{path}.{k}".lstrip(".")
         if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            found.append((key, [flatten(x) for x in v]))
-        elif isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
-            found.append((key, [{"name": k, **flatten(x)} for k, x in v.items()]))
-        elif isinstance(v, dict) and any(isinstance(x, list) and x and isinstance(x[0], dict) for x in v.values()):
-            found += [(f"{key}.{t}", rows) for t, rows in tables_of(v)]
-    return found
+            out.append((sub, "table", [flatten(x) for x in v]))
+        elif isinstance(v, dict) and k not in flat:
+            out += sections(v, sub)
+    return out
+
+
+RATIO_WORDS = ("ratio", "speedup", "_over_")
 
 
 def ratio_points(name: str, data: dict) -> list[tuple[str, float]]:
+    """(label, value) of every ratio-like number (column names with ratio / speedup / _over_)."""
     pts = []
-    for _title, rows in tables_of(data):
+    for path, kind, payload in sections(data):
+        rows = payload if kind == "table" else [payload]
         for i, row in enumerate(rows):
-            label = row.get("name") or ", ".join(f"{k}={row[k]}" for k in list(row)[:2] if not isinstance(row[k],
-                                                                                                           float))
+            ident = row.get("name") or ", ".join(f"{k}={row[k]}" for k in list(row)[:3]
+                                                 if not isinstance(row[k], float) and not any(
+                                                     w in k for w in RATIO_WORDS))
             for col, v in row.items():
-                if "ratio" in col and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    pts.append((f"{name}: {label or i} {col}", float(v)))
+                if any(w in col for w in RATIO_WORDS) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    label = " ".join(x for x in (name, path, ident if kind == "table" else "", col) if x)
+                    pts.append((label if kind == "table" or i == 0 else f"{label} {i}", float(v)))
     return pts
 
 
@@ -145,11 +174,13 @@ def plot_ratios(points: list[tuple[str, float]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(points) + 1.2))
     labels = [p[0] for p in points]
     vals = [p[1] for p in points]
-    ax.barh(range(len(points)), vals, color=["tab:green" if v <= 1 else "tab:orange" for v in vals])
+    ax.barh(range(len(points)), vals, color="tab:blue")
+    if max(vals) / max(min(vals), 1e-9) > 50:
+        ax.set_xscale("log")
     ax.axvline(1.0, color="k", lw=1)
     ax.set_yticks(range(len(points)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("ratio to the baseline measured in the same run (< 1: less time / memory than baseline)")
+    ax.set_xlabel("ratio to a baseline measured in the same run (direction: see its name)")
     for i, v in enumerate(vals):
         ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
     fig.tight_layout()
@@ -193,13 +224,12 @@ def write_report(results_dir: Path, runs: list[dict[str, Any]] | None = None) ->
         if not isinstance(data, dict):
             data = {"results": data}
         lines += [f"## {path.stem}", "", f"Source: `{path.name}`", ""]
-        facts = {k: x for k, x in data.items() if _is_scalar(x)}
-        facts.update({f"{k}.{kk}": x for k, d in data.items() if isinstance(d, dict)
-                      and not any(isinstance(y, (dict, list)) for y in d.values()) for kk, x in d.items()})
-        if facts:
-            lines += ["Run: " + "; ".join(f"{k} = {_fmt(x)}" for k, x in facts.items()), ""]
-        for title, rows in tables_of(data):
-            lines += [f"### {title}", "", table(rows, first="name"), ""]
+        for where, kind, payload in sections(data):
+            if kind == "facts":
+                lines += [(f"**{where}**: " if where else "Run: ")
+                          + "; ".join(f"{k} = {_fmt(x)}" for k, x in payload.items()), ""]
+            else:
+                lines += [f"### {where or path.stem}", "", table(payload, first="name"), ""]
         png = path.with_suffix(".png")
         if png.is_file():
             lines += [f"![{path.stem}]({png.name})", ""]
