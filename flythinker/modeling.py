@@ -281,12 +281,11 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"attention_mask must be 2-D [B, past + T], got shape {tuple(attention_mask.shape)}")
         if use_cache is None:
             use_cache = cache is not None or (getattr(self.config.generator, "use_cache", True) and not self.training)
-        if use_cache and cache is None:
-            cache = FlyThinkerCache(generator_config=self.config.generator, reasoner_config=self.config.reasoner)
         if not use_cache:
-            cache_for_step = None
-        else:
-            cache_for_step = cache
+            cache = None  # a cache passed with use_cache=False is neither read nor written
+        elif cache is None:
+            cache = FlyThinkerCache(generator_config=self.config.generator, reasoner_config=self.config.reasoner)
+        cache_for_step = cache
 
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
@@ -338,6 +337,9 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
                            else torch.arange(T, device=input_ids.device)[None, :].expand(B, T) == T - 1)
             src_mask = shared_source_mask(local_mask, targets)
             prev = None if prefill else cache.pending
+            if not prefill and prev is None:
+                raise ValueError("the cache holds generator states but no pending reasoner latent: build it with "
+                                 "FlyThinkerForCausalLM (a FlyThinkerCache filled by its forward)")
             if prev is not None and targets is not None:
                 prev = prev * targets[:, :1].to(prev.dtype)
 
