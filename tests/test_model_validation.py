@@ -95,3 +95,18 @@ def test_bad_forward_and_generate_inputs():
 def test_reasoner_device_keyword(pair):
     m = FlyThinkerForCausalLM.from_pair(*pair, reasoner_device="cpu")
     assert next(m.reasoner.parameters()).device.type == "cpu"
+
+
+@torch.no_grad()
+def test_cache_without_latent_and_use_cache_false():
+    from flythinker import FlyThinkerCache
+
+    m = tiny_pair()
+    ids = random_ids(1, 4)
+    cache = FlyThinkerCache(generator_config=m.config.generator, reasoner_config=m.config.reasoner)
+    m.generator.model(ids, cache=cache.generator)  # generator states only, no reasoner latent
+    with pytest.raises(ValueError, match="no pending reasoner latent"):
+        m(ids[:, -1:], cache=cache)
+    fresh = FlyThinkerCache(generator_config=m.config.generator, reasoner_config=m.config.reasoner)
+    out = m(ids, cache=fresh, use_cache=False)
+    assert out.cache is None and fresh.get_seq_length() == 0 and fresh.pending is None
