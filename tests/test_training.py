@@ -275,6 +275,13 @@ def test_gradient_checkpointing_same_loss_and_grads():
         torch.testing.assert_close(out[1][1][k], out[0][1][k], rtol=1e-5, atol=1e-7)
 
 
+def test_hf_gradient_checkpointing_enable_reaches_both_models():
+    model = tiny_pair()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for sub in (model.generator, model.reasoner):
+        assert all(layer.gradient_checkpointing for layer in sub.model.layers)
+
+
 def test_precision_resolution_and_cpu_autocast():
     assert resolve_precision("auto", "cpu") == torch.float32  # documented: CPU stays fp32 unless asked
     assert resolve_precision("bf16", "cpu") == torch.bfloat16

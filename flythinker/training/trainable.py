@@ -209,7 +209,11 @@ def merge_lora(model: nn.Module) -> None:
 # ---- gradient checkpointing and precision ------------------------------------------------------------------
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing on every decoder layer of *both* models (non-reentrant: frozen embeddings and
-    LoRA need no `enable_input_require_grads` hook, and the reasoner's latents keep their graph)."""
+    LoRA need no `enable_input_require_grads` hook, and the reasoner's latents keep their graph).
+
+    `FlyThinkerForCausalLM.gradient_checkpointing_enable()` (what `TrainingArguments(gradient_checkpointing=True)`
+    calls) reaches both models too: HF walks `self.modules()`, which include both models' decoder layers.
+    The FlyThinker forward runs without a KV cache in training mode, so nothing else needs switching off."""
     for part in ("generator", "reasoner"):
         sub = getattr(model, part)
         enable = getattr(sub, "activation_checkpointing_enable", None) or sub.gradient_checkpointing_enable
@@ -218,8 +222,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             enable(activation_checkpointing_kwargs=kwargs)
         else:
             enable(gradient_checkpointing_kwargs=kwargs)
-    if hasattr(model, "config"):
-        model.config.use_cache = False  # HF disables the KV cache under checkpointing; keep the flag honest
 
 
 def resolve_precision(precision: str = "auto", device: torch.device | str | None = None) -> torch.dtype:
