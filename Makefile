@@ -25,10 +25,10 @@ demo: $(STAMP)
 	$(BIN)/flythinker demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/pytest -q tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q tests -m "not integration and not distributed"
+	$(BIN)/pytest -q tests -m "not integration and not distributed"
 
 lint: $(STAMP)
 	$(BIN)/ruff check flythinker kernels tests benchmarks
