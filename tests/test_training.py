@@ -16,6 +16,7 @@ from flythinker.training.trainable import (
     autocast,
     enable_gradient_checkpointing,
     load_lora_adapters,
+    merge_lora,
     merged_state_dict,
     parse_parts,
     resolve_precision,
@@ -245,6 +246,10 @@ def test_lora_trains_saves_and_loads(part, tmp_path):
         base.load_state_dict({k: v for k, v in sd.items() if not k.startswith(part + ".")}, strict=False)
         load_lora_adapters(base, tmp_path / "adapters")
         torch.testing.assert_close(base.eval()(**batch).loss, want, rtol=1e-5, atol=1e-6)
+        # merging in place removes the LoRA layers and keeps the function
+        merge_lora(model)
+        assert not any("lora_" in k for k in model.state_dict()) and set(model.state_dict()) == set(sd)
+        torch.testing.assert_close(model(**batch).loss, want, rtol=1e-5, atol=1e-6)
 
 
 def test_lora_errors():
