@@ -40,6 +40,7 @@ def test_train_split_context_lora_checkpointing_then_generate(root, capsys):
     logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert sum("loss" in e for e in logs) == 3
     assert (out / "lora" / "generator" / "adapter_model.safetensors").is_file()
+    assert (out / "training_args.json").is_file() and not list(out.glob("*.bin"))  # nothing pickled
     model = FlyThinkerForCausalLM.from_pretrained(out).eval()  # merged weights: plain keys, no LoRA layers
     assert model.config.fusion_lambda == 0.7
     assert not any("lora_" in k for k in model.state_dict())
@@ -91,6 +92,7 @@ def test_continue_from_checkpoint_and_persona_records(root):
         ("bad_train", "unknown trainable part"),
         ("not_flythinker", "not a flythinker checkpoint"),
         ("lambda0_reasoner_only", "nothing can learn"),
+        ("lora_projection_only", "--lora needs"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(root, capsys, case, match):
@@ -117,6 +119,8 @@ def test_bad_input_is_one_line_exit_2(root, capsys, case, match):
         args = ["--model", str(root / "gen")] + args[4:]
     elif case == "lambda0_reasoner_only":
         args += ["--lambda", "0", "--train", "reasoner"]
+    elif case == "lora_projection_only":
+        args += ["--lora", "--train", "projection", "--projection", "linear"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("flythinker: error: ") and match in err[-1], err

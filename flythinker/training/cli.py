@@ -211,8 +211,10 @@ def _train(args) -> int:
         if not parts:
             raise UserError("lambda = 0 with --train reasoner: nothing can learn")
     if args.lora:
+        if not parts - {"projection"}:
+            raise UserError("--lora needs the generator and/or the reasoner in --train")
         try:
-            apply_lora(model, parts - {"projection"} or {"generator"}, r=args.lora_r, alpha=args.lora_alpha,
+            apply_lora(model, parts - {"projection"}, r=args.lora_r, alpha=args.lora_alpha,
                        dropout=args.lora_dropout, target_modules=[t for t in args.lora_targets.split(",") if t])
         except ValueError as e:
             raise UserError(str(e)) from None
@@ -273,6 +275,9 @@ def _train(args) -> int:
         _log(f"held-out loss {metrics['eval_loss']:.4f}")
     trainer.save_model(str(out))  # merged weights (LoRA folded in) + tokenizer; main process only
     if trainer.is_world_process_zero():
+        # Trainer pickles its arguments next to the weights; the final folder stays pickle-free (JSON instead)
+        (out / "training_args.bin").unlink(missing_ok=True)
+        (out / "training_args.json").write_text(targs.to_json_string())
         _log(f"saved checkpoint to {out} (load with FlyThinkerForCausalLM.from_pretrained / flythinker generate)")
     return 0
 
