@@ -73,6 +73,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny random pair
     s = p.add_argument_group("comparison")
     s.add_argument("--users", type=positive_int, default=3, help="test users to answer (default: %(default)s)")
+    s.add_argument("--ablation", action="store_true",
+                   help="also answer with the fine-tuned generator without the reasoner's latents (shows how much "
+                        "of the difference the reasoner carries, rather than the fine-tune itself)")
     add_sampling_arguments(p, default_max_new_tokens=80)
 
 
@@ -233,16 +236,23 @@ def _verdict(text: str, traits: dict) -> tuple[str, int]:
     return ", ".join(parts), hits
 
 
-def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_tokens: int, out=None) -> dict:
-    """Answer each record with the generator alone and with flythinker; print both, streamed; return scores."""
+def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_tokens: int, out=None,
+            ablation: bool = False) -> dict:
+    """Answer each record with the generator alone and with flythinker (and, with `ablation`, the fine-tuned
+    generator without latents); print each reply, streamed; return the scores."""
     out = out or sys.stdout
+    entries = [("generator alone", base, "generator", " (SmolLM2 as shipped, reads the query only)")]
+    if ablation:
+        entries.append(("fine-tuned, no latents", model.generator, "generator",
+                        " (the pair's fine-tuned generator without the reasoner: reads the query only)"))
+    entries.append(("flythinker", model, "flythinker", None))
     import torch
 
     from flythinker.cli_generate import Prompts, generate
     from flythinker.persona import TRAITS
 
     n_traits = len(TRAITS)
-    totals = {"generator alone": [0, 0, 0.0], "flythinker": [0, 0, 0.0]}  # hits, tokens, seconds
+    totals = {label: [0, 0, 0.0] for label, *_ in entries}  # hits, tokens, seconds
     rows = []
     for record, views in zip(records, split_views(records, tokenizer, max_reasoner_tokens)):
         traits = record.persona.traits
@@ -251,10 +261,10 @@ def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_toke
         print(f"query: {record.query.text}", file=out, flush=True)
         prompts = Prompts(torch.tensor([views.generator_prompt_ids]), torch.tensor([views.reasoner_prompt_ids]))
         row = {"user": record.user_id}
-        for label, m, kind in (("generator alone", base, "generator"), ("flythinker", model, "flythinker")):
-            print(f"--- {label}" + (" (reads the query only)" if kind == "generator" else
-                                    f" (generator reads the query, reasoner {len(views.reasoner_prompt_ids)} "
-                                    "tokens of history)") + ":", file=out, flush=True)
+        for label, m, kind, note in entries:
+            note = note or (f" (fine-tuned pair: generator reads the query, reasoner "
+                            f"{len(views.reasoner_prompt_ids)} tokens of history + query)")
+            print(f"--- {label}{note}:", file=out, flush=True)
             text, n, sec = generate(m, kind, prompts, tokenizer, gen_kwargs, stream=out is sys.stdout, out=out)
             verdict, hits = _verdict(text, traits)
             t = totals[label]
@@ -266,12 +276,12 @@ def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_toke
         rows.append(row)
     n = len(records)
     print("\n=== summary over", n, "test users ===", file=out)
-    print(f"{'':18s} {'strategy metric':>16s} {'tokens/s':>9s}", file=out)
+    print(f"{'':24s} {'strategy metric':>16s} {'tokens/s':>9s}", file=out)
     summary = {}
     for label, (hits, toks, sec) in totals.items():
         acc = hits / (n_traits * n)
         summary[label] = {"strategy_accuracy": acc, "tokens_per_s": toks / max(sec, 1e-9)}
-        print(f"{label:18s} {acc:15.0%} {toks / max(sec, 1e-9):9.1f}", file=out)
+        print(f"{label:24s} {acc:15.0%} {toks / max(sec, 1e-9):9.1f}", file=out)
     print("(strategy metric: share of the users' hidden traits - opening strategy, length, register - that the "
           "reply matches; 50% is chance)", file=out, flush=True)
     return {"rows": rows, "summary": summary}
@@ -310,7 +320,8 @@ def run_demo(args) -> int:
     base.eval()
     model, _ = cached_or_trained(base, tokenizer, recipe, retrain=args.retrain, tiny=args.tiny)
     records = pick_test_users(args.users, cache_dir() / "data", **recipe.data_kwargs())
-    result = compare(base, model, tokenizer, records, gen_kwargs, recipe.max_reasoner_tokens)
+    result = compare(base, model, tokenizer, records, gen_kwargs, recipe.max_reasoner_tokens,
+                     ablation=args.ablation)
     result["wall_seconds"] = time.perf_counter() - wall
     print(f"done in {result['wall_seconds']:.0f} s", flush=True)
     return 0

@@ -203,11 +203,11 @@ def test_entry_point_subprocess_one_line_error(pair, tmp_path):
 
 # ---- the demo's pieces on a tiny pair -------------------------------------------------------------------------------
 def test_demo_tiny_trains_caches_and_compares(capsys, tmp_path):
-    argv = ["demo", "--tiny", "--steps", "2", "--users", "1", "--max-new-tokens", "5"]
+    argv = ["demo", "--tiny", "--steps", "2", "--users", "1", "--max-new-tokens", "5", "--ablation"]
     rc, out, err = run(capsys, *argv)
     assert rc == 0, err
     assert "Trained in" in out and "generator alone" in out and "flythinker" in out
-    assert "strategy metric" in out and "tok/s" in out
+    assert "strategy metric" in out and "tok/s" in out and "fine-tuned, no latents" in out
     cached = list((tmp_path / "cache" / "demo").glob("tiny-*/lora.safetensors"))
     assert len(cached) == 1
     rc, out, err = run(capsys, *argv)  # second run reuses the cached fine-tune
