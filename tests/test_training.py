@@ -301,3 +301,22 @@ def test_precision_resolution_and_cpu_autocast():
         with autocast("bf16", "cpu"):
             low = model(**batch).loss
     assert torch.isfinite(low) and abs(low.item() - ref.item()) < 0.05 * ref.item()
+
+
+def _ragged_split(n, seed):
+    return [{"generator_prompt": "say" + "!" * i, "reasoner_prompt": "key=" + "k" * (3 * (n - i)),
+             "response": "ab" * (i + 1)} for i in range(n)]
+
+
+@pytest.mark.parametrize("task", [reverse_task, _ragged_split])
+def test_left_and_right_padding_give_the_same_loss(task):
+    """The collator's padding side is free: the model takes positions from the mask and aligns split context
+    from each row's last real token, so both sides give the same loss (rows of different lengths)."""
+    model = tiny_pair(projection="linear").eval()
+    data = task(6, seed=2)
+    with torch.no_grad():
+        losses = [model(**FlyThinkerCollator(tokenizer=TOK, padding_side=side)(data)).loss for side in ("left",
+                                                                                                      "right")]
+    batch = FlyThinkerCollator(tokenizer=TOK)(data)
+    assert all(m.min() == 0 for k, m in batch.items() if k.endswith("attention_mask"))  # there is padding
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
