@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--raw", action="store_true", help="use prompts as plain text, without the chat template")
     inp.add_argument("--record", metavar="FILE",
                      help="persona record file (JSON/JSONL: longlamp, personaemp, perm or flythinker format)")
-    inp.add_argument("--record-format", default="auto", help="format of --record (default: %(default)s)")
+    inp.add_argument("--record-format", default="auto",
+                     choices=("auto", "longlamp", "personaemp", "perm", "flythinker"),
+                     help="format of --record (default: %(default)s: detected from the first record's keys)")
     inp.add_argument("--record-index", type=nonneg_int, default=0,
                      help="which record of the file to answer (default: %(default)s)")
     inp.add_argument("--mode", choices=("split", "shared"), default="split",

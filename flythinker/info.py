@@ -64,6 +64,10 @@ def _cpp_loads(name: str) -> bool:
     except ImportError:
         return False
     load = getattr(cpp, "load", None)
+    registered = getattr(cpp, "_registered", None)
+    if callable(load) and callable(registered) and not registered() and os.environ.get("FLYTHINKER_NO_CPP") != "1":
+        print(f"flythinker: compiling the C++ CPU op of {name} (first use only, up to a minute)...", file=sys.stderr,
+              flush=True)
     try:
         return bool(load()) if callable(load) else False
     except Exception:  # a failed build means the fallback is used; `info` reports, it does not fail

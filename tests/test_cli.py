@@ -103,6 +103,15 @@ def test_generate_from_persona_record(capsys, pair, tmp_path):
     assert "split context" in err and "reasoner" in err
 
 
+@pytest.mark.parametrize("name", ["persona_longlamp.json", "persona_personaemp.json", "persona_perm.jsonl"])
+def test_generate_from_bundled_record_formats(capsys, pair, name):
+    path = Path(__file__).parent / "data" / name
+    rc, out, err = run(capsys, "generate", "--generator", pair[0], "--reasoner", pair[1], "--record", path,
+                       "--max-new-tokens", 3, "--max-reasoner-tokens", 400, "--no-stream")
+    assert rc == 0, err
+    assert "3 new tokens" in err and "record" in err
+
+
 def test_train_then_generate_from_checkpoint(capsys, pair, tmp_path):
     gen, rsn = pair
     data = tmp_path / "train.jsonl"
