@@ -245,10 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flythinker` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line, not only before the subcommand
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.debug = debug
         if args.command is None:
             parser.print_help()
             return EXIT_USER_ERROR
