@@ -6,7 +6,7 @@ and 4, prompt 256 tokens, 128 new tokens (eos disabled so every run makes all of
     (a) generator alone, `generator.generate`          (the baseline; default intra-op threads)
     (b) flythinker, parallel="off"   (sequential)      `pair.generate`
     (c) flythinker, parallel="threads" (CPU) / "streams" (CUDA)   `pair.generate`
-    (d) the lean path, `flythinker.fast_generate`      (parallel as (c); compiled one-token step on CUDA)
+    (d) the lean path, `flythinker.fast_generate`      (parallel as (c); `--compile`: compiled step on CUDA)
     (a1) = (a) with one intra-op thread (extra: two OpenMP threads collapse when other jobs share the cores)
 
 Every run streams its tokens into a timestamping streamer: prefill = time to the first token, decode = the median
@@ -195,14 +195,74 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def profile_step(device: str = "cpu", batch: int = 1, plen: int = 256, rounds: int = 12) -> dict:
+    """What bounds the overlapped decode step: one-token steps of G and R alone (one intra-op thread each) and
+    together on the thread worker, interleaved; medians in ms. If G and R each slow down when run together, the
+    cores' shared memory bandwidth (and the GIL for the Python part) is the limit, not the scheduling."""
+    from transformers import DynamicCache
+
+    from flythinker.concurrency import ThreadWorker, intra_op_threads
+
+    gen, pair, tok = build(device)
+    ids = prompt(tok, batch, plen, device)
+    g_base, r_base = pair.generator.get_decoder(), pair.reasoner.get_decoder()
+    t1 = ids[:, -1:]
+    with torch.inference_mode():
+        cg, cr = DynamicCache(), DynamicCache()
+        g_base(input_ids=ids, cache=cg, use_cache=True)
+        r_base(input_ids=ids, cache=cr, use_cache=True)
+
+        def timed(fn):
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+
+        def g_step():
+            pair.generator.lm_head(g_base(input_ids=t1, cache=cg, use_cache=True).last_hidden_state)
+            for layer in cg.layers:  # keep the cache length fixed: every round measures the same step
+                layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+
+        def r_step():
+            r_base(input_ids=t1, cache=cr, use_cache=True)
+            for layer in cr.layers:
+                layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+
+        w = ThreadWorker(num_threads=1, main_threads=1).start()
+        rec: dict[str, list[float]] = {k: [] for k in ("G_alone", "R_alone", "pair_wall", "G_in_pair",
+                                                       "R_in_pair", "G_alone_2threads")}
+        for _ in range(rounds):
+            with intra_op_threads(1):
+                rec["G_alone"].append(timed(g_step))
+                rec["R_alone"].append(timed(r_step))
+            rec["G_alone_2threads"].append(timed(g_step))
+            t = time.perf_counter()
+            g_ms, r_ms = w.run_pair(lambda: timed(g_step), lambda: timed(r_step))
+            rec["pair_wall"].append((time.perf_counter() - t) * 1e3)
+            rec["G_in_pair"].append(g_ms)
+            rec["R_in_pair"].append(r_ms)
+        w.close()
+    out = {k: statistics.median(v[2:]) for k, v in rec.items()}
+    out["load"] = os.getloadavg()[0]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="prompt 64, 24 new tokens, batch 1, one round")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--compile", action="store_true", help="CUDA section: (d) with the torch.compile'd step")
+    p.add_argument("--profile", action="store_true", help="only the step breakdown (profile_step), batch 1 and 4")
     args = p.parse_args(argv)
-    plen, new, batches, reps = (64, 24, [1], 1) if args.quick else (256, 128, args.batches, args.reps)
+    if args.profile:
+        prof = {f"B{b}": profile_step("cpu", b) for b in (1, 4)}
+        print(json.dumps(prof, indent=1))
+        return prof
+    full = (args.prompt_len, args.new_tokens, args.batches, args.reps)
+    plen, new, batches, reps = (64, 24, [1], 1) if args.quick else full
     results = {"prompt_len": plen, "new_tokens": new, "reps": reps, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg(),
                "targets": TARGETS, "sections": {}}
@@ -210,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["sections"]["cpu"] = bench("cpu", batches, plen, new, reps, "threads", False)
     report("cpu", results["sections"]["cpu"])
     if torch.cuda.is_available():
-        results["sections"]["cuda"] = bench("cuda", batches, plen, new, reps, "streams", True)
+        results["sections"]["cuda"] = bench("cuda", batches, plen, new, reps, "streams", args.compile)
         report("cuda", results["sections"]["cuda"])
     else:
         print("\n(cuda section skipped: no CUDA device)")
