@@ -26,6 +26,8 @@ pytestmark = pytest.mark.packaging
 PROBE = r"""
 import importlib.util, json, sys
 import flythinker, flythinker.kernels as k
+import flythinker.persona, flythinker.training.collator  # every subpackage ships
+from flythinker import FlyThinkerForCausalLM
 from flythinker.kernels import latent_fuse_cpp
 import torch
 ids = torch.tensor([[1, 2, 3]]); W = torch.randn(5, 8); L = torch.randn(1, 3, 6)
