@@ -66,8 +66,8 @@ def _cpp_loads(name: str) -> bool:
     load = getattr(cpp, "load", None)
     registered = getattr(cpp, "_registered", None)
     if callable(load) and callable(registered) and not registered() and os.environ.get("FLYTHINKER_NO_CPP") != "1":
-        print(f"flythinker: compiling the C++ CPU op of {name} (first use only, up to a minute)...", file=sys.stderr,
-              flush=True)
+        print(f"flythinker: loading the C++ CPU op of {name} (compiled on first use: up to a minute)...",
+              file=sys.stderr, flush=True)
     try:
         return bool(load()) if callable(load) else False
     except Exception:  # a failed build means the fallback is used; `info` reports, it does not fail

@@ -115,9 +115,11 @@ def table(rows: list[dict[str, Any]], first: str | None = None) -> str:
 
 
 def _flat_dict(v: Any) -> bool:
-    """A dict of scalars, or of dicts of scalars: one table row once flattened."""
-    return isinstance(v, dict) and bool(v) and all(
-        _is_scalar(x) or (isinstance(x, dict) and all(_is_scalar(y) for y in x.values())) for x in v.values())
+    """A dict of scalars (or of dicts of scalars): one table row once flattened. Long lists inside (e.g. sample
+    generations) do not count against it; they are left out of the table."""
+    return isinstance(v, dict) and bool(v) and any(_is_scalar(x) for x in v.values()) and all(
+        _is_scalar(x) or isinstance(x, list) or (isinstance(x, dict) and all(_is_scalar(y) for y in x.values()))
+        for x in v.values())
 
 
 def sections(data: dict, path: str = "") -> list[tuple[str, str, Any]]:
