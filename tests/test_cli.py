@@ -136,12 +136,14 @@ def test_info_reports_versions_backends_cache(capsys, tmp_path):
     assert rc == 0, err
     for word in ("torch", "triton", "transformers", "latent_fuse", "linear_cross_entropy", "sample", "cache"):
         assert word in out
-    rc, out, err = run(capsys, "info", "--json")
-    assert rc == 0, err
-    info = json.loads(out)
+    # A fresh process: in this one another test may already have loaded the C++ op. There FLYTHINKER_NO_CPP=1
+    # (set by the autouse fixture) disables it, so CPU tensors go to the PyTorch twin.
+    proc = subprocess.run([sys.executable, "-m", "flythinker.cli", "info", "--json"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
     assert info["cache_dir"] == str(tmp_path / "cache")
     assert set(info["backends"]) == {"latent_fuse", "linear_cross_entropy", "sample"}
-    # FLYTHINKER_NO_CPP=1: the C++ op is disabled, so CPU tensors go to the PyTorch twin
     assert info["backends"]["latent_fuse"]["cpu"] == "PyTorch"
     for per in info["backends"].values():
         assert set(per.values()) <= {"Triton", "C++", "PyTorch", "missing"}
