@@ -94,8 +94,6 @@ def test_per_process_batch_is_really_sharded(setup):
     assert max(abs(a - b) for a, b in zip(ref, other)) > 1e-3
 
 
-@pytest.mark.skipif(os.environ.get("FLYTHINKER_TEST_ACCELERATE") != "1",
-                    reason="another ~40-60 s of process start-up; set FLYTHINKER_TEST_ACCELERATE=1 to run it")
 def test_accelerate_launch_two_processes(setup):
     # On CPU, `accelerate launch --cpu` runs ONE process unless MPI is set up; `--multi_gpu` starts torch's
     # elastic launcher, and Trainer picks gloo since there is no CUDA device.
