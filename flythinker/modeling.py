@@ -28,7 +28,13 @@ from flythinker.alignment import (
     split_latents,
 )
 from flythinker.cache import FlyThinkerCache
-from flythinker.concurrency import InlineWorker, pipelined_shared_prefill, pipelined_split_prefill, worker_for
+from flythinker.concurrency import (
+    InlineWorker,
+    StreamWorker,
+    pipelined_shared_prefill,
+    pipelined_split_prefill,
+    worker_for,
+)
 from flythinker.configuration import FlyThinkerConfig, fusion_kwargs_check
 from flythinker.kernels import latent_fuse, vocab_mean_norm
 
@@ -162,14 +168,21 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         the reasoner launched on side streams (also when it lives on another device). See flythinker.concurrency."""
         return worker_for(self).run_pair(gen_fn, rsn_fn)
 
-    def _prefill_worker(self, T: int, use_cache: bool, labels: torch.Tensor | None, gen_kwargs: dict):
+    def _prefill_worker(self, B: int, T: int, use_cache: bool, labels: torch.Tensor | None, gen_kwargs: dict):
         """The worker for an overlapped prefill, or None for the plain sequential one (parallel="off", training,
-        no cache, a 1-token prompt, or extra generator outputs requested)."""
+        no cache, a 1-token prompt, or extra generator outputs requested; "auto" on CPU with one row)."""
         if (T < 2 or not use_cache or labels is not None or gen_kwargs or self.config.parallel == "off"
                 or (self.training and torch.is_grad_enabled())):
             return None
         worker = worker_for(self)
-        return None if isinstance(worker, InlineWorker) else worker
+        if isinstance(worker, InlineWorker):
+            return None
+        if self.config.parallel == "auto" and B == 1 and not isinstance(worker, StreamWorker):
+            # Prefill is compute-bound: on CPU, chunks at one thread per model lost to two threads per model run
+            # one after the other at batch 1 (SmolLM2 pair, 256 tokens: 1662 vs 1307 ms) and won at batch 4
+            # (5161 vs 6094 ms; benchmarks/results/decode.json). "threads" still forces the overlap.
+            return None
+        return worker
 
     # ------------------------------------------------------------------ fusion
     def _norm_target(self) -> str | float:
@@ -310,7 +323,7 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             if cache_for_step is not None:
                 cache_for_step.split = True
                 cache_for_step.extend_reasoner_mask(r_mask)
-            worker = self._prefill_worker(T, use_cache, labels, gen_kwargs)
+            worker = self._prefill_worker(B, T, use_cache, labels, gen_kwargs)
             if worker is not None and bool(local_mask[:, -1].all()):
                 # Only the last prompt position needs a latent: the rest of G's prompt overlaps R's prefill.
                 h, g_out = pipelined_split_prefill(self, worker, input_ids, attention_mask, position_ids,
@@ -353,7 +366,7 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
                 g_out, h = self._run_pair(
                     lambda: self._generator_forward(emb, attention_mask, position_ids, cache_for_step, use_cache,
                                                     **gen_kwargs), rsn_fn)
-            elif prefill and (worker := self._prefill_worker(T, use_cache, labels, gen_kwargs)) is not None:
+            elif prefill and (worker := self._prefill_worker(B, T, use_cache, labels, gen_kwargs)) is not None:
                 # Shared context: R on chunk k+1 while G consumes chunk k (DESIGN.md 1; flythinker.concurrency).
                 h, g_out = pipelined_shared_prefill(self, worker, input_ids, attention_mask, position_ids, src_mask,
                                                     prev, cache_for_step)
