@@ -189,28 +189,36 @@ def main() -> None:
     print(f"wrote {out.with_suffix('.json')} and .png")
 
 
-def _plot(report: dict, path: Path, timer: str) -> None:
+def plot_naive_vs_fused(cases: list[dict], names: list[str], panels: list[tuple[str, str, str]],
+                        labels: tuple[str, str], title: str, path: Path) -> None:
+    """Grouped bars naive vs fused per case, one panel per (value key, y label, ratio key); the ratio is printed
+    over the fused bar. Shared by bench_loss and bench_train_step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = report["cases"]
-    labels = [f"V={c['V']}" for c in cases]
     xs = range(len(cases))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, unit in ((axes[0], "peak_growth_mb", "peak memory growth (MiB)"), (axes[1], timer, f"{timer}")):
-        ax.bar([x - 0.2 for x in xs], [c["naive"][key] for c in cases], 0.4, label="logits + cross_entropy")
-        ax.bar([x + 0.2 for x in xs], [c["fused"][key] for c in cases], 0.4, label="linear_cross_entropy")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, unit, rkey) in zip(axes, panels):
+        ax.bar([x - 0.2 for x in xs], [c["naive"][key] for c in cases], 0.4, label=labels[0])
+        ax.bar([x + 0.2 for x in xs], [c["fused"][key] for c in cases], 0.4, label=labels[1])
         for x, c in zip(xs, cases):
-            ratio = c["mem_ratio"] if key == "peak_growth_mb" else c["time_ratio"]
-            ax.text(x + 0.2, c["fused"][key], f"{ratio:.2f}x", ha="center", va="bottom")
-        ax.set_xticks(list(xs), labels)
+            ax.text(x + 0.2, c["fused"][key], f"{c[rkey]:.2f}x", ha="center", va="bottom")
+        ax.set_xticks(list(xs), names)
         ax.set_ylabel(unit)
         ax.legend(fontsize=8)
-    fig.suptitle(f"fwd+bwd, N={cases[0]['N']}, H={cases[0]['H']}, {report['device']} {report['dtype']}")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def _plot(report: dict, path: Path, timer: str) -> None:
+    cases = report["cases"]
+    plot_naive_vs_fused(cases, [f"V={c['V']}" for c in cases],
+                        [("peak_growth_mb", "peak memory growth (MiB)", "mem_ratio"), (timer, timer, "time_ratio")],
+                        ("logits + cross_entropy", "linear_cross_entropy"),
+                        f"fwd+bwd, N={cases[0]['N']}, H={cases[0]['H']}, {report['device']} {report['dtype']}", path)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loss import _peak_bytes, _reset_peak, _rss_bytes  # noqa: E402
+from bench_loss import _peak_bytes, _reset_peak, _rss_bytes, plot_naive_vs_fused  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_MEM, TARGET_TIME = 0.5, 1.15
@@ -155,29 +155,13 @@ def main() -> None:
 
 
 def _plot(report: dict, path: Path, timer: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = report["cases"]
-    names = ["ckpt on" if c["gradient_checkpointing"] else "ckpt off" for c in cases]
-    xs = range(len(cases))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, unit, rkey in ((axes[0], "activation_mb", "activation memory (MiB)", "mem_ratio"),
-                                (axes[1], timer, f"step {timer}", "time_ratio")):
-        ax.bar([x - 0.2 for x in xs], [c["naive"][key] for c in cases], 0.4, label="naive (logits + CE)")
-        ax.bar([x + 0.2 for x in xs], [c["fused"][key] for c in cases], 0.4, label="fused linear CE")
-        for x, c in zip(xs, cases):
-            ax.text(x + 0.2, c["fused"][key], f"{c[rkey]:.2f}x", ha="center", va="bottom")
-        ax.set_xticks(list(xs), names)
-        ax.set_ylabel(unit)
-        ax.legend(fontsize=8)
-    cfg = report["config"]
-    fig.suptitle(f"train step, pair of {cfg['layers']}-layer SmolLM2-shaped Llamas, B={cfg['B']} T={cfg['T']} "
-                 f"V={cfg['V']}, {cfg['device']} {cfg['dtype']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    cases, cfg = report["cases"], report["config"]
+    plot_naive_vs_fused(cases, ["ckpt on" if c["gradient_checkpointing"] else "ckpt off" for c in cases],
+                        [("activation_mb", "activation memory (MiB)", "mem_ratio"),
+                         (timer, f"step {timer}", "time_ratio")],
+                        ("naive (logits + CE)", "fused linear CE"),
+                        f"train step, pair of {cfg['layers']}-layer SmolLM2-shaped Llamas, B={cfg['B']} T={cfg['T']} "
+                        f"V={cfg['V']}, {cfg['device']} {cfg['dtype']}", path)
 
 
 if __name__ == "__main__":
