@@ -5,7 +5,7 @@ and 4, prompt 256 tokens, 128 new tokens (eos disabled so every run makes all of
 
     (a) generator alone, `generator.generate`          (the baseline; default intra-op threads)
     (b) flythinker, parallel="off"   (sequential)      `pair.generate`
-    (c) flythinker, parallel="threads" (CPU) / "streams" (CUDA)   `pair.generate`
+    (c) flythinker, parallel="auto" (the default: threads on CPU, streams on CUDA)   `pair.generate`
     (d) the lean path, `flythinker.fast_generate`      (parallel as (c); `--compile`: compiled step on CUDA)
     (a1) = (a) with one intra-op thread (extra: two OpenMP threads collapse when other jobs share the cores)
 
@@ -267,10 +267,10 @@ def main(argv: list[str] | None = None) -> dict:
                "threads": torch.get_num_threads(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg(),
                "targets": TARGETS, "sections": {}}
     print(f"loadavg at start {os.getloadavg()}  (other jobs share these cores: ratios, not absolute times)")
-    results["sections"]["cpu"] = bench("cpu", batches, plen, new, reps, "threads", False)
+    results["sections"]["cpu"] = bench("cpu", batches, plen, new, reps, "auto", False)
     report("cpu", results["sections"]["cpu"])
     if torch.cuda.is_available():
-        results["sections"]["cuda"] = bench("cuda", batches, plen, new, reps, "streams", args.compile)
+        results["sections"]["cuda"] = bench("cuda", batches, plen, new, reps, "auto", args.compile)
         report("cuda", results["sections"]["cuda"])
     else:
         print("\n(cuda section skipped: no CUDA device)")

@@ -412,8 +412,7 @@ def _cat_outputs(outs: list[Any]) -> Any:
     if len(outs) == 1:
         return outs[0]
     hidden = torch.cat([o.last_hidden_state for o in outs], dim=1)
-    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=getattr(outs[-1], "past_key_values",
-                                                                                     None))
+    return BaseModelOutputWithPast(last_hidden_state=hidden, cache=getattr(outs[-1], "cache", None))
 
 
 def pipelined_shared_prefill(model: Any, worker: ReasonerWorker, input_ids: torch.Tensor,
