@@ -29,22 +29,7 @@ from transformers import StaticCache
 from flythinker.alignment import positions_from_mask
 from flythinker.cache import FlyThinkerCache
 from flythinker.concurrency import worker_for
-from flythinker.kernels import latent_fuse, sample
-
-
-def _fuse_one(model: Any, tok: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """`model._fuse(tok, zeros, None, prev)` for a decode step `[B, 1]` without the value checks' host sync."""
-    E = model.generator.get_input_embeddings()
-    cfg = model.config
-    proj = model.latent_proj.weight if model.latent_proj is not None else None
-    B = tok.shape[0]
-    emb = latent_fuse(tok, E.weight, prev.new_zeros(B, 1, prev.shape[-1]), None, lam=float(cfg.fusion_lambda),
-                      norm_target=model._norm_target(), projection=proj, prev_latent=prev,
-                      eps=float(cfg.latent_eps), detach_norm=cfg.detach_norm, check_inputs=False)
-    scale = getattr(E, "embed_scale", None)
-    if scale is not None:  # as FlyThinkerForCausalLM._fuse (Gemma-style scaled embeddings)
-        emb = E(tok) + (emb - E.weight[tok]) * scale
-    return emb
+from flythinker.kernels import sample
 
 
 def _eos_tensor(eos_token_id: int | list[int] | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -179,7 +164,7 @@ def fast_generate(
             break
         t = tok[:, None]  # [B, 1]
         gen_pos, rsn_pos = gen_pos + 1, rsn_pos + 1
-        emb = _fuse_one(model, t, pending)
+        emb = model._fuse(t, pending.new_zeros(t.shape[0], 1, pending.shape[-1]), None, pending, check_inputs=False)
         mask[:, P + s] = 1
         if split:
             r_mask[:, Q + s] = 1

@@ -199,14 +199,15 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         return self._vocab_mean[1]
 
     def _fuse(self, input_ids: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
-              prev: torch.Tensor | None) -> torch.Tensor:
-        """Generator input embeddings `[B, T, H_g]`: E[x_t] + lam * (latent of slot t-1, rescaled, projected)."""
+              prev: torch.Tensor | None, check_inputs: bool = True) -> torch.Tensor:
+        """Generator input embeddings `[B, T, H_g]`: E[x_t] + lam * (latent of slot t-1, rescaled, projected).
+        `check_inputs=False` skips latent_fuse's value checks (one host sync), for the lean decode loop."""
         E = self.generator.get_input_embeddings()
         cfg = self.config
         proj = self.latent_proj.weight if self.latent_proj is not None else None
         emb = latent_fuse(input_ids, E.weight, latent, mask, lam=float(cfg.fusion_lambda),
                           norm_target=self._norm_target(), projection=proj, prev_latent=prev,
-                          eps=float(cfg.latent_eps), detach_norm=cfg.detach_norm)
+                          eps=float(cfg.latent_eps), detach_norm=cfg.detach_norm, check_inputs=check_inputs)
         scale = getattr(E, "embed_scale", None)
         if scale is not None:
             # Scaled embedding modules (Gemma3): E(x) = scale * W[x]; scale the fused term like the embedding so the
