@@ -133,8 +133,7 @@ class FlyThinkerCache(Cache):
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
         n = -tokens_to_remove
-        if n == 0:
-            return
+        # no early return for n == 0: transformers calls crop(0) on purpose so sliding-window layers shrink back
         self.generator.crop(tokens_to_remove)
         self.reasoner.crop(tokens_to_remove)
         self._num_latents = max(self._num_latents - n, 0)

@@ -366,34 +366,41 @@ def make_worker(mode: str, generator_device: torch.device, reasoner_device: torc
     return ThreadWorker()
 
 
-# One worker per model, kept outside the module (a thread must not be deep-copied or pickled with the model) and
-# dropped with it.
-_WORKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_WORKERS_LOCK = threading.Lock()
+# One worker per (model, calling thread), kept outside the module (a thread must not be deep-copied or pickled with
+# the model). Per calling thread because a worker's job/result queues serve one caller at a time: two threads
+# generating with one model (a server) must not collect each other's latents. Thread-local storage drops a caller's
+# workers when that thread ends, and a WeakKeyDictionary drops them with the model; their finalizers stop the threads.
+_LOCAL = threading.local()
+
+
+def _workers() -> weakref.WeakKeyDictionary:
+    if not hasattr(_LOCAL, "workers"):
+        _LOCAL.workers = weakref.WeakKeyDictionary()
+    return _LOCAL.workers
 
 
 def worker_for(model: torch.nn.Module, mode: str | None = None) -> ReasonerWorker:
-    """The model's worker for its config's `parallel` (or `mode`), created on first use and re-created when the mode
-    or the devices change."""
+    """This thread's worker for the model's `parallel` (or `mode`), created on first use and re-created when the
+    mode or the devices change."""
     mode = model.config.parallel if mode is None else mode
     gdev = model.generator.get_input_embeddings().weight.device
     rdev = model.reasoner.get_input_embeddings().weight.device
     key = (resolve_mode(mode, gdev, rdev), str(gdev), str(rdev))
-    with _WORKERS_LOCK:
-        entry = _WORKERS.get(model)
-        if entry is not None and entry[0] == key and entry[1].alive:
-            return entry[1]
-        if entry is not None:
-            entry[1].close()
-        worker = make_worker(mode, gdev, rdev)
-        _WORKERS[model] = (key, worker)
-        return worker
+    workers = _workers()
+    entry = workers.get(model)
+    if entry is not None and entry[0] == key and entry[1].alive:
+        return entry[1]
+    if entry is not None:
+        entry[1].close()
+    worker = make_worker(mode, gdev, rdev)
+    workers[model] = (key, worker)
+    return worker
 
 
 def shutdown(model: torch.nn.Module) -> None:
-    """Stop the model's worker thread now (it also stops when the model is garbage-collected)."""
-    with _WORKERS_LOCK:
-        entry = _WORKERS.pop(model, None)
+    """Stop this thread's worker of the model now (it also stops when the model is garbage-collected or the calling
+    thread ends)."""
+    entry = _workers().pop(model, None)
     if entry is not None:
         entry[1].close()
 

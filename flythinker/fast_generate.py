@@ -94,6 +94,9 @@ def fast_generate(
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("fast_generate needs left-padded prompts: a row's last prompt position is padding "
+                             "(the first new token would be predicted from a pad slot)")
         mask[:, :P] = attention_mask
     split = reasoner_input_ids is not None
     if split:
@@ -118,7 +121,8 @@ def fast_generate(
     logits = out.logits[:, -1].float()  # [B, V]
     pending = cache.pending  # [B, H_r], already masked
     gen_pos = positions_from_mask(mask[:, :P])[:, -1:]  # [B, 1]
-    rsn_pos = positions_from_mask(r_mask[:, :Q])[:, -1:] if split else gen_pos
+    # the reasoner's prompt may be right-padded: its next position follows its last real token
+    rsn_pos = (r_mask[:, :Q].sum(1, keepdim=True) - 1) if split else gen_pos
 
     def pick(scores: torch.Tensor) -> torch.Tensor:
         if not do_sample:

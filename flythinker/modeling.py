@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from flythinker.alignment import (
+    last_real_index,
     positions_from_mask,
     response_start,
     response_targets,
@@ -338,7 +339,10 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
                 emb = self._fuse(input_ids, latent, lmask, prev)
                 g_out = self._generator_forward(emb, attention_mask, position_ids, cache_for_step, use_cache,
                                                 **gen_kwargs)
-            new_latents = h[:, -1:] * r_mask[:, -1:, None].to(h.dtype)
+            # pending latent: the reasoner's last *real* prompt position (its prompt may be right-padded)
+            last = last_real_index(r_mask)  # [B], -1 for an all-pad row
+            new_latents = (h[torch.arange(B, device=h.device), last.clamp_min(0)]
+                           * (last >= 0)[:, None].to(h.dtype))[:, None]  # [B, 1, H_r]
         else:
             if split:  # decode chunk in split context: the reasoner's own mask/positions live in the cache
                 r_mask = cache.extend_reasoner_mask(local_mask)
@@ -363,7 +367,9 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             if not prefill and T == 1:
                 # Decode step: position 0 only needs the pending latent, so fuse first and run both halves.
                 H_r = self.config.reasoner.hidden_size
-                emb = self._fuse(input_ids, prev.new_zeros(B, 1, H_r), None, prev)
+                # value checks cost a host sync per step on CUDA (it would stall the overlap): CPU only there
+                emb = self._fuse(input_ids, prev.new_zeros(B, 1, H_r), None, prev,
+                                 check_inputs=input_ids.device.type == "cpu")
                 g_out, h = self._run_pair(
                     lambda: self._generator_forward(emb, attention_mask, position_ids, cache_for_step, use_cache,
                                                     **gen_kwargs), rsn_fn)
@@ -399,8 +405,6 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     def _split_fused_count(gen_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Split context, training: fused generator positions per row = from the one before the first labelled
         position to the last real one (at least 1: the last prompt position)."""
-        from flythinker.alignment import last_real_index
-
         n = last_real_index(gen_mask) - response_start(labels.to(gen_mask.device)) + 2
         return n.clamp_min(1)
 

@@ -17,7 +17,8 @@ def vocab_mean_norm(weight: torch.Tensor) -> torch.Tensor:
     """Mean L2 norm of the rows of `weight` [V, H]: a 0-dim fp32 (fp64 for fp64 tables) constant, no gradient."""
     with torch.no_grad():
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        return torch.linalg.vector_norm(weight.detach().to(acc), dim=-1).mean()
+        # dtype= reduces in `acc` without materialising an fp32 copy of a half-precision table
+        return torch.linalg.vector_norm(weight.detach(), dim=-1, dtype=acc).mean()
 
 
 def latent_fuse_naive(

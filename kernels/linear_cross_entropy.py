@@ -312,5 +312,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         labels = labels.contiguous()
         scale = scale.reshape(1)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(N, V, H)
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        # evaluation: ctx.needs_input_grad stays True under no_grad, so decide here and skip the gradient matmuls
+        return _fused_forward(hidden, weight, labels, scale, ignore_index, chunk,
+                              None if softcap is None else float(softcap), False, False, use_triton)[0]
     return LinearCrossEntropyFunction.apply(hidden, weight, labels, scale, ignore_index, chunk,
                                             None if softcap is None else float(softcap), use_triton)

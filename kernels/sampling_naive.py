@@ -60,7 +60,8 @@ def _row_param(value: Param, name: str, B: int, device, dtype) -> tuple[torch.Te
             raise ValueError(f"{name} must be a scalar or a tensor of shape [B]={B}, got {tuple(value.shape)}")
         if dtype == torch.int64 and value.is_floating_point():
             raise ValueError(f"{name} must hold integers, got dtype {value.dtype}")
-        return value.to(device=device, dtype=dtype), None
+        # contiguous: the Triton kernel reads row r at ptr + r (a 0-dim value expanded above has stride 0)
+        return value.to(device=device, dtype=dtype).contiguous(), None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number or a tensor of shape [B], got {type(value).__name__}")
     if dtype == torch.int64 and not float(value).is_integer():

@@ -226,3 +226,32 @@ def test_worker_shutdown_clean():
             break
         threading.Event().wait(0.05)
     assert _workers_alive() == before
+
+
+def test_two_caller_threads_share_one_model():
+    """Two threads generating with one model at once (a server): each caller gets its own worker, so neither
+    collects the other's latents; both equal the sequential result."""
+    model = tiny_pair(parallel="threads")
+    jobs = [_inputs(b, split) for b, split in ((1, False), (4, True))]
+    want = [_gen(model, "off", *job) for job in jobs]
+    model.config.parallel = "threads"
+    got: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            for _ in range(3):
+                ids, mask, kw = jobs[i]
+                got[i] = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw)
+                assert torch.equal(got[i], want[i])
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+
+    callers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert set(got) == {0, 1}
+    cc.shutdown(model)

@@ -254,3 +254,17 @@ def test_bad_dtypes_and_labels():
         linear_cross_entropy(h, w, torch.tensor([0, 1, 10, -100]))
     with pytest.raises(ValueError, match="out of range"):
         linear_cross_entropy(h, w, torch.tensor([0, -1, 2, 3]))
+
+
+def test_no_grad_skips_gradient_work_and_matches():
+    """Under no_grad (evaluation) the loss is the same and no gradient buffers are built (the autograd Function,
+    whose needs_input_grad stays True under no_grad, is bypassed)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 24, requires_grad=True)
+    weight = torch.randn(101, 24, requires_grad=True)
+    labels = torch.randint(0, 101, (37,))
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, labels, chunk_size=8)
+    assert got.grad_fn is None
+    want = linear_cross_entropy_naive(hidden.detach(), weight.detach(), labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -158,3 +158,26 @@ def test_fuse_prompt_false_generate_agrees_with_labels_rule():
     torch.testing.assert_close(logits[:, :5], m.generator(out).logits[:, :5], atol=1e-5, rtol=1e-5)
     assert (logits[:, 5] - m.generator(out).logits[:, 5]).abs().max() > 1e-3
     assert not torch.equal(out, full.generate(ids, **kw))
+
+
+@torch.no_grad()
+def test_split_generate_right_padded_reasoner_prompt_equals_unpadded(model):
+    """A right-padded reasoner prompt: the pending latent comes from its last *real* position, so the first
+    response token is still fused and generation equals the unpadded prompt (also through fast_generate)."""
+    from flythinker import fast_generate
+
+    g, r, _ = rows(4)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=EOS, eos_token_id=None)
+    want = model.generate(g[0][None], reasoner_input_ids=r[0][None], **kw)
+    R_ids = torch.cat([r[0], torch.full((3,), EOS)])[None]
+    R_mask = torch.cat([torch.ones(len(r[0]), dtype=torch.long), torch.zeros(3, dtype=torch.long)])[None]
+    got = model.generate(g[0][None], reasoner_input_ids=R_ids, reasoner_attention_mask=R_mask, **kw)
+    assert torch.equal(got, want)
+    fast = fast_generate(model, g[0][None], max_new_tokens=6, reasoner_input_ids=R_ids,
+                         reasoner_attention_mask=R_mask, eos_token_id=None, pad_token_id=EOS)
+    assert torch.equal(fast, want)
+    with pytest.raises(ValueError, match="left-padded"):
+        G_mask = torch.ones(1, len(g[0]) + 1, dtype=torch.long)
+        G_mask[0, -1] = 0
+        fast_generate(model, torch.cat([g[0], torch.tensor([EOS])])[None], attention_mask=G_mask,
+                      max_new_tokens=2, reasoner_input_ids=r[0][None])

@@ -352,3 +352,16 @@ def test_triton_kernel_compiles_for_sm90():
     if "ptxas" in r.stderr and "not found" in r.stderr:
         pytest.skip("no ptxas")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "naive"])
+def test_per_row_params_from_0dim_and_strided_tensors(backend):
+    """A 0-dim tensor (expanded to stride 0) or a strided [B] view as a per-row parameter: every path reads row r's
+    own value (the Triton kernel indexes ptr + r, so the dispatcher must hand it a contiguous tensor)."""
+    torch.manual_seed(3)
+    logits = torch.randn(8, 50)
+    greedy = logits.argmax(-1)
+    zero_0dim = torch.zeros(4)[0]  # a 0-dim view into a bigger storage
+    assert torch.equal(sample(logits, temperature=zero_0dim, backend=backend), greedy)
+    temps = torch.stack([torch.zeros(8), torch.ones(8)], dim=1)[:, 0]  # [8] zeros with stride 2
+    assert torch.equal(sample(logits, temperature=temps, backend=backend), greedy)
