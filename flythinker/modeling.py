@@ -90,7 +90,7 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         Model objects are used as they are (not copied). `reasoner_device` places the reasoner on another device.
         """
         fusion_kwargs_check(fusion)
-        load_kw: dict[str, Any] = {}
+        load_kw: dict[str, Any] = {"use_safetensors": True}  # never unpickle a checkpoint
         if dtype is not None:
             load_kw["dtype"] = dtype
         if isinstance(attn_implementation, str):
@@ -126,6 +126,15 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         if reasoner_device is not None:
             model.reasoner.to(reasoner_device)
         return model
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> FlyThinkerForCausalLM:
+        """`PreTrainedModel.from_pretrained`, safetensors only: flythinker never unpickles a checkpoint (a folder
+        with only `pytorch_model.bin` is refused)."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.generator.get_input_embeddings()

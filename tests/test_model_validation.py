@@ -110,3 +110,20 @@ def test_cache_without_latent_and_use_cache_false():
     fresh = FlyThinkerCache(generator_config=m.config.generator, reasoner_config=m.config.reasoner)
     out = m(ids, cache=fresh, use_cache=False)
     assert out.cache is None and fresh.get_seq_length() == 0 and fresh.pending is None
+
+
+def test_loading_never_unpickles(tmp_path):
+    """A checkpoint folder holding only a pickled `pytorch_model.bin` is refused, by from_pretrained and from_pair."""
+    model = tiny_pair()
+    model.save_pretrained(tmp_path / "ok")
+    assert FlyThinkerForCausalLM.from_pretrained(tmp_path / "ok").config.fusion_lambda == model.config.fusion_lambda
+    for name, sub in (("pair", model), ("gen", model.generator)):
+        folder = tmp_path / name
+        sub.config.save_pretrained(folder)
+        torch.save(sub.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises((OSError, ValueError)):
+        FlyThinkerForCausalLM.from_pretrained(tmp_path / "pair")
+    with pytest.raises(ValueError, match="safetensors"):
+        FlyThinkerForCausalLM.from_pretrained(tmp_path / "ok", use_safetensors=False)
+    with pytest.raises((OSError, ValueError)):
+        FlyThinkerForCausalLM.from_pair(str(tmp_path / "gen"), str(tmp_path / "gen"))

@@ -135,7 +135,10 @@ def _load_pair(args):
         model = FlyThinkerForCausalLM.from_pretrained(folder)
         for k, v in fusion.items():
             setattr(model.config, k, v)
-        model.config.check_fusion()
+        try:
+            model.config.check_fusion()
+        except ValueError as e:
+            raise UserError(str(e)) from None
         return model, AutoTokenizer.from_pretrained(folder)
     if not (args.generator and args.reasoner):
         raise UserError("need --generator and --reasoner (or --model with a flythinker checkpoint)")

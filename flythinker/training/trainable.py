@@ -191,6 +191,9 @@ def load_lora_adapters(model: nn.Module, path: str | os.PathLike, *, is_trainabl
     folders = {p: root / p for p in ("generator", "reasoner") if (root / p / "adapter_config.json").is_file()}
     if not folders:
         raise ValueError(f"no LoRA adapters (generator/ or reasoner/ with adapter_config.json) under {path}")
+    for folder in folders.values():
+        if not (folder / "adapter_model.safetensors").is_file():  # peft would fall back to an unpickled .bin
+            raise ValueError(f"no adapter_model.safetensors in {folder} (flythinker loads safetensors only)")
     wrappers = dict(getattr(model, _LORA_ATTR, {}))
     for part, folder in folders.items():
         sub = getattr(model, part)
