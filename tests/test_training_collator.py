@@ -114,3 +114,30 @@ def test_bad_config_errors():
         FlyThinkerCollator(pad_token_id=0, eos_token_id=2)([([1.5], [2])])
     with pytest.raises(TypeError):
         FlyThinkerCollator(pad_token_id=0, eos_token_id=2)([42])
+
+
+def test_persona_views_fit_the_caps_without_losing_the_chat_header(tmp_path):
+    """`max_length` caps prompt + response: persona views get the budget the response leaves, so history is dropped
+    from the oldest end and every example still starts with the chat template's header (the collator never has
+    to cut it off)."""
+    from flythinker.persona import save_records
+    from flythinker.persona.empathy_dataset import make_persona_empathy
+    from flythinker.persona.wordlevel import word_tokenizer
+    from flythinker.training.data import load_examples
+
+    recs = make_persona_empathy(n_users=12, queries_per_user=2, seed=0)["train"][:6]
+    save_records(recs, tmp_path / "p.jsonl")
+    texts = [t.text for r in recs for t in r.history] + [r.query.text for r in recs] + [r.response for r in recs]
+    tok = word_tokenizer(texts)
+    full, kind = load_examples(tmp_path / "p.jsonl", tokenizer=tok, context="split")
+    assert kind == "views"
+    cap_g, cap_r = 120, 200
+    capped, _ = load_examples(tmp_path / "p.jsonl", tokenizer=tok, context="split", max_generator_tokens=cap_g,
+                              max_reasoner_tokens=cap_r)
+    assert any(len(f["reasoner_prompt"]) + len(f["response"]) > cap_r for f in full)  # the cap really bites
+    for f, c in zip(full, capped):
+        assert c["response"] == f["response"]
+        assert len(c["reasoner_prompt"]) + len(c["response"]) <= cap_r
+        assert len(c["generator_prompt"]) + len(c["response"]) <= cap_g
+        head = f["reasoner_prompt"][:5]
+        assert c["reasoner_prompt"][:5] == head  # the header survives

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +141,24 @@ def _persona_examples(path, tokenizer, context, max_reasoner_tokens, max_generat
     except ValueError as e:  # RecordError and format detection are ValueErrors with a clear message
         raise DataError(f"{path}: not prompt/response pairs ({sorted(PAIR_KEYS[0])} or "
                         f"{sorted(PAIR_KEYS[1])}) and not persona records: {e}") from None
-    examples = []
+    def prompt_budget(cap: int | None, n_response: int) -> int | None:
+        return None if cap is None else max(cap - n_response, 1)
+
+    examples, skipped = [], 0
     for rec in records:
         if rec.response is None:
-            continue  # reference-free records (PersonaEmp style) have nothing to train on
+            skipped += 1  # reference-free records (PersonaEmp style) have nothing to train on
+            continue
         try:
-            v = build_views(rec, tokenizer, mode=context, max_reasoner_tokens=max_reasoner_tokens,
-                            max_generator_tokens=max_generator_tokens, warn=False)
+            v = build_views(rec, tokenizer, mode=context, warn=False)
+            if max_reasoner_tokens is not None or max_generator_tokens is not None:
+                # The caps bound prompt + response (the collator cuts anything longer from the left, which would
+                # cut the chat header off): give the views what the response leaves, so history is dropped from
+                # the oldest end instead.
+                n = len(v.response_ids)
+                v = build_views(rec, tokenizer, mode=context, warn=False,
+                                max_reasoner_tokens=prompt_budget(max_reasoner_tokens, n),
+                                max_generator_tokens=prompt_budget(max_generator_tokens, n))
         except ValueError as e:
             raise DataError(f"{path}: record {rec.record_id!r}: {e}") from None
         if context == "split":
@@ -156,4 +168,7 @@ def _persona_examples(path, tokenizer, context, max_reasoner_tokens, max_generat
             examples.append({"prompt": v.generator_prompt_ids, "response": v.response_ids})
     if not examples:
         raise DataError(f"{path}: {len(records)} persona records but none has a reference response to train on")
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} of {len(records)} persona records without a reference response",
+                      stacklevel=3)
     return examples
