@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from flythinker.configuration import IGNORE_INDEX
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def last_real_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_start(labels: torch.Tensor) -> torch.Tensor:
-    """Index `[B]` of the first labelled position (label != -100) of each row; T for a row without labels."""
+    """Index `[B]` of the first labelled position (label != IGNORE_INDEX) of each row; T for a row without labels."""
     T = labels.shape[1]
     idx = torch.arange(T, device=labels.device).expand_as(labels)
     return torch.where(labels != IGNORE_INDEX, idx, torch.full_like(idx, T)).amin(dim=1)

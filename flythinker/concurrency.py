@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-PARALLEL_MODES = ("auto", "off", "threads", "streams")
+from flythinker.configuration import PARALLEL_MODES
 
 
 def available_cores() -> int:

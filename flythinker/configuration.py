@@ -20,6 +20,8 @@ PROJECTIONS = ("pad", "linear")
 PARALLEL_MODES = ("auto", "off", "threads", "streams")
 LOSS_IMPLS = ("fused", "naive")
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Label of a position that is not trained on (prompt, padding): PyTorch's cross_entropy default, also HF's.
+IGNORE_INDEX = -100
 
 
 class FlyThinkerConfig(PreTrainedConfig):
@@ -34,7 +36,7 @@ class FlyThinkerConfig(PreTrainedConfig):
         detach_norm: treat the latent norms as constants in backward (authors' choice).
         fuse_prompt: shared context only. True (paper): fuse at every position. False: fuse only on the
             response side, i.e. the generator's last prompt position and every later one. "Response" is defined
-            by `labels` in training (first position whose label is not -100) and, without labels, by the cache:
+            by `labels` in training (first position whose label is not IGNORE_INDEX) and, without labels, by the cache:
             in a forward on an empty cache (prefill) only the last position is fused, decode steps always are.
         parallel: `"auto" | "off" | "threads" | "streams"`: how a decode step runs the two models.
         loss_impl: `"fused"` (memory-lean linear + cross-entropy, no logits materialised when labels are given)
@@ -125,4 +127,4 @@ def _unknown_option(key: str) -> ValueError:
     return ValueError(f"unknown FlyThinker option {key!r}{hint}; known: {list(FUSION_FIELDS)}")
 
 
-__all__ = ["FlyThinkerConfig"]
+__all__ = ["FlyThinkerConfig", "IGNORE_INDEX", "LOSS_IMPLS", "NORM_TARGETS", "PARALLEL_MODES", "PROJECTIONS"]

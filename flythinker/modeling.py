@@ -36,7 +36,7 @@ from flythinker.concurrency import (
     pipelined_split_prefill,
     worker_for,
 )
-from flythinker.configuration import FlyThinkerConfig, fusion_kwargs_check
+from flythinker.configuration import IGNORE_INDEX, FlyThinkerConfig, fusion_kwargs_check
 from flythinker.kernels import latent_fuse, vocab_mean_norm
 
 
@@ -241,7 +241,7 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
                  num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         """Causal LM loss of the generator on `hidden [B, T, H_g]` and unshifted `labels [B, T]` (shift inside,
-        ignore_index -100): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation); an
+        ignore_index IGNORE_INDEX): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation); an
         all-ignored batch gives 0, not NaN. config.loss_impl "fused": `linear_cross_entropy` on the final hidden
         states and the LM head weight, never materialising the [B, T, V] logits; "naive": logits + cross_entropy.
         """
@@ -249,20 +249,20 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
 
         B, T, H = hidden.shape
-        # shift by padding: position t predicts labels[t + 1], the last position gets -100. `hidden` stays a
+        # shift by padding: position t predicts labels[t + 1], the last position gets IGNORE_INDEX. `hidden` stays a
         # free [B*T, H] view (slicing hidden[:, :-1] would copy it) and the ignored row costs one row of work.
-        shift_labels = F.pad(labels.to(hidden.device), (0, 1), value=-100)[:, 1:].reshape(-1)  # [B*T]
+        shift_labels = F.pad(labels.to(hidden.device), (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # [B*T]
         head = self.generator.get_output_embeddings()
         cap = getattr(self.config.generator, "final_logit_softcapping", None)
         # the fused op needs a plain bias-free Linear head; anything else (a peft LoRA-wrapped head, a bias)
         # falls back to the logits path so that its own forward runs
         plain_head = isinstance(head, nn.Linear) and head.bias is None and type(head).forward is nn.Linear.forward
         if self.config.loss_impl == "fused" and plain_head:
-            return linear_cross_entropy(hidden.reshape(B * T, H), head.weight, shift_labels, ignore_index=-100,
+            return linear_cross_entropy(hidden.reshape(B * T, H), head.weight, shift_labels, ignore_index=IGNORE_INDEX,
                                         num_items_in_batch=num_items_in_batch, softcap=cap)
         logits = self._logits(hidden).float()  # [B, T, V]
-        loss = F.cross_entropy(logits.reshape(B * T, -1), shift_labels, ignore_index=-100, reduction="sum")
-        return loss / loss_denominator(shift_labels, -100, num_items_in_batch)
+        loss = F.cross_entropy(logits.reshape(B * T, -1), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss / loss_denominator(shift_labels, IGNORE_INDEX, num_items_in_batch)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -285,8 +285,8 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         """Fused forward.
 
         input_ids `[B, T]` (new tokens when `cache` holds a prefix), attention_mask `[B, past + T]` (2-D),
-        labels `[B, T]` (unshifted, -100 = ignore). Split context: `reasoner_input_ids [B, Q]` (and its mask) give
-        the reasoner its own prompt; read only on an empty cache (later, both models consume the same new tokens),
+        labels `[B, T]` (unshifted, IGNORE_INDEX = ignore). Split context: `reasoner_input_ids [B, Q]` (and its mask)
+        give the reasoner its own prompt; read only on an empty cache (later, both models consume the same new tokens),
         and with labels the response is the part from the first labelled position on (DESIGN.md 2).
         `past_key_values` is an alias of `cache` (transformers 5.x renamed it).
         """

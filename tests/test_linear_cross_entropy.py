@@ -9,6 +9,8 @@ import torch
 from flythinker.kernels import linear_cross_entropy, linear_cross_entropy_naive
 from flythinker.kernels.linear_cross_entropy import default_chunk_size
 
+from flythinker.configuration import IGNORE_INDEX
+
 # (N, H, V): odd sizes, H and V not powers of two, N not a multiple of the chunk sizes used
 SHAPES = [(47, 31, 123), (64, 32, 256), (5, 7, 11)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -30,7 +32,7 @@ def make_inputs(N, H, V, dtype=torch.float32, ignore_every=4, seed=0):
     weight = (torch.randn(V, H, generator=g) * H**-0.5).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
     if ignore_every:
-        labels[::ignore_every] = -100
+        labels[::ignore_every] = IGNORE_INDEX
     return hidden, weight, labels
 
 
@@ -70,7 +72,7 @@ def test_triton_kernel_matches_torch_path(kw, dtype):
     """The Triton kernel (interpreter) equals the chunked PyTorch path: same chunking, same semantics."""
     hidden, weight, labels = make_inputs(23, 31, 123, dtype)
     if "ignore_index" in kw:
-        labels[labels == -100] = 3
+        labels[labels == IGNORE_INDEX] = 3
     tri = loss_and_grads(linear_cross_entropy, hidden, weight, labels, impl="triton", chunk_size=10, **kw)
     ref = loss_and_grads(linear_cross_entropy, hidden, weight, labels, impl="torch", chunk_size=10, **kw)
     tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: dlogits rounded to fp16 on both paths
@@ -108,7 +110,7 @@ def test_softcap_matches_naive(softcap):
 @pytest.mark.parametrize("impl", ["torch", "triton", "naive"])
 def test_all_ignored_gives_zero_loss_and_grads(impl):
     hidden, weight, labels = make_inputs(12, 8, 20)
-    labels[:] = -100
+    labels[:] = IGNORE_INDEX
     loss, gh, gw = loss_and_grads(linear_cross_entropy, hidden, weight, labels, impl=impl, chunk_size=5)
     assert loss.item() == 0.0 and torch.isfinite(loss)
     assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
@@ -117,8 +119,8 @@ def test_all_ignored_gives_zero_loss_and_grads(impl):
 def test_ignored_rows_get_zero_grad_and_do_not_count():
     hidden, weight, labels = make_inputs(20, 16, 50, ignore_every=3)
     loss, gh, _ = loss_and_grads(linear_cross_entropy, hidden, weight, labels, impl="torch", chunk_size=7)
-    assert torch.count_nonzero(gh[labels == -100]) == 0
-    keep = labels != -100
+    assert torch.count_nonzero(gh[labels == IGNORE_INDEX]) == 0
+    keep = labels != IGNORE_INDEX
     sub = linear_cross_entropy(hidden[keep], weight, labels[keep], impl="torch")
     assert_rel(loss, sub, 1e-6, "mean over valid rows only")
 
@@ -128,7 +130,7 @@ def test_num_items_in_batch_gradient_accumulation(as_tensor):
     """Two micro-batches divided by the global count sum to the loss/grads of the whole batch."""
     hidden, weight, labels = make_inputs(40, 16, 50, ignore_every=3)
     full = loss_and_grads(linear_cross_entropy_naive, hidden, weight, labels)
-    n_items = int((labels != -100).sum())
+    n_items = int((labels != IGNORE_INDEX).sum())
     n_items = torch.tensor(n_items) if as_tensor else n_items
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
@@ -251,7 +253,7 @@ def test_bad_dtypes_and_labels():
     with pytest.raises(TypeError, match="dtypes differ"):
         linear_cross_entropy(h, w.double(), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="out of range"):
-        linear_cross_entropy(h, w, torch.tensor([0, 1, 10, -100]))
+        linear_cross_entropy(h, w, torch.tensor([0, 1, 10, IGNORE_INDEX]))
     with pytest.raises(ValueError, match="out of range"):
         linear_cross_entropy(h, w, torch.tensor([0, -1, 2, 3]))
 

@@ -18,6 +18,7 @@ from model_helpers import (
 from transformers import AutoModelForCausalLM
 
 from flythinker import FlyThinkerCache, FlyThinkerConfig, FlyThinkerForCausalLM
+from flythinker.configuration import IGNORE_INDEX
 
 
 def reference_logits(model: FlyThinkerForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None = None):
@@ -153,12 +154,12 @@ def test_labels_loss_matches_manual_cross_entropy():
     model = tiny_pair(fusion_lambda=0.5, loss_impl="naive")
     ids = random_ids(2, 8, seed=7)
     labels = ids.clone()
-    labels[:, :3] = -100
+    labels[:, :3] = IGNORE_INDEX
     out = model(ids, labels=labels)
     logits = reference_logits(model, ids)
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
-    n = (labels[:, 1:] != -100).sum()
+    n = (labels[:, 1:] != IGNORE_INDEX).sum()
     out2 = model(ids, labels=labels, num_items_in_batch=2 * n)
     torch.testing.assert_close(out2.loss, ref / 2, atol=1e-5, rtol=1e-5)
     out.loss.backward()

@@ -9,6 +9,7 @@ from model_helpers import PAD, VOCAB, random_ids, tiny_lm, tiny_pair
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from flythinker import FlyThinkerForCausalLM
+from flythinker.configuration import IGNORE_INDEX
 
 
 def assert_rel(actual, expected, tol, what=""):
@@ -50,8 +51,8 @@ def batch_with_prompt(B=2, T=11, prompt=4, seed=0):
     mask[1, :2] = 0  # left padding in row 1
     ids[1, :2] = PAD
     labels = ids.clone()
-    labels[:, :prompt] = -100
-    labels[mask == 0] = -100
+    labels[:, :prompt] = IGNORE_INDEX
+    labels[mask == 0] = IGNORE_INDEX
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -67,7 +68,7 @@ def test_shared_context_all_gradients_match(fuse_prompt):
 def test_num_items_in_batch_tensor_and_int():
     model = tiny_pair(seed=1).train()
     batch = batch_with_prompt(seed=3)
-    n_valid = int((batch["labels"][:, 1:] != -100).sum())
+    n_valid = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     for n_items in (n_valid * 3, torch.tensor(n_valid * 3)):
         loss, _ = check_fused_equals_naive(model, num_items_in_batch=n_items, **batch)
         mean_loss = loss_and_grads(model, "fused", **batch)[0].loss
@@ -91,7 +92,7 @@ def test_untied_head_frozen_parts_and_all_ignored():
     check_fused_equals_naive(model, **batch)
     model.generator.get_output_embeddings().weight.requires_grad_(False)  # frozen LM head
     check_fused_equals_naive(model, **batch)
-    batch["labels"][:] = -100
+    batch["labels"][:] = IGNORE_INDEX
     model.config.loss_impl = "fused"
     model.zero_grad(set_to_none=True)
     out = model(**batch)

@@ -14,6 +14,8 @@ from model_helpers import (
     tiny_pair,
 )
 
+from flythinker.configuration import IGNORE_INDEX
+
 LAM = 0.9
 
 
@@ -52,7 +54,7 @@ def test_split_forward_with_labels_matches_reference_left_padded(model):
     g, r, y = rows(0)
     G_ids, G_mask = left_pad([torch.cat([a, b]) for a, b in zip(g, y)], EOS)  # pad = EOS: non-zero embedding
     R_ids, R_mask = left_pad([torch.cat([a, b]) for a, b in zip(r, y)], EOS)
-    labels = torch.full_like(G_ids, -100)
+    labels = torch.full_like(G_ids, IGNORE_INDEX)
     for i in range(2):
         labels[i, -len(y[i]):] = y[i]
     out = model(G_ids, attention_mask=G_mask, labels=labels, reasoner_input_ids=R_ids,
@@ -76,7 +78,7 @@ def test_split_forward_logits_right_padded_training_batch():
     G_ids = torch.full((2, Tg), EOS)
     R_ids = torch.full((2, Tr), EOS)
     G_mask, R_mask = torch.zeros_like(G_ids), torch.zeros_like(R_ids)
-    labels = torch.full_like(G_ids, -100)
+    labels = torch.full_like(G_ids, IGNORE_INDEX)
     for i in range(2):
         a, b = torch.cat([g[i], y[i]]), torch.cat([r[i], y[i]])
         G_ids[i, : len(a)], G_mask[i, : len(a)] = a, 1
@@ -151,7 +153,7 @@ def test_fuse_prompt_false_generate_agrees_with_labels_rule():
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     out = m.generate(ids, **kw)
     labels = out.clone()
-    labels[:, :6] = -100
+    labels[:, :6] = IGNORE_INDEX
     logits = m(out, labels=labels, use_cache=False).logits
     assert torch.equal(logits[:, 5:-1].argmax(-1), out[:, 6:])
     # prompt positions before the last one are not fused: they equal the plain generator
