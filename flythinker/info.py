@@ -95,7 +95,7 @@ def collect() -> dict[str, Any]:
     import torch
 
     from flythinker import __version__
-    from flythinker.models import KNOWN_MODELS, cache_dir
+    from flythinker.hub import KNOWN_MODELS, cache_dir
 
     devices = ["cpu"]
     gpus = []

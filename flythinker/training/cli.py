@@ -117,7 +117,7 @@ def _load_pair(args):
     from transformers import AutoConfig, AutoTokenizer
 
     from flythinker.modeling import FlyThinkerForCausalLM
-    from flythinker.models import ModelNotFoundError, resolve
+    from flythinker.hub import ModelNotFoundError, resolve
 
     fusion = {k: v for k, v in (("fusion_lambda", args.fusion_lambda), ("norm_target", _norm_target(args.norm_target)),
                                 ("projection", args.projection), ("loss_impl", args.loss_impl)) if v is not None}
