@@ -143,7 +143,7 @@ def evaluate(model, rows: list[dict], feats: list[dict], collate, tok, args) -> 
     acc = strategy_accuracy(texts, [r.persona.traits for r in recs])
     return {**acc, "rouge_l": mean_rouge_l(texts, [r.response for r in recs]), "nll": nll_sum / n_tok,
             "samples": [{"record_id": r.record_id, "traits": r.persona.traits, "output": t}
-                        for r, t in zip(recs[:6], texts[:6])]}
+                        for r, t in zip(recs[:6], texts[:6], strict=True)]}
 
 
 def run_variant(name: str, tok, examples, args, fusion: dict) -> dict:
@@ -168,11 +168,11 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(results["variants"])
     v = results["variants"]
-    palette = dict(zip(VARIANTS, ["#999999", "#555555", "#1f77b4", "#2ca02c", "#d62728"]))
+    palette = dict(zip(VARIANTS, ["#999999", "#555555", "#1f77b4", "#2ca02c", "#d62728"], strict=True))
     panels = (("strategy_accuracy", "strategy accuracy (0.5 = trait-blind)"), ("rouge_l", "ROUGE-L"),
               ("nll", "NLL / response token"), ("generator_tokens", "generator tokens / example"))
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes, panels, strict=True):
         bars = ax.bar(names, [v[n][key] for n in names], color=[palette[n] for n in names])
         ax.bar_label(bars, fmt="%.2f" if key != "generator_tokens" else "%.0f", fontsize=8)
         if key == "strategy_accuracy":

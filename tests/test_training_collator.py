@@ -135,7 +135,7 @@ def test_persona_views_fit_the_caps_without_losing_the_chat_header(tmp_path):
     capped, _ = load_examples(tmp_path / "p.jsonl", tokenizer=tok, context="split", max_generator_tokens=cap_g,
                               max_reasoner_tokens=cap_r)
     assert any(len(f["reasoner_prompt"]) + len(f["response"]) > cap_r for f in full)  # the cap really bites
-    for f, c in zip(full, capped):
+    for f, c in zip(full, capped, strict=True):
         assert c["response"] == f["response"]
         assert len(c["reasoner_prompt"]) + len(c["response"]) <= cap_r
         assert len(c["generator_prompt"]) + len(c["response"]) <= cap_g

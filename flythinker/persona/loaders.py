@@ -12,8 +12,9 @@ Formats (``format=``):
 - ``"flythinker"``: :meth:`PersonaRecord.to_dict` rows (what the bundled ``persona-empathy`` writes).
 - ``"auto"``: decided from the fields of the first record.
 
-The file may hold a JSON list, a single JSON object, or JSON lines. A malformed record raises
-:class:`RecordError` (a ``ValueError``) naming the file, the record index/id and the field. With
+The file may hold a JSON list, a single JSON object, or JSON lines (read by :func:`.jsonio.read_json_items`, the
+reader every data path shares; a file that is not JSON raises its ``JsonFileError`` naming the line). A malformed
+record raises :class:`RecordError` (a ``ValueError``) naming the file, the record index/id and the field. With
 ``on_error="skip"`` bad records are skipped and a warning gives their count; nothing is dropped silently.
 """
 
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .jsonio import read_json_items
 from .records import Memory, Persona, PersonaRecord, Query, Turn
 
 FORMATS = ("auto", "longlamp", "personaemp", "perm", "flythinker")
@@ -203,27 +205,6 @@ def detect_format(item: dict) -> str:
     raise ValueError(f"cannot detect format from keys {sorted(keys)}; pass format= one of {FORMATS[1:]}")
 
 
-def _read_items(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        return []
-    try:
-        data = json.loads(text)
-        return data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        pass
-    items = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}: line {n} is not valid JSON (neither a JSON document nor JSON lines): {e}") from None
-    return items
-
-
 def load_records(path: str | Path, format: str = "auto", on_error: str = "raise") -> list[PersonaRecord]:
     """Read ``path`` (JSON list/object or JSON lines) into records.
 
@@ -231,12 +212,32 @@ def load_records(path: str | Path, format: str = "auto", on_error: str = "raise"
     ``on_error``: ``"raise"`` (default) raises :class:`RecordError` on the first malformed record;
     ``"skip"`` skips malformed records and warns with their count and the first error.
     """
+    return parse_records(read_json_items(path), str(path), format=format, on_error=on_error)
+
+
+def _parse_item(parse, item: Any, i: int, source: str) -> list[PersonaRecord] | RecordError:
+    """Records of raw item `i`, or the RecordError that says what is wrong with it."""
+    rid = item.get("session_id", item.get("record_id", item.get("id"))) if isinstance(item, dict) else None
+    try:
+        if not isinstance(item, dict):
+            raise _Bad("<record>", f"expected a JSON object, got {type(item).__name__}")
+        return parse(item, i)
+    except _Bad as e:
+        return RecordError(source, i, rid, e.field, e.problem)
+    except (TypeError, ValueError) as e:  # from the dataclasses' own checks
+        return RecordError(source, i, rid, "record", str(e))
+
+
+def parse_records(items: list[Any], source: str, format: str = "auto", on_error: str = "raise"
+                  ) -> list[PersonaRecord]:
+    """Raw JSON items (as :func:`.jsonio.read_json_items` returns them) -> records; `source` names them in errors.
+
+    Arguments as in :func:`load_records` (which is ``parse_records(read_json_items(path), str(path), ...)``).
+    """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    path = Path(path)
-    items = _read_items(path)
     if format == "auto":
         if not items:
             return []
@@ -246,28 +247,20 @@ def load_records(path: str | Path, format: str = "auto", on_error: str = "raise"
     errors: list[RecordError] = []
     empty = 0
     for i, item in enumerate(items):
-        rid = item.get("session_id", item.get("record_id", item.get("id"))) if isinstance(item, dict) else None
-        try:
-            if not isinstance(item, dict):
-                raise _Bad("<record>", f"expected a JSON object, got {type(item).__name__}")
-            recs = parse(item, i)
-        except _Bad as e:
-            err = RecordError(str(path), i, rid, e.field, e.problem)
-        except (TypeError, ValueError) as e:  # from the dataclasses' own checks
-            err = RecordError(str(path), i, rid, "record", str(e))
+        recs = _parse_item(parse, item, i, source)
+        if isinstance(recs, RecordError):
+            if on_error == "raise":
+                raise recs
+            errors.append(recs)
         else:
             empty += not recs
             records.extend(recs)
-            continue
-        if on_error == "raise":
-            raise err
-        errors.append(err)
     if errors:
-        warnings.warn(f"{path}: skipped {len(errors)} of {len(items)} malformed records (first: {errors[0]})",
-                      stacklevel=2)
+        warnings.warn(f"{source}: skipped {len(errors)} of {len(items)} malformed records (first: {errors[0]})",
+                      stacklevel=3)
     if empty:
-        warnings.warn(f"{path}: {empty} of {len(items)} records produced no examples (e.g. sessions with an "
-                      "empty 'queries' list)", stacklevel=2)
+        warnings.warn(f"{source}: {empty} of {len(items)} records produced no examples (e.g. sessions with an "
+                      "empty 'queries' list)", stacklevel=3)
     return records
 
 

@@ -85,10 +85,10 @@ def strategy_accuracy(responses: Sequence[str], traits: Sequence[dict[str, str]]
         raise ValueError("strategy_accuracy needs at least one response")
     hits = {k: 0 for k in TRAITS}
     exact = 0
-    for text, t in zip(responses, traits):
+    for text, t in zip(responses, traits, strict=True):
         pred = classify_response(text)
         ok = [pred[k] == t[k] for k in TRAITS]
-        for k, good in zip(TRAITS, ok):
+        for k, good in zip(TRAITS, ok, strict=True):
             hits[k] += good
         exact += all(ok)
     n = len(responses)
@@ -124,7 +124,7 @@ def mean_rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F1 over pairs."""
     if len(candidates) != len(references) or not candidates:
         raise ValueError(f"need equal, non-zero counts, got {len(candidates)} and {len(references)}")
-    return sum(rouge_l(c, r) for c, r in zip(candidates, references)) / len(candidates)
+    return sum(rouge_l(c, r) for c, r in zip(candidates, references, strict=True)) / len(candidates)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:

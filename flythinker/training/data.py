@@ -1,6 +1,7 @@
 """Training data files -> examples for :class:`~flythinker.training.collator.FlyThinkerCollator`.
 
-Accepted (JSON lines, or one JSON list), detected from the first record's keys:
+Accepted (JSON lines, one JSON list, or one JSON object, read by ``flythinker.persona.jsonio.read_json_items`` like
+every other data file), detected from the first record's keys:
 
 - pairs: ``{"prompt": ..., "response": "..."}`` (shared context);
 - triples: ``{"generator_prompt": ..., "reasoner_prompt": ..., "response": "..."}`` (split context);
@@ -14,7 +15,6 @@ Accepted (JSON lines, or one JSON list), detected from the first record's keys:
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -26,25 +26,6 @@ class DataError(ValueError):
 
 
 PAIR_KEYS = ({"prompt", "response"}, {"generator_prompt", "reasoner_prompt", "response"}, {"messages"})
-
-
-def _read_json_items(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON: {e}") from None
-    items = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n} is not valid JSON: {e.msg}") from None
-    return items
 
 
 def is_pair_record(item: Any) -> bool:
@@ -114,12 +95,17 @@ def load_examples(
     `context` ("split" | "shared") and the token budgets apply to persona records only: pair files say
     themselves whether they are split (generator_prompt/reasoner_prompt) or shared (prompt).
     """
+    from flythinker.persona.jsonio import read_json_items
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    items = _read_json_items(path)
+    try:
+        items = read_json_items(path)
+    except ValueError as e:  # JsonFileError: names the file and the line
+        raise DataError(str(e)) from None
     if not items:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records (the file is empty)")
     if is_pair_record(items[0]):
         examples = [_pair_example(item, f"{path}: record {i + 1}") for i, item in enumerate(items)]
         kinds = {"reasoner_prompt" in ex for ex in examples}
@@ -127,17 +113,19 @@ def load_examples(
             raise DataError(f"{path}: mixes shared-context (prompt) and split-context (generator_prompt/"
                             "reasoner_prompt) records; use one kind per file")
         return examples, "pairs"
-    return _persona_examples(path, tokenizer, context, max_reasoner_tokens, max_generator_tokens), "views"
+    return _persona_examples(path, items, tokenizer, context, max_reasoner_tokens, max_generator_tokens), "views"
 
 
-def _persona_examples(path, tokenizer, context, max_reasoner_tokens, max_generator_tokens) -> list[dict[str, Any]]:
-    from flythinker.persona import build_views, load_records
+def _persona_examples(path, items, tokenizer, context, max_reasoner_tokens, max_generator_tokens
+                      ) -> list[dict[str, Any]]:
+    from flythinker.persona import build_views
+    from flythinker.persona.loaders import parse_records
     if context not in ("split", "shared"):
         raise DataError(f"context must be 'split' or 'shared', got {context!r}")
     if tokenizer is None:
         raise DataError("persona records need a tokenizer to build their views")
     try:
-        records = load_records(path)
+        records = parse_records(items, str(path))
     except ValueError as e:  # RecordError and format detection are ValueErrors with a clear message
         raise DataError(f"{path}: not prompt/response pairs ({sorted(PAIR_KEYS[0])} or "
                         f"{sorted(PAIR_KEYS[1])}) and not persona records: {e}") from None
