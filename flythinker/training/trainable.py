@@ -102,10 +102,13 @@ def apply_lora(
     alpha: int = 16,
     dropout: float = 0.0,
     target_modules: Iterable[str] | None = None,
+    layers: Iterable[int] | None = None,
 ) -> dict:
     """Inject peft LoRA adapters (in place) into `model.generator` and/or `model.reasoner`.
 
     target_modules default: the Llama-style attention projections ``q_proj, k_proj, v_proj, o_proj``.
+    layers: indices of the decoder layers that get adapters (peft ``layers_to_transform``; default: all). Call
+    once per part to give the two models different layers (the demo adapts only the reasoner's top layers).
     Returns ``{part: PeftModel}``. Afterwards call :func:`set_trainable` (LoRA'd parts train adapters only).
     """
     from peft import LoraConfig, get_peft_model
@@ -124,7 +127,8 @@ def apply_lora(
         if missing:
             raise ValueError(f"LoRA target modules {missing} not found in the {part}; its linear layers are "
                              f"{sorted(leaf_names)}")
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                            layers_to_transform=None if layers is None else list(layers))
         wrapper = get_peft_model(sub, config)
         # get_peft_model injected the adapters into `sub` itself; the wrapper must not replace model.<part>
         # (state-dict keys and the generator's `.model` attribute would change under the FlyThinker forward).
