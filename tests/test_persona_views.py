@@ -163,3 +163,61 @@ def test_smollm2_chat_template():
     t = build_views(r, tok, system_prompt="Be kind.", max_reasoner_tokens=budget, warn=False)
     assert len(t.reasoner_prompt_ids) <= budget and t.truncated_turns >= 1
     assert "number0" not in tok.decode(t.reasoner_prompt_ids)
+
+
+class _CountingTokenizer:
+    """The word tokenizer, counting how many texts it encodes (everything else passes through)."""
+
+    def __init__(self, tok):
+        self._tok, self.calls = tok, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("mode, caps", [  # unbudgeted sizes: generator 29 (38 with the short line), reasoner 124,
+    ("split", (None, None)), ("split", (100, None)), ("split", (None, 40)),  # response 8 tokens
+    ("split", (110, 45)), ("split", (2000, 2000)),
+    ("shared", (None, None)), ("shared", (100, None)), ("shared", (None, 90)), ("shared", (110, 95)),
+])
+@pytest.mark.parametrize("short", [None, "a student who likes cats"])
+def test_count_response_equals_two_pass_budget_and_tokenises_once(tok, mode, caps, short):
+    """A sequence cap (prompt + response) becomes a prompt budget in one build: the same views as the two-pass
+    recipe it replaces (build, measure the response, build again with cap - response), with fewer encodes."""
+    r_cap, g_cap = caps
+    r = _record(short=short)
+    counting = _CountingTokenizer(tok)
+    one = build_views(r, counting, mode=mode, max_reasoner_tokens=r_cap, max_generator_tokens=g_cap, warn=False,
+                      count_response=True)
+    single_calls, counting.calls = counting.calls, 0
+    first = build_views(r, counting, mode=mode, warn=False)
+    n = len(first.response_ids)
+    two = first
+    if r_cap is not None or g_cap is not None:
+        two = build_views(r, counting, mode=mode, warn=False,
+                          max_reasoner_tokens=None if r_cap is None else max(r_cap - n, 1),
+                          max_generator_tokens=None if g_cap is None else max(g_cap - n, 1))
+        assert single_calls < counting.calls
+    assert one == two
+    if r_cap is not None:
+        assert len(one.reasoner_prompt_ids) + n <= r_cap
+    if g_cap is not None:
+        assert len(one.generator_prompt_ids) + n <= g_cap
+
+
+def test_views_as_training_examples(tok):
+    r = _record(short="a student who likes cats")
+    split, shared = build_views(r, tok), build_views(r, tok, mode="shared")
+    assert split.example() == {"generator_prompt": split.generator_prompt_ids,
+                               "reasoner_prompt": split.reasoner_prompt_ids, "response": split.response_ids}
+    assert split.example("shared") == {"prompt": split.reasoner_prompt_ids, "response": split.response_ids}
+    assert split.example("generator") == {"prompt": split.generator_prompt_ids, "response": split.response_ids}
+    assert shared.example() == {"prompt": shared.generator_prompt_ids, "response": shared.response_ids}
+    with pytest.raises(ValueError, match="context must be"):
+        split.example("both")
+    with pytest.raises(ValueError, match="no response"):
+        build_views(_record(response=None), tok).example()

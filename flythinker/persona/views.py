@@ -52,6 +52,26 @@ class Views:
         return bool(self.truncated_turns or self.truncated_memories or self.truncated_persona_words
                     or self.generator_persona_dropped)
 
+    def example(self, context: str | None = None) -> dict[str, list[int]]:
+        """These views as one training example (the features :class:`~flythinker.training.FlyThinkerCollator`
+        takes). The one place views become examples.
+
+        ``context`` (default: the views' own ``mode``): ``"split"`` -> ``generator_prompt`` (the short view),
+        ``reasoner_prompt`` (the long view), ``response``; ``"shared"`` -> ``prompt`` = the long view (what both
+        models read in shared context), ``response``; ``"generator"`` -> ``prompt`` = the generator's own view
+        (a generator trained alone on what it reads in split context), ``response``.
+        """
+        context = self.mode if context is None else context
+        if self.response_ids is None:
+            raise ValueError("these views have no response (the record has no reference): nothing to train on")
+        if context == "split":
+            return {"generator_prompt": self.generator_prompt_ids, "reasoner_prompt": self.reasoner_prompt_ids,
+                    "response": self.response_ids}
+        if context in ("shared", "generator"):
+            prompt = self.reasoner_prompt_ids if context == "shared" else self.generator_prompt_ids
+            return {"prompt": prompt, "response": self.response_ids}
+        raise ValueError(f"context must be 'split', 'shared' or 'generator', got {context!r}")
+
 
 def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     """Render messages with the tokenizer's chat template, or :data:`FALLBACK_TEMPLATE` if it has none."""
@@ -138,11 +158,14 @@ def _long_view(record, tokenizer, system_prompt, budget, rid) -> tuple[list[int]
 
 def build_views(record: PersonaRecord, tokenizer, mode: str = "split", max_reasoner_tokens: int | None = None,
                 max_generator_tokens: int | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                warn: bool = True) -> Views:
+                warn: bool = True, count_response: bool = False) -> Views:
     """Build the generator and reasoner views of ``record`` (see the module docstring).
 
     ``mode``: ``"split"`` or ``"shared"``. In shared mode both models read one view, so it must fit both
-    budgets (the smaller one applies). Budgets count prompt tokens (the response is not counted).
+    budgets (the smaller one applies). Budgets count prompt tokens; with ``count_response`` they cap prompt +
+    response (a sequence cap, like the collator's ``max_length``): each prompt gets what the response leaves (at
+    least one token), so history is dropped from the oldest end instead of the collator cutting the chat header
+    off. The response is tokenised once, before the budgets are applied.
     Raises ``ValueError`` when the query alone does not fit a budget.
     """
     if mode not in ("split", "shared"):
@@ -151,34 +174,50 @@ def build_views(record: PersonaRecord, tokenizer, mode: str = "split", max_reaso
         if b is not None and (not isinstance(b, int) or b <= 0):
             raise ValueError(f"{name} must be a positive int or None, got {b!r}")
     rid = record.record_id
+    short = (record.persona.short or "").strip()
+    g_messages = g_ids = None  # the split-context generator view before any budget (shared: the long view)
+    if mode == "split":
+        g_messages = _messages((system_prompt + (f"\nAbout the user: {short}" if short else "")).strip(),
+                               record.query.text)
+        g_ids = _encode(tokenizer, render_chat(tokenizer, g_messages, add_generation_prompt=True))
+    response = None
+    if record.response is not None:
+        response = _response_ids(record, tokenizer, g_ids, g_messages, system_prompt)
+        if count_response:
+            max_reasoner_tokens = _prompt_budget(max_reasoner_tokens, len(response))
+            max_generator_tokens = _prompt_budget(max_generator_tokens, len(response))
     if mode == "shared":
         budgets = [b for b in (max_reasoner_tokens, max_generator_tokens) if b is not None]
         r_ids, dropped, pw = _long_view(record, tokenizer, system_prompt, min(budgets) if budgets else None, rid)
-        g_ids, g_messages, persona_dropped = r_ids, None, False
+        g_ids, persona_dropped = r_ids, False
     else:
         r_ids, dropped, pw = _long_view(record, tokenizer, system_prompt, max_reasoner_tokens, rid)
-        short = (record.persona.short or "").strip()
-        persona_dropped = False
-        g_system = system_prompt + (f"\nAbout the user: {short}" if short else "")
-        g_messages = _messages(g_system.strip(), record.query.text)
-        g_ids = _encode(tokenizer, render_chat(tokenizer, g_messages, add_generation_prompt=True))
-        if max_generator_tokens is not None and len(g_ids) > max_generator_tokens and short:
-            persona_dropped = True
-            g_messages = _messages(system_prompt, record.query.text)
-            g_ids = _encode(tokenizer, render_chat(tokenizer, g_messages, add_generation_prompt=True))
-        if max_generator_tokens is not None and len(g_ids) > max_generator_tokens:
-            raise ValueError(f"record {rid!r}: the generator's query view needs {len(g_ids)} prompt tokens, over "
-                             f"max_generator_tokens={max_generator_tokens}")
+        g_ids, persona_dropped = _short_view(record, tokenizer, system_prompt, g_ids, short, max_generator_tokens)
     n_turns = min(dropped, len(record.history))
-    views = Views(g_ids, r_ids, None, mode, truncated_turns=n_turns, truncated_memories=dropped - n_turns,
+    views = Views(g_ids, r_ids, response, mode, truncated_turns=n_turns, truncated_memories=dropped - n_turns,
                   truncated_persona_words=pw, generator_persona_dropped=persona_dropped)
-    if record.response is not None:
-        views.response_ids = _response_ids(record, tokenizer, g_ids, g_messages, system_prompt)
     if warn and views.truncated:
         warnings.warn(f"record {rid!r}: truncated to fit the token budget (dropped {views.truncated_turns} "
                       f"oldest turns, {views.truncated_memories} oldest memories, {pw} persona words"
                       f"{', the generator persona line' if persona_dropped else ''})", stacklevel=2)
     return views
+
+
+def _prompt_budget(cap: int | None, n_response: int) -> int | None:
+    return None if cap is None else max(cap - n_response, 1)
+
+
+def _short_view(record, tokenizer, system_prompt, g_ids, short, budget) -> tuple[list[int], bool]:
+    """(ids, persona line dropped) of the generator's split-context view within ``budget`` prompt tokens."""
+    persona_dropped = False
+    if budget is not None and len(g_ids) > budget and short:
+        persona_dropped = True
+        g_ids = _encode(tokenizer, render_chat(tokenizer, _messages(system_prompt, record.query.text),
+                                               add_generation_prompt=True))
+    if budget is not None and len(g_ids) > budget:
+        raise ValueError(f"record {record.record_id!r}: the generator's query view needs {len(g_ids)} prompt "
+                         f"tokens, over max_generator_tokens={budget}")
+    return g_ids, persona_dropped
 
 
 def _response_ids(record, tokenizer, prompt_ids, messages, system_prompt) -> list[int]:

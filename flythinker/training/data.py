@@ -129,31 +129,20 @@ def _persona_examples(path, items, tokenizer, context, max_reasoner_tokens, max_
     except ValueError as e:  # RecordError and format detection are ValueErrors with a clear message
         raise DataError(f"{path}: not prompt/response pairs ({sorted(PAIR_KEYS[0])} or "
                         f"{sorted(PAIR_KEYS[1])}) and not persona records: {e}") from None
-    def prompt_budget(cap: int | None, n_response: int) -> int | None:
-        return None if cap is None else max(cap - n_response, 1)
-
     examples, skipped = [], 0
     for rec in records:
         if rec.response is None:
             skipped += 1  # reference-free records (PersonaEmp style) have nothing to train on
             continue
         try:
-            v = build_views(rec, tokenizer, mode=context, warn=False)
-            if max_reasoner_tokens is not None or max_generator_tokens is not None:
-                # The caps bound prompt + response (the collator cuts anything longer from the left, which would
-                # cut the chat header off): give the views what the response leaves, so history is dropped from
-                # the oldest end instead.
-                n = len(v.response_ids)
-                v = build_views(rec, tokenizer, mode=context, warn=False,
-                                max_reasoner_tokens=prompt_budget(max_reasoner_tokens, n),
-                                max_generator_tokens=prompt_budget(max_generator_tokens, n))
+            # The caps bound prompt + response (the collator cuts anything longer from the left, which would cut
+            # the chat header off): count_response gives the views what the response leaves, so history is
+            # dropped from the oldest end instead.
+            v = build_views(rec, tokenizer, mode=context, warn=False, max_reasoner_tokens=max_reasoner_tokens,
+                            max_generator_tokens=max_generator_tokens, count_response=True)
         except ValueError as e:
-            raise DataError(f"{path}: record {rec.record_id!r}: {e}") from None
-        if context == "split":
-            examples.append({"generator_prompt": v.generator_prompt_ids, "reasoner_prompt": v.reasoner_prompt_ids,
-                             "response": v.response_ids})
-        else:
-            examples.append({"prompt": v.generator_prompt_ids, "response": v.response_ids})
+            raise DataError(f"{path}: {e}") from None  # the views name the record
+        examples.append(v.example())
     if not examples:
         raise DataError(f"{path}: {len(records)} persona records but none has a reference response to train on")
     if skipped:
