@@ -68,7 +68,8 @@ def test_split_context_alignment_left_padding():
 
 def test_truncation_drops_oldest_prompt_tokens_and_keeps_views_aligned():
     c = FlyThinkerCollator(pad_token_id=0, eos_token_id=2, max_length=5, reasoner_max_length=4)
-    b = c([{"generator_prompt": [11, 12, 13, 14], "reasoner_prompt": [21, 22, 23], "response": [8, 9]}])
+    with pytest.warns(UserWarning, match="truncated 1 of 1 examples"):
+        b = c([{"generator_prompt": [11, 12, 13, 14], "reasoner_prompt": [21, 22, 23], "response": [8, 9]}])
     # reasoner caps the response at 3 tokens (>= 1 prompt token): 8, 9, eos fits; prompts lose their oldest tokens
     assert b["input_ids"].tolist() == [[13, 14, 8, 9, 2]]
     assert b["reasoner_input_ids"].tolist() == [[23, 8, 9, 2]]
@@ -78,10 +79,44 @@ def test_truncation_drops_oldest_prompt_tokens_and_keeps_views_aligned():
     assert b["reasoner_input_ids"].tolist() == [[21, 8, 9, 10]]
 
 
+def test_truncation_is_counted_and_warned_once():
+    """Cuts are never silent: the first batch that is cut warns with its counts, every later cut is counted in
+    `collator.truncation` (before issue 11 the collator cut without a word)."""
+    import warnings
+
+    c = FlyThinkerCollator(pad_token_id=0, eos_token_id=2, max_length=6, reasoner_max_length=5)
+    fits = {"generator_prompt": [11], "reasoner_prompt": [21], "response": [8]}
+    long_prompts = {"generator_prompt": [11, 12, 13, 14, 15], "reasoner_prompt": [21, 22, 23, 24], "response": [8]}
+    long_response = {"generator_prompt": [11], "reasoner_prompt": [21], "response": [8, 9, 10, 11, 12, 13]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c([fits, fits])  # nothing cut: no warning, nothing counted
+    assert set(c.truncation.values()) == {0}
+    with pytest.warns(UserWarning) as record:
+        c([fits, long_prompts, long_response])
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "truncated 2 of 3 examples" in msg and "max_length=6, reasoner_max_length=5" in msg
+    # long_prompts: 5 + 2 (response + eos) > 6 -> 1 oldest token cut; reasoner 4 + 2 > 5 -> 1; long_response: room 4
+    # (reasoner cap 5 - 1 prompt token), 6 tokens + eos -> 3 cut
+    assert "1 generator prompts lost 1 oldest tokens" in msg and "3 tokens" in msg
+    assert c.truncation == {"examples": 2, "prompts": 1, "prompt_tokens": 1, "reasoner_prompts": 1,
+                            "reasoner_prompt_tokens": 1, "responses": 1, "response_tokens": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per collator: later cuts are counted only
+        c([long_prompts, long_prompts])
+    assert c.truncation["examples"] == 4 and c.truncation["prompt_tokens"] == 3
+    # an EOS that no longer fits is a cut too (the model would never learn to stop on that example)
+    c2 = FlyThinkerCollator(pad_token_id=0, eos_token_id=2, max_length=4)
+    with pytest.warns(UserWarning, match="1 responses were cut on the right by 1 tokens"):
+        b = c2([([5], [6, 7, 8])])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8]]
+
+
 def test_pad_to_multiple_of():
     b = FlyThinkerCollator(pad_token_id=0, eos_token_id=2, pad_to_multiple_of=4)([([5], [6])])
     assert b["input_ids"].tolist() == [[0, 5, 6, 2]]
-    assert b["labels"].tolist() == [[-100, -100, 6, 2]]
+    assert b["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 6, 2]]
 
 
 @pytest.mark.parametrize(

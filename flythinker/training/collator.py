@@ -2,7 +2,8 @@
 
 Output of :class:`FlyThinkerCollator` (HF convention: labels are *not* shifted, the model shifts them):
 
-- shared context: ``input_ids`` [B, L], ``attention_mask`` [B, L], ``labels`` [B, L] (prompt and padding = -100)
+- shared context: ``input_ids`` [B, L], ``attention_mask`` [B, L], ``labels`` [B, L] (prompt, padding:
+  ``IGNORE_INDEX``)
 - split context: the same for the generator view, plus ``reasoner_input_ids`` [B, L_r] and
   ``reasoner_attention_mask`` [B, L_r]: the reasoner's prompt followed by the *same* response tokens.
 
@@ -16,13 +17,17 @@ labels cover exactly those tokens (the model derives the number of fused positio
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from flythinker.configuration import IGNORE_INDEX
+
+TRUNCATION_KEYS = ("examples", "prompts", "prompt_tokens", "reasoner_prompts", "reasoner_prompt_tokens", "responses",
+                   "response_tokens")
 
 Text = str | Sequence[int] | Sequence[Mapping[str, str]]  # text, token ids, or chat messages
 
@@ -77,7 +82,10 @@ class FlyThinkerCollator:
             use the template.
         max_length / reasoner_max_length: cap on the generator / reasoner sequence (prompt + response).
             Prompts lose tokens from the left (oldest context first); if the response alone does not fit it is
-            cut on the right, identically in both views so they stay aligned.
+            cut on the right, identically in both views so they stay aligned. Never silent: the first batch that
+            is cut warns with its counts, and :attr:`truncation` counts every cut over the collator's life
+            (keys :data:`TRUNCATION_KEYS`: examples cut, prompts / reasoner prompts / responses cut and the
+            tokens each lost).
         pad_to_multiple_of: round padded lengths up (e.g. 8 for tensor cores).
     """
 
@@ -90,8 +98,11 @@ class FlyThinkerCollator:
     max_length: int | None = None
     reasoner_max_length: int | None = None
     pad_to_multiple_of: int | None = None
+    truncation: dict[str, int] = field(init=False, repr=False, compare=False)
+    _warned: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.truncation = dict.fromkeys(TRUNCATION_KEYS, 0)
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         tok = self.tokenizer
@@ -146,14 +157,17 @@ class FlyThinkerCollator:
         return Example(prompt, response, reasoner)
 
     # ---- truncation ---------------------------------------------------------------------------------------
-    def _finalize(self, ex: Example) -> Example:
+    def _finalize(self, ex: Example) -> tuple[Example, tuple[int, int, int]]:
+        """(the example cut to the caps with EOS added, tokens cut from (prompt, reasoner prompt, response))."""
         response = list(ex.response)
         eos_ok = self.add_eos and response[-1] != self.eos_token_id
         caps = [self.max_length]
         if ex.reasoner_prompt is not None:
             caps.append(self.reasoner_max_length or self.max_length)
         room = min((c - 1 for c in caps if c is not None), default=None)  # keep >= 1 prompt token per view
+        response_cut = 0
         if room is not None and len(response) + eos_ok > room:
+            response_cut = len(response) + eos_ok - room  # counting an EOS that no longer fits
             response, eos_ok = response[:room], False  # cut: the response did not end, so no EOS
         if eos_ok:
             response.append(self.eos_token_id)
@@ -167,7 +181,30 @@ class FlyThinkerCollator:
         reasoner = None
         if ex.reasoner_prompt is not None:
             reasoner = cut_prompt(ex.reasoner_prompt, self.reasoner_max_length or self.max_length)
-        return Example(prompt, response, reasoner)
+        cuts = (len(ex.prompt) - len(prompt), len(ex.reasoner_prompt or ()) - len(reasoner or ()), response_cut)
+        return Example(prompt, response, reasoner), cuts
+
+    def _count_truncation(self, cuts: list[tuple[int, int, int]]) -> None:
+        """Add one batch's cuts to :attr:`truncation`; the first batch with any cut warns (once per collator)."""
+        cut = [c for c in cuts if any(c)]
+        if not cut:
+            return
+        t = self.truncation
+        t["examples"] += len(cut)
+        for i, (key, tokens) in enumerate((("prompts", "prompt_tokens"), ("reasoner_prompts", "reasoner_prompt_tokens"),
+                                           ("responses", "response_tokens"))):
+            t[key] += sum(1 for c in cut if c[i])
+            t[tokens] += sum(c[i] for c in cut)
+        if self._warned:
+            return
+        self._warned = True
+        caps = f"max_length={self.max_length}, reasoner_max_length={self.reasoner_max_length}"
+        warnings.warn(
+            f"FlyThinkerCollator truncated {len(cut)} of {len(cuts)} examples of this batch to fit {caps}: "
+            f"{t['prompts']} generator prompts lost {t['prompt_tokens']} oldest tokens, "
+            f"{t['reasoner_prompts']} reasoner prompts {t['reasoner_prompt_tokens']}, {t['responses']} responses "
+            f"were cut on the right by {t['response_tokens']} tokens (EOS included; a cut response gets none). "
+            "Warned once; later batches are counted in collator.truncation", stacklevel=3)
 
     # ---- padding ------------------------------------------------------------------------------------------
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
@@ -188,7 +225,9 @@ class FlyThinkerCollator:
     def __call__(self, features: Sequence[Any]) -> dict[str, torch.Tensor]:
         if len(features) == 0:
             raise ValueError("empty batch")
-        examples = [self._finalize(self.tokenize(f)) for f in features]
+        finalized = [self._finalize(self.tokenize(f)) for f in features]
+        self._count_truncation([cuts for _, cuts in finalized])
+        examples = [ex for ex, _ in finalized]
         split = {ex.reasoner_prompt is not None for ex in examples}
         if len(split) != 1:
             raise ValueError("a batch mixes shared-context (prompt) and split-context (generator/reasoner) examples")
