@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from flythinker.models import tiny_config
+from flythinker.configuration import IGNORE_INDEX
+from flythinker.hub import tiny_config
 from flythinker.persona import build_views, make_persona_empathy, mean_rouge_l, strategy_accuracy
 from flythinker.persona.wordlevel import word_tokenizer
 from flythinker.training.collator import FlyThinkerCollator
@@ -126,7 +127,7 @@ def evaluate(model, rows: list[dict], feats: list[dict], collate, tok, args) -> 
     max_new = max(len(r["response"]) for r in rows) + 2
     for i in range(0, len(rows), args.eval_batch):
         batch = collate(feats[i:i + args.eval_batch])
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         nll_sum += float(model(**batch).loss) * n  # HF loss: mean over the batch's response tokens
         n_tok += n
         prompts = [{k: v for k, v in f.items() if k != "response"} | {"response": [tok.eos_token_id]}

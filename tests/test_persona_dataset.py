@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from flythinker.configuration import IGNORE_INDEX
 from flythinker.persona import (
     TRAITS,
     classify_response,
@@ -138,7 +139,8 @@ def test_rouge_l_known_values():
 def test_nll_helpers():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 2, 2, -100, -100]])
+    X = IGNORE_INDEX
+    labels = torch.tensor([[X, X, 3, 4, 1], [X, 2, 2, X, X]])
     total, n = token_nll(logits, labels)
     logp = logits.log_softmax(-1)
     want = -(logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 1] + logp[1, 0, 2] + logp[1, 1, 2])
@@ -148,6 +150,6 @@ def test_nll_helpers():
     t1, n1 = token_nll(logits[:1], labels[:1])
     assert mean == pytest.approx((total + t1) / (n + n1), rel=1e-6)
     with pytest.raises(ValueError, match="no labelled tokens"):
-        heldout_nll(lambda b: b["logits"], [{"logits": logits, "labels": torch.full_like(labels, -100)}])
+        heldout_nll(lambda b: b["logits"], [{"logits": logits, "labels": torch.full_like(labels, IGNORE_INDEX)}])
     with pytest.raises(ValueError, match="disagree"):
         token_nll(logits, labels[:, :3])

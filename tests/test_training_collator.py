@@ -6,6 +6,8 @@ import torch
 from flythinker.training.collator import IGNORE_INDEX, FlyThinkerCollator
 from flythinker.training.toy import char_tokenizer
 
+X = IGNORE_INDEX  # short, for the expected label rows
+
 
 @pytest.fixture(scope="module")
 def tok():
@@ -17,7 +19,7 @@ def test_shared_context_left_padding_ids():
     b = c([([5, 6, 7], [8, 9]), ([5], [10])])
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2], [0, 0, 0, 5, 10, 2]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]
-    assert b["labels"].tolist() == [[-100, -100, -100, 8, 9, 2], [-100, -100, -100, -100, 10, 2]]
+    assert b["labels"].tolist() == [[X, X, X, 8, 9, 2], [X, X, X, X, 10, 2]]
     assert set(b) == {"input_ids", "attention_mask", "labels"}
     assert all(v.dtype == torch.long for v in b.values())
 
@@ -27,7 +29,7 @@ def test_right_padding_and_no_eos():
     b = c([{"prompt": [5, 6], "response": [8]}, {"prompt": [5], "response": [9, 9, 9]}])
     assert b["input_ids"].tolist() == [[5, 6, 8, 0], [5, 9, 9, 9]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    assert b["labels"].tolist() == [[-100, -100, 8, -100], [-100, 9, 9, 9]]
+    assert b["labels"].tolist() == [[X, X, 8, X], [X, 9, 9, 9]]
 
 
 def test_eos_not_doubled():

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from flythinker.configuration import IGNORE_INDEX
+
 from .empathy_dataset import CLOSERS, OPENERS, SHORT_MAX_WORDS, TOPICS, TRAITS, VALIDATION_MORE
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -128,7 +130,7 @@ def mean_rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL and token count over positions whose label is not -100.
+    """Summed next-token NLL and token count over positions whose label is not ``IGNORE_INDEX``.
 
     logits: [B, T, V]; labels: [B, T] (unshifted, HF convention: position t predicts labels[t + 1]).
     """
@@ -136,14 +138,14 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
     lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     lb = labels[:, 1:].reshape(-1)
-    loss = torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100, reduction="sum")
-    return float(loss), int((lb != -100).sum())
+    loss = torch.nn.functional.cross_entropy(lg, lb, ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(loss), int((lb != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
 def heldout_nll(forward: Callable[[dict], torch.Tensor], batches: Iterable[dict]) -> float:
     """Mean NLL per response token over ``batches``: ``forward(batch) -> logits [B, T, V]``, each batch holds
-    ``labels`` [B, T] with -100 outside the response."""
+    ``labels`` [B, T] with ``IGNORE_INDEX`` outside the response."""
     total, count = 0.0, 0
     for batch in batches:
         s, n = token_nll(forward(batch), batch["labels"])

@@ -11,7 +11,8 @@
 - ``toy``: char tokenizer, tiny saved models and toy tasks for tests and smoke runs.
 """
 
-from flythinker.training.collator import IGNORE_INDEX, FlyThinkerCollator
+from flythinker.configuration import IGNORE_INDEX
+from flythinker.training.collator import FlyThinkerCollator
 from flythinker.training.trainable import (
     apply_lora,
     autocast,
