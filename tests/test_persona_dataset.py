@@ -102,6 +102,60 @@ def test_load_dataset_and_cache(tmp_path):
         make_persona_empathy(history_sessions=(3, 9))
 
 
+def _cache_folder(tmp_path):
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    return folder
+
+
+def test_truncated_cache_is_rebuilt_not_used(tmp_path):
+    """A run killed while writing the cache used to leave a truncated train.jsonl that still parses: the next run
+    trained on its first records only. The folder is now written atomically with a manifest (record count +
+    sha256) that every read checks, so a partial split is detected and rebuilt."""
+    kw = dict(n_users=20, queries_per_user=2)
+    full = load_dataset("persona-empathy", "train", cache_dir=tmp_path, **kw)
+    folder = _cache_folder(tmp_path)
+    train = folder / "train.jsonl"
+    lines = train.read_text().splitlines(keepends=True)
+    train.write_text("".join(lines[:5]))  # what an interrupted in-place write leaves: valid JSON lines, too few
+    with pytest.warns(UserWarning, match="not valid.*sha256.*rebuilding"):
+        again = load_dataset("persona-empathy", "train", cache_dir=tmp_path, **kw)
+    assert again == full and len(again) == len(lines) > 5
+    assert train.read_text().splitlines(keepends=True) == lines
+    # the other splits are checked too, and a rebuilt folder is used without a warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_dataset("persona-empathy", "test", cache_dir=tmp_path, **kw) == make_persona_empathy(**kw)["test"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporaries left behind
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "bad_manifest", "missing_split", "count"])
+def test_cache_without_a_matching_manifest_is_rebuilt(tmp_path, damage):
+    import hashlib
+    import json
+
+    kw = dict(n_users=20, queries_per_user=2)
+    full = load_dataset("persona-empathy", "validation", cache_dir=tmp_path, **kw)
+    folder = _cache_folder(tmp_path)
+    manifest = folder / "manifest.json"
+    if damage == "no_manifest":  # the layout written before issue 11
+        manifest.unlink()
+    elif damage == "bad_manifest":
+        manifest.write_text('{"splits": {"validation": ')
+    elif damage == "missing_split":
+        (folder / "validation.jsonl").unlink()
+    else:  # a file that matches its checksum but not its count (a hand-edited manifest)
+        m = json.loads(manifest.read_text())
+        path = folder / "validation.jsonl"
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[:1]))
+        m["splits"]["validation"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest.write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="rebuilding"):
+        assert load_dataset("persona-empathy", "validation", cache_dir=tmp_path, **kw) == full
+    assert json.loads(manifest.read_text())["splits"]["validation"]["records"] == len(full)
+
+
 def test_classify_known_strings():
     assert classify_response("oh no , that really sucks . maybe mute them for a while .") == {
         "strategy": "validation", "length": "short", "register": "casual"}

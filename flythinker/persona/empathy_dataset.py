@@ -14,7 +14,10 @@ records. Word-level text (punctuation spaced out) so that a tiny word-level toke
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import warnings
 from pathlib import Path
 
 from .records import Persona, PersonaRecord, Query, Turn
@@ -213,17 +216,72 @@ def make_persona_empathy(n_users: int = 800, queries_per_user: int = 5, seed: in
 
 
 def load_persona_empathy(split: str = "train", cache_dir: str | Path | None = None, **kwargs) -> list[PersonaRecord]:
-    """One split of ``persona-empathy``. With ``cache_dir`` (e.g. ``flythinker.models.cache_dir() / "data"``)
-    the splits are written once as JSON lines and read back with ``load_records``; else generated in memory."""
+    """One split of ``persona-empathy``. With ``cache_dir`` (e.g. ``flythinker.hub.cache_dir() / "data"``) the
+    splits are written once as JSON lines and read back with ``load_records``; else generated in memory.
+
+    The cache folder is written atomically (``flythinker.hub.atomic_directory``) with a ``manifest.json`` of each
+    split's record count and sha256, checked on every read: a folder that does not match (a run killed while
+    writing it, an older layout without a manifest, a file edited by hand) is rebuilt, with a warning, never used.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if cache_dir is None:
         return make_persona_empathy(**kwargs)[split]
-    from .loaders import load_records, save_records
+    from flythinker.hub import file_lock
 
     tag = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items())) or "default"
     folder = Path(cache_dir) / f"persona-empathy-v1-{tag}".replace(" ", "").replace(",", "_")
-    if not (folder / f"{split}.jsonl").is_file():
-        for name, records in make_persona_empathy(**kwargs).items():
-            save_records(records, folder / f"{name}.jsonl")
-    return load_records(folder / f"{split}.jsonl", format="flythinker")
+    records, problem = _read_cache(folder, split)
+    if records is not None:
+        return records
+    with file_lock(folder.parent / f".{folder.name}.lock"):  # one builder when several processes start at once
+        records, problem = _read_cache(folder, split)
+        if records is not None:
+            return records
+        if problem is not None:
+            warnings.warn(f"persona-empathy cache {folder} is not valid ({problem}): rebuilding it", stacklevel=2)
+        data = make_persona_empathy(**kwargs)
+        _write_cache(folder, data)
+    return data[split]
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_cache(folder: Path, split: str) -> tuple[list[PersonaRecord] | None, str | None]:
+    """(the split's records, None) if the cached folder matches its manifest, else (None, what is wrong) -- the
+    problem is None when there is no folder at all."""
+    from .loaders import load_records
+
+    if not folder.exists():
+        return None, None
+    try:
+        entry = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["splits"][split]
+        path = folder / f"{split}.jsonl"
+        if _sha256(path) != entry["sha256"]:
+            return None, f"{path.name} does not match the sha256 in {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"no usable {MANIFEST} entry or file for {split!r}: {type(e).__name__}: {e}"
+    records = load_records(path, format="flythinker")
+    if len(records) != entry.get("records"):
+        return None, f"{path.name} has {len(records)} records, {MANIFEST} says {entry.get('records')}"
+    return records, None
+
+
+def _write_cache(folder: Path, data: dict[str, list[PersonaRecord]]) -> None:
+    """All splits + the manifest, built in a temporary sibling of `folder` and moved into place at once."""
+    from flythinker.hub import atomic_directory
+
+    from .loaders import save_records
+
+    with atomic_directory(folder) as tmp:
+        splits = {}
+        for name, records in data.items():
+            save_records(records, tmp / f"{name}.jsonl")
+            splits[name] = {"records": len(records), "sha256": _sha256(tmp / f"{name}.jsonl")}
+        (tmp / MANIFEST).write_text(json.dumps({"dataset": "persona-empathy", "splits": splits}, indent=1),
+                                    encoding="utf-8")

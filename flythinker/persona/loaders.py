@@ -264,10 +264,11 @@ def parse_records(items: list[Any], source: str, format: str = "auto", on_error:
     return records
 
 
-def save_records(records: list[PersonaRecord], path: str | Path) -> None:
-    """Write records as JSON lines in the ``flythinker`` format (read back with :func:`load_records`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+def save_records(records: list[PersonaRecord], path: str | Path) -> Path:
+    """Write records as JSON lines in the ``flythinker`` format (read back with :func:`load_records`); returns
+    `path`. Written atomically (``flythinker.hub.atomic_write_bytes``): a killed writer leaves the old file or
+    none, never a truncated one that would still parse."""
+    from flythinker.hub import atomic_write_bytes
+
+    text = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records)
+    return atomic_write_bytes(path, text.encode("utf-8"))
