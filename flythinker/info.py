@@ -1,4 +1,5 @@
-"""`flythinker info`: versions, the backend each fused op uses per device, devices, cache folder.
+"""What `flythinker info` and the benchmark report print: versions, the backend each fused op uses per device,
+devices, cache folder (`collect()`, a dict; printing lives in `flythinker.cli.info`).
 
 Backend resolution per op (`latent_fuse`, `linear_cross_entropy`, `sample`): if the op's module in
 `flythinker.kernels` exposes `backend(device) -> str`, that is the answer (the dispatcher's own word).
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -121,26 +121,3 @@ def collect() -> dict[str, Any]:
         "cached_models": cached,
         "known_models": list(KNOWN_MODELS),
     }
-
-
-def print_info(as_json: bool = False, out=None) -> None:
-    out = out or sys.stdout
-    info = collect()
-    if as_json:
-        json.dump(info, out, indent=2)
-        out.write("\n")
-        return
-    v = info["versions"]
-    print("versions:  " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in v), file=out)
-    print("devices:   " + ", ".join(info["devices"]) + (f"  ({', '.join(info['gpus'])})" if info["gpus"] else "")
-          + f"; CPU {info['cpu']['machine']} x{info['cpu']['cores']} cores, torch threads "
-            f"{info['cpu']['torch_threads']}", file=out)
-    print("backends:  (op: on CPU tensors / on CUDA tensors)", file=out)
-    for op, per in info["backends"].items():
-        cuda_note = "" if info["cuda_available"] else " (no CUDA device here)"
-        print(f"  {op:22s} cpu: {per['cpu']:8s} cuda: {per['cuda']}{cuda_note}", file=out)
-    if info["triton_interpret"]:
-        print("  TRITON_INTERPRET=1: Triton kernels run in the (slow) interpreter", file=out)
-    print(f"cache:     {info['cache_dir']} (set FLYTHINKER_CACHE to move it)", file=out)
-    print(f"models:    cached {info['cached_models'] or 'none yet'}; known short names {info['known_models']}",
-          file=out)

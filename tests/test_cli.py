@@ -35,6 +35,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def run(capsys, *argv):
+    capsys.readouterr()  # drop what the test printed before (e.g. save_pretrained's progress bar)
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
@@ -180,6 +181,44 @@ def test_incompatible_pair(capsys, pair, tmp_path):
     assert_user_error(rc, err)
 
 
+def _reordered_vocab_tokenizer():
+    """The char tokenizer's tokens with the characters' ids reversed: same size, different vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from flythinker.training.toy import CHARS, SPECIALS
+
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + tuple(CHARS[::-1]))},
+                                      unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_one_pair_check_for_generate_and_train(capsys, pair, tmp_path, command):
+    """generate and train accept and refuse the same pairs: a reasoner folder without a tokenizer is fine (train
+    used to refuse it), a reasoner whose tokenizer maps ids to other tokens is not (generate used to accept it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flythinker.hub import tiny_config
+
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(tiny_config(hidden_size=48)).save_pretrained(tmp_path / "notok")
+    reordered = save_tiny_model(tmp_path / "reordered", seed=6, hidden_size=48)
+    _reordered_vocab_tokenizer().save_pretrained(reordered)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"generator_prompt": "q", "reasoner_prompt": "r q", "response": "a"}) + "\n")
+    tail = {"generate": ["--prompt", "hi", "--max-new-tokens", 2, "--no-stream"],
+            "train": ["--data", data, "--output-dir", tmp_path / "o", "--max-steps", 1, "--no-progress"]}[command]
+    rc, out, err = run(capsys, command, "--generator", pair[0], "--reasoner", tmp_path / "notok", *tail)
+    assert rc == 0, err
+    rc, out, err = run(capsys, command, "--generator", pair[0], "--reasoner", reordered, *tail)
+    assert_user_error(rc, err, "incompatible pair", "different vocabularies")
+
+
 @pytest.mark.parametrize("bad", [["--temperature", "0"], ["--top-p", "1.5"], ["--max-new-tokens", "-3"],
                                  ["--lambda", "abc"], ["--num-beams", "0"]])
 def test_bad_option_values(capsys, pair, bad):
@@ -213,37 +252,82 @@ def test_entry_point_subprocess_one_line_error(pair, tmp_path):
 
 
 # ---- the demo's pieces on a tiny pair -------------------------------------------------------------------------------
-def test_demo_tiny_trains_caches_and_compares(capsys, tmp_path):
-    argv = ["demo", "--tiny", "--steps", "2", "--users", "1", "--max-new-tokens", "5", "--ablation"]
+# The demo runs on any saved model (`--model PATH`); a tiny random one with the char tokenizer exercises every stage
+# in seconds. --data-users / --max-reasoner-tokens are documented options (a small dataset builds quickly; char
+# tokens need a larger reasoner budget than SmolLM2's BPE for the same history).
+@pytest.fixture(scope="module")
+def tiny_demo_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("demo") / "tiny", vocab_size=128, num_hidden_layers=2)
+
+
+def _demo_argv(model, *extra):
+    return ["demo", "--model", model, "--data-users", 40, "--max-reasoner-tokens", 400, "--steps", 2, "--users", 1,
+            "--max-new-tokens", 5, *extra]
+
+
+def test_demo_tiny_trains_caches_and_compares(capsys, tmp_path, tiny_demo_model):
+    argv = _demo_argv(tiny_demo_model, "--ablation")
     rc, out, err = run(capsys, *argv)
     assert rc == 0, err
     assert "Trained in" in out and "generator alone" in out and "flythinker" in out
     assert "strategy metric" in out and "tok/s" in out and "fine-tuned, no latents" in out
-    cached = list((tmp_path / "cache" / "demo").glob("tiny-*/lora.safetensors"))
-    assert len(cached) == 1
+    entries = [p for p in (tmp_path / "cache" / "demo").iterdir()]
+    assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
+    assert (entries[0] / "reasoner" / "adapter_model.safetensors").is_file()
     rc, out, err = run(capsys, *argv)  # second run reuses the cached fine-tune
     assert rc == 0, err
     assert "Reusing the fine-tuned pair" in out and "Trained in" not in out
 
 
-def test_demo_lora_training_changes_only_adapters(tmp_path):
+def test_demo_killed_between_its_cache_files_recovers(capsys, tmp_path, tiny_demo_model, monkeypatch):
+    """A run that dies after the adapters are written but before meta.json leaves no cache entry: the next run
+    trains again and works (before, the half-written entry made every later run fail on the missing meta.json)."""
+    real_write_text = Path.write_text
+
+    def die_at_meta(self, *args, **kwargs):
+        if self.name == "meta.json":
+            raise SystemError("killed between the demo's two cache files")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", die_at_meta)
+    with pytest.raises(SystemError, match="killed"):
+        main([str(a) for a in _demo_argv(tiny_demo_model)])
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    demo_dir = tmp_path / "cache" / "demo"
+    assert not demo_dir.exists() or not any(demo_dir.iterdir())  # no entry, and no temporary left behind
+    capsys.readouterr()
+    rc, out, err = run(capsys, *_demo_argv(tiny_demo_model))
+    assert rc == 0, err
+    assert "Trained in" in out
+    rc, out, err = run(capsys, *_demo_argv(tiny_demo_model))
+    assert rc == 0, err
+    assert "Reusing the fine-tuned pair" in out
+
+
+def test_demo_lora_goes_through_training_trainable(tmp_path, tiny_demo_model):
     import torch
 
-    from flythinker.demo import Recipe, _tiny_pair, build_pair, finetune, trainable_state
+    from flythinker.cli.demo import Recipe, add_adapters, finetune, load_models
     from flythinker.persona import load_dataset
+    from flythinker.training.trainable import lora_parts, merged_state_dict, trainable_parameters
 
-    base, tok = _tiny_pair()
-    recipe = Recipe(steps=3, batch_size=1, max_reasoner_tokens=400, reasoner_layers=1, lr=1e-2)
-    model = build_pair(base, recipe)
+    recipe = Recipe(model=str(tiny_demo_model), steps=3, batch_size=1, max_reasoner_tokens=400,
+                    reasoner_layers=1, lr=1e-2)
+    model, base, tok = load_models(recipe)
+    add_adapters(model, recipe)
+    assert lora_parts(model) == ("generator", "reasoner")  # visible to save_merged / merged_state_dict
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {names[id(p)]: p for p in trainable_parameters(model)}
     frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
-    before = {k: v.clone() for k, v in trainable_state(model).items()}
+    before = {k: v.detach().clone() for k, v in trainable.items()}
     assert before and all("lora_" in k for k in before)
+    assert any(k.startswith("reasoner.") and ".layers.1." in k for k in before)
     assert not any(k.startswith("reasoner.") and ".layers.0." in k for k in before)  # only the top layer
     losses = finetune(model, tok, load_dataset("persona-empathy", "train", n_users=12)[:6], recipe, progress=False)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    after = trainable_state(model)
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(before[k], trainable[k]) for k in before)
     assert all(torch.equal(frozen[k], v) for k, v in model.named_parameters() if k in frozen)
+    assert not any("lora_" in k for k in merged_state_dict(model))
     # the base model the demo compares against is untouched by the pair's LoRA
     assert not any("lora_" in k for k, _ in base.named_parameters())
 

