@@ -121,7 +121,7 @@ def bench_gpu() -> list[dict]:
         for B in (1, 8, 64):
             x = 3.0 * torch.randn(B, V, device="cuda")
             for name, s in SETTINGS.items():
-                t_fused = do_bench(lambda x=x, s=s: sample(x, generator=g, check_input=False, **s))
+                t_fused = do_bench(lambda x=x, s=s: sample(x, generator=g, check_inputs=False, **s))
                 t_sort = do_bench(lambda x=x, s=s: sort_sampler(x, s, g))
                 rows.append({"V": V, "B": B, "setting": name, "triton_ms": t_fused, "sort_ms": t_sort,
                              "sort_over_triton": round(t_sort / t_fused, 2)})

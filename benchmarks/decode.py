@@ -85,7 +85,7 @@ def prompt(tok, batch: int, length: int, device: str) -> torch.Tensor:
 
 def run_config(name: str, gen, pair, ids: torch.Tensor, new: int, mode: str, compile_step: bool):
     import flythinker
-    from flythinker.concurrency import intra_op_threads
+    from flythinker.workers import intra_op_threads
 
     mask = torch.ones_like(ids)
     st = TimingStreamer()
@@ -148,9 +148,9 @@ def bench(device: str, batches: list[int], plen: int, new: int, reps: int, mode:
             "d_over_a1_token": row["d"]["ms_per_token_median"] / row["a1"]["ms_per_token_median"],
         }
         res[f"B{B}"] = row
-    from flythinker import concurrency
+    from flythinker import workers
 
-    concurrency.shutdown(pair)
+    workers.shutdown(pair)
     return res
 
 
@@ -201,7 +201,7 @@ def profile_step(device: str = "cpu", batch: int = 1, plen: int = 256, rounds: i
     cores' shared memory bandwidth (and the GIL for the Python part) is the limit, not the scheduling."""
     from transformers import DynamicCache
 
-    from flythinker.concurrency import ThreadWorker, intra_op_threads
+    from flythinker.workers import ThreadWorker, intra_op_threads
 
     gen, pair, tok = build(device)
     ids = prompt(tok, batch, plen, device)

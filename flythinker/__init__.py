@@ -14,7 +14,7 @@ _LAZY = {
     "FlyThinkerConfig": "flythinker.configuration",
     "FlyThinkerForCausalLM": "flythinker.modeling",
     "FlyThinkerCache": "flythinker.cache",
-    "fast_generate": "flythinker.fast_generate",  # the function (the module is also callable: see its end)
+    "fast_generate": "flythinker.decode",
 }
 
 if TYPE_CHECKING:

@@ -9,8 +9,10 @@ What is stored beyond the two `DynamicCache`s:
   `[B, cap, H_r]`. The last one is the *pending* latent, fused into the next generator position. Keeping the
   history (4 * H_r bytes per token and row, e.g. 2.3 KB for H_r=576, against 2 * layers * kv_dim * 4 = 46 KB of
   KV for SmolLM2-135M) is what makes `crop` exact: rolling back n tokens makes latent L-n-1 pending again.
-- in split context, the reasoner's attention mask `[B, L_r]`: generate only extends the generator's mask, so the
-  reasoner's (different-length, differently padded) mask lives here and grows by the new tokens each step.
+- in split context, the reasoner's attention mask `[B, L_r]` and its next position id per row `[B]`: generate only
+  extends the generator's mask, so the reasoner's (different-length, differently padded) mask lives here. It grows
+  by the new tokens each step in a doubling buffer, and the positions of the new tokens come from the stored next
+  position (O(T) work per step of T tokens, not a re-cumsum of the whole [B, L_r] mask).
 """
 
 from __future__ import annotations
@@ -36,8 +38,7 @@ class FlyThinkerCache(Cache):
         self.reasoner = reasoner if reasoner is not None else DynamicCache(config=reasoner_config)
         self._latents: torch.Tensor | None = None  # [B, cap, H_r], rows already masked
         self._num_latents = 0
-        self.reasoner_attention_mask: torch.Tensor | None = None  # [B, L_r], split context only
-        self.split = False  # set at prefill: whether the reasoner reads its own prompt
+        self._clear_reasoner_mask()
 
     # ------------------------------------------------------------------ latents
     @property
@@ -66,11 +67,42 @@ class FlyThinkerCache(Cache):
         self._latents[:, self._num_latents:n] = h
         self._num_latents = n
 
-    def extend_reasoner_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """Append `mask` `[B, T]` to the reasoner's mask (split context); returns the full mask `[B, L_r]`."""
-        m = self.reasoner_attention_mask
-        self.reasoner_attention_mask = mask if m is None else torch.cat([m, mask.to(m.dtype)], dim=1)
-        return self.reasoner_attention_mask
+    # ------------------------------------------------------------------ split context: the reasoner's own mask
+    def _clear_reasoner_mask(self) -> None:
+        self.split = False  # set at prefill: whether the reasoner reads its own prompt
+        self._rmask: torch.Tensor | None = None  # [B, cap] doubling buffer of the reasoner's mask
+        self._rlen = 0  # used columns of _rmask
+        self.reasoner_next_position: torch.Tensor | None = None  # [B] long: position id of the next real token
+
+    @property
+    def reasoner_attention_mask(self) -> torch.Tensor | None:
+        """The reasoner's attention mask so far `[B, L_r]` (a view; split context only, else None)."""
+        return None if self._rmask is None else self._rmask[:, : self._rlen]
+
+    def start_split(self, mask: torch.Tensor) -> None:
+        """Split-context prefill: the reasoner's prompt mask `[B, Q]` (any padding) becomes the reasoner's mask."""
+        self.split = True
+        self._rmask, self._rlen = None, 0
+        self.reasoner_next_position = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        self.extend_reasoner(mask)
+
+    def extend_reasoner(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' mask `[B, T]` to the reasoner's. Returns the full mask `[B, L_r]` and the new
+        tokens' reasoner position ids `[B, T]` (HF convention: cumsum of the mask - 1, pads 0)."""
+        B, T = mask.shape
+        n = self._rlen + T
+        if self._rmask is None or self._rmask.shape[1] < n or self._rmask.shape[0] != B:
+            cap = max(n, 2 * (0 if self._rmask is None else self._rmask.shape[1]), 16)
+            buf = mask.new_zeros(B, cap)
+            if self._rmask is not None and self._rlen:
+                buf[:, : self._rlen] = self._rmask[:, : self._rlen]
+            self._rmask = buf
+        self._rmask[:, self._rlen:n] = mask
+        self._rlen = n
+        m = mask.long()
+        pos = self.reasoner_next_position[:, None] + m.cumsum(-1) - 1  # [B, T]: a cumsum over the new tokens only
+        self.reasoner_next_position = self.reasoner_next_position + m.sum(-1)
+        return self.reasoner_attention_mask, pos.masked_fill(m == 0, 0)
 
     # ------------------------------------------------------------------ Cache API
     def __repr__(self) -> str:
@@ -99,8 +131,7 @@ class FlyThinkerCache(Cache):
         self.generator.reset()
         self.reasoner.reset()
         self._latents, self._num_latents = None, 0
-        self.reasoner_attention_mask = None
-        self.split = False
+        self._clear_reasoner_mask()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i of every part becomes old row beam_idx[i]."""
@@ -118,15 +149,17 @@ class FlyThinkerCache(Cache):
         self.reasoner.batch_repeat_interleave(repeats)
         if self._latents is not None:
             self._latents = self._latents.repeat_interleave(repeats, dim=0)
-        if self.reasoner_attention_mask is not None:
-            self.reasoner_attention_mask = self.reasoner_attention_mask.repeat_interleave(repeats, dim=0)
+        if self._rmask is not None:
+            self._rmask = self._rmask.repeat_interleave(repeats, dim=0)
+            self.reasoner_next_position = self.reasoner_next_position.repeat_interleave(repeats, dim=0)
 
     def _index_select(self, idx: torch.Tensor) -> None:
         if self._latents is not None:
             self._latents = self._latents.index_select(0, idx.to(self._latents.device))
-        if self.reasoner_attention_mask is not None:
-            m = self.reasoner_attention_mask
-            self.reasoner_attention_mask = m.index_select(0, idx.to(m.device))
+        if self._rmask is not None:
+            idx = idx.to(self._rmask.device)
+            self._rmask = self._rmask.index_select(0, idx)
+            self.reasoner_next_position = self.reasoner_next_position.index_select(0, idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` tokens (a negative count, transformers 5.x) from every part."""
@@ -137,9 +170,10 @@ class FlyThinkerCache(Cache):
         self.generator.crop(tokens_to_remove)
         self.reasoner.crop(tokens_to_remove)
         self._num_latents = max(self._num_latents - n, 0)
-        if self.reasoner_attention_mask is not None:
-            self.reasoner_attention_mask = self.reasoner_attention_mask[:, : max(
-                self.reasoner_attention_mask.shape[1] - n, 0)]
+        if self._rmask is not None:
+            keep = max(self._rlen - n, 0)
+            self.reasoner_next_position = self.reasoner_next_position - self._rmask[:, keep:self._rlen].long().sum(-1)
+            self._rlen = keep
 
     def activate_past_recording(self) -> None:
         self.generator.activate_past_recording()

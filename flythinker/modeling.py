@@ -3,21 +3,29 @@
 Per step (DESIGN.md 1): the reasoner's base model turns tokens into latents h [B, T, H_r] (its LM head never runs),
 `latent_fuse` adds h_{t-1} to the generator's embedding of x_t, and the generator's base model + LM head produce the
 logits. Thanks to the one-position lag, a one-token decode step needs only the *pending* latent from the previous
-step, so the generator and the reasoner of that step are independent: `_run_pair` is the hook where they can run
-concurrently (config.parallel); the sequential path is the default and the oracle.
+step, so the generator and the reasoner of that step are independent and can run concurrently (config.parallel,
+flythinker.workers); the sequential path is the default and the oracle.
+
+`forward` normalises its inputs (`StepInputs`), then takes one of three paths, each returning the generator's
+output and the latents to append to the cache:
+- `_split_prefill`: split context on an empty cache (the reasoner reads its own prompt);
+- `_decode_step`: one new token per row on a filled cache (the two halves run side by side);
+- `_shared_forward`: everything else (both models read the same tokens: shared-context prefill / training, or a
+  multi-token chunk on a filled cache).
+The overlapped prefill schedules live in flythinker.prefill; the lean static-cache loop in flythinker.decode.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from flythinker.alignment import (
     last_real_index,
@@ -29,15 +37,32 @@ from flythinker.alignment import (
     split_latents,
 )
 from flythinker.cache import FlyThinkerCache
-from flythinker.concurrency import (
-    InlineWorker,
-    StreamWorker,
-    pipelined_shared_prefill,
-    pipelined_split_prefill,
-    worker_for,
-)
 from flythinker.configuration import IGNORE_INDEX, FlyThinkerConfig, fusion_kwargs_check
-from flythinker.kernels import latent_fuse, vocab_mean_norm
+from flythinker.kernels import latent_fuse, linear_cross_entropy, vocab_mean_norm
+from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
+from flythinker.prefill import shared_prefill, split_prefill
+from flythinker.workers import InlineWorker, ReasonerWorker, StreamWorker, worker_for
+
+
+@dataclass
+class StepInputs:
+    """One forward call's inputs, normalised by `FlyThinkerForCausalLM._normalise`."""
+
+    input_ids: torch.Tensor  # [B, T] the new tokens
+    attention_mask: torch.Tensor | None  # [B, past + T] (2-D) or None (no padding)
+    local_mask: torch.Tensor  # [B, T] the new tokens' part of the mask
+    position_ids: torch.Tensor  # [B, T]
+    cache: FlyThinkerCache | None  # None: use_cache=False
+    past: int  # tokens already in the cache
+    gen_kwargs: dict[str, Any]  # output_attentions / output_hidden_states for the generator
+
+    @property
+    def prefill(self) -> bool:
+        return self.past == 0
+
+    @property
+    def use_cache(self) -> bool:
+        return self.cache is not None
 
 
 class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
@@ -90,22 +115,8 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         Model objects are used as they are (not copied). `reasoner_device` places the reasoner on another device.
         """
         fusion_kwargs_check(fusion)
-        load_kw: dict[str, Any] = {"use_safetensors": True}  # never unpickle a checkpoint
-        if dtype is not None:
-            load_kw["dtype"] = dtype
-        if isinstance(attn_implementation, str):
-            load_kw["attn_implementation"] = attn_implementation
-        models = []
-        for name, m in (("generator", generator), ("reasoner", reasoner)):
-            if isinstance(m, (str, bytes)) or hasattr(m, "__fspath__"):
-                kw = dict(load_kw)
-                if isinstance(attn_implementation, dict) and name in attn_implementation:
-                    kw["attn_implementation"] = attn_implementation[name]
-                m = AutoModelForCausalLM.from_pretrained(m, **kw)
-            elif not isinstance(m, PreTrainedModel):
-                raise TypeError(f"{name} must be a transformers PreTrainedModel or a local path, got {type(m)}")
-            models.append(m)
-        gen, rsn = models
+        gen, rsn = (_load_lm(name, m, dtype, attn_implementation)
+                    for name, m in (("generator", generator), ("reasoner", reasoner)))
         for m in (gen, rsn):
             for mod in m.modules():  # already initialised: post_init must not re-initialise them
                 mod._is_hf_initialized = True
@@ -151,50 +162,70 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.generator.get_decoder()
 
-    # ------------------------------------------------------------------ the two halves of a step
-    def _reasoner_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          position_ids: torch.Tensor | None, cache: FlyThinkerCache | None,
-                          use_cache: bool) -> torch.Tensor:
-        """Reasoner base model only (no LM head): latents `[B, T, H_r]` on the generator's device."""
-        base = self.reasoner.get_decoder()
-        dev = base.get_input_embeddings().weight.device
-        out = base(input_ids=input_ids.to(dev),
-                   attention_mask=None if attention_mask is None else attention_mask.to(dev),
-                   position_ids=None if position_ids is None else position_ids.to(dev),
-                   cache=cache.reasoner if cache is not None else None, use_cache=use_cache)
+    # ------------------------------------------------------------------ devices and workers
+    @property
+    def generator_device(self) -> torch.device:
+        return self.generator.get_input_embeddings().weight.device
+
+    @property
+    def reasoner_device(self) -> torch.device:
+        return self.reasoner.get_input_embeddings().weight.device
+
+    def reasoner_worker(self) -> ReasonerWorker:
+        """This thread's worker for config.parallel: "off" runs the two halves one after the other; "threads" (CPU)
+        the reasoner on a persistent worker thread, one core each; "streams" (CUDA) the reasoner on side streams
+        (also when it lives on another device). See flythinker.workers."""
+        return worker_for(self, self.config.parallel, self.generator_device, self.reasoner_device)
+
+    # ------------------------------------------------------------------ the building blocks of a step
+    def reasoner_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         position_ids: torch.Tensor | None, cache: FlyThinkerCache | None,
+                         use_cache: bool) -> torch.Tensor:
+        """Reasoner base model only (no LM head) on `input_ids [B, T]`: latents `[B, T, H_r]` on the inputs'
+        device (the reasoner may live on another one)."""
+        dev = self.reasoner_device
+        out = self.reasoner.get_decoder()(
+            input_ids=input_ids.to(dev), attention_mask=None if attention_mask is None else attention_mask.to(dev),
+            position_ids=None if position_ids is None else position_ids.to(dev),
+            cache=cache.reasoner if cache is not None else None, use_cache=use_cache)
         return out.last_hidden_state.to(input_ids.device)
 
-    def _generator_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                           position_ids: torch.Tensor | None, cache: FlyThinkerCache | None, use_cache: bool,
-                           **kwargs: Any):
-        """Generator base model on fused embeddings: its model output (last_hidden_state [B, T, H_g], ...)."""
+    def generator_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                          position_ids: torch.Tensor | None, cache: FlyThinkerCache | None, use_cache: bool,
+                          **kwargs: Any) -> BaseModelOutputWithPast:
+        """Generator base model on (fused) embeddings `[B, T, H_g]`: last_hidden_state `[B, T, H_g]`, ..."""
         return self.generator.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache.generator if cache is not None else None, use_cache=use_cache, **kwargs)
 
-    def _run_pair(self, gen_fn: Callable[[], Any], rsn_fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        """Run a decode step's generator and reasoner halves (independent) as config.parallel says: "off" one
-        after the other; "threads" (CPU) the reasoner on a persistent worker thread, one core each; "streams" (CUDA)
-        the reasoner launched on side streams (also when it lives on another device). See flythinker.concurrency."""
-        return worker_for(self).run_pair(gen_fn, rsn_fn)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The generator's plain input embeddings `[B, T, H_g]` (positions that receive no latent)."""
+        return self.generator.get_input_embeddings()(input_ids)
 
-    def _prefill_worker(self, B: int, T: int, use_cache: bool, labels: torch.Tensor | None, gen_kwargs: dict):
-        """The worker for an overlapped prefill, or None for the plain sequential one (parallel="off", training,
-        no cache, a 1-token prompt, or extra generator outputs requested; "auto" on CPU with one row)."""
-        if (T < 2 or not use_cache or labels is not None or gen_kwargs or self.config.parallel == "off"
-                or (self.training and torch.is_grad_enabled())):
-            return None
-        worker = worker_for(self)
-        if isinstance(worker, InlineWorker):
-            return None
-        if self.config.parallel == "auto" and B == 1 and not isinstance(worker, StreamWorker):
-            # Prefill is compute-bound: on CPU, chunks at one thread per model lost to two threads per model run
-            # one after the other at batch 1 (SmolLM2 pair, 256 tokens: 1662 vs 1307 ms) and won at batch 4
-            # (5161 vs 6094 ms; benchmarks/results/decode.json). "threads" still forces the overlap.
-            return None
-        return worker
+    def fuse(self, input_ids: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
+             prev: torch.Tensor | None, check_inputs: bool = True) -> torch.Tensor:
+        """Generator input embeddings `[B, T, H_g]`: E[x_t] + lam * (latent of slot t-1, rescaled, projected).
+        latent `[B, T, H_r]` (slot t is fused into position t + 1 where `mask [B, T]` allows), prev `[B, H_r]`
+        (fused into position 0). `check_inputs=False` skips latent_fuse's value checks (one host sync)."""
+        E = self.generator.get_input_embeddings()
+        cfg = self.config
+        proj = self.latent_proj.weight if self.latent_proj is not None else None
+        emb = latent_fuse(input_ids, E.weight, latent, mask, lam=float(cfg.fusion_lambda),
+                          norm_target=self._norm_target(), projection=proj, prev_latent=prev,
+                          eps=float(cfg.latent_eps), detach_norm=cfg.detach_norm, check_inputs=check_inputs)
+        scale = getattr(E, "embed_scale", None)
+        if scale is not None:
+            # Scaled embedding modules (Gemma3): E(x) = scale * W[x]; scale the fused term like the embedding so the
+            # latent stays relative to the table. At lam = 0 the difference is exactly 0 and E(x) is reproduced.
+            emb = E(input_ids) + (emb - E.weight[input_ids]) * scale
+        return emb
 
-    # ------------------------------------------------------------------ fusion
+    def fuse_pending(self, input_ids: torch.Tensor, pending: torch.Tensor, check_inputs: bool = True
+                     ) -> torch.Tensor:
+        """Embeddings `[B, 1, H_g]` of one new token `input_ids [B, 1]` fused with the pending latent `[B, H_r]`."""
+        no_slot = pending.new_zeros(pending.shape[0], 1, pending.shape[-1])  # slot 0 would feed position 1: none
+        return self.fuse(input_ids, no_slot, None, pending, check_inputs=check_inputs)
+
     def _norm_target(self) -> str | float:
         """norm_target for latent_fuse. "vocab_mean" at inference is a cached float, recomputed only when the
         embedding table changes (keyed on data_ptr and the in-place version counter), so a decode step does not
@@ -208,26 +239,9 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             self._vocab_mean = (key, float(vocab_mean_norm(w)))
         return self._vocab_mean[1]
 
-    def _fuse(self, input_ids: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
-              prev: torch.Tensor | None, check_inputs: bool = True) -> torch.Tensor:
-        """Generator input embeddings `[B, T, H_g]`: E[x_t] + lam * (latent of slot t-1, rescaled, projected).
-        `check_inputs=False` skips latent_fuse's value checks (one host sync), for the lean decode loop."""
-        E = self.generator.get_input_embeddings()
-        cfg = self.config
-        proj = self.latent_proj.weight if self.latent_proj is not None else None
-        emb = latent_fuse(input_ids, E.weight, latent, mask, lam=float(cfg.fusion_lambda),
-                          norm_target=self._norm_target(), projection=proj, prev_latent=prev,
-                          eps=float(cfg.latent_eps), detach_norm=cfg.detach_norm, check_inputs=check_inputs)
-        scale = getattr(E, "embed_scale", None)
-        if scale is not None:
-            # Scaled embedding modules (Gemma3): E(x) = scale * W[x]; scale the fused term like the embedding so the
-            # latent stays relative to the table. At lam = 0 the difference is exactly 0 and E(x) is reproduced.
-            plain = E.weight[input_ids]
-            emb = E(input_ids) + (emb - plain) * scale
-        return emb
-
     # ------------------------------------------------------------------ logits and loss
-    def _logits(self, hidden: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+    def logits_from_hidden(self, hidden: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        """The generator's LM head (and logit soft-capping) on `hidden [B, T, H_g]`: logits `[B, T', V]`."""
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
@@ -241,16 +255,13 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
                  num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         """Causal LM loss of the generator on `hidden [B, T, H_g]` and unshifted `labels [B, T]` (shift inside,
-        ignore_index IGNORE_INDEX): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation); an
-        all-ignored batch gives 0, not NaN. config.loss_impl "fused": `linear_cross_entropy` on the final hidden
+        ignore_index IGNORE_INDEX): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation);
+        an all-ignored batch gives 0, not NaN. config.loss_impl "fused": `linear_cross_entropy` on the final hidden
         states and the LM head weight, never materialising the [B, T, V] logits; "naive": logits + cross_entropy.
         """
-        from flythinker.kernels import linear_cross_entropy
-        from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
-
         B, T, H = hidden.shape
-        # shift by padding: position t predicts labels[t + 1], the last position gets IGNORE_INDEX. `hidden` stays a
-        # free [B*T, H] view (slicing hidden[:, :-1] would copy it) and the ignored row costs one row of work.
+        # shift by padding: position t predicts labels[t + 1], the last position gets IGNORE_INDEX. `hidden` stays
+        # a free [B*T, H] view (slicing hidden[:, :-1] would copy it) and the ignored row costs one row of work.
         shift_labels = F.pad(labels.to(hidden.device), (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # [B*T]
         head = self.generator.get_output_embeddings()
         cap = getattr(self.config.generator, "final_logit_softcapping", None)
@@ -258,9 +269,9 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         # falls back to the logits path so that its own forward runs
         plain_head = isinstance(head, nn.Linear) and head.bias is None and type(head).forward is nn.Linear.forward
         if self.config.loss_impl == "fused" and plain_head:
-            return linear_cross_entropy(hidden.reshape(B * T, H), head.weight, shift_labels, ignore_index=IGNORE_INDEX,
-                                        num_items_in_batch=num_items_in_batch, softcap=cap)
-        logits = self._logits(hidden).float()  # [B, T, V]
+            return linear_cross_entropy(hidden.reshape(B * T, H), head.weight, shift_labels,
+                                        ignore_index=IGNORE_INDEX, num_items_in_batch=num_items_in_batch, softcap=cap)
+        logits = self.logits_from_hidden(hidden).float()  # [B, T, V]
         loss = F.cross_entropy(logits.reshape(B * T, -1), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
         return loss / loss_denominator(shift_labels, IGNORE_INDEX, num_items_in_batch)
 
@@ -285,137 +296,167 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         """Fused forward.
 
         input_ids `[B, T]` (new tokens when `cache` holds a prefix), attention_mask `[B, past + T]` (2-D),
-        labels `[B, T]` (unshifted, IGNORE_INDEX = ignore). Split context: `reasoner_input_ids [B, Q]` (and its mask)
-        give the reasoner its own prompt; read only on an empty cache (later, both models consume the same new tokens),
-        and with labels the response is the part from the first labelled position on (DESIGN.md 2).
+        labels `[B, T]` (unshifted, IGNORE_INDEX = ignore). Split context: `reasoner_input_ids [B, Q]` (and its
+        mask) give the reasoner its own prompt; read only on an empty cache (later, both models consume the same new
+        tokens), and with labels the response is the part from the first labelled position on (DESIGN.md 2).
         `past_key_values` is an alias of `cache` (transformers 5.x renamed it).
         """
         if inputs_embeds is not None:
             raise ValueError("inputs_embeds is not supported by FlyThinkerForCausalLM: both models need input_ids "
                              "(the generator's embeddings are built by fusing the reasoner's latents)")
-        if input_ids is None:
-            raise ValueError("input_ids is required")
+        step = self._normalise(input_ids, attention_mask, position_ids, self._step_cache(cache, past_key_values,
+                                                                                          use_cache), kwargs)
+        if step.prefill and reasoner_input_ids is not None:
+            g_out, latents = self._split_prefill(step, reasoner_input_ids, reasoner_attention_mask, labels)
+        elif not step.prefill and step.input_ids.shape[1] == 1:
+            g_out, latents = self._decode_step(step)
+        else:
+            g_out, latents = self._shared_forward(step, labels)
+        if step.cache is not None:
+            step.cache.append_latents(latents)
+        return self._output(g_out, step.cache, labels, logits_to_keep, num_items_in_batch, return_dict)
+
+    def _step_cache(self, cache: FlyThinkerCache | None, past_key_values: FlyThinkerCache | None,
+                    use_cache: bool | None) -> FlyThinkerCache | None:
+        """The cache this forward reads and writes: None without use_cache (a cache passed with use_cache=False is
+        neither read nor written), a fresh one when none is given."""
         if past_key_values is not None:
             if cache is not None and cache is not past_key_values:
                 raise ValueError("pass either cache or past_key_values, not both")
             cache = past_key_values
         if cache is not None and not isinstance(cache, FlyThinkerCache):
             raise TypeError(f"FlyThinkerForCausalLM needs a FlyThinkerCache, got {type(cache).__name__}")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be 2-D [B, past + T], got shape {tuple(attention_mask.shape)}")
         if use_cache is None:
             use_cache = cache is not None or (getattr(self.config.generator, "use_cache", True) and not self.training)
         if not use_cache:
-            cache = None  # a cache passed with use_cache=False is neither read nor written
-        elif cache is None:
-            cache = FlyThinkerCache(generator_config=self.config.generator, reasoner_config=self.config.reasoner)
-        cache_for_step = cache
-
-        B, T = input_ids.shape
-        past = cache.get_seq_length() if cache is not None else 0
-        prefill = past == 0
-        local_mask = (attention_mask[:, -T:] if attention_mask is not None
-                      else torch.ones(B, T, dtype=torch.long, device=input_ids.device))
-        if position_ids is None:
-            position_ids = (positions_from_mask(attention_mask)[:, -T:] if attention_mask is not None
-                            else torch.arange(past, past + T, device=input_ids.device).expand(B, T))
-        split = reasoner_input_ids is not None if prefill else (cache is not None and cache.split)
-        gen_kwargs = {k: v for k, v in kwargs.items() if k in ("output_attentions", "output_hidden_states")}
-
-        if split and prefill:
-            r_ids = reasoner_input_ids.to(input_ids.device)
-            if r_ids.dim() != 2 or r_ids.shape[0] != B:
-                raise ValueError(f"reasoner_input_ids must be [B={B}, Q], got {tuple(r_ids.shape)}")
-            r_mask = (torch.ones_like(r_ids) if reasoner_attention_mask is None
-                      else reasoner_attention_mask.to(input_ids.device))
-            if r_mask.shape != r_ids.shape:
-                raise ValueError(f"reasoner_attention_mask {tuple(r_mask.shape)} != reasoner_input_ids "
-                                 f"{tuple(r_ids.shape)}")
-            if cache_for_step is not None:
-                cache_for_step.split = True
-                cache_for_step.extend_reasoner_mask(r_mask)
-            worker = self._prefill_worker(B, T, use_cache, labels, gen_kwargs)
-            if worker is not None and bool(local_mask[:, -1].all()):
-                # Only the last prompt position needs a latent: the rest of G's prompt overlaps R's prefill.
-                h, g_out = pipelined_split_prefill(self, worker, input_ids, attention_mask, position_ids,
-                                                   local_mask, r_ids, r_mask, positions_from_mask(r_mask),
-                                                   cache_for_step)
-            else:
-                h = self._reasoner_forward(r_ids, r_mask, positions_from_mask(r_mask), cache_for_step, use_cache)
-                n_fused = (torch.ones(B, dtype=torch.long, device=input_ids.device) if labels is None
-                           else self._split_fused_count(local_mask, labels))
-                latent, lmask, prev = split_latents(h, *split_alignment(local_mask, r_mask, n_fused))
-                emb = self._fuse(input_ids, latent, lmask, prev)
-                g_out = self._generator_forward(emb, attention_mask, position_ids, cache_for_step, use_cache,
-                                                **gen_kwargs)
-            # pending latent: the reasoner's last *real* prompt position (its prompt may be right-padded)
-            last = last_real_index(r_mask)  # [B], -1 for an all-pad row
-            new_latents = (h[torch.arange(B, device=h.device), last.clamp_min(0)]
-                           * (last >= 0)[:, None].to(h.dtype))[:, None]  # [B, 1, H_r]
-        else:
-            if split:  # decode chunk in split context: the reasoner's own mask/positions live in the cache
-                r_mask = cache.extend_reasoner_mask(local_mask)
-                r_pos = positions_from_mask(r_mask)[:, -T:]
-            else:
-                r_mask, r_pos = attention_mask, position_ids
-            targets = None
-            if prefill and not self.config.fuse_prompt:
-                targets = (response_targets(labels) if labels is not None
-                           else torch.arange(T, device=input_ids.device)[None, :].expand(B, T) == T - 1)
-            src_mask = shared_source_mask(local_mask, targets)
-            prev = None if prefill else cache.pending
-            if not prefill and prev is None:
-                raise ValueError("the cache holds generator states but no pending reasoner latent: build it with "
-                                 "FlyThinkerForCausalLM (a FlyThinkerCache filled by its forward)")
-            if prev is not None and targets is not None:
-                prev = prev * targets[:, :1].to(prev.dtype)
-
-            def rsn_fn() -> torch.Tensor:
-                return self._reasoner_forward(input_ids, r_mask, r_pos, cache_for_step, use_cache)
-
-            if not prefill and T == 1:
-                # Decode step: position 0 only needs the pending latent, so fuse first and run both halves.
-                H_r = self.config.reasoner.hidden_size
-                # value checks cost a host sync per step on CUDA (it would stall the overlap): CPU only there
-                emb = self._fuse(input_ids, prev.new_zeros(B, 1, H_r), None, prev,
-                                 check_inputs=input_ids.device.type == "cpu")
-                g_out, h = self._run_pair(
-                    lambda: self._generator_forward(emb, attention_mask, position_ids, cache_for_step, use_cache,
-                                                    **gen_kwargs), rsn_fn)
-            elif prefill and (worker := self._prefill_worker(B, T, use_cache, labels, gen_kwargs)) is not None:
-                # Shared context: R on chunk k+1 while G consumes chunk k (DESIGN.md 1; flythinker.concurrency).
-                h, g_out = pipelined_shared_prefill(self, worker, input_ids, attention_mask, position_ids, src_mask,
-                                                    prev, cache_for_step)
-            else:
-                h = rsn_fn()
-                emb = self._fuse(input_ids, h, src_mask, prev)
-                g_out = self._generator_forward(emb, attention_mask, position_ids, cache_for_step, use_cache,
-                                                **gen_kwargs)
-            new_latents = h * local_mask[..., None].to(h.dtype)  # history for crop; last = pending
-
-        if cache_for_step is not None:
-            cache_for_step.append_latents(new_latents)
-
-        hidden = g_out.last_hidden_state
-        loss = None
-        logits = None
-        if labels is not None:
-            loss = self._lm_loss(hidden, labels, num_items_in_batch)
-        if labels is None or self.config.loss_impl != "fused":
-            logits = self._logits(hidden, logits_to_keep)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None,
-                                     hidden_states=getattr(g_out, "hidden_states", None),
-                                     attentions=getattr(g_out, "attentions", None))
-        if return_dict is False:
-            return out.to_tuple()
-        return out
+            return None
+        return cache if cache is not None else FlyThinkerCache(generator_config=self.config.generator,
+                                                                reasoner_config=self.config.reasoner)
 
     @staticmethod
-    def _split_fused_count(gen_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Split context, training: fused generator positions per row = from the one before the first labelled
-        position to the last real one (at least 1: the last prompt position)."""
-        n = last_real_index(gen_mask) - response_start(labels.to(gen_mask.device)) + 2
-        return n.clamp_min(1)
+    def _normalise(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor | None, cache: FlyThinkerCache | None,
+                   kwargs: dict[str, Any]) -> StepInputs:
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2-D [B, past + T], got shape {tuple(attention_mask.shape)}")
+        B, T = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None:
+            local_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+        else:
+            local_mask = attention_mask[:, -T:]
+        if position_ids is None:
+            position_ids = (torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+                            if attention_mask is None else positions_from_mask(attention_mask)[:, -T:])
+        gen_kwargs = {k: v for k, v in kwargs.items() if k in ("output_attentions", "output_hidden_states")}
+        return StepInputs(input_ids, attention_mask, local_mask, position_ids, cache, past, gen_kwargs)
+
+    def _generator(self, step: StepInputs, embeds: torch.Tensor) -> BaseModelOutputWithPast:
+        """The generator on this step's (fused) embeddings `[B, T, H_g]`."""
+        return self.generator_forward(embeds, step.attention_mask, step.position_ids, step.cache, step.use_cache,
+                                      **step.gen_kwargs)
+
+    def _split_prefill(self, step: StepInputs, r_ids: torch.Tensor, r_mask: torch.Tensor | None,
+                       labels: torch.Tensor | None) -> tuple[BaseModelOutputWithPast, torch.Tensor]:
+        """Split context on an empty cache: the reasoner reads its own prompt `r_ids [B, Q]`, aligned with the
+        generator's at the response boundary (alignment.split_alignment). Returns (generator output, the pending
+        latent `[B, 1, H_r]`: the reasoner's last *real* prompt position, its prompt may be right-padded)."""
+        r_ids, r_mask = _check_reasoner_prompt(step.input_ids, r_ids, r_mask)
+        r_pos = positions_from_mask(r_mask)
+        if step.cache is not None:
+            step.cache.start_split(r_mask)
+        worker = self._prefill_worker(step, labels)
+        if worker is not None and bool(step.local_mask[:, -1].all()):
+            h, g_out = split_prefill(self, worker, step, r_ids, r_mask, r_pos)
+        else:
+            h = self.reasoner_forward(r_ids, r_mask, r_pos, step.cache, step.use_cache)  # [B, Q, H_r]
+            n_fused = (torch.ones_like(step.local_mask[:, 0], dtype=torch.long) if labels is None
+                       else _split_fused_count(step.local_mask, labels))
+            latent, lmask, prev = split_latents(h, *split_alignment(step.local_mask, r_mask, n_fused))
+            g_out = self._generator(step, self.fuse(step.input_ids, latent, lmask, prev))
+        return g_out, _emitted_latents(h, r_mask, last_only=True)
+
+    def _shared_forward(self, step: StepInputs, labels: torch.Tensor | None
+                        ) -> tuple[BaseModelOutputWithPast, torch.Tensor]:
+        """Both models read the same tokens (shared context, or a multi-token chunk after a split prefill): slot t
+        of the reasoner's latents is fused into position t + 1, the pending latent into position 0. Returns
+        (generator output, the latents `[B, T, H_r]` for the cache, masked: the last one is the new pending)."""
+        targets = None  # generator positions that receive a latent (None: all)
+        if step.prefill and not self.config.fuse_prompt:
+            T = step.input_ids.shape[1]
+            targets = (response_targets(labels) if labels is not None
+                       else (torch.arange(T, device=step.input_ids.device) == T - 1).expand_as(step.input_ids))
+        src_mask = shared_source_mask(step.local_mask, targets)  # [B, T]
+        worker = self._prefill_worker(step, labels)
+        if worker is not None:
+            h, g_out = shared_prefill(self, worker, step, src_mask)
+        else:
+            h = self.reasoner_forward(step.input_ids, *self._reasoner_view(step), step.cache, step.use_cache)
+            g_out = self._generator(step, self.fuse(step.input_ids, h, src_mask, self._pending_latent(step)))
+        return g_out, _emitted_latents(h, step.local_mask)
+
+    def _decode_step(self, step: StepInputs) -> tuple[BaseModelOutputWithPast, torch.Tensor]:
+        """One new token per row on a filled cache: the generator's position needs only the pending latent, so the
+        two models' halves are independent and run as config.parallel says. Returns (generator output, the new
+        latent `[B, 1, H_r]`)."""
+        r_mask, r_pos = self._reasoner_view(step)
+        # value checks cost a host sync per step on CUDA (it would stall the overlap): CPU only there
+        emb = self.fuse_pending(step.input_ids, self._pending_latent(step),
+                                check_inputs=step.input_ids.device.type == "cpu")
+        g_out, h = self.reasoner_worker().run_pair(
+            lambda: self._generator(step, emb),
+            lambda: self.reasoner_forward(step.input_ids, r_mask, r_pos, step.cache, True))
+        return g_out, _emitted_latents(h, step.local_mask)
+
+    def _reasoner_view(self, step: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The reasoner's (attention mask, position ids `[B, T]`) for this step's tokens: the generator's own, or
+        after a split prefill the reasoner's, kept in the cache (O(T) bookkeeping per step)."""
+        if step.cache is not None and step.cache.split and not step.prefill:
+            return step.cache.extend_reasoner(step.local_mask)
+        return step.attention_mask, step.position_ids
+
+    @staticmethod
+    def _pending_latent(step: StepInputs) -> torch.Tensor | None:
+        """The latent `[B, H_r]` fused into this step's first position: the cache's pending one (None on prefill)."""
+        if step.prefill:
+            return None
+        if step.cache.pending is None:
+            raise ValueError("the cache holds generator states but no pending reasoner latent: build it with "
+                             "FlyThinkerForCausalLM (a FlyThinkerCache filled by its forward)")
+        return step.cache.pending
+
+    def _prefill_worker(self, step: StepInputs, labels: torch.Tensor | None) -> ReasonerWorker | None:
+        """The worker for an overlapped prefill, or None for the plain sequential one (not a prefill, parallel="off",
+        training, no cache, a 1-token prompt, or extra generator outputs requested; "auto" on CPU with one row)."""
+        B, T = step.input_ids.shape
+        if (not step.prefill or T < 2 or step.cache is None or labels is not None or step.gen_kwargs
+                or self.config.parallel == "off" or (self.training and torch.is_grad_enabled())):
+            return None
+        worker = self.reasoner_worker()
+        if isinstance(worker, InlineWorker):
+            return None
+        if self.config.parallel == "auto" and B == 1 and not isinstance(worker, StreamWorker):
+            # Prefill is compute-bound: on CPU, chunks at one thread per model lost to two threads per model run
+            # one after the other at batch 1 (SmolLM2 pair, 256 tokens: 1662 vs 1307 ms) and won at batch 4
+            # (5161 vs 6094 ms; benchmarks/results/decode.json). "threads" still forces the overlap.
+            return None
+        return worker
+
+    def _output(self, g_out: BaseModelOutputWithPast, cache: FlyThinkerCache | None, labels: torch.Tensor | None,
+                logits_to_keep: int | torch.Tensor, num_items_in_batch: torch.Tensor | int | None,
+                return_dict: bool | None) -> CausalLMOutputWithPast | tuple:
+        """Loss (with labels) and logits (unless the fused loss made them unnecessary) from the generator output."""
+        hidden = g_out.last_hidden_state  # [B, T, H_g]
+        loss = self._lm_loss(hidden, labels, num_items_in_batch) if labels is not None else None
+        logits = None
+        if labels is None or self.config.loss_impl != "fused":
+            logits = self.logits_from_hidden(hidden, logits_to_keep)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache,
+                                     hidden_states=getattr(g_out, "hidden_states", None),
+                                     attentions=getattr(g_out, "attentions", None))
+        return out.to_tuple() if return_dict is False else out
 
     # ------------------------------------------------------------------ generate integration
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
@@ -441,6 +482,54 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
                                                 reasoner_config=self.config.reasoner)
         if generation_config.is_assistant:
             model_kwargs["cache"].activate_past_recording()
+
+
+def _load_lm(name: str, model: PreTrainedModel | str, dtype: torch.dtype | str | None,
+             attn_implementation: str | dict | None) -> PreTrainedModel:
+    """A model object as it is, or a causal LM loaded from a local path (safetensors only: never unpickle)."""
+    if not (isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")):
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"{name} must be a transformers PreTrainedModel or a local path, got {type(model)}")
+        return model
+    kw: dict[str, Any] = {"use_safetensors": True}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    if isinstance(attn_implementation, dict):
+        attn_implementation = attn_implementation.get(name)
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(model, **kw)
+
+
+def _check_reasoner_prompt(input_ids: torch.Tensor, r_ids: torch.Tensor, r_mask: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reasoner's prompt `[B, Q]` and its mask (all ones when None) on the generator's inputs' device."""
+    B = input_ids.shape[0]
+    r_ids = r_ids.to(input_ids.device)
+    if r_ids.dim() != 2 or r_ids.shape[0] != B:
+        raise ValueError(f"reasoner_input_ids must be [B={B}, Q], got {tuple(r_ids.shape)}")
+    r_mask = torch.ones_like(r_ids) if r_mask is None else r_mask.to(input_ids.device)
+    if r_mask.shape != r_ids.shape:
+        raise ValueError(f"reasoner_attention_mask {tuple(r_mask.shape)} != reasoner_input_ids {tuple(r_ids.shape)}")
+    return r_ids, r_mask
+
+
+def _split_fused_count(gen_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Split context, training: fused generator positions per row `[B]` = from the one before the first labelled
+    position to the last real one (at least 1: the last prompt position)."""
+    n = last_real_index(gen_mask) - response_start(labels.to(gen_mask.device)) + 2
+    return n.clamp_min(1)
+
+
+def _emitted_latents(h: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """The latents a forward appends to the cache, `h [B, T, H_r]` times its validity `mask [B, T]`; the last one
+    becomes the pending latent. `last_only`: just the latent of each row's last real position `[B, 1, H_r]`
+    (zero for an all-pad row)."""
+    if last_only:
+        last = last_real_index(mask)  # [B], -1 for an all-pad row
+        h = h[torch.arange(h.shape[0], device=h.device), last.clamp_min(0)][:, None]  # [B, 1, H_r]
+        mask = (last >= 0)[:, None]  # [B, 1]
+    return h * mask[..., None].to(h.dtype)
 
 
 AutoConfig.register("flythinker", FlyThinkerConfig, exist_ok=True)

@@ -171,21 +171,21 @@ def sample_triton(logits: torch.Tensor, a: SamplingArgs, block: int | None = Non
 
 def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = None, top_p: Param = 1.0,
            min_p: Param = 0.0, generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None,
-           backend: str = "auto", check_input: bool = True) -> torch.Tensor:
+           backend: str = "auto", check_inputs: bool = True) -> torch.Tensor:
     """Draw one token per row: logits [B, V] -> LongTensor [B].
 
     temperature / top_k / top_p / min_p: Python scalars or per-row tensors [B] (0 / None / 1.0 / 0.0 = off;
     temperature 0 = greedy). generator: a torch.Generator for the uniforms (drawn on its device). uniforms:
     optional [B] or [B, S] in [0, 1) to use instead (output then [B] or [B, S]; S draws per row share one
     threshold search). backend: "auto" (Triton on CUDA, torch CPU path otherwise), "triton", "cpu", "naive".
-    check_input=False skips the NaN/inf/range checks (one host sync on GPU): only for trusted callers.
+    check_inputs=False skips the NaN/inf/range checks (one host sync on GPU): only for trusted callers.
     """
     if backend == "naive":
         return sample_naive(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             generator=generator, uniforms=uniforms)
     if backend not in ("auto", "triton", "cpu"):
         raise ValueError(f"backend must be 'auto', 'triton', 'cpu' or 'naive', got {backend!r}")
-    a = check_sampling_args(logits, temperature, top_k, top_p, min_p, generator, uniforms, check_input)
+    a = check_sampling_args(logits, temperature, top_k, top_p, min_p, generator, uniforms, check_inputs)
     if backend == "triton" or (backend == "auto" and logits.is_cuda and triton is not None):
         tok = sample_triton(logits, a)
     elif logits.device.type == "cpu":

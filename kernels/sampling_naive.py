@@ -79,11 +79,11 @@ _RANGES = {  # name -> (test on a value, message)
 
 def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = None, top_p: Param = 1.0,
                         min_p: Param = 0.0, generator: torch.Generator | None = None,
-                        uniforms: torch.Tensor | None = None, check_input: bool = True) -> SamplingArgs:
+                        uniforms: torch.Tensor | None = None, check_inputs: bool = True) -> SamplingArgs:
     """Validate the arguments of `sample` and broadcast them to per-row tensors.
 
     Scalar parameters are checked on the host for free. Tensor data (logits, per-row tensors, uniforms) is
-    checked on the device with one host sync when check_input=True; with check_input=False and scalar
+    checked on the device with one host sync when check_inputs=True; with check_inputs=False and scalar
     parameters there is no sync at all (what a CUDA decode loop wants).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
@@ -117,7 +117,7 @@ def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: P
         if uniforms.shape[1] == 0:
             raise ValueError("uniforms must hold at least one sample per row")
     checks, msgs = [], []
-    if check_input:
+    if check_inputs:
         # One pass over the logits: a row max is NaN if the row holds a NaN (max propagates NaN), +inf if it
         # holds +inf, -inf if the row is all -inf.
         row_max = logits.amax(-1)  # [B]
@@ -135,7 +135,7 @@ def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: P
     # (every path also handles a disabled row inside an enabled batch).
     flags = {"greedy": (t, t_s, lambda v: v == 0), "k": (k, k_s, lambda v: (v > 0) & (v < V)),
              "p": (p, p_s, lambda v: v < 1), "m": (mp, mp_s, lambda v: v > 0)}
-    has = {n: bool(f(s)) if s is not None else (None if check_input else True) for n, (_, s, f) in flags.items()}
+    has = {n: bool(f(s)) if s is not None else (None if check_inputs else True) for n, (_, s, f) in flags.items()}
     lazy = [n for n, v in has.items() if v is None]
     checks += [flags[n][2](flags[n][0]).any() for n in lazy]
     if checks:

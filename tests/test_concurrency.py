@@ -11,7 +11,8 @@ import torch
 from model_helpers import EOS, left_pad, random_ids, tiny_pair
 
 import flythinker
-from flythinker import concurrency as cc
+from flythinker import prefill as pf
+from flythinker import workers as cc
 from flythinker.sampling import FusedSamplingLogitsProcessor
 
 ROWS = (9, 13, 5, 11)
@@ -154,16 +155,16 @@ def test_pipelined_prefill_matches_plain(split, fuse_prompt):
     torch.testing.assert_close(a.cache.latents, b.cache.latents, rtol=1e-5, atol=1e-5)
     r_real = kw["reasoner_attention_mask"].bool() if split else real
     for part, keep in (("reasoner", r_real), ("generator", real)):
-        for la, lb in zip(getattr(a.cache, part).layers, getattr(b.cache, part).layers):
+        for la, lb in zip(getattr(a.cache, part).layers, getattr(b.cache, part).layers, strict=True):
             # [B, heads, T, D]; pad slots hold garbage from fully-masked queries (never attended): real ones only
             for x, y in ((la.keys, lb.keys), (la.values, lb.values)):
                 torch.testing.assert_close(x.transpose(1, 2)[keep], y.transpose(1, 2)[keep], rtol=1e-5, atol=1e-5)
 
 
 def test_chunk_bounds():
-    assert cc.chunk_bounds(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
-    assert cc.chunk_bounds(2, 4) == [(0, 1), (1, 2)]
-    assert cc.chunk_bounds(7, 1) == [(0, 7)]
+    assert pf.chunk_bounds(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert pf.chunk_bounds(2, 4) == [(0, 1), (1, 2)]
+    assert pf.chunk_bounds(7, 1) == [(0, 7)]
 
 
 def test_worker_errors_threads_and_modes(monkeypatch):

@@ -14,6 +14,7 @@ from model_helpers import (
     tiny_pair,
 )
 
+from flythinker.alignment import positions_from_mask
 from flythinker.configuration import IGNORE_INDEX
 
 LAM = 0.9
@@ -52,8 +53,9 @@ def rows(seed: int):
 @torch.no_grad()
 def test_split_forward_with_labels_matches_reference_left_padded(model):
     g, r, y = rows(0)
-    G_ids, G_mask = left_pad([torch.cat([a, b]) for a, b in zip(g, y)], EOS)  # pad = EOS: non-zero embedding
-    R_ids, R_mask = left_pad([torch.cat([a, b]) for a, b in zip(r, y)], EOS)
+    # pad = EOS: non-zero embedding
+    G_ids, G_mask = left_pad([torch.cat([a, b]) for a, b in zip(g, y, strict=True)], EOS)
+    R_ids, R_mask = left_pad([torch.cat([a, b]) for a, b in zip(r, y, strict=True)], EOS)
     labels = torch.full_like(G_ids, IGNORE_INDEX)
     for i in range(2):
         labels[i, -len(y[i]):] = y[i]
@@ -73,8 +75,8 @@ def test_split_forward_logits_right_padded_training_batch():
     model = tiny_pair(fusion_lambda=LAM, loss_impl="naive")
     g, r, y = rows(1)
     y[1] = y[1][:2]  # different response lengths
-    Tg = max(len(a) + len(b) for a, b in zip(g, y))
-    Tr = max(len(a) + len(b) for a, b in zip(r, y))
+    Tg = max(len(a) + len(b) for a, b in zip(g, y, strict=True))
+    Tr = max(len(a) + len(b) for a, b in zip(r, y, strict=True))
     G_ids = torch.full((2, Tg), EOS)
     R_ids = torch.full((2, Tr), EOS)
     G_mask, R_mask = torch.zeros_like(G_ids), torch.zeros_like(R_ids)
@@ -183,3 +185,52 @@ def test_split_generate_right_padded_reasoner_prompt_equals_unpadded(model):
         G_mask[0, -1] = 0
         fast_generate(model, torch.cat([g[0], torch.tensor([EOS])])[None], attention_mask=G_mask,
                       max_new_tokens=2, reasoner_input_ids=r[0][None])
+
+
+class _CumsumLog(torch.overrides.TorchFunctionMode):
+    """Records the last-dim length of every cumsum run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.cumsum, torch.Tensor.cumsum):
+            self.lengths.append(args[0].shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_split_decode_reasoner_positions_from_the_cache():
+    """Split-context decode keeps the reasoner's next position per row in the cache: over 20 steps with left- and
+    right-padded reasoner prompts the reasoner sees the positions HF derives from its whole mask (cumsum - 1), and
+    no step runs a cumsum over more than its new tokens (today's code re-cumsums the whole [B, L_r] mask)."""
+    model = tiny_pair()
+    G_ids, G_mask = left_pad([random_ids(1, n, seed=n)[0] for n in (5, 9, 7)])
+    R_ids, R_mask = left_pad([random_ids(1, n, seed=n + 9)[0] for n in (12, 6, 10)])
+    R_mask[2, -2:] = 0  # row 2 also right-padded: its next position is not its length
+    seen = []
+    hook = model.reasoner.get_decoder().register_forward_pre_hook(
+        lambda mod, args, kw: seen.append((kw["position_ids"].clone(), kw["attention_mask"].clone())),
+        with_kwargs=True)
+    with torch.no_grad():
+        out = model(input_ids=G_ids, attention_mask=G_mask, reasoner_input_ids=R_ids, reasoner_attention_mask=R_mask,
+                    use_cache=True)
+        cache, mask, pos = out.cache, G_mask, G_mask.sum(1, keepdim=True) - 1
+        lengths = []
+        for _ in range(20):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+            mask, pos = torch.cat([mask, torch.ones_like(tok)], 1), pos + 1
+            with _CumsumLog() as log:
+                out = model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=cache)
+            lengths += log.lengths
+    hook.remove()
+    assert len(seen) == 21
+    full_mask = seen[-1][1]
+    assert full_mask.shape == (3, R_ids.shape[1] + 20)
+    assert torch.equal(full_mask[:, : R_ids.shape[1]], R_mask) and bool(full_mask[:, R_ids.shape[1]:].all())
+    ref = positions_from_mask(full_mask)  # [B, Q + 20]
+    for k, (p, m) in enumerate(seen[1:]):
+        assert torch.equal(m, full_mask[:, : R_ids.shape[1] + k + 1])
+        assert torch.equal(p, ref[:, R_ids.shape[1] + k][:, None]), k
+    assert torch.equal(cache.reasoner_next_position, R_mask.sum(1) + 20)
+    assert max(lengths, default=1) == 1, lengths  # only the new token's column

@@ -309,7 +309,7 @@ def test_processor_returns_one_hot_scores():
 
 
 def test_unchecked_fast_path_matches():
-    """check_input=False (no host sync with scalar params) gives the same tokens; per-row tensors too."""
+    """check_inputs=False (no host sync with scalar params) gives the same tokens; per-row tensors too."""
     x = make_logits(4, 301, "gumbel", seed=9)
     u = stratified(4, 32)
     rows = {"temperature": torch.tensor([0.0, 0.7, 1.0, 1.3]), "top_k": torch.tensor([0, 5, 0, 40]),
@@ -319,7 +319,7 @@ def test_unchecked_fast_path_matches():
     for kw in ({"temperature": 0.8, "top_k": 7, "top_p": 0.9, "min_p": 0.01}, rows, off):
         for backend in ("cpu", "triton"):
             a = sample(x, uniforms=u, backend=backend, **kw)
-            assert torch.equal(a, sample(x, uniforms=u, backend=backend, check_input=False, **kw))
+            assert torch.equal(a, sample(x, uniforms=u, backend=backend, check_inputs=False, **kw))
             assert torch.equal(a, sample_naive(x, uniforms=u, **kw))
 
 

@@ -1,4 +1,4 @@
-"""Running the reasoner and the generator of a FlyThinker pair at the same time (DESIGN.md 1-2, issue 5).
+"""Workers that run the reasoner's half of a step beside the generator's (DESIGN.md 1-2, issue 5).
 
 At decode step t the reasoner consumes x_t (-> h_t) while the generator consumes x_t fused with h_{t-1}: the two
 halves are independent. A `ReasonerWorker` runs the reasoner's half while the caller runs the generator's:
@@ -17,9 +17,7 @@ reasoner's KV cache (beam reorder, crop, weight updates), so threads it is. Two 
 oversubscription are catastrophic (median 575 ms for the generator alone with 2 threads while other jobs ran), which
 is one more reason to give each model exactly its own cores.
 
-Prefill: `pipelined_prefill` runs the reasoner on chunk k+1 while the generator consumes chunk k with latents it
-already has (shared context), or the generator's prompt minus its last position alongside the reasoner's prefill
-(split context, or shared with `fuse_prompt=False`), then the last position with its latent.
+The prefill schedules that use a worker live beside the model, in `flythinker.prefill`.
 """
 
 from __future__ import annotations
@@ -96,7 +94,6 @@ class ReasonerWorker:
     raises, so a failing generator half never leaves the reasoner mid-way through its cache update.
     """
 
-    kind = "base"
     main_threads: int | None = None  # caller's intra-op threads while a job runs (None: unchanged)
 
     def start(self) -> ReasonerWorker:
@@ -137,8 +134,6 @@ class ReasonerWorker:
 class InlineWorker(ReasonerWorker):
     """Sequential: the job runs inside `submit` (the `parallel="off"` oracle)."""
 
-    kind = "off"
-
     def __init__(self) -> None:
         self._out: tuple[bool, Any] | None = None
 
@@ -166,13 +161,10 @@ class InlineWorker(ReasonerWorker):
 _STOP = object()
 
 
-def _worker_loop(jobs: queue.SimpleQueue, results: queue.SimpleQueue, num_threads: int | None,
-                 setup: Callable[[], None] | None) -> None:
+def _worker_loop(jobs: queue.SimpleQueue, results: queue.SimpleQueue, num_threads: int | None) -> None:
     # No reference to the worker object here: a dropped worker gets garbage-collected and its finalizer stops us.
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    if setup is not None:
-        setup()
     while True:
         job = jobs.get()
         if job is _STOP:
@@ -205,8 +197,6 @@ class ThreadWorker(ReasonerWorker):
             the models then stream their weights from their own core instead of both fighting for both).
     """
 
-    kind = "threads"
-
     def __init__(self, num_threads: int | None = None, main_threads: int | None = None, name: str = "reasoner"):
         main, work = split_cores()
         self.num_threads = work if num_threads is None else num_threads
@@ -218,14 +208,11 @@ class ThreadWorker(ReasonerWorker):
         self._pending = False
         self._finalizer: weakref.finalize | None = None
 
-    def _setup(self) -> Callable[[], None] | None:
-        return None
-
     def start(self) -> ThreadWorker:
         if self._thread is None or not self._thread.is_alive():
             self._jobs, self._results = queue.SimpleQueue(), queue.SimpleQueue()
             self._thread = threading.Thread(target=_worker_loop, name=f"flythinker-{self.name}", daemon=True,
-                                            args=(self._jobs, self._results, self.num_threads, self._setup()))
+                                            args=(self._jobs, self._results, self.num_threads))
             self._thread.start()
             self._finalizer = weakref.finalize(self, _stop_thread, self._jobs, self._thread)
         return self
@@ -279,8 +266,6 @@ class StreamWorker(ThreadWorker):
     another device (its side stream there plus one on the generator's device for the latent copy).
     """
 
-    kind = "streams"
-
     def __init__(self, devices: list[torch.device | str], name: str = "reasoner"):
         super().__init__(num_threads=None, main_threads=None, name=name)
         self.main_threads = None  # the host threads only launch kernels: leave intra-op threads alone
@@ -302,7 +287,7 @@ class StreamWorker(ThreadWorker):
         def job(*args: Any, **kwargs: Any) -> Any:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.cuda.device(self.devices[0]))
-                for d, ev in zip(self.devices, ready):
+                for d, ev in zip(self.devices, ready, strict=True):
                     s = self.streams[d]
                     s.wait_event(ev)
                     stack.enter_context(torch.cuda.stream(s))  # current stream of device d in this thread
@@ -318,7 +303,7 @@ class StreamWorker(ThreadWorker):
 
     def _finish(self, val: Any) -> Any:
         out, done = val
-        for d, ev in zip(self.devices, done):
+        for d, ev in zip(self.devices, done, strict=True):
             torch.cuda.current_stream(d).wait_event(ev)
         for t in _tensors(out):
             if t.is_cuda:
@@ -379,126 +364,31 @@ def _workers() -> weakref.WeakKeyDictionary:
     return _LOCAL.workers
 
 
-def worker_for(model: torch.nn.Module, mode: str | None = None) -> ReasonerWorker:
-    """This thread's worker for the model's `parallel` (or `mode`), created on first use and re-created when the
-    mode or the devices change."""
-    mode = model.config.parallel if mode is None else mode
-    gdev = model.generator.get_input_embeddings().weight.device
-    rdev = model.reasoner.get_input_embeddings().weight.device
-    key = (resolve_mode(mode, gdev, rdev), str(gdev), str(rdev))
+def worker_for(owner: object, mode: str, generator_device: torch.device,
+               reasoner_device: torch.device) -> ReasonerWorker:
+    """This thread's worker of `owner` (a model; weakly referenced) for `parallel=mode`, created on first use and
+    re-created when the mode or the devices change."""
+    key = (resolve_mode(mode, generator_device, reasoner_device), str(generator_device), str(reasoner_device))
     workers = _workers()
-    entry = workers.get(model)
+    entry = workers.get(owner)
     if entry is not None and entry[0] == key and entry[1].alive:
         return entry[1]
     if entry is not None:
         entry[1].close()
-    worker = make_worker(mode, gdev, rdev)
-    workers[model] = (key, worker)
+    worker = make_worker(mode, generator_device, reasoner_device)
+    workers[owner] = (key, worker)
     return worker
 
 
-def shutdown(model: torch.nn.Module) -> None:
-    """Stop this thread's worker of the model now (it also stops when the model is garbage-collected or the calling
+def shutdown(owner: object) -> None:
+    """Stop this thread's worker of `owner` now (it also stops when the owner is garbage-collected or the calling
     thread ends)."""
-    entry = _workers().pop(model, None)
+    entry = _workers().pop(owner, None)
     if entry is not None:
         entry[1].close()
 
 
-def chunk_bounds(T: int, n_chunks: int) -> list[tuple[int, int]]:
-    """`n_chunks` near-equal [a, b) spans covering 0..T (fewer when T is small)."""
-    n = max(1, min(n_chunks, T))
-    edges = [round(i * T / n) for i in range(n + 1)]
-    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def _cat_outputs(outs: list[Any]) -> Any:
-    """Concatenate the chunk outputs of the generator's base model (last_hidden_state along time)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    if len(outs) == 1:
-        return outs[0]
-    hidden = torch.cat([o.last_hidden_state for o in outs], dim=1)
-    return BaseModelOutputWithPast(last_hidden_state=hidden, cache=getattr(outs[-1], "cache", None))
-
-
-def pipelined_shared_prefill(model: Any, worker: ReasonerWorker, input_ids: torch.Tensor,
-                             attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                             src_mask: torch.Tensor, prev: torch.Tensor | None, cache: Any,
-                             n_chunks: int = 4) -> tuple[torch.Tensor, Any]:
-    """Shared-context prefill on an empty cache with the two models overlapped. Returns `(h [B, T, H_r], g_out)`.
-
-    Generator chunk [a, b) needs latents h_{a-1} .. h_{b-2} (slot t is fused into t + 1, where `src_mask` allows).
-    If no slot before T - 2 is fused (fuse_prompt=False at prefill: only the last position), the generator's first
-    T - 1 positions run alongside the whole reasoner prefill, then the last position. Otherwise (fuse at every
-    position) by chunks: reasoner chunk k + 1 runs while the generator consumes chunk k.
-    """
-    B, T = input_ids.shape
-    H_r = model.config.reasoner.hidden_size
-
-    def rsn(a: int, b: int) -> torch.Tensor:
-        m = None if attention_mask is None else attention_mask[:, :b]
-        return model._reasoner_forward(input_ids[:, a:b], m, position_ids[:, a:b], cache, True)
-
-    def gen(a: int, b: int, emb: torch.Tensor) -> Any:
-        m = None if attention_mask is None else attention_mask[:, :b]
-        return model._generator_forward(emb, m, position_ids[:, a:b], cache, True)
-
-    def emb_of(a: int, b: int, h: torch.Tensor) -> torch.Tensor:
-        p = prev if a == 0 else h[:, a - 1] * src_mask[:, a - 1, None].to(h.dtype)
-        return model._fuse(input_ids[:, a:b], h[:, a:b], src_mask[:, a:b], p)
-
-    early = src_mask[:, : T - 2] if T > 2 else src_mask[:, :0]
-    if prev is None and not bool(early.any()):
-        zeros = input_ids.new_zeros(B, T - 1).to(torch.bool)
-        lat0 = torch.zeros(B, T - 1, H_r, dtype=model.reasoner.dtype, device=input_ids.device)
-        emb0 = model._fuse(input_ids[:, : T - 1], lat0, zeros, None)  # = E[x]: nothing fused there
-        g0, h = worker.run_pair(lambda: gen(0, T - 1, emb0), lambda: rsn(0, T))
-        g1 = gen(T - 1, T, emb_of(0, T, h)[:, -1:])
-        return h, _cat_outputs([g0, g1])
-
-    bounds = chunk_bounds(T, n_chunks)
-    hs = [rsn(*bounds[0])]  # nothing to overlap with yet: the caller's full thread count
-    outs = []
-    for k, (a, b) in enumerate(bounds):
-        h = torch.cat(hs, dim=1) if len(hs) > 1 else hs[0]
-        emb = emb_of(a, b, h)  # h covers positions < b: reasoner chunks 0..k are done
-        if k + 1 < len(bounds):
-            g, hn = worker.run_pair(lambda emb=emb, a=a, b=b: gen(a, b, emb), lambda k=k: rsn(*bounds[k + 1]))
-            hs.append(hn)
-        else:
-            g = gen(a, b, emb)
-        outs.append(g)
-    return torch.cat(hs, dim=1), _cat_outputs(outs)
-
-
-def pipelined_split_prefill(model: Any, worker: ReasonerWorker, input_ids: torch.Tensor,
-                            attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                            local_mask: torch.Tensor, r_ids: torch.Tensor, r_mask: torch.Tensor,
-                            r_pos: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-    """Split-context prefill (generation: only the generator's last prompt position is fused, DESIGN.md 2): the
-    generator's first T - 1 positions run alongside the reasoner's whole prefill, then the last position with its
-    latent. Needs `local_mask[:, -1]` all ones (left padding); returns `(h [B, Q, H_r], g_out)`."""
-    from flythinker.alignment import split_alignment, split_latents
-
-    B, T = input_ids.shape
-    H_r = model.config.reasoner.hidden_size
-    zeros = input_ids.new_zeros(B, T - 1).to(torch.bool)
-    lat0 = torch.zeros(B, T - 1, H_r, dtype=model.reasoner.dtype, device=input_ids.device)
-    emb0 = model._fuse(input_ids[:, : T - 1], lat0, zeros, None)  # = E[x]: nothing fused before the last position
-    m0 = None if attention_mask is None else attention_mask[:, : T - 1]
-    g0, h = worker.run_pair(
-        lambda: model._generator_forward(emb0, m0, position_ids[:, : T - 1], cache, True),
-        lambda: model._reasoner_forward(r_ids, r_mask, r_pos, cache, True))
-    n_fused = torch.ones(B, dtype=torch.long, device=input_ids.device)
-    latent, lmask, prev = split_latents(h, *split_alignment(local_mask, r_mask, n_fused))
-    emb = model._fuse(input_ids, latent, lmask, prev)[:, -1:]
-    g1 = model._generator_forward(emb, attention_mask, position_ids[:, -1:], cache, True)
-    return h, _cat_outputs([g0, g1])
-
-
 __all__ = [
-    "InlineWorker", "ReasonerWorker", "StreamWorker", "ThreadWorker", "available_cores", "chunk_bounds",
-    "intra_op_threads", "make_worker", "pipelined_shared_prefill", "pipelined_split_prefill",
-    "resolve_mode", "shutdown", "split_cores", "worker_for",
+    "InlineWorker", "ReasonerWorker", "StreamWorker", "ThreadWorker", "available_cores", "intra_op_threads",
+    "make_worker", "resolve_mode", "shutdown", "split_cores", "worker_for",
 ]
