@@ -15,7 +15,8 @@ Usage::
 `do_sample=False` is what `generate_kwargs()` sets: HF then builds none of its warpers, whatever the model's
 generation_config says, and its argmax returns our token. `do_sample=True` also works (HF's warpers, if any,
 leave a one-hot distribution unchanged, and multinomial of a one-hot is deterministic). HF's own sampling
-stays available: simply don't pass the processor. User processors run after HF's built-in ones (repetition
+stays available: simply don't pass the processor. With `seed`, every `generate` call starts from that seed, so one
+processor handed to two models (or to one model twice) draws paired samples. User processors run after HF's built-in ones (repetition
 penalty, min_length, bad words, ...), so those still shape the scores before the draw. Not meant for beam
 search (the processor would pick one token per beam). The lean decode loop (`flythinker.fast_generate`)
 calls `flythinker.kernels.sample` directly instead.
@@ -33,7 +34,13 @@ class FusedSamplingLogitsProcessor(LogitsProcessor):
     """Draw the next token with the fused sampler; return -inf scores except 0 at the drawn token.
 
     temperature/top_k/top_p/min_p: scalars or per-row tensors [B] (as `flythinker.kernels.sample`).
-    generator: a torch.Generator on the scores' device; or seed: builds one lazily on that device.
+    generator: a torch.Generator on the scores' device (its stream simply continues across calls); or seed: a fresh
+    generator seeded with it at the start of every `generate` call, on the scores' device.
+
+    A processor only sees `(input_ids, scores)`; a call is the next step of the same `generate` when its
+    `input_ids [B, L]` extend the previous step's by exactly one token (same rows, same prefix). Anything else is
+    the start of a new call. The one input that looks like a next step is a new `generate` whose prompt is exactly
+    the previous call's output so far: call `reset()` before it.
     """
 
     def __init__(self, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor | None = None,
@@ -43,20 +50,31 @@ class FusedSamplingLogitsProcessor(LogitsProcessor):
             raise ValueError("pass either generator or seed, not both")
         self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
         self.generator, self.seed, self.backend = generator, seed, backend
-        self.last_tokens: torch.Tensor | None = None  # [B] drawn at the latest step
+        self._prev_ids: torch.Tensor | None = None  # [B, L] input_ids of the latest step
 
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.generator is None and self.seed is not None:
+    def reset(self) -> None:
+        """Start the next call afresh (re-seed), whatever its input_ids look like."""
+        self._prev_ids = None
+
+    def _next_step(self, input_ids: torch.Tensor) -> bool:
+        """Whether `input_ids [B, L]` continue the previous step's sequences by one token (same generate call)."""
+        prev, self._prev_ids = self._prev_ids, input_ids
+        return (prev is not None and input_ids.shape == (prev.shape[0], prev.shape[1] + 1)
+                and input_ids.device == prev.device and torch.equal(input_ids[:, :-1], prev))
+
+    def _generator(self, input_ids: torch.Tensor, device: torch.device) -> torch.Generator | None:
+        if not self._next_step(input_ids) and self.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         tok = sample(scores, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                     generator=self._generator(scores.device), backend=self.backend)  # [B]
-        self.last_tokens = tok
+                     generator=self._generator(input_ids, scores.device), backend=self.backend)  # [B]
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, tok[:, None], 0.0)
 
     def generate_kwargs(self) -> dict:
-        """Keyword arguments for `model.generate` that route token selection through this processor."""
+        """Keyword arguments for `model.generate` that route token selection through this processor (and `reset()`
+        it: the call that uses them starts from the seed)."""
+        self.reset()
         return {"do_sample": False, "logits_processor": LogitsProcessorList([self])}

@@ -235,13 +235,13 @@ def test_masked_row_and_single_token():
 
 # ---------------------------------------------------------------- HF generate integration
 
-def _tiny_llama():
+def _tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights than HF's init: peaked, non-uniform logits
         for p in model.parameters():
@@ -296,6 +296,28 @@ def test_hf_generate_with_fused_processor(one_thread):
     b = model.generate(ids, max_new_tokens=4, pad_token_id=0, do_sample=True, top_k=0, top_p=1.0,
                        temperature=1.0, logits_processor=LogitsProcessorList([p2]))
     assert torch.equal(a, b)
+
+
+def test_seeded_processor_reseeds_per_generate_call(one_thread):
+    """One seeded processor (and one kwargs dict, as the demo builds it) reused across generate calls and models:
+    every call starts from the seed, so the draws are paired with a fresh processor's."""
+    from flythinker.sampling import FusedSamplingLogitsProcessor
+
+    models = [_tiny_llama(0), _tiny_llama(1)]
+    kw = {"temperature": 1.5, "top_k": 0, "top_p": 1.0}
+    ids = torch.tensor([[1, 5, 9, 14], [1, 7, 3, 3]])
+
+    def run(model, gen_kwargs):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                              pad_token_id=0, **gen_kwargs)
+
+    shared = FusedSamplingLogitsProcessor(seed=4, **kw).generate_kwargs()  # built once, used for every call
+    got = [run(m, shared) for m in (models[0], models[1], models[0])]
+    fresh = [run(m, FusedSamplingLogitsProcessor(seed=4, **kw).generate_kwargs()) for m in models]
+    assert torch.equal(got[0], fresh[0]) and torch.equal(got[2], fresh[0])
+    assert torch.equal(got[1], fresh[1])
+    # a different seed gives different samples: the comparisons above are not vacuous
+    assert not torch.equal(run(models[1], FusedSamplingLogitsProcessor(seed=5, **kw).generate_kwargs()), fresh[1])
 
 
 def test_processor_returns_one_hot_scores():
