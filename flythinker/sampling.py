@@ -15,11 +15,13 @@ Usage::
 `do_sample=False` is what `generate_kwargs()` sets: HF then builds none of its warpers, whatever the model's
 generation_config says, and its argmax returns our token. `do_sample=True` also works (HF's warpers, if any,
 leave a one-hot distribution unchanged, and multinomial of a one-hot is deterministic). HF's own sampling
-stays available: simply don't pass the processor. With `seed`, every `generate` call starts from that seed, so one
-processor handed to two models (or to one model twice) draws paired samples. User processors run after HF's built-in ones (repetition
+stays available: simply don't pass the processor. User processors run after HF's built-in ones (repetition
 penalty, min_length, bad words, ...), so those still shape the scores before the draw. Not meant for beam
 search (the processor would pick one token per beam). The lean decode loop (`flythinker.fast_generate`)
 calls `flythinker.kernels.sample` directly instead.
+
+With `seed`, every `generate` call starts from that seed, so one processor handed to two models (or to one model
+twice) draws paired samples.
 """
 
 from __future__ import annotations
