@@ -1,0 +1,120 @@
+"""The Hugging Face side of the vLLM tests, run with the project's main virtualenv (.venv, transformers >= 5.24).
+
+`FlyThinkerForCausalLM`'s HF forward/generate use transformers 5.24's `cache` API while vLLM pins
+transformers < 5.20 (its own .venv-vllm), so the tests in this folder build their checkpoints and the reference
+outputs here, in a subprocess, and compare vLLM against them.
+
+    python hf_side.py make OUT --gen-family llama --rsn-family qwen2 --lam 0.5 [--projection pad]
+        -> OUT/pair (flythinker checkpoint + tokenizer), OUT/generator (the generator alone + tokenizer)
+    python hf_side.py generate CKPT REQUESTS.json OUT.json [--generator-only]
+        REQUESTS.json: {"max_new_tokens": n, "prompts": [[ids...], ...], "reasoner_prompts": [[ids...], ...]?}
+        OUT.json: {"tokens": [[new ids...], ...], "seconds": wall time of generate}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/ (model_helpers)
+
+CORPUS = ("I failed my exam today and I feel bad . Can you help me plan the next week ? "
+          "She likes short practical steps , he wants comfort first . Thank you , that helps a lot . "
+          "What should I do about my job , my sleep and my friends ? Tell me more about it please .")
+
+
+def make(out: Path, gen_family: str, rsn_family: str, lam: float, projection: str, norm_target: str,
+         seed: int) -> None:
+    from model_helpers import tiny_lm
+
+    from flythinker import FlyThinkerForCausalLM
+    from flythinker.persona.wordlevel import word_tokenizer
+
+    tok = word_tokenizer([CORPUS])
+    V = len(tok)
+    # head_dim 32 on both (vLLM's CPU attention needs one of 32, 64, 80, ...); different KV widths per model
+    gen = tiny_lm(gen_family, seed=seed, hidden_size=128, vocab_size=V, num_attention_heads=4,
+                  num_key_value_heads=2)
+    rsn = tiny_lm(rsn_family, seed=seed + 1, hidden_size=64, vocab_size=V, num_attention_heads=2,
+                  num_key_value_heads=1)
+    try:
+        nt: str | float = float(norm_target)
+    except ValueError:
+        nt = norm_target
+    pair = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=lam, projection=projection, norm_target=nt,
+                                           parallel="off")
+    if pair.latent_proj is not None:  # a non-trivial learned map (the init is the "pad" map)
+        with torch.no_grad():
+            pair.latent_proj.weight.add_(torch.randn(pair.latent_proj.weight.shape,
+                                                     generator=torch.Generator().manual_seed(seed)) * 0.1)
+    for sub, model in (("pair", pair), ("generator", gen)):
+        model.save_pretrained(out / sub)
+        tok.save_pretrained(out / sub)
+
+
+def generate(ckpt: Path, requests: dict, generator_only: bool) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from flythinker import FlyThinkerForCausalLM
+
+    model = (AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32) if generator_only
+             else FlyThinkerForCausalLM.from_pretrained(ckpt, dtype=torch.float32)).eval()
+    n = int(requests["max_new_tokens"])
+    rows = [torch.tensor(p) for p in requests["prompts"]]
+    ids, mask = _left_pad(rows)
+    kw = {}
+    if requests.get("reasoner_prompts"):
+        kw["reasoner_input_ids"], kw["reasoner_attention_mask"] = _left_pad(
+            [torch.tensor(p) for p in requests["reasoner_prompts"]])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        # min_new_tokens = max_new_tokens masks EOS: the vLLM side uses min_tokens = max_tokens (same masking)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0, **kw)
+    seconds = time.perf_counter() - t0
+    return {"tokens": out[:, ids.shape[1]:].tolist(), "seconds": seconds}
+
+
+def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        mask[i, L - len(r):] = 1
+    return ids, mask
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("out", type=Path)
+    m.add_argument("--gen-family", default="llama")
+    m.add_argument("--rsn-family", default="llama")
+    m.add_argument("--lam", type=float, default=0.5)
+    m.add_argument("--projection", default="pad")
+    m.add_argument("--norm-target", default="vocab_mean")
+    m.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("generate")
+    g.add_argument("ckpt", type=Path)
+    g.add_argument("requests", type=Path)
+    g.add_argument("out", type=Path)
+    g.add_argument("--generator-only", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.cmd == "make":
+        make(a.out, a.gen_family, a.rsn_family, a.lam, a.projection, a.norm_target, a.seed)
+    else:
+        res = generate(a.ckpt, json.loads(a.requests.read_text()), a.generator_only)
+        a.out.write_text(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
