@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from flythinker.hub import tiny_config
 from flythinker.persona import build_views, make_persona_empathy, mean_rouge_l, strategy_accuracy
 from flythinker.persona.wordlevel import word_tokenizer
 from flythinker.training.collator import FlyThinkerCollator
+from flythinker.training.loop import train_loop
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -50,31 +49,29 @@ PRESETS = {  # quick: < 5 min on 2 busy cores for all five variants
 
 
 def prepare(n_users: int, seed: int, history_sessions: int | None = None):
-    """Records, a word-level tokenizer over the data, and per-split examples (token ids of both views)."""
+    """Records, a word-level tokenizer over the data, and per-split rows (each record with its split views)."""
     hist = {} if history_sessions is None else {"history_sessions": (history_sessions, history_sessions)}
     data = make_persona_empathy(n_users=n_users, seed=seed, **hist)
     texts = [t.text for recs in data.values() for r in recs for t in r.history]
     texts += [r.query.text for recs in data.values() for r in recs]
     texts += [r.response for recs in data.values() for r in recs]
     tok = word_tokenizer(texts)
-    examples = {}
-    for split, recs in data.items():
-        rows = []
-        for r in recs:
-            v = build_views(r, tok, mode="split", system_prompt="")
-            rows.append(dict(query=v.generator_prompt_ids, full=v.reasoner_prompt_ids, response=v.response_ids,
-                             record=r))
-        examples[split] = rows
+    examples = {split: [dict(views=build_views(r, tok, mode="split", system_prompt=""), record=r) for r in recs]
+                for split, recs in data.items()}
     return tok, examples
+
+
+def context(spec: dict) -> str:
+    """Which example of the split views a variant trains on (`Views.example`): a generator alone reads the query
+    view ("generator") or the full view ("shared"); a pair reads both (split) or the full view (shared)."""
+    if not spec["pair"]:
+        return {"query": "generator", "full": "shared"}[spec["view"]]
+    return spec["mode"]
 
 
 def features(rows: list[dict], spec: dict) -> list[dict]:
     """Collator features of one variant: which prompt each model reads."""
-    if not spec["pair"]:
-        return [dict(prompt=r[spec["view"]], response=r["response"]) for r in rows]
-    if spec["mode"] == "shared":
-        return [dict(prompt=r["full"], response=r["response"]) for r in rows]
-    return [dict(generator_prompt=r["query"], reasoner_prompt=r["full"], response=r["response"]) for r in rows]
+    return [r["views"].example(context(spec)) for r in rows]
 
 
 def build_model(spec: dict, vocab: int, args, fusion: dict):
@@ -97,34 +94,18 @@ def build_model(spec: dict, vocab: int, args, fusion: dict):
 
 
 def train(model, feats: list[dict], collate, args) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    rsn = {id(p) for p in model.reasoner.parameters()} if hasattr(model, "reasoner") else set()
-    groups = [{"params": [p for p in params if id(p) not in rsn], "lr": args.lr},
-              {"params": [p for p in params if id(p) in rsn], "lr": args.lr * args.reasoner_lr_scale}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    order = random.Random(args.seed + 2)  # same batches for every variant
-    model.train()
-    losses, t0 = [], time.perf_counter()
-    for _ in range(args.steps):
-        batch = collate(order.sample(feats, args.batch))
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return {"train_seconds": time.perf_counter() - t0, "final_train_loss": sum(losses[-20:]) / len(losses[-20:])}
+    result = train_loop(model, feats, collate, steps=args.steps, batch_size=args.batch, lr=args.lr,
+                        reasoner_lr=args.lr * args.reasoner_lr_scale, weight_decay=0.01, betas=(0.9, 0.98),
+                        warmup_steps=max(1, args.steps // 20), order="sample", seed=args.seed + 2)
+    losses = result.losses  # the same batches for every variant (one seed)
+    return {"train_seconds": result.seconds, "final_train_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
 @torch.no_grad()
 def evaluate(model, rows: list[dict], feats: list[dict], collate, tok, args) -> dict:
     model.eval()
     nll_sum, n_tok, texts = 0.0, 0, []
-    max_new = max(len(r["response"]) for r in rows) + 2
+    max_new = max(len(f["response"]) for f in feats) + 2
     for i in range(0, len(rows), args.eval_batch):
         batch = collate(feats[i:i + args.eval_batch])
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -153,11 +134,12 @@ def run_variant(name: str, tok, examples, args, fusion: dict) -> dict:
     model = build_model(spec, len(tok), args, fusion)
     info = train(model, features(examples["train"], spec), collate, args)
     test = examples["test"][: args.n_test]
-    res = evaluate(model, test, features(test, spec), collate, tok, args)
-    g_view = spec.get("view", "query" if spec.get("mode") == "split" else "full")
-    resp = sum(len(r["response"]) for r in test) / len(test)
-    res["generator_tokens"] = sum(len(r[g_view]) for r in test) / len(test) + resp
-    res["reasoner_tokens"] = (sum(len(r["full"]) for r in test) / len(test) + resp) if spec["pair"] else 0.0
+    feats = features(test, spec)
+    res = evaluate(model, test, feats, collate, tok, args)
+    resp = sum(len(f["response"]) for f in feats) / len(test)
+    res["generator_tokens"] = sum(len(f.get("generator_prompt", f.get("prompt"))) for f in feats) / len(test) + resp
+    res["reasoner_tokens"] = (sum(len(f.get("reasoner_prompt", f.get("prompt"))) for f in feats) / len(test)
+                              + resp) if spec["pair"] else 0.0
     return {**{k: v for k, v in spec.items() if k != "pair"}, **info, **res}
 
 

@@ -3,16 +3,18 @@
 - :class:`FlyThinkerCollator` (``collator``): (prompt, response) pairs / (generator prompt, reasoner prompt,
   response) triples -> padded ``input_ids``/``attention_mask``/``labels`` (+ ``reasoner_*`` for split context).
 - ``trainable``: :func:`set_trainable` ("both" | generator | reasoner | projection), :func:`apply_lora`,
-  :func:`save_merged`, :func:`save_lora_adapters` / :func:`load_lora_adapters`,
+  :func:`save_merged`, :func:`save_lora_adapters` / :func:`load_lora_adapters`, :func:`trainable_state_dict`,
   :func:`enable_gradient_checkpointing`, :func:`autocast`.
 - ``trainer``: :class:`FlyThinkerTrainer` (HF Trainer; LoRA-aware checkpoints), :class:`JsonlLogCallback`.
 - ``data``: :func:`load_examples` (pair/triple/chat JSONL, persona records).
+- ``loop``: :func:`train_loop`, the one small training loop (no Trainer) of the demo and the benchmarks.
 - ``cli`` / ``train``: ``flythinker train`` and ``python -m flythinker.training.train`` (torchrun/accelerate).
 - ``toy``: char tokenizer, tiny saved models and toy tasks for tests and smoke runs.
 """
 
 from flythinker.configuration import IGNORE_INDEX
 from flythinker.training.collator import FlyThinkerCollator
+from flythinker.training.loop import LoopResult, train_loop
 from flythinker.training.trainable import (
     apply_lora,
     autocast,
@@ -26,6 +28,7 @@ from flythinker.training.trainable import (
     save_merged,
     set_trainable,
     trainable_parameters,
+    trainable_state_dict,
 )
 
 
@@ -42,4 +45,5 @@ __all__ = [
     "IGNORE_INDEX", "FlyThinkerCollator", "FlyThinkerTrainer", "JsonlLogCallback", "apply_lora", "autocast",
     "enable_gradient_checkpointing", "load_lora_adapters", "merge_lora", "merged_state_dict", "parse_parts",
     "resolve_precision", "save_lora_adapters", "save_merged", "set_trainable", "trainable_parameters",
+    "trainable_state_dict", "LoopResult", "train_loop",
 ]

@@ -93,6 +93,13 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of the parameters that require grad: what a fine-tune changes, e.g. to cache it
+    (``safetensors.torch.save_file``). The tensors are detached views of the parameters (no copy: ``.clone()``
+    them to keep a snapshot). Load it back with ``model.load_state_dict(state, strict=False)``."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
 # ---- LoRA --------------------------------------------------------------------------------------------------
 def apply_lora(
     model: nn.Module,
