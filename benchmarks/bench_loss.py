@@ -21,42 +21,26 @@ Results: benchmarks/results/loss.{json,png}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
+from benchmarks._common import (  # noqa: E402
+    RESULTS,
+    peak_bytes,
+    plot_naive_vs_fused,
+    reset_peak,
+    rss_bytes,
+    run_worker,
+    serve_worker,
+    worker_parser,
+    write_json,
+)
+
 TARGET_MEM, TARGET_TIME = 0.2, 1.0
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # lifetime peak: upper bound
 
 
 def worker(cfg: dict) -> dict:
@@ -89,13 +73,13 @@ def worker(cfg: dict) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss_bytes()
-        reset_ok = _reset_peak()
+        base = rss_bytes()
+        reset_ok = reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     loss = step()
     sync()
     warm_s, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_bytes(reset_ok)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_bytes(reset_ok)
     times, cpu_times = [], []
     for _ in range(cfg["reps"]):
         hidden.grad = weight.grad = None
@@ -110,29 +94,16 @@ def worker(cfg: dict) -> dict:
             "cpu_s": min(cpu_times) if cpu_times else warm_cpu, "loss": float(loss)}
 
 
-def run_case(cfg: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
-                         text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"case {cfg} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap = worker_parser(__doc__.split("\n")[0], default_out=RESULTS / "loss")
     ap.add_argument("--N", type=int, default=4096)
     ap.add_argument("--H", type=int, default=576)
     ap.add_argument("--V", type=int, nargs="+", default=[49152, 151936])
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in CPU workers")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved naive/fused rounds (min time kept)")
     ap.add_argument("--chunks", action="store_true", help="also sweep chunk sizes at the first V")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=str(RESULTS / "loss"))
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if serve_worker(args, worker):
         return
 
     import torch
@@ -156,7 +127,7 @@ def main() -> None:
         res: dict[str, dict] = {}
         for _ in range(args.rounds):
             for name, impl in (("naive", "naive"), ("fused", fused_impl)):
-                r = run_case({**base, "V": V, "impl": impl})
+                r = run_worker(__file__, {**base, "V": V, "impl": impl})
                 prev = res.setdefault(name, r)
                 if prev is not r:  # keep the lower times; memory is deterministic up to allocator noise
                     for k in ("time_s", "cpu_s"):
@@ -176,41 +147,16 @@ def main() -> None:
         V = args.V[0]
         sweep = []
         for chunk in (64, 256, 512, 2048):
-            r = run_case({**base, "V": V, "impl": fused_impl, "chunk": chunk})
+            r = run_worker(__file__, {**base, "V": V, "impl": fused_impl, "chunk": chunk})
             sweep.append({"chunk": chunk, **r})
             print(f"  chunk {chunk:5d}: {r['peak_growth_mb']:8.1f} MiB {r[timer]:7.2f} s", flush=True)
         report["chunk_sweep"] = {"V": V, "timer": timer, "naive": report["cases"][0]["naive"][timer],
                                  "runs": sweep}
     report["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    write_json(out.with_suffix(".json"), report)
     _plot(report, out.with_suffix(".png"), timer)
     print(f"wrote {out.with_suffix('.json')} and .png")
-
-
-def plot_naive_vs_fused(cases: list[dict], names: list[str], panels: list[tuple[str, str, str]],
-                        labels: tuple[str, str], title: str, path: Path) -> None:
-    """Grouped bars naive vs fused per case, one panel per (value key, y label, ratio key); the ratio is printed
-    over the fused bar. Shared by bench_loss and bench_train_step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = range(len(cases))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (key, unit, rkey) in zip(axes, panels):
-        ax.bar([x - 0.2 for x in xs], [c["naive"][key] for c in cases], 0.4, label=labels[0])
-        ax.bar([x + 0.2 for x in xs], [c["fused"][key] for c in cases], 0.4, label=labels[1])
-        for x, c in zip(xs, cases):
-            ax.text(x + 0.2, c["fused"][key], f"{c[rkey]:.2f}x", ha="center", va="bottom")
-        ax.set_xticks(list(xs), names)
-        ax.set_ylabel(unit)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def _plot(report: dict, path: Path, timer: str) -> None:

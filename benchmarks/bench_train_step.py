@@ -20,18 +20,24 @@ measures the neighbours; wall time is recorded too). Results: benchmarks/results
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loss import _peak_bytes, _reset_peak, _rss_bytes, plot_naive_vs_fused  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
+from benchmarks._common import (  # noqa: E402
+    RESULTS,
+    peak_bytes,
+    plot_naive_vs_fused,
+    reset_peak,
+    rss_bytes,
+    run_worker,
+    serve_worker,
+    worker_parser,
+    write_json,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_MEM, TARGET_TIME = 0.5, 1.15
 
 
@@ -80,14 +86,14 @@ def worker(cfg: dict) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss_bytes()
-        reset_ok = _reset_peak()
+        base = rss_bytes()
+        reset_ok = reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     sync()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_bytes(reset_ok)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_bytes(reset_ok)
     return {"activation_mb": (peak - base) / 2**20, "param_mb": param_mb, "grad_mb": grad_mb, "wall_s": wall,
             "cpu_s": cpu, "loss": float(out.loss), "logits_returned": out.logits is not None}
 
@@ -96,28 +102,19 @@ def run_case(cfg: dict, mmap_threshold: int = 0) -> dict:
     env = dict(os.environ)
     if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
-                         check=False, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"case {cfg} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, cfg, env=env)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap = worker_parser(__doc__.split("\n")[0], default_out=RESULTS / "train_step")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--B", type=int, default=2)
     ap.add_argument("--V", type=int, default=49152)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mmap-threshold", type=int, default=65536)
     ap.add_argument("--no-plain", action="store_true", help="skip the runs without gradient checkpointing")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=str(RESULTS / "train_step"))
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if serve_worker(args, worker):
         return
 
     import torch
@@ -148,8 +145,7 @@ def main() -> None:
               flush=True)
     report["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    write_json(out.with_suffix(".json"), report)
     _plot(report, out.with_suffix(".png"), timer)
     print(f"wrote {out.with_suffix('.json')} and .png")
 

@@ -82,3 +82,10 @@ def test_installed_non_editable(tmp_path):
     record = next(site.glob("flythinker-*.dist-info")) / "RECORD"
     tops = {line.split("/", 1)[0] for line in record.read_text().splitlines()}
     assert "kernels" not in tops and "flythinker" in tops, sorted(tops)
+    # the CLI package ships, and `flythinker bench` (which needs benchmarks/ of a source checkout) says so
+    for sub in ("cli/__init__.py", "cli/common.py", "cli/generate.py", "cli/train.py", "cli/demo.py"):
+        assert (site / "flythinker" / sub).is_file(), sub
+    r = subprocess.run([str(py), "-m", "flythinker.cli", "bench", "--list"], cwd=elsewhere, env=env,
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "source checkout" in lines[0], r.stderr

@@ -1,0 +1,111 @@
+"""What the benchmark scripts share: where results go, the one-subprocess-per-case worker protocol, the memory
+probes the workers read, the JSON output and the naive-vs-fused bar plot.
+
+A script that measures memory runs each case in a fresh process (`run_worker`: `python <script> --worker <cfg
+JSON>`, the last stdout line is the result JSON), so that one case's allocations never inflate another's peak.
+Scripts import this as `benchmarks._common` with the repo root on sys.path, both when run as
+`python -m benchmarks.<name>` (what `flythinker bench` does) and as `python benchmarks/<name>.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---- the worker protocol ---------------------------------------------------------------------------------------
+def worker_parser(description: str, *, default_out: Path) -> argparse.ArgumentParser:
+    """argparse with the options every subprocess-per-case script has: --worker (internal), --threads, --device,
+    --out (results path without suffix: .json and .png are written)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in CPU workers (default: %(default)s)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--out", default=str(default_out), help="results path without suffix (default: %(default)s)")
+    return ap
+
+
+def serve_worker(args: argparse.Namespace, worker: Callable[[dict], dict]) -> bool:
+    """If this process is a worker (`--worker CFG`), run `worker(cfg)`, print its JSON and return True."""
+    if not args.worker:
+        return False
+    print(json.dumps(worker(json.loads(args.worker))))
+    return True
+
+
+def run_worker(script: str | os.PathLike, cfg: dict, *, env: dict | None = None) -> dict:
+    """Run one case of `script` in a fresh process; returns the JSON dict its worker printed last."""
+    out = subprocess.run([sys.executable, str(script), "--worker", json.dumps(cfg)], capture_output=True, text=True,
+                         check=False, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"case {cfg} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- memory probes (Linux /proc) ---------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak() -> bool:
+    """Reset the peak RSS (VmHWM, Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes(reset_ok: bool) -> int:
+    """Peak RSS since :func:`reset_peak` (when it worked), else the lifetime peak (an upper bound)."""
+    if reset_ok:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- output ------------------------------------------------------------------------------------------------------
+def write_json(path: Path, report: dict, *, indent: int = 2) -> Path:
+    """Write a result JSON atomically (a killed run never leaves a truncated file for the report)."""
+    from flythinker.hub import atomic_write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(path, report, indent=indent)
+
+
+def plot_naive_vs_fused(cases: list[dict], names: list[str], panels: list[tuple[str, str, str]],
+                        labels: tuple[str, str], title: str, path: Path) -> None:
+    """Grouped bars naive vs fused per case, one panel per (value key, y label, ratio key); the ratio is printed
+    over the fused bar. Shared by bench_loss and bench_train_step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = range(len(cases))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, unit, rkey) in zip(axes, panels, strict=True):
+        ax.bar([x - 0.2 for x in xs], [c["naive"][key] for c in cases], 0.4, label=labels[0])
+        ax.bar([x + 0.2 for x in xs], [c["fused"][key] for c in cases], 0.4, label=labels[1])
+        for x, c in zip(xs, cases, strict=True):
+            ax.text(x + 0.2, c["fused"][key], f"{c[rkey]:.2f}x", ha="center", va="bottom")
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
