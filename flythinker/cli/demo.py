@@ -18,8 +18,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -139,43 +137,35 @@ def split_views(records, tokenizer, max_reasoner_tokens: int):
 
 
 def finetune(model, tokenizer, records, recipe: Recipe, *, progress: bool = True) -> list[float]:
-    """LoRA fine-tune in split context; returns the loss of each step."""
+    """LoRA fine-tune in split context with the shared `training.loop.train_loop` (AdamW, warm-up + cosine,
+    clipping at 1, one seeded shuffled order); returns the loss of each step. Only the records a batch draws are
+    turned into views."""
     import torch
     from tqdm.auto import tqdm
 
     from flythinker.training.collator import FlyThinkerCollator
-    from flythinker.training.trainable import trainable_parameters
+    from flythinker.training.loop import train_loop
 
-    rng = random.Random(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    params = trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    warmup = max(1, recipe.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) /
-                                                                          max(1, recipe.steps))))
     collator = FlyThinkerCollator(tokenizer=tokenizer, add_eos=False)
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    model.train()
-    losses = []
-    bar = tqdm(range(recipe.steps), desc="fine-tuning (split context)", unit="step", disable=not progress,
+
+    def collate(batch_records):
+        return collator([v.example("split") for v in split_views(batch_records, tokenizer,
+                                                                 recipe.max_reasoner_tokens)])
+
+    bar = tqdm(total=recipe.steps, desc="fine-tuning (split context)", unit="step", disable=not progress,
                file=sys.stdout, dynamic_ncols=True)
-    for step in bar:
-        idx = [order[(step * recipe.batch_size + i) % len(order)] for i in range(recipe.batch_size)]
-        views = split_views([records[i] for i in idx], tokenizer, recipe.max_reasoner_tokens)
-        batch = collator([{"generator_prompt": v.generator_prompt_ids, "reasoner_prompt": v.reasoner_prompt_ids,
-                           "response": v.response_ids} for v in views])
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+
+    def step_done(step: int, losses: list[float]) -> None:
+        bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-8:]) / len(losses[-8:]):.3f}")
-    model.eval()
-    return losses
+
+    torch.manual_seed(recipe.seed)
+    try:
+        result = train_loop(model, records, collate, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                            order="shuffle", seed=recipe.seed, progress=step_done)
+    finally:
+        bar.close()
+    return result.losses
 
 
 # ---- the cached fine-tune ------------------------------------------------------------------------------------------
