@@ -1,21 +1,26 @@
 """Joint training: it learns, lambda = 0 leaves the reasoner without gradient, frozen parts get no gradient and no
-optimizer state, LoRA trains/saves/loads on each model, Trainer checkpoints reload, checkpointing is exact."""
+optimizer state, LoRA trains/saves/loads on each model (per-layer too), Trainer checkpoints reload, checkpointing is
+exact, and the small shared loop (training.loop.train_loop) reproduces the benchmark's old loop bit for bit."""
 
 import copy
+import math
+import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
+from flythinker.hub import tiny_config
 from flythinker.modeling import FlyThinkerForCausalLM
-from flythinker.models import tiny_config
 from flythinker.training.collator import FlyThinkerCollator
+from flythinker.training.loop import batch_indices, param_groups, train_loop
 from flythinker.training.toy import char_tokenizer, reverse_task, secret_task
 from flythinker.training.trainable import (
     apply_lora,
     autocast,
     enable_gradient_checkpointing,
     load_lora_adapters,
+    lora_parts,
     merge_lora,
     merged_state_dict,
     parse_parts,
@@ -24,6 +29,7 @@ from flythinker.training.trainable import (
     save_merged,
     set_trainable,
     trainable_parameters,
+    trainable_state_dict,
 )
 from flythinker.training.trainer import FlyThinkerTrainer
 
@@ -320,3 +326,110 @@ def test_left_and_right_padding_give_the_same_loss(task):
     batch = FlyThinkerCollator(tokenizer=TOK)(data)
     assert all(m.min() == 0 for k, m in batch.items() if k.endswith("attention_mask"))  # there is padding
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+# ---- the shared small loop (training.loop) ---------------------------------------------------------------------
+def benchmark_loop_before_issue_11(model, feats, steps, batch, lr, reasoner_lr_scale, seed):
+    """benchmarks/personalization.py's own loop as it was (the oracle for reproducibility)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rsn = {id(p) for p in model.reasoner.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in rsn], "lr": lr},
+              {"params": [p for p in params if id(p) in rsn], "lr": lr * reasoner_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    order = random.Random(seed)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**COLLATE(order.sample(feats, batch))).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_reproduces_the_benchmark_loop_exactly():
+    """Same batches, same optimizer groups and schedule: bit-identical losses and weights to the loop
+    benchmarks/personalization.py had, so its numbers stay reproducible."""
+    feats = secret_task(24, seed=1)
+    ref_model, model = tiny_pair(projection="linear"), tiny_pair(projection="linear")
+    want = benchmark_loop_before_issue_11(ref_model, feats, steps=12, batch=4, lr=3e-3, reasoner_lr_scale=0.5,
+                                          seed=2)
+    got = train_loop(model, feats, COLLATE, steps=12, batch_size=4, lr=3e-3, reasoner_lr=1.5e-3, weight_decay=0.01,
+                     betas=(0.9, 0.98), warmup_steps=max(1, 12 // 20), order="sample", seed=2)
+    assert got.losses == want and got.seconds > 0
+    for (name, a), (_, b) in zip(ref_model.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert not model.training  # left in eval mode
+
+
+def test_learns_and_reports_progress():
+    model = tiny_pair()
+    data = reverse_task(64, seed=0)
+    seen = []
+    result = train_loop(model, data, COLLATE, steps=30, batch_size=8, lr=3e-3,
+                        progress=lambda step, losses: seen.append((step, len(losses))))
+    assert seen == [(i, i + 1) for i in range(30)]
+    assert len(result.losses) == 30 and sum(result.losses[-5:]) < sum(result.losses[:5])
+    before = {k: v.clone() for k, v in trainable_state_dict(model).items()}
+    assert train_loop(model, data, COLLATE, steps=0, batch_size=8, lr=3e-3).losses == []  # 0 steps: no change
+    assert all(torch.equal(v, trainable_state_dict(model)[k]) for k, v in before.items())
+
+
+def test_batch_orders():
+    shuffle = batch_indices(10, 5, 4, order="shuffle", seed=3)
+    flat = [i for b in shuffle for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and flat[10:] == flat[:10]  # one permutation, cycled
+    sample = batch_indices(10, 50, 4, order="sample", seed=3)
+    assert all(len(set(b)) == 4 for b in sample) and sample == batch_indices(10, 50, 4, order="sample", seed=3)
+    assert sample != batch_indices(10, 50, 4, order="sample", seed=4)
+    with pytest.raises(ValueError, match="order must be"):
+        batch_indices(10, 1, 2, order="random")
+    with pytest.raises(ValueError, match="without repeats"):
+        batch_indices(3, 1, 4, order="sample")
+    with pytest.raises(ValueError, match="at least one example"):
+        batch_indices(0, 1, 1)
+
+
+def test_param_groups_and_errors():
+    model = tiny_pair(projection="linear")
+    groups = {g["part"]: g for g in param_groups(model, 1e-3, reasoner_lr=2e-3, fusion_lr=5e-2)}
+    assert {k: g["lr"] for k, g in groups.items()} == {"generator": 1e-3, "projection": 5e-2, "reasoner": 2e-3}
+    assert [p for g in groups.values() for p in g["params"]] != []
+    assert {id(p) for p in groups["projection"]["params"]} == {id(p) for p in model.latent_proj.parameters()}
+    set_trainable(model, "generator")
+    assert [g["part"] for g in param_groups(model, 1e-3, fusion_lr=1.0)] == ["generator"]
+    plain = AutoModelForCausalLM.from_config(tiny_config())
+    assert [g["part"] for g in param_groups(plain, 1e-3, fusion_lr=1.0)] == ["generator"]  # a plain LM
+    plain.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_loop(plain, reverse_task(4), COLLATE, steps=1, batch_size=2, lr=1e-3)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train_loop(model, reverse_task(4), COLLATE, steps=1, batch_size=2, lr=1e-3, warmup_steps=0)
+
+
+def test_per_layer_lora_goes_through_apply_lora():
+    """The demo's choice (LoRA on every generator layer, on the top reasoner layer only) made with apply_lora, so
+    lora_parts / merged_state_dict see it, and the loop trains the adapters only."""
+    model = tiny_pair()  # 2 layers each
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    apply_lora(model, "generator", r=4, alpha=8, target_modules=targets)
+    apply_lora(model, "reasoner", r=4, alpha=8, target_modules=targets, layers=[1])
+    set_trainable(model, ("generator", "reasoner"))
+    assert set(lora_parts(model)) == {"generator", "reasoner"}
+    state = {k: v.clone() for k, v in trainable_state_dict(model).items()}
+    assert state and all(".lora_" in k for k in state)
+    r_layers = {k.split(".layers.")[1].split(".")[0] for k in state if k.startswith("reasoner.")}
+    g_layers = {k.split(".layers.")[1].split(".")[0] for k in state if k.startswith("generator.")}
+    assert r_layers == {"1"} and g_layers == {"0", "1"}
+    train_loop(model, secret_task(16), COLLATE, steps=3, batch_size=4, lr=1e-2)
+    after = trainable_state_dict(model)
+    assert any(not torch.equal(after[k], v) for k, v in state.items() if "lora_B" in k)
+    assert after[next(iter(after))].data_ptr() == dict(model.named_parameters())[next(iter(after))].data_ptr()
+    merged = merged_state_dict(model)
+    assert not any("lora_" in k for k in merged) and "generator.model.layers.0.mlp.up_proj.weight" in merged
