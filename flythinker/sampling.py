@@ -47,7 +47,7 @@ class FusedSamplingLogitsProcessor(LogitsProcessor):
 
     def __init__(self, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor | None = None,
                  top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
-                 generator: torch.Generator | None = None, seed: int | None = None, backend: str = "auto"):
+                 generator: torch.Generator | None = None, seed: int | None = None, backend: str | None = None):
         if generator is not None and seed is not None:
             raise ValueError("pass either generator or seed, not both")
         self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p

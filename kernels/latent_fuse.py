@@ -15,24 +15,19 @@ the table through c); pass a float (or 0-dim tensor) norm_target to reuse a cach
 from __future__ import annotations
 
 import math
-import os
 from numbers import Real
 
 import torch
 
 from . import latent_fuse_cpp
+from ._backend import HAS_TRITON, choose, register
 from .latent_fuse_naive import latent_fuse_naive, vocab_mean_norm
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - non-Linux installs
-    HAS_TRITON = False
-
 _CONST, _TOKEN, _CONST_PTR = 0, 1, 2  # norm modes (C++ knows 0 and 1; a tensor target is read as float there)
-BACKENDS = ("auto", "triton", "cpp", "torch")
 
 if HAS_TRITON:
 
@@ -259,36 +254,22 @@ class LatentFuseFunction(torch.autograd.Function):
                 gprev if need_prev else None, gP) + (None,) * 6
 
 
-def _pick_backend(backend: str | None, device: torch.device) -> str:
-    backend = backend or os.environ.get("FLYTHINKER_LATENT_FUSE_BACKEND") or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"latent_fuse: unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        if device.type == "cuda" and HAS_TRITON:
-            return "triton"
-        if device.type == "cpu" and latent_fuse_cpp.load():
-            return "cpp"
-        return "torch"
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("latent_fuse: backend='triton' but triton is not installed")
-        if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError(f"latent_fuse: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), "
-                             f"got {device}")
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"latent_fuse: backend='cpp' needs CPU tensors, got {device}")
-        if not latent_fuse_cpp.load():
-            raise RuntimeError(f"latent_fuse: the C++ op is unavailable ({latent_fuse_cpp._state['error']})")
-    return backend
+def _cpp_why_not(device: torch.device) -> Exception | None:
+    if device.type != "cpu":
+        return ValueError(f"needs CPU tensors, got {device} tensors")
+    if not latent_fuse_cpp.load():
+        return RuntimeError(f"needs the C++ op, which is unavailable ({latent_fuse_cpp._state['error']})")
+    return None
+
+
+register("latent_fuse", ("triton", "cpp", "torch"), {"cpp": _cpp_why_not})
 
 
 def _is_float_tensor(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
-def validate(input_ids, weight, latent, mask, lam, norm_target, projection, prev_latent, eps, allow_negative_lambda):
-    """Shape/dtype/device/scalar checks (no host sync). -> (lam: float, norm mode, norm constant or tensor)."""
+def _check_shapes(input_ids, weight, latent) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() \
             or input_ids.dtype == torch.bool:
         raise TypeError(f"latent_fuse: input_ids must be an integer tensor, got {_describe(input_ids)}")
@@ -300,37 +281,35 @@ def validate(input_ids, weight, latent, mask, lam, norm_target, projection, prev
         if x.dim() != rank:
             raise ValueError(f"latent_fuse: {name} must have {rank} dims, got shape {tuple(x.shape)}")
     B, T = input_ids.shape
-    V, H_g = weight.shape
-    H_r = latent.shape[2]
-    if tuple(latent.shape[:2]) != (B, T) or H_r == 0 or H_g == 0:
+    if tuple(latent.shape[:2]) != (B, T) or latent.shape[2] == 0 or weight.shape[1] == 0:
         raise ValueError(f"latent_fuse: latent must be [B, T, H_r] = [{B}, {T}, H_r>0], got {tuple(latent.shape)} "
                          f"(weight {tuple(weight.shape)})")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.is_complex():
-            raise TypeError(f"latent_fuse: mask must be a bool/int/float tensor or None, got {_describe(mask)}")
-        if tuple(mask.shape) != (B, T):
-            raise ValueError(f"latent_fuse: mask must be [B, T] = [{B}, {T}], got {tuple(mask.shape)}")
-    if prev_latent is not None:
-        if not _is_float_tensor(prev_latent):
-            raise TypeError(f"latent_fuse: prev_latent must be a floating-point tensor, got {_describe(prev_latent)}")
-        if tuple(prev_latent.shape) != (B, H_r):
-            raise ValueError(f"latent_fuse: prev_latent must be [B, H_r] = [{B}, {H_r}], got "
-                             f"{tuple(prev_latent.shape)}")
-    if projection is None:
-        if H_r > H_g:
-            raise ValueError(f"latent_fuse: the 'pad' projection needs H_r <= H_g, got H_r={H_r} > H_g={H_g}; "
-                             "pass a [H_g, H_r] linear projection instead")
-    else:
-        if not _is_float_tensor(projection):
-            raise TypeError(f"latent_fuse: projection must be a floating-point tensor, got {_describe(projection)}")
-        if tuple(projection.shape) != (H_g, H_r):
-            raise ValueError(f"latent_fuse: projection must be [H_g, H_r] = [{H_g}, {H_r}], got "
-                             f"{tuple(projection.shape)}")
+
+
+def _check_optional(input_ids, weight, latent, mask, projection, prev_latent) -> None:
+    """mask [B, T], prev_latent [B, H_r], projection [H_g, H_r] (None: "pad", needs H_r <= H_g), one device."""
+    (B, T), H_g, H_r = input_ids.shape, weight.shape[1], latent.shape[2]
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.is_complex()):
+        raise TypeError(f"latent_fuse: mask must be a bool/int/float tensor or None, got {_describe(mask)}")
+    if mask is not None and tuple(mask.shape) != (B, T):
+        raise ValueError(f"latent_fuse: mask must be [B, T] = [{B}, {T}], got {tuple(mask.shape)}")
+    for name, x, dims, shape in (("prev_latent", prev_latent, "B, H_r", (B, H_r)),
+                                 ("projection", projection, "H_g, H_r", (H_g, H_r))):
+        if x is not None and not _is_float_tensor(x):
+            raise TypeError(f"latent_fuse: {name} must be a floating-point tensor, got {_describe(x)}")
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"latent_fuse: {name} must be [{dims}] = {list(shape)}, got {tuple(x.shape)}")
+    if projection is None and H_r > H_g:
+        raise ValueError(f"latent_fuse: the 'pad' projection needs H_r <= H_g, got H_r={H_r} > H_g={H_g}; "
+                         "pass a [H_g, H_r] linear projection instead")
     tensors = {"input_ids": input_ids, "weight": weight, "latent": latent, "mask": mask,
                "prev_latent": prev_latent, "projection": projection}
     devices = {k: v.device for k, v in tensors.items() if v is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"latent_fuse: all tensors must be on one device, got {devices}")
+
+
+def _check_scalars(lam, eps, allow_negative_lambda) -> float:
     if isinstance(lam, torch.Tensor) and lam.numel() == 1 and not lam.is_complex():
         lam = float(lam)  # a host sync on CUDA: pass a Python float on hot paths
     if isinstance(lam, bool) or not isinstance(lam, Real):
@@ -342,24 +321,34 @@ def validate(input_ids, weight, latent, mask, lam, norm_target, projection, prev
         raise ValueError(f"latent_fuse: lam must be >= 0, got {lam} (pass allow_negative_lambda=True to allow it)")
     if isinstance(eps, bool) or not isinstance(eps, Real) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"latent_fuse: eps must be a finite number > 0, got {eps!r}")
+    return lam
+
+
+def _norm_mode(norm_target, device):
+    """-> (norm mode, norm constant: a float, a 0-dim tensor on `device`, or None for "vocab_mean")."""
+    unknown = f"latent_fuse: unknown norm_target {norm_target!r}; expected 'vocab_mean', 'token' or a number"
     if isinstance(norm_target, str):
-        if norm_target == "vocab_mean":
-            return lam, _CONST_PTR, None
-        if norm_target == "token":
-            return lam, _TOKEN, 0.0
-        raise ValueError(f"latent_fuse: unknown norm_target {norm_target!r}; expected 'vocab_mean', 'token' or a "
-                         "number")
+        if norm_target not in ("vocab_mean", "token"):
+            raise ValueError(unknown)
+        return (_CONST_PTR, None) if norm_target == "vocab_mean" else (_TOKEN, 0.0)
     if isinstance(norm_target, torch.Tensor):
         if norm_target.numel() != 1 or not norm_target.is_floating_point():
             raise ValueError(f"latent_fuse: a tensor norm_target must be a 1-element float tensor, got "
                              f"{_describe(norm_target)}")
-        return lam, _CONST_PTR, norm_target.detach().reshape(()).to(device=weight.device)
+        return _CONST_PTR, norm_target.detach().reshape(()).to(device=device)
     if isinstance(norm_target, bool) or not isinstance(norm_target, Real):
-        raise ValueError(f"latent_fuse: unknown norm_target {norm_target!r}; expected 'vocab_mean', 'token' or a "
-                         "number")
+        raise ValueError(unknown)
     if not (math.isfinite(norm_target) and norm_target >= 0):
         raise ValueError(f"latent_fuse: a numeric norm_target must be finite and >= 0, got {norm_target}")
-    return lam, _CONST, float(norm_target)
+    return _CONST, float(norm_target)
+
+
+def validate(input_ids, weight, latent, mask, lam, norm_target, projection, prev_latent, eps, allow_negative_lambda):
+    """Shape/dtype/device/scalar checks (no host sync). -> (lam: float, norm mode, norm constant or tensor)."""
+    _check_shapes(input_ids, weight, latent)
+    _check_optional(input_ids, weight, latent, mask, projection, prev_latent)
+    lam = _check_scalars(lam, eps, allow_negative_lambda)
+    return (lam, *_norm_mode(norm_target, weight.device))
 
 
 def check_values(input_ids, V, latent, prev_latent, norm_tensor) -> None:
@@ -378,7 +367,7 @@ def check_values(input_ids, V, latent, prev_latent, norm_tensor) -> None:
     if lo < 0 or hi >= V:
         raise ValueError(f"latent_fuse: input_ids out of range [0, {V}): min {int(lo)}, max {int(hi)}")
     names = ["latent"] + (["prev_latent"] if prev_latent is not None else [])
-    for name, x, sm in zip(names, (latent, prev_latent), sums):
+    for name, x, sm in zip(names, (latent, prev_latent), sums, strict=False):
         if not math.isfinite(sm) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"latent_fuse: {name} contains NaN or inf")
     if norm_tensor is not None and not (math.isfinite(sums[-1]) and sums[-1] >= 0):
@@ -412,8 +401,8 @@ def latent_fuse(
     norm_target: "vocab_mean" (mean row norm of `weight`, a constant), "token" (||E[x_t]||, differentiable
     unless detach_norm), or a fixed float / 0-dim tensor (e.g. a cached vocab mean: avoids re-reading the table).
     detach_norm=False also differentiates through ||h|| (and ||E[x_t]|| for "token").
-    backend: "auto" (Triton for CUDA, C++ for CPU, else the twin), "triton", "cpp" or "torch"; default from
-    FLYTHINKER_LATENT_FUSE_BACKEND. check_inputs=False skips the value checks (ids in range, finite latents),
+    backend: "auto" (Triton for CUDA, C++ for CPU, else the twin), "triton", "cpp" or "torch"; None: from
+    FLYTHINKER_LATENT_FUSE_BACKEND, else "auto" (kernels/_backend.py). check_inputs=False skips the value checks (ids in range, finite latents),
     which cost one host sync; shapes, dtypes and devices are always checked.
     """
     lam, mode, c = validate(input_ids, weight, latent, mask, lam, norm_target, projection, prev_latent, eps,
@@ -421,7 +410,7 @@ def latent_fuse(
     B, T = input_ids.shape
     if B * T == 0:
         return weight[input_ids]
-    chosen = _pick_backend(backend, weight.device)
+    chosen = choose("latent_fuse", backend, weight.device)
     if check_inputs:
         check_values(input_ids, weight.shape[0], latent, prev_latent, c if isinstance(c, torch.Tensor) else None)
     if chosen == "torch":

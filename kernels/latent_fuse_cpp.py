@@ -27,13 +27,10 @@ def _source() -> Path | None:
     for cand in (here.parent / "csrc" / "latent_fuse.cpp", here.parent / "flythinker" / "csrc" / "latent_fuse.cpp"):
         if cand.is_file():
             return cand
-    try:
-        import flythinker
+    import flythinker  # this module is flythinker.kernels.latent_fuse_cpp: the package is always there
 
-        cand = Path(flythinker.__file__).resolve().parent / "csrc" / "latent_fuse.cpp"
-        return cand if cand.is_file() else None
-    except ImportError:  # pragma: no cover
-        return None
+    cand = Path(flythinker.__file__).resolve().parent / "csrc" / "latent_fuse.cpp"
+    return cand if cand.is_file() else None
 
 
 def _registered() -> bool:

@@ -18,17 +18,14 @@ time on CPU (per 512-row chunk: 0.60 + 0.47 + 0.47 s vs 0.12 s for all the in-pl
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .linear_cross_entropy_naive import linear_cross_entropy_naive, loss_denominator
+from ._backend import HAS_TRITON, choose, register
+from .linear_cross_entropy_naive import loss_denominator
 
-try:  # triton is a Linux-only dependency; the torch path works without it
+if HAS_TRITON:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 # Default chunk: the [C, V] logits slab is kept no larger than the LM head itself (C ~ H rows, e.g. 512 for
 # SmolLM2's H=576) and at most 2^27 elements (512 MiB fp32). Liger's original C=1 floor (C ~ N*H/V, 64 rows
@@ -51,7 +48,7 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # Triton: one program per row, online softmax over V in BLOCK_V tiles, dlogits written over the logits.
 # ----------------------------------------------------------------------------------------------------------
-if triton is not None:
+if HAS_TRITON:
 
     @triton.jit
     def _tanh(x):
@@ -231,10 +228,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return gx, gw, None, None, None, None, None, None
 
 
-_IMPLS = ("auto", "triton", "torch", "naive")
+register("linear_cross_entropy", ("triton", "torch"))
 
 
-def _check_inputs(hidden, weight, labels, chunk_size, softcap, impl):
+def _check_args(hidden, weight, labels, chunk_size, softcap):
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"linear_cross_entropy: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -258,8 +255,6 @@ def _check_inputs(hidden, weight, labels, chunk_size, softcap, impl):
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int or None, got {chunk_size!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"linear_cross_entropy: softcap must be a positive number or None, got {softcap!r}")
-    if impl not in _IMPLS:
-        raise ValueError(f"linear_cross_entropy: impl must be one of {_IMPLS}, got {impl!r}")
 
 
 def _check_label_range(labels, vocab, ignore_index):
@@ -275,38 +270,39 @@ def _check_label_range(labels, vocab, ignore_index):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          ignore_index: int = -100, num_items_in_batch: torch.Tensor | int | None = None,
                          chunk_size: int | None = None, softcap: float | None = None,
-                         impl: str = "auto") -> torch.Tensor:
+                         backend: str | None = None, check_inputs: bool = True, impl: str | None = None
+                         ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `labels` without materialising the [N, V] logits.
 
     hidden: [N, H], weight: [V, H] (the LM head), labels: [N] int (`ignore_index` rows contribute nothing).
     Returns an fp32 scalar: sum of token losses / `num_items_in_batch` (HF Trainer's gradient-accumulation
     count; tensor or int) or / the number of non-ignored labels; 0 (and zero gradients) if all are ignored.
     chunk_size: tokens per chunk (default `default_chunk_size`). softcap: Gemma-2 final-logit softcapping.
-    impl: "auto" (Triton for CUDA tensors, else the chunked PyTorch path), "triton" (also on CPU under
-    TRITON_INTERPRET=1), "torch", or "naive" (the materialising oracle). Gradients flow only to inputs that
-    require grad (a frozen LM head gets no [V, H] accumulator); fp32 accumulation for fp16/bf16 inputs.
+    backend: "auto" (Triton for CUDA tensors, else the chunked PyTorch path), "triton" (also on CPU under
+    TRITON_INTERPRET=1) or "torch"; None: from FLYTHINKER_LINEAR_CROSS_ENTROPY_BACKEND, else "auto"
+    (kernels/_backend.py; `impl` is the earlier name of this argument). The materialising oracle is
+    `linear_cross_entropy_naive`. check_inputs=False skips the label range check (a host sync on CPU, an
+    asynchronous device assert on CUDA). Gradients flow only to inputs that require grad (a frozen LM head gets no
+    [V, H] accumulator); fp32 accumulation for fp16/bf16 inputs.
     """
-    _check_inputs(hidden, weight, labels, chunk_size, softcap, impl)
-    if impl == "naive":
-        return linear_cross_entropy_naive(hidden, weight, labels, ignore_index=ignore_index,
-                                          num_items_in_batch=num_items_in_batch, softcap=softcap)
+    if impl is not None:
+        if backend is not None and backend != impl:
+            raise ValueError(f"linear_cross_entropy: impl={impl!r} and backend={backend!r} disagree (impl is the "
+                             "earlier name of backend)")
+        backend = impl
+    _check_args(hidden, weight, labels, chunk_size, softcap)
+    use_triton = choose("linear_cross_entropy", backend, hidden.device) == "triton"
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # what F.linear would do under autocast
         amp_dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(amp_dtype), weight.to(amp_dtype)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
-    use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda and triton is not None)
-    if use_triton:
-        if triton is None:
-            raise RuntimeError("linear_cross_entropy: impl='triton' needs the triton package")
-        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("linear_cross_entropy: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 "
-                             "(set before triton is imported); use impl='torch' on CPU")
     N, H = hidden.shape
     V = weight.shape[0]
     labels = labels.long()
-    _check_label_range(labels, V, ignore_index)
+    if check_inputs:
+        _check_label_range(labels, V, ignore_index)
     scale = loss_denominator(labels, ignore_index, num_items_in_batch).reciprocal()  # [] fp32, on device
     if use_triton:
         labels = labels.contiguous()

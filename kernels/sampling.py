@@ -2,9 +2,10 @@
 
 `sample(logits [B, V], *, temperature, top_k, top_p, min_p, generator) -> tokens [B]` dispatches to
 
-* a Triton kernel (CUDA tensors; also CPU tensors under TRITON_INTERPRET=1, with backend="triton"),
-* `sampling_cpu.sample_cpu` (CPU tensors): torch.topk + a bincount radix select, no full sort,
-* `sampling_naive.sample_naive` (backend="naive"): the sort-based twin and oracle.
+* "triton": a Triton kernel (CUDA tensors; also CPU tensors under TRITON_INTERPRET=1),
+* "torch": `sampling_cpu.sample_cpu` on CPU tensors (torch.topk + a bincount radix select, no full sort), the
+  sort-based twin's torch ops on other devices,
+and `sampling_naive.sample_naive` is the sort-based twin and oracle (a function, not a backend).
 
 Semantics (filter order, ties, the crossing token kept, greedy, the inverse-CDF draw) are documented once in
 `sampling_naive`'s module docstring and shared by all three paths: given the same uniforms they return the
@@ -29,16 +30,17 @@ import os
 
 import torch
 
+from ._backend import HAS_TRITON, choose, register
 from .sampling_cpu import sample_cpu
 from .sampling_naive import Param, SamplingArgs, check_sampling_args, sample_naive
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - triton is optional on CPU-only installs
-    triton = None
 
-if triton is not None:
+register("sample", ("triton", "torch"))
+
+if HAS_TRITON:
     _ONE_BITS = tl.constexpr(0x3F800000)  # bits of 1.0f == max(w)
 
     @triton.jit
@@ -148,8 +150,6 @@ def sample_triton(logits: torch.Tensor, a: SamplingArgs, block: int | None = Non
     """Launch one program per row. logits [B, V], validated args -> tokens [B, S] int64.
 
     block: tile width override (a power of 2), so tests can exercise the multi-tile loops on small V."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     B, V = logits.shape
@@ -171,27 +171,22 @@ def sample_triton(logits: torch.Tensor, a: SamplingArgs, block: int | None = Non
 
 def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = None, top_p: Param = 1.0,
            min_p: Param = 0.0, generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None,
-           backend: str = "auto", check_inputs: bool = True) -> torch.Tensor:
+           backend: str | None = None, check_inputs: bool = True) -> torch.Tensor:
     """Draw one token per row: logits [B, V] -> LongTensor [B].
 
     temperature / top_k / top_p / min_p: Python scalars or per-row tensors [B] (0 / None / 1.0 / 0.0 = off;
     temperature 0 = greedy). generator: a torch.Generator for the uniforms (drawn on its device). uniforms:
     optional [B] or [B, S] in [0, 1) to use instead (output then [B] or [B, S]; S draws per row share one
-    threshold search). backend: "auto" (Triton on CUDA, torch CPU path otherwise), "triton", "cpu", "naive".
+    threshold search). backend: "auto" (Triton on CUDA, the torch path otherwise), "triton" or "torch"; None: from
+    FLYTHINKER_SAMPLE_BACKEND, else "auto" (kernels/_backend.py). The sort-based oracle is `sample_naive`.
     check_inputs=False skips the NaN/inf/range checks (one host sync on GPU): only for trusted callers.
     """
-    if backend == "naive":
-        return sample_naive(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            generator=generator, uniforms=uniforms)
-    if backend not in ("auto", "triton", "cpu"):
-        raise ValueError(f"backend must be 'auto', 'triton', 'cpu' or 'naive', got {backend!r}")
+    chosen = choose("sample", backend, logits.device if isinstance(logits, torch.Tensor) else "cpu")
     a = check_sampling_args(logits, temperature, top_k, top_p, min_p, generator, uniforms, check_inputs)
-    if backend == "triton" or (backend == "auto" and logits.is_cuda and triton is not None):
+    if chosen == "triton":
         tok = sample_triton(logits, a)
     elif logits.device.type == "cpu":
         tok = sample_cpu(logits, a)
-    elif backend == "cpu":
-        raise ValueError(f"backend='cpu' needs a CPU tensor, got one on {logits.device}")
     else:  # another accelerator, or CUDA without triton: the twin's torch ops run anywhere
         return sample_naive(logits, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                             uniforms=a.uniforms[:, 0] if a.squeeze else a.uniforms)

@@ -77,6 +77,49 @@ _RANGES = {  # name -> (test on a value, message)
 }
 
 
+def _check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a tensor of shape [B, V], got {got}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if logits.numel() == 0:
+        raise ValueError(f"logits must be non-empty, got shape {tuple(logits.shape)}")
+
+
+def _uniforms(uniforms: torch.Tensor | None, generator: torch.Generator | None, B: int,
+              dev: torch.device) -> tuple[torch.Tensor, bool, bool]:
+    """(uniforms [B, S] fp32 on dev, squeeze the output to [B], whether the values need a range check)."""
+    if uniforms is None:
+        gdev = generator.device if generator is not None else dev
+        return torch.rand((B, 1), generator=generator, device=gdev, dtype=torch.float32).to(dev), True, False
+    if not isinstance(uniforms, torch.Tensor) or uniforms.dim() not in (1, 2) or uniforms.shape[0] != B:
+        raise ValueError(f"uniforms must have shape [B] or [B, S] with B={B}")
+    squeeze = uniforms.dim() == 1
+    uniforms = uniforms.reshape(B, -1).to(device=dev, dtype=torch.float32)
+    if uniforms.shape[1] == 0:
+        raise ValueError("uniforms must hold at least one sample per row")
+    return uniforms, squeeze, True
+
+
+def _value_checks(logits: torch.Tensor, params: dict, uniforms: torch.Tensor | None
+                  ) -> tuple[list[torch.Tensor], list[str]]:
+    """Device-side checks (0-dim bool tensors, True = bad) and their messages, read later in one host sync."""
+    # One pass over the logits: a row max is NaN if the row holds a NaN (max propagates NaN), +inf if it holds
+    # +inf, -inf if the row is all -inf.
+    row_max = logits.amax(-1)  # [B]
+    checks = [torch.isnan(row_max).any(), (row_max == float("inf")).any(), (row_max == float("-inf")).any()]
+    msgs = ["logits contain NaN", "logits contain +inf", "a row of logits is all -inf (no token can be sampled)"]
+    for name, (tensor, scalar) in params.items():
+        if scalar is None:
+            checks.append(~_RANGES[name][0](tensor).all())
+            msgs.append(_RANGES[name][1])
+    if uniforms is not None:
+        checks.append(~((uniforms >= 0) & (uniforms < 1)).all())
+        msgs.append("uniforms must lie in [0, 1)")
+    return checks, msgs
+
+
 def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = None, top_p: Param = 1.0,
                         min_p: Param = 0.0, generator: torch.Generator | None = None,
                         uniforms: torch.Tensor | None = None, check_inputs: bool = True) -> SamplingArgs:
@@ -86,14 +129,8 @@ def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: P
     checked on the device with one host sync when check_inputs=True; with check_inputs=False and scalar
     parameters there is no sync at all (what a CUDA decode loop wants).
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"logits must be a tensor of shape [B, V], got {got}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    _check_logits(logits)
     B, V = logits.shape
-    if B == 0 or V == 0:
-        raise ValueError(f"logits must be non-empty, got shape {(B, V)}")
     dev = logits.device
     params = {}
     for name, value, dtype in (("temperature", temperature, torch.float32),
@@ -105,31 +142,8 @@ def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: P
             raise ValueError(f"{msg}, got {scalar}")
         params[name] = (tensor, scalar)
     (t, t_s), (k, k_s), (p, p_s), (mp, mp_s) = params.values()
-    if uniforms is None:
-        gdev = generator.device if generator is not None else dev
-        uniforms = torch.rand((B, 1), generator=generator, device=gdev, dtype=torch.float32).to(dev)
-        squeeze, check_u = True, False
-    else:
-        if not isinstance(uniforms, torch.Tensor) or uniforms.dim() not in (1, 2) or uniforms.shape[0] != B:
-            raise ValueError(f"uniforms must have shape [B] or [B, S] with B={B}")
-        squeeze, check_u = uniforms.dim() == 1, True
-        uniforms = uniforms.reshape(B, -1).to(device=dev, dtype=torch.float32)
-        if uniforms.shape[1] == 0:
-            raise ValueError("uniforms must hold at least one sample per row")
-    checks, msgs = [], []
-    if check_inputs:
-        # One pass over the logits: a row max is NaN if the row holds a NaN (max propagates NaN), +inf if it
-        # holds +inf, -inf if the row is all -inf.
-        row_max = logits.amax(-1)  # [B]
-        checks += [torch.isnan(row_max).any(), (row_max == float("inf")).any(), (row_max == float("-inf")).any()]
-        msgs += ["logits contain NaN", "logits contain +inf", "a row of logits is all -inf (no token can be sampled)"]
-        for name, (tensor, scalar) in params.items():
-            if scalar is None:
-                checks.append(~_RANGES[name][0](tensor).all())
-                msgs.append(_RANGES[name][1])
-        if check_u:
-            checks.append(~((uniforms >= 0) & (uniforms < 1)).all())
-            msgs.append("uniforms must lie in [0, 1)")
+    uniforms, squeeze, check_u = _uniforms(uniforms, generator, B, dev)
+    checks, msgs = _value_checks(logits, params, uniforms if check_u else None) if check_inputs else ([], [])
     k = torch.where(k >= V, torch.zeros_like(k), k)
     # "is this filter on for some row": known on the host for scalars; for unchecked tensors assume yes
     # (every path also handles a disabled row inside an enabled batch).
@@ -140,10 +154,10 @@ def check_sampling_args(logits: torch.Tensor, temperature: Param = 1.0, top_k: P
     checks += [flags[n][2](flags[n][0]).any() for n in lazy]
     if checks:
         values = torch.stack(checks).tolist()  # the one host sync
-        for bad, msg in zip(values, msgs):
+        for bad, msg in zip(values, msgs, strict=False):  # values also holds the lazy flags, after the checks
             if bad:
                 raise ValueError(msg)
-        for n, v in zip(lazy, values[len(msgs):]):
+        for n, v in zip(lazy, values[len(msgs):], strict=True):
             has[n] = bool(v)
     return SamplingArgs(t, k, p, mp, uniforms, squeeze, has["greedy"], has["k"], has["p"], has["m"])
 

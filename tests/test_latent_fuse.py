@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 from flythinker.kernels import latent_fuse_cpp
-from flythinker.kernels.latent_fuse import _pick_backend, latent_fuse
+from flythinker.kernels._backend import choose
+from flythinker.kernels.latent_fuse import latent_fuse
 from flythinker.kernels.latent_fuse_naive import latent_fuse_naive, vocab_mean_norm
 
 HAS_CPP = latent_fuse_cpp.load()
@@ -56,7 +57,7 @@ def check_case(backend, ids, W, L, mask, P, pv, tol, **kw):
     out, grads, _ = run(latent_fuse, ids, W, L, mask, P, pv, g=g, backend=backend, **kw)
     assert out.dtype == W.dtype and out.shape == ref.shape
     torch.testing.assert_close(out, ref, **tol)
-    for name, a, b in zip(["weight", "latent", "projection", "prev_latent"], grads, rgrads):
+    for name, a, b in zip(["weight", "latent", "projection", "prev_latent"], grads, rgrads, strict=False):
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
 
@@ -240,14 +241,19 @@ def test_bad_input_raises(case):
 
 def test_backend_selection(monkeypatch):
     cpu = torch.device("cpu")
-    assert _pick_backend(None, cpu) == ("cpp" if HAS_CPP else "torch")
+    assert choose("latent_fuse", None, cpu) == ("cpp" if HAS_CPP else "torch")  # never the interpreter
+    assert choose("latent_fuse", None, "cuda") == "triton"
     monkeypatch.setenv("FLYTHINKER_LATENT_FUSE_BACKEND", "torch")
-    assert _pick_backend(None, cpu) == "torch"
-    assert _pick_backend("triton", cpu) == "triton"  # tests run with TRITON_INTERPRET=1
+    assert choose("latent_fuse", None, cpu) == "torch"
+    assert choose("latent_fuse", "triton", cpu) == "triton"  # tests run with TRITON_INTERPRET=1
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA"):
-        _pick_backend("triton", cpu)
-    assert _pick_backend(None, torch.device("meta")) == "torch"
+        choose("latent_fuse", "triton", cpu)
+    with pytest.raises(ValueError, match="needs CPU tensors"):
+        choose("latent_fuse", "cpp", torch.device("meta"))
+    assert choose("latent_fuse", None, torch.device("meta")) == "torch"
+    with pytest.raises(ValueError, match="not implemented"):
+        choose("linear_cross_entropy", "cpp", cpu)
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch):
@@ -266,7 +272,7 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch):
     msgs = [str(w.message) for w in rec if "C++ CPU op" in str(w.message)]
     assert len(msgs) == 1 and "command not found" in msgs[0] and "PyTorch twin" in msgs[0]
     torch.testing.assert_close(outs[0], latent_fuse_naive(ids, W, L, mask, lam=0.5))
-    with pytest.raises(RuntimeError, match="C\\+\\+ op is unavailable"):
+    with pytest.raises(RuntimeError, match="C\\+\\+ op, which is unavailable"):
         latent_fuse(ids, W, L, mask, lam=0.5, backend="cpp")
 
 

@@ -54,9 +54,41 @@ def stratified(B: int, S: int) -> torch.Tensor:
     return ((torch.arange(S) + 0.5) / S).expand(B, S).contiguous()  # [B, S]
 
 
+def draw(x, backend, **kw):
+    """`sample` on a backend, or the sort-based twin for "naive" (the twin is a function, not a backend)."""
+    return sample_naive(x, **kw) if backend == "naive" else sample(x, backend=backend, **kw)
+
+
+def test_triton_refused_where_it_cannot_run(monkeypatch):
+    """backend="triton" on plain CPU tensors (no interpreter) is a clear error, not a kernel launch; the old
+    spellings of the backends name their replacement; "auto" on CPU never picks the interpreter."""
+    from flythinker.kernels._backend import backend_report
+
+    x = make_logits(2, 50)
+    assert torch.equal(sample(x, temperature=0.0), x.argmax(-1))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="sample: backend='triton' needs CUDA tensors"):
+        sample(x, backend="triton")
+    monkeypatch.setenv("FLYTHINKER_SAMPLE_BACKEND", "triton")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        sample(x)
+    assert backend_report("cpu")["sample"].startswith("error: sample: backend='triton'")
+    monkeypatch.setenv("FLYTHINKER_SAMPLE_BACKEND", "torch")
+    assert backend_report("cpu")["sample"] == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FLYTHINKER_SAMPLE_BACKEND")
+    assert backend_report("cpu")["sample"] == "torch" and backend_report("cuda")["sample"] == "triton"
+    with pytest.raises(ValueError, match="use backend='torch'"):
+        sample(x, backend="cpu")
+    with pytest.raises(ValueError, match="call sample_naive"):
+        sample(x, backend="naive")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        sample(x, backend="cuda")
+
+
 def check_against_twin(x, backend, S=256, **kw):
     u = stratified(x.shape[0], S)
-    tok = sample(x, uniforms=u, backend=backend, **kw)  # [B, S]
+    tok = draw(x, uniforms=u, backend=backend, **kw)  # [B, S]
     ref = sample_naive(x, uniforms=u, **kw)
     mask, probs = sampling_probs_naive(x, **kw)
     allowed = mask & (probs > 0)
@@ -112,7 +144,7 @@ def test_triton_per_row_params_fp16_noncontiguous():
     x = (3 * torch.randn(333, 5)).half().t()  # [5, 333] fp16, stride (1, 5)
     kw = {"temperature": torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0]), "top_k": torch.tensor([0, 3, 400, 50, 1]),
           "top_p": torch.tensor([1.0, 0.9, 0.5, 1.0, 0.2]), "min_p": torch.tensor([0.0, 0.0, 0.1, 0.3, 0.0])}
-    for backend in ("triton", "cpu"):
+    for backend in ("triton", "torch"):
         check_against_twin(x, backend, S=64, **kw)
         check_against_twin(x.bfloat16(), backend, S=64, **kw)
 
@@ -135,13 +167,13 @@ def test_triton_random_draws_distribution(name):
 def test_cpu_matches_twin(V, name):
     kind = "wide" if V in BIG_V else "gumbel"
     x = make_logits(2, V, kind, inf_frac=0.5 if V == 1000 else 0.0, seed=V)
-    check_against_twin(x, "cpu", S=512, **FILTERS[name])
+    check_against_twin(x, "torch", S=512, **FILTERS[name])
 
 
 def test_cpu_ties():
     x = make_logits(4, 5003, "ties", inf_frac=0.2, seed=2)
     for kw in ({"top_k": 3}, {"top_k": 1}, {"top_p": 0.3}, {"top_p": 0.999}, {"top_k": 9, "top_p": 0.5, "min_p": 0.2}):
-        check_against_twin(x, "cpu", S=128, **kw)
+        check_against_twin(x, "torch", S=128, **kw)
 
 
 @pytest.mark.parametrize("V", [100, 151936])
@@ -153,7 +185,7 @@ def test_cpu_random_draws_distribution(V, name):
     _, probs = sampling_probs_naive(x, **FILTERS[name])
     N = 20000
     g = torch.Generator().manual_seed(0)
-    tok = sample(x, uniforms=torch.rand(1, N, generator=g), backend="cpu", **FILTERS[name])[0]
+    tok = sample(x, uniforms=torch.rand(1, N, generator=g), backend="torch", **FILTERS[name])[0]
     freq = torch.bincount(tok, minlength=V).double() / N
     p = probs[0].double()
     assert (p[freq > 0] > 0).all()
@@ -166,32 +198,32 @@ def test_cpu_random_draws_distribution(V, name):
 
 # ---------------------------------------------------------------- greedy, reproducibility, errors
 
-@pytest.mark.parametrize("backend", ["triton", "cpu", "naive"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
 def test_greedy_and_top1_are_argmax(backend):
-    Vs = [5, 777, *BIG_V] if backend == "cpu" else [5, 777]
+    Vs = [5, 777, *BIG_V] if backend == "torch" else [5, 777]
     for V in Vs:
         x = make_logits(3, V, "normal", seed=V)
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             xd = x.to(dtype)
             ref = xd.float().argmax(-1)
-            assert torch.equal(sample(xd, temperature=0.0, backend=backend), ref)
-            assert torch.equal(sample(xd, top_k=1, backend=backend), ref)
-            assert torch.equal(sample(xd, top_k=1, top_p=0.3, temperature=3.0, backend=backend), ref)
+            assert torch.equal(draw(xd, temperature=0.0, backend=backend), ref)
+            assert torch.equal(draw(xd, top_k=1, backend=backend), ref)
+            assert torch.equal(draw(xd, top_k=1, top_p=0.3, temperature=3.0, backend=backend), ref)
     tied = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0], [float("-inf"), 3.0, 3.0, -1.0, 0.0]])
-    assert sample(tied, temperature=0.0, backend=backend).tolist() == [1, 1]  # ties -> lowest index
+    assert draw(tied, temperature=0.0, backend=backend).tolist() == [1, 1]  # ties -> lowest index
 
 
 @pytest.mark.parametrize("V", [50, 151936])
 def test_seeded_runs_reproducible_across_backends(V):
     x = make_logits(4, V, "gumbel", seed=7)
     kw = {"temperature": 0.9, "top_k": 40, "top_p": 0.9}
-    backends = ["cpu", "naive"] + (["triton"] if V == 50 else [])
-    runs = {b: sample(x, generator=torch.Generator().manual_seed(123), backend=b, **kw) for b in backends}
+    backends = ["torch", "naive"] + (["triton"] if V == 50 else [])
+    runs = {b: draw(x, generator=torch.Generator().manual_seed(123), backend=b, **kw) for b in backends}
     for b in backends:
-        assert torch.equal(runs[b], sample(x, generator=torch.Generator().manual_seed(123), backend=b, **kw))
+        assert torch.equal(runs[b], draw(x, generator=torch.Generator().manual_seed(123), backend=b, **kw))
         assert torch.equal(runs[b], runs["naive"]), b  # same uniforms -> same token on every path
-    many = sample(x, uniforms=torch.rand(4, 64, generator=torch.Generator().manual_seed(1)), backend="cpu", **kw)
-    other = sample(x, uniforms=torch.rand(4, 64, generator=torch.Generator().manual_seed(2)), backend="cpu", **kw)
+    many = sample(x, uniforms=torch.rand(4, 64, generator=torch.Generator().manual_seed(1)), backend="torch", **kw)
+    other = sample(x, uniforms=torch.rand(4, 64, generator=torch.Generator().manual_seed(2)), backend="torch", **kw)
     assert not torch.equal(many, other)
 
 
@@ -215,22 +247,22 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu", "naive"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_raises(backend, case):
     _, make, msg = case
     x, kw = make(torch.randn(2, 11))
     with pytest.raises(ValueError, match=msg):
-        sample(x, backend=backend, **kw)
+        draw(x, backend=backend, **kw)
 
 
 def test_masked_row_and_single_token():
     x = torch.full((2, 9), float("-inf"))
     x[0, 4] = 1.0
     x[1, 8] = -3.0
-    for backend in ("triton", "cpu", "naive"):
+    for backend in ("triton", "torch", "naive"):
         for kw in ({}, {"top_p": 0.1}, {"top_k": 5, "min_p": 0.5}):
-            assert sample(x, backend=backend, **kw).tolist() == [4, 8]
+            assert draw(x, backend=backend, **kw).tolist() == [4, 8]
 
 
 # ---------------------------------------------------------------- HF generate integration
@@ -339,8 +371,8 @@ def test_unchecked_fast_path_matches():
     off = {"temperature": torch.ones(4), "top_k": torch.zeros(4, dtype=torch.long), "top_p": torch.ones(4),
            "min_p": torch.zeros(4)}  # every filter off in every row: flags are assumed on when unchecked
     for kw in ({"temperature": 0.8, "top_k": 7, "top_p": 0.9, "min_p": 0.01}, rows, off):
-        for backend in ("cpu", "triton"):
-            a = sample(x, uniforms=u, backend=backend, **kw)
+        for backend in ("torch", "triton"):
+            a = draw(x, uniforms=u, backend=backend, **kw)
             assert torch.equal(a, sample(x, uniforms=u, backend=backend, check_inputs=False, **kw))
             assert torch.equal(a, sample_naive(x, uniforms=u, **kw))
 
@@ -376,7 +408,7 @@ def test_triton_kernel_compiles_for_sm90():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu", "naive"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
 def test_per_row_params_from_0dim_and_strided_tensors(backend):
     """A 0-dim tensor (expanded to stride 0) or a strided [B] view as a per-row parameter: every path reads row r's
     own value (the Triton kernel indexes ptr + r, so the dispatcher must hand it a contiguous tensor)."""
@@ -384,6 +416,6 @@ def test_per_row_params_from_0dim_and_strided_tensors(backend):
     logits = torch.randn(8, 50)
     greedy = logits.argmax(-1)
     zero_0dim = torch.zeros(4)[0]  # a 0-dim view into a bigger storage
-    assert torch.equal(sample(logits, temperature=zero_0dim, backend=backend), greedy)
+    assert torch.equal(draw(logits, temperature=zero_0dim, backend=backend), greedy)
     temps = torch.stack([torch.zeros(8), torch.ones(8)], dim=1)[:, 0]  # [8] zeros with stride 2
-    assert torch.equal(sample(logits, temperature=temps, backend=backend), greedy)
+    assert torch.equal(draw(logits, temperature=temps, backend=backend), greedy)
