@@ -29,12 +29,15 @@ from typing import Any
 
 import torch
 from transformers import StaticCache
+from transformers.utils import logging
 
 from flythinker.cache import FlyThinkerCache
 from flythinker.kernels import sample
 from flythinker.modeling import FlyThinkerForCausalLM
-from flythinker.workers import ReasonerWorker
+from flythinker.shared_base import SharedStep, is_shared_base
+from flythinker.workers import InlineWorker, ReasonerWorker
 
+logger = logging.get_logger(__name__)
 GeneratorStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -51,6 +54,7 @@ class DecodeState:
     worker: ReasonerWorker  # runs the reasoner's half beside the generator's (config.parallel)
     P: int  # generator prompt length
     Q: int  # reasoner prompt length (P in shared context)
+    shared: SharedStep | None = None  # shared-base pair: both halves' rows in one batched forward
 
 
 def prefill(model: FlyThinkerForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor,
@@ -66,8 +70,20 @@ def prefill(model: FlyThinkerForCausalLM, input_ids: torch.Tensor, mask: torch.T
     gen_pos = mask[:, :P].sum(1, keepdim=True) - 1  # [B, 1]: the last prompt token is real (left padding)
     # the reasoner's prompt may be right-padded: the cache knows its next position
     rsn_pos = gen_pos if rsn_ids is None else cache.reasoner_next_position[:, None] - 1
-    state = DecodeState(cache, mask, rsn_mask, gen_pos, rsn_pos, cache.pending, model.reasoner_worker(), P, Q)
+    shared = (SharedStep(model, cache.generator, cache.reasoner, mask, rsn_mask, P, Q, N)
+              if is_shared_base(model) else None)
+    worker = model.reasoner_worker() if shared is None else InlineWorker()
+    state = DecodeState(cache, mask, rsn_mask, gen_pos, rsn_pos, cache.pending, worker, P, Q, shared)
     return out.logits[:, -1].float(), state
+
+
+def decode_path(model: FlyThinkerForCausalLM) -> str:
+    """Which one-token step `fast_generate` runs for `model`: "shared-base batched" (one forward of 2B rows through
+    the shared base), or the two-copy step in the worker's mode ("sequential" / "threads" / "streams")."""
+    if is_shared_base(model):
+        return "shared-base batched"
+    return {"InlineWorker": "sequential", "ThreadWorker": "threads", "StreamWorker": "streams"}.get(
+        type(model.reasoner_worker()).__name__, type(model.reasoner_worker()).__name__)
 
 
 def generator_step(model: FlyThinkerForCausalLM, cache: FlyThinkerCache) -> GeneratorStep:
@@ -89,6 +105,9 @@ def decode_one_token(model: FlyThinkerForCausalLM, state: DecodeState, tok: torc
     state.mask[:, state.P + s] = 1
     state.rsn_mask[:, state.Q + s] = 1  # the same tensor as mask in shared context
     embeds = model.fuse_pending(t, state.pending, check_inputs=False)  # [B, 1, H_g]
+    if state.shared is not None:
+        logits, state.pending = state.shared(embeds, t, state.gen_pos, state.rsn_pos, s)
+        return logits
 
     def reasoner_half() -> torch.Tensor:  # [B, H_r]: the new token is always attended, nothing to zero
         return model.reasoner_forward(t, state.rsn_mask, state.rsn_pos, state.cache, True)[:, -1]
@@ -220,4 +239,89 @@ def fast_generate(
     return torch.cat([input_ids, new], dim=1)
 
 
-__all__ = ["DecodeState", "decode_n_tokens", "decode_one_token", "fast_generate", "generator_step", "prefill"]
+# ---------------------------------------------------------------------------------------------- generate()'s fast path
+# kwargs the fast path reproduces; anything else (beams, processors, stopping criteria, extra outputs, a user cache,
+# ...) goes to transformers' loop
+_FAST_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "num_beams",
+                "eos_token_id", "pad_token_id", "streamer", "reasoner_input_ids", "reasoner_attention_mask",
+                "generation_config", "logits_processor", "use_cache"}
+# generation-config fields (as diffs from the defaults) that leave greedy decoding what the fast loop does
+_FAST_CONFIG = {"bos_token_id", "eos_token_id", "pad_token_id", "max_new_tokens", "max_length", "do_sample",
+                "num_beams", "use_cache", "temperature", "top_k", "top_p", "min_p", "transformers_version",
+                "_from_model_config", "output_attentions", "output_hidden_states"}
+
+
+def _fused_sampler(procs: Any) -> dict | None:
+    """fast_generate's sampling kwargs for a logits_processor list that is exactly one seeded, scalar
+    FusedSamplingLogitsProcessor (it draws what fast_generate draws with the same seed); None otherwise."""
+    from flythinker.sampling import FusedSamplingLogitsProcessor
+
+    if procs is None or len(procs) == 0:
+        return {}
+    if len(procs) != 1 or type(procs[0]) is not FusedSamplingLogitsProcessor:
+        return None
+    p = procs[0]
+    if p.seed is None or p._prev_ids is not None or p.backend is not None or any(
+            isinstance(v, torch.Tensor) for v in (p.temperature, p.top_k, p.top_p, p.min_p)):
+        return None
+    return {"do_sample": True, "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+            "seed": p.seed}
+
+
+def _fast_path_plan(model: FlyThinkerForCausalLM, args: tuple, kwargs: dict) -> tuple[dict | None, str]:
+    """(fast_generate kwargs, "") if this generate() call is one the lean loop reproduces token for token, else
+    (None, why not)."""
+    import copy
+
+    if len(args) > 1 or (args and "input_ids" in kwargs):
+        return None, "positional arguments beyond input_ids"
+    extra = sorted(set(kwargs) - _FAST_KWARGS)
+    if extra:
+        return None, f"arguments {extra}"
+    ids = args[0] if args else kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or model.training:
+        return None, "no 2-D input_ids (or training mode)"
+    gc = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    gc.update(**{k: v for k, v in kwargs.items() if k in _FAST_CONFIG})
+    diff = sorted(set(gc.to_diff_dict()) - _FAST_CONFIG)
+    if diff or gc.do_sample or (gc.num_beams or 1) != 1 or gc.use_cache is False:
+        return None, f"generation config {diff or 'sampling / beams / no cache'}"
+    sampler = _fused_sampler(kwargs.get("logits_processor"))
+    if sampler is None:
+        return None, "logits processors"
+    mask = kwargs.get("attention_mask")
+    P = ids.shape[1]
+    if mask is None and gc.pad_token_id is not None and bool((ids == gc.pad_token_id).any()):
+        return None, "no attention_mask and pad tokens in the prompt (transformers infers a mask)"
+    if mask is not None and (mask.shape != ids.shape or not bool(mask[:, -1].all())):
+        return None, "not a left-padded [B, P] attention_mask"
+    n = gc.max_new_tokens if gc.max_new_tokens is not None else (gc.max_length or 20) - P
+    if n < 1:
+        return None, "no new tokens to make"
+    eos = gc.eos_token_id
+    plan = dict(attention_mask=mask, max_new_tokens=int(n), streamer=kwargs.get("streamer"),
+                eos_token_id=[] if eos is None else eos, pad_token_id=gc.pad_token_id,
+                reasoner_input_ids=kwargs.get("reasoner_input_ids"),
+                reasoner_attention_mask=kwargs.get("reasoner_attention_mask"), **sampler)
+    return plan, ""
+
+
+def generate_fast_path(model: FlyThinkerForCausalLM, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Run `model.generate(*args, **kwargs)` on the lean loop when it gives the same tokens (greedy, or one seeded
+    FusedSamplingLogitsProcessor; no beams, other processors, stopping criteria or extra outputs), with the
+    shared-base batched step for a shared-base pair. Returns the ids `[B, P + n]`, or None: use transformers'
+    loop. Sets `model.last_generate_path` and logs it at DEBUG level."""
+    plan, why = _fast_path_plan(model, args, kwargs)
+    if plan is None:
+        model.last_generate_path = "transformers generate"
+        logger.debug("generate: transformers' loop (%s)", why)
+        return None
+    ids = args[0] if args else kwargs["input_ids"]
+    model.last_generate_path = f"fast static-cache loop, {decode_path(model)} step"
+    logger.debug("generate: %s", model.last_generate_path)
+    out = fast_generate(model, ids, **plan)
+    return out.clone()  # a normal tensor, not an inference-mode one (as transformers' generate returns)
+
+
+__all__ = ["DecodeState", "decode_n_tokens", "decode_one_token", "decode_path", "fast_generate",
+           "generate_fast_path", "generator_step", "prefill"]

@@ -84,6 +84,12 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
                  reasoner: PreTrainedModel | None = None):
         super().__init__(config)
         config.check_fusion()
+        if generator is None and reasoner is None and getattr(config, "shared_base", None) is not None:
+            # a saved shared-base pair (flythinker.shared_base): one base, two adapters
+            from flythinker.shared_base import SharedBaseSpec, build_halves
+
+            generator, reasoner = build_halves(AutoModelForCausalLM.from_config(config.generator),
+                                               SharedBaseSpec.from_dict(config.shared_base))
         self.generator = generator if generator is not None else AutoModelForCausalLM.from_config(config.generator)
         self.reasoner = reasoner if reasoner is not None else AutoModelForCausalLM.from_config(config.reasoner)
         emb = self.generator.get_input_embeddings()
@@ -145,7 +151,26 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
         kwargs["use_safetensors"] = True
-        return super().from_pretrained(*args, **kwargs)
+        model = super().from_pretrained(*args, **kwargs)
+        from flythinker.shared_base import retie
+
+        retie(model)  # a shared-base pair: the loader may have replaced the base parameter objects
+        return model
+
+    @classmethod
+    def from_shared_base(cls, base: PreTrainedModel | str, *, r: int = 8, lora_alpha: float = 16,
+                         target_modules: list[str] | None = None, lora_dropout: float = 0.0,
+                         generator_adapter: Any = None, reasoner_adapter: Any = None, **fusion: Any
+                         ) -> FlyThinkerForCausalLM:
+        """A pair of one base model with two LoRA adapters, the base weights held once (flythinker.shared_base):
+        `base` becomes the generator (a model object is modified in place), the reasoner shares its weights.
+        Adapters: fresh rank-`r` ones (B = 0: both halves start as the base), or a peft `PeftModel` / adapter
+        folder each. Decoding runs both halves' rows as one batched forward through the base."""
+        from flythinker.shared_base import from_shared_base
+
+        return from_shared_base(cls, base, r=r, lora_alpha=lora_alpha, target_modules=target_modules,
+                                lora_dropout=lora_dropout, generator_adapter=generator_adapter,
+                                reasoner_adapter=reasoner_adapter, **fusion)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.generator.get_input_embeddings()
@@ -459,6 +484,20 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         return out.to_tuple() if return_dict is False else out
 
     # ------------------------------------------------------------------ generate integration
+    def generate(self, *args: Any, fast_path: bool = True, **kwargs: Any):
+        """`GenerationMixin.generate`, except that a call the lean static-cache loop reproduces token for token
+        (greedy, no beams / processors / extra outputs: flythinker.decode.generate_fast_path) runs that loop, with
+        the shared-base batched step for a shared-base pair. `fast_path=False` forces transformers' loop.
+        `self.last_generate_path` and a DEBUG log of `flythinker.decode` name the path that ran."""
+        if fast_path:
+            from flythinker.decode import generate_fast_path
+
+            out = generate_fast_path(self, args, kwargs)
+            if out is not None:
+                return out
+        self.last_generate_path = "transformers generate"
+        return super().generate(*args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
                                       batch_size: int, max_cache_length: int) -> None:
         if getattr(generation_config, "prefill_chunk_size", None) is not None and (

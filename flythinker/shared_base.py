@@ -1,0 +1,327 @@
+"""Shared-base pairs (DESIGN.md 2 "Shared base", issue 12): one base model, a generator LoRA adapter and a reasoner
+LoRA adapter, the base weights held once.
+
+Layout. `model.generator` and `model.reasoner` stay two full HF causal LMs (every existing path, training and
+`generate` included, runs on them unchanged), but every base parameter of the reasoner *is* the generator's
+parameter object, held as a plain attribute (not registered), so `parameters()`, `state_dict()` and
+`save_pretrained` see it once: a checkpoint holds the base once plus both adapters. Each targeted `nn.Linear` of
+both halves is wrapped in a `SharedLoRALinear` (its own rank-r adapter, peft's formula
+`base(x) + B(A(dropout(x))) * alpha / r`).
+
+The batched decode step (`SharedStep`, used by `flythinker.decode`): per token, the generator's row(s) and the
+reasoner's row(s) run as ONE forward of 2B rows through the generator's decoder: rows [:B] take the generator's
+adapter, rows [B:] the reasoner's (the twin module's), so the base weights stream once per token, which is what a
+batch-1 decode step is bound by. The two halves have different prompt lengths in split context: after the prefill
+(each half into its own static cache) both caches are copied into one static cache of 2B rows, each half
+left-padded to the longer prompt; masks and position ids stay per row, so attention and RoPE see exactly what
+each half saw alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, StaticCache
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _StepContext:
+    """Shared by all adapters of one pair: `split = B` while a batched step runs (rows [:B] generator)."""
+
+    def __init__(self) -> None:
+        self.split: int | None = None
+
+
+class SharedLoRALinear(nn.Module):
+    """A (shared, frozen) `nn.Linear` plus one rank-r LoRA adapter.
+
+    x `[..., in]` -> `base(x) + lora_B(lora_A(dropout(x))) * alpha / r` `[..., out]` (peft's LoRA formula). In a
+    batched shared step (`ctx.split = B`) rows [:B] of x use this adapter and rows [B:] the twin's (the other
+    half's adapter of the same base layer)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, ctx: _StepContext) -> None:
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        self.base = base
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, w.shape[1], dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], r, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default init: the adapter starts at 0
+        self.scaling = float(alpha) / r
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        object.__setattr__(self, "_ctx", ctx)  # plain attributes: not submodules
+        object.__setattr__(self, "_twin", None)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads `linear.weight` (dtype/device probes) keeps working
+        return self.base.weight
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution `[..., out]` for x `[..., in]`."""
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        B = self._ctx.split
+        if B is None:
+            return y + self.delta(x)
+        return y + torch.cat([self.delta(x[:B]), self._twin.delta(x[B:])])
+
+
+@dataclass
+class SharedBaseSpec:
+    """The adapters' shape, saved in the FlyThinker config as `shared_base` (a dict)."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    lora_dropout: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"r": self.r, "lora_alpha": self.lora_alpha, "target_modules": list(self.target_modules),
+                "lora_dropout": self.lora_dropout}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SharedBaseSpec:
+        unknown = set(d) - {"r", "lora_alpha", "target_modules", "lora_dropout"}
+        if unknown:
+            raise ValueError(f"shared_base config has unknown keys {sorted(unknown)}")
+        return cls(int(d.get("r", 8)), float(d.get("lora_alpha", 16)), tuple(d.get("target_modules", LORA_TARGETS)),
+                   float(d.get("lora_dropout", 0.0)))
+
+
+# ---------------------------------------------------------------------------------------------- building the halves
+def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets
+             and ".layers." in f".{n}"]
+    if not names:
+        leaf = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no LoRA target {list(targets)} found in the base's decoder layers; its linear layers "
+                         f"are {leaf}")
+    return names
+
+
+def _wrap(model: nn.Module, names: list[str], spec: SharedBaseSpec, ctx: _StepContext) -> list[SharedLoRALinear]:
+    out = []
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lora = SharedLoRALinear(getattr(parent, leaf), spec.r, spec.lora_alpha, spec.lora_dropout, ctx)
+        setattr(parent, leaf, lora)
+        out.append(lora)
+    return out
+
+
+def build_halves(base: PreTrainedModel, spec: SharedBaseSpec) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """(generator, reasoner) over one copy of `base`'s weights, each with its own fresh LoRA adapter (A random,
+    B zero: both start as the base). `base` itself becomes the generator (modified in place)."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    rsn = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})  # same parameter objects, own modules
+    ctx = _StepContext()
+    names = _targets(base, tuple(spec.target_modules))
+    for g, r in zip(_wrap(base, names, spec, ctx), _wrap(rsn, names, spec, ctx), strict=True):
+        object.__setattr__(g, "_twin", r)
+        object.__setattr__(r, "_twin", g)
+    _unregister_shared(base, rsn)
+    return base, rsn
+
+
+def _unregister_shared(gen: nn.Module, rsn: nn.Module) -> None:
+    """Make every non-adapter parameter of `rsn` a plain attribute pointing at `gen`'s parameter at the same path
+    (re-run after loading: a loader may have replaced the generator's parameter objects)."""
+    for name, m in rsn.named_modules():
+        g = gen.get_submodule(name)
+        shared = set(getattr(m, "_shared_names", ()))
+        shared |= {k for k in m._parameters if not (isinstance(m, SharedLoRALinear) and k.startswith("lora_"))}
+        for k in shared:
+            m._parameters.pop(k, None)
+            src = g._parameters.get(k)
+            if src is None:
+                src = getattr(g, k, None)
+            object.__setattr__(m, k, src)
+        m._shared_names = tuple(sorted(shared))
+
+
+def is_shared_base(model: nn.Module) -> bool:
+    """Whether `model` is a FlyThinker pair built by `from_shared_base` (or loaded from one)."""
+    return getattr(getattr(model, "config", None), "shared_base", None) is not None
+
+
+def retie(model: nn.Module) -> None:
+    """Point the reasoner's base weights at the generator's again (after `from_pretrained` / `tie_weights`)."""
+    if is_shared_base(model):
+        _unregister_shared(model.generator, model.reasoner)
+
+
+def adapters(half: nn.Module) -> dict[str, SharedLoRALinear]:
+    """A half's adapters by module path."""
+    return {n: m for n, m in half.named_modules() if isinstance(m, SharedLoRALinear)}
+
+
+# ---------------------------------------------------------------------------------------------- peft interop
+def load_peft_adapter(half: nn.Module, adapter: Any) -> int:
+    """Copy a peft LoRA adapter into a half's `SharedLoRALinear`s: `adapter` is a `PeftModel` (its active
+    adapter) or a peft adapter folder (adapter_config.json + adapter_model.safetensors). Returns the number of
+    layers loaded; every adapter of the half must be covered and shapes must match (else ValueError)."""
+    weights, scaling = _peft_weights(adapter)
+    mine = adapters(half)
+    missing = sorted(set(mine) - set(weights))
+    extra = sorted(set(weights) - set(mine))
+    if missing or extra:
+        raise ValueError(f"peft adapter does not match the shared base's targets: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]} ({len(missing)} / {len(extra)} in all)")
+    with torch.no_grad():
+        for name, m in mine.items():
+            A, B = weights[name]
+            if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
+                raise ValueError(f"{name}: peft adapter shapes {tuple(A.shape)}/{tuple(B.shape)} != "
+                                 f"{tuple(m.lora_A.shape)}/{tuple(m.lora_B.shape)} (rank differs?)")
+            m.lora_A.copy_(A)
+            m.lora_B.copy_(B)
+            m.scaling = scaling
+    return len(mine)
+
+
+def _peft_weights(adapter: Any) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    if isinstance(adapter, (str, os.PathLike)):
+        from safetensors.torch import load_file
+
+        folder = os.fspath(adapter)
+        cfg_path, w_path = os.path.join(folder, "adapter_config.json"), os.path.join(folder,
+                                                                                      "adapter_model.safetensors")
+        if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
+            raise FileNotFoundError(f"{folder} is not a peft adapter folder (adapter_config.json + "
+                                    "adapter_model.safetensors; pickled adapters are refused)")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        scaling = float(cfg["lora_alpha"]) / int(cfg["r"])
+        raw = load_file(w_path)
+        out: dict[str, list] = {}
+        for k, v in raw.items():
+            k = k.removeprefix("base_model.model.")
+            for part, i in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+                if k.endswith(part):
+                    out.setdefault(k[: -len(part)], [None, None])[i] = v
+        return {k: (a, b) for k, (a, b) in out.items()}, scaling
+    from peft.tuners.lora import LoraLayer
+
+    name = adapter.active_adapter
+    found, scaling = {}, None
+    for n, m in adapter.base_model.model.named_modules():
+        if isinstance(m, LoraLayer) and name in m.lora_A:
+            found[n] = (m.lora_A[name].weight.detach(), m.lora_B[name].weight.detach())
+            scaling = m.scaling[name]
+    if scaling is None:
+        raise ValueError("the PeftModel holds no LoRA layers")
+    return found, float(scaling)
+
+
+def to_peft(half: nn.Module, base_copy: PreTrainedModel, spec: SharedBaseSpec):
+    """A peft `PeftModel` over `base_copy` (an independent copy of the base) carrying this half's adapter, e.g.
+    to build the two-copy pair with the same adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                     target_modules=list(spec.target_modules), bias="none")
+    peft_model = get_peft_model(base_copy, cfg)
+    mine = adapters(half)
+    with torch.no_grad():
+        for n, m in peft_model.base_model.model.named_modules():
+            if n in mine:
+                m.lora_A["default"].weight.copy_(mine[n].lora_A)
+                m.lora_B["default"].weight.copy_(mine[n].lora_B)
+    return peft_model
+
+
+def from_shared_base(cls: type, base: PreTrainedModel | str, *, r: int = 8, lora_alpha: float = 16,
+                     target_modules: tuple[str, ...] | list[str] | None = None, lora_dropout: float = 0.0,
+                     generator_adapter: Any = None, reasoner_adapter: Any = None,
+                     dtype: torch.dtype | str | None = None, **fusion: Any):
+    """Build a shared-base pair (see `FlyThinkerForCausalLM.from_shared_base`)."""
+    if "reasoner_device" in fusion:
+        raise ValueError("a shared-base pair holds one copy of the base: reasoner_device cannot differ")
+    if isinstance(base, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True,
+                                                    **({} if dtype is None else {"dtype": dtype}))
+    spec = SharedBaseSpec(r, lora_alpha, tuple(target_modules or LORA_TARGETS), lora_dropout)
+    gen, rsn = build_halves(base, spec)
+    for half, adapter in ((gen, generator_adapter), (rsn, reasoner_adapter)):
+        if adapter is not None:
+            load_peft_adapter(half, adapter)
+    model = cls.from_pair(gen, rsn, **fusion)
+    model.config.shared_base = spec.to_dict()
+    retie(model)
+    return model
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct parameter storages reachable from `model`, registered or held as shared attributes."""
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        tensors = list(m._parameters.values()) + [getattr(m, k, None) for k in getattr(m, "_shared_names", ())]
+        for p in tensors:
+            if isinstance(p, torch.Tensor):
+                seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------- the batched step
+class SharedStep:
+    """One decode step of a shared-base pair as ONE forward of 2B rows through the shared base.
+
+    Built from the two halves' prefilled static caches (`flythinker.decode.prefill`): the combined static cache
+    `[2B, heads, L + N, d]` holds the generator's prompt (rows :B) and the reasoner's (rows B:), each
+    right-aligned at slot L = max(P, Q) with its own mask; step s writes slot L + s of every row."""
+
+    def __init__(self, model: nn.Module, gen_cache, rsn_cache, gen_mask: torch.Tensor, rsn_mask: torch.Tensor,
+                 P: int, Q: int, n: int) -> None:
+        self.model = model
+        self.decoder = model.generator.get_decoder()
+        self.ctx = next(iter(adapters(model.generator).values()))._ctx
+        self.B = B = gen_mask.shape[0]
+        self.L = L = max(P, Q)
+        self.cache = StaticCache(config=model.config.generator, max_cache_len=L + n)
+        for layer, g, r in zip(self.cache.layers, gen_cache.layers, rsn_cache.layers, strict=True):
+            k = g.keys.new_zeros(2 * B, g.keys.shape[1], 1, g.keys.shape[3])
+            v = g.values.new_zeros(2 * B, g.values.shape[1], 1, g.values.shape[3])
+            layer.lazy_initialization(k, v)
+            layer.keys[:B, :, L - P:L] = g.keys[:, :, :P]
+            layer.values[:B, :, L - P:L] = g.values[:, :, :P]
+            layer.keys[B:, :, L - Q:L] = r.keys[:, :, :Q]
+            layer.values[B:, :, L - Q:L] = r.values[:, :, :Q]
+            layer.cumulative_length.fill_(L)
+        self.mask = torch.zeros(2 * B, L + n, dtype=gen_mask.dtype, device=gen_mask.device)  # [2B, L + n]
+        self.mask[:B, L - P:L] = gen_mask[:, :P]
+        self.mask[B:, L - Q:L] = rsn_mask[:, :Q]
+
+    def __call__(self, gen_embeds: torch.Tensor, tok: torch.Tensor, gen_pos: torch.Tensor, rsn_pos: torch.Tensor,
+                 s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step s: generator embeddings `[B, 1, H]` (fused), the token `tok [B, 1]`, positions `[B, 1]` ->
+        (next logits `[B, V]`, the reasoner's new latent `[B, H]`)."""
+        B = self.B
+        x = torch.cat([gen_embeds, self.model.reasoner.get_input_embeddings()(tok).to(gen_embeds.dtype)])
+        self.mask[:, self.L + s] = 1
+        self.ctx.split = B
+        try:
+            hidden = self.decoder(inputs_embeds=x, attention_mask=self.mask, position_ids=torch.cat([gen_pos, rsn_pos]),
+                                  cache=self.cache, use_cache=True).last_hidden_state  # [2B, 1, H]
+        finally:
+            self.ctx.split = None
+        return self.model.logits_from_hidden(hidden[:B], 1)[:, -1].float(), hidden[B:, -1]
+
+
+__all__ = ["LORA_TARGETS", "SharedBaseSpec", "SharedLoRALinear", "SharedStep", "adapters", "build_halves",
+           "from_shared_base", "is_shared_base", "load_peft_adapter", "parameter_bytes", "retie", "to_peft"]
