@@ -69,7 +69,7 @@ def _run(cmd: list[str], out: Path) -> list[float]:
 def _check_same_curve(ref: list[float], got: list[float]) -> None:
     assert len(ref) == len(got) == STEPS
     assert ref[-1] < ref[0]  # it trains
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, got)
 
 
@@ -91,7 +91,7 @@ def test_per_process_batch_is_really_sharded(setup):
     root, common, ref = setup
     assert main([*common, "--output-dir", str(root / "single2"), "--batch-size", "2"]) == 0
     other = _losses(root / "single2")
-    assert max(abs(a - b) for a, b in zip(ref, other)) > 1e-3
+    assert max(abs(a - b) for a, b in zip(ref, other, strict=True)) > 1e-3
 
 
 def test_accelerate_launch_two_processes(setup):
