@@ -11,7 +11,11 @@ import math
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.24 (vLLM's pin, .venv-vllm): sub-configs are declared with `sub_configs`
+    SubConfigSpec = None
 
 FUSION_FIELDS = ("fusion_lambda", "norm_target", "projection", "detach_norm", "fuse_prompt", "parallel",
                  "loss_impl", "latent_eps")
@@ -45,10 +49,13 @@ class FlyThinkerConfig(PreTrainedConfig):
     """
 
     model_type = "flythinker"
-    sub_configs_defaults = {
-        "generator": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-        "reasoner": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "generator": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+            "reasoner": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        }
+    else:
+        sub_configs = {"generator": AutoConfig, "reasoner": AutoConfig}
 
     generator: dict | PreTrainedConfig | None = None
     reasoner: dict | PreTrainedConfig | None = None
@@ -69,6 +76,8 @@ class FlyThinkerConfig(PreTrainedConfig):
             if difflib.get_close_matches(key, FUSION_FIELDS, n=1, cutoff=0.75) or key.startswith(
                     ("fusion_", "latent_")):
                 raise _unknown_option(key)
+        if SubConfigSpec is None:
+            _resolve_sub_configs(self)
         super().__post_init__(**kwargs)
         self.check_fusion()
 
@@ -113,6 +122,17 @@ class FlyThinkerConfig(PreTrainedConfig):
             raise ValueError(
                 f'projection="pad" needs reasoner hidden size <= generator hidden size, got H_r={r.hidden_size} > '
                 f'H_g={g.hidden_size}; use projection="linear"')
+
+
+def _resolve_sub_configs(config: FlyThinkerConfig) -> None:
+    """transformers < 5.24: build the sub-config objects from dicts (or defaults), as `sub_configs_defaults` does."""
+    from transformers import CONFIG_MAPPING
+
+    for key in ("generator", "reasoner"):
+        value = getattr(config, key)
+        if value is None or isinstance(value, dict):
+            value = dict(value or {})
+            setattr(config, key, CONFIG_MAPPING[value.pop("model_type", "llama")](**value))
 
 
 def fusion_kwargs_check(kwargs: dict[str, Any]) -> None:
