@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from model_helpers import single_thread  # noqa: F401  (autouse fixture)
@@ -54,3 +60,37 @@ def test_lambda_half_is_different_but_valid(smol, capsys):
     assert text.strip() and "\ufffd" not in text
     assert capsys.readouterr().out.strip().startswith(text.strip()[:10])
     print(f"\nlambda=0.5: {text!r}\nplain     : {tok.decode(plain[0, P:], skip_special_tokens=True)!r}")
+
+
+_KILLED_CONVERSION = textwrap.dedent("""
+    import os, signal
+    from transformers import PreTrainedModel
+    real = PreTrainedModel.save_pretrained
+    def save_then_die(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)  # killed after the weights, before the tokenizer is written
+    PreTrainedModel.save_pretrained = save_then_die
+    from flythinker.hub import resolve
+    resolve("smollm2-135m-instruct")
+""")
+
+
+def test_interrupted_conversion_leaves_no_temp_folder(tmp_path):
+    """A GGUF conversion killed mid-write leaves no cache entry, only a temporary folder tagged with the dead
+    writer's pid, which the next writer of the entry removes (`atomic_directory` starts with `clean_stale_temps`,
+    tests/test_hub.py); before, the killed run's ~109 MB temporary folder stayed there forever. The second
+    conversion itself is left out to keep this test to one GGUF load (~30 s idle, 90 s at load 10)."""
+    from flythinker.hub import clean_stale_temps
+
+    env = dict(os.environ, FLYTHINKER_CACHE=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_CONVERSION], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    dest = tmp_path / "models" / "smollm2-135m-instruct"
+    left = [p for p in dest.parent.iterdir() if p.is_dir()]
+    assert not dest.exists()
+    assert len(left) == 1 and left[0].name.startswith(f".{dest.name}.tmp-{proc.pid}-"), left
+    assert sum(f.stat().st_size for f in left[0].rglob("*")) > 50e6  # the killed run's weights
+    assert clean_stale_temps(dest) == left
+    assert [p for p in dest.parent.iterdir() if p.is_dir()] == []
