@@ -17,15 +17,15 @@ try:
 except ImportError:  # transformers < 5.24 (vLLM's pin, .venv-vllm): sub-configs are declared with `sub_configs`
     SubConfigSpec = None
 
-FUSION_FIELDS = ("fusion_lambda", "norm_target", "projection", "detach_norm", "fuse_prompt", "parallel",
-                 "loss_impl", "latent_eps")
-NORM_TARGETS = ("vocab_mean", "token")
-PROJECTIONS = ("pad", "linear")
-PARALLEL_MODES = ("auto", "off", "threads", "streams")
-LOSS_IMPLS = ("fused", "naive")
-SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
-# Label of a position that is not trained on (prompt, padding): PyTorch's cross_entropy default, also HF's.
-IGNORE_INDEX = -100
+from flythinker.options import (  # the option names and choices live in one light module (the CLI reads them)
+    FUSION_FIELDS,
+    IGNORE_INDEX,
+    LOSS_IMPLS,
+    NORM_TARGETS,
+    PARALLEL_MODES,
+    PROJECTIONS,
+    SPECIAL_TOKENS,
+)
 
 
 class FlyThinkerConfig(PreTrainedConfig):
