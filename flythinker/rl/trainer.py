@@ -1,0 +1,244 @@
+"""GRPO on a FlyThinker pair through TRL's ``GRPOTrainer`` (pinned in the ``rl`` extra: ``trl==1.16.0``).
+
+What the subclass changes, and why:
+
+- **Split context.** A dataset column ``reasoner_prompt_ids`` (token ids of the reasoner's long view, one list per
+  row) reaches ``generate`` (as ``reasoner_input_ids``/``reasoner_attention_mask``) and every log-prob forward (the
+  policy's, the old policy's and the reference's). The log-probs come from the pair's split-context training
+  forward (reasoner prompt + completion, generator prompt + completion, aligned at the response start), so the
+  generator's positions receive the same reasoner latents as during sampling (DESIGN.md 2).
+  Without that column the pair runs in shared context (one ordinary forward).
+- **Exact prompt ids.** With a ``prompt_ids`` column the trainer uses those ids (e.g. from
+  :func:`flythinker.persona.build_views`) instead of re-tokenising the ``prompt`` text.
+- **Log-probs through the fusion.** TRL 1.16 patches the model with a "fused LM head" that calls
+  ``model.base_model(...).last_hidden_state`` and the LM head itself. For this pair ``base_model`` is the pair
+  (``base_model_prefix = ""``), whose output has no ``last_hidden_state``; and reading a sub-model's hidden states
+  would skip the latent fusion. So the log-probs come from the pair's own forward (``logits_to_keep`` positions,
+  then a log-softmax at the sampling temperature); the patched head is never used.
+- **Refused** with a clear error: ``use_liger_kernel`` (its kernels patch modules by model type and would bypass or
+  break the fusion), ``use_vllm`` and transformers continuous batching (neither knows the reasoner), tools and
+  ``rollout_func`` (their prompts would not carry reasoner ids).
+- **Reference model** for ``beta > 0`` without PEFT: a frozen copy of the policy taken at construction (TRL would
+  rebuild it from ``config._name_or_path``, which an in-memory pair does not have). With PEFT TRL disables the
+  adapter instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:  # the `rl` extra
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.models.utils import unwrap_model_for_generation
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("flythinker.rl needs TRL: pip install 'flythinker[rl]' (trl==1.16.0)") from e
+
+from flythinker.configuration import IGNORE_INDEX
+from flythinker.modeling import FlyThinkerForCausalLM
+
+REASONER_COLUMN = "reasoner_prompt_ids"
+PROMPT_IDS_COLUMN = "prompt_ids"
+
+
+def _pair_of(model: Any) -> FlyThinkerForCausalLM | None:
+    """The FlyThinker pair inside ``model`` (itself, or under a PEFT / accelerate wrapper), else None."""
+    seen = model
+    for _ in range(4):
+        if isinstance(seen, FlyThinkerForCausalLM):
+            return seen
+        nxt = getattr(seen, "get_base_model", None)
+        seen = nxt() if callable(nxt) else getattr(seen, "module", None)
+        if seen is None:
+            return None
+    return None
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into ``(ids [B, L], mask [B, L])``."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, L - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+                     temperature: float = 1.0, reasoner_input_ids: torch.Tensor | None = None,
+                     reasoner_attention_mask: torch.Tensor | None = None, compute_entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs ``[B, K]`` (and entropies ``[B, K]``) of the last ``K = logits_to_keep`` tokens of
+    ``input_ids [B, P + K]`` under ``model`` (a FlyThinker pair, possibly PEFT-wrapped), at ``temperature``.
+
+    Split context (``reasoner_input_ids [B, Q]`` given, the reasoner's prompt; the completion is appended to it
+    here): one forward of the pair's training path, where the labels mark the response start (DESIGN.md 2:
+    generator position P-1+k receives reasoner position Q-2+k), i.e. the same fused inputs as the decode steps
+    that sampled the completion. That path needs labels, and with ``loss_impl="fused"`` it returns no logits, so
+    the pair's ``loss_impl`` is "naive" for the duration of the call (the one labelled token per row makes its
+    loss nearly free; the logits cost one LM-head pass over the whole row).
+    """
+    K = int(logits_to_keep)
+    P = input_ids.shape[1] - K
+    if K <= 0 or P <= 0:
+        raise ValueError(f"need a prompt and at least one completion token, got P={P}, K={K}")
+    if reasoner_input_ids is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=K + 1,
+                       use_cache=False).logits[:, :-1]
+    else:
+        pair = _pair_of(model)
+        if pair is None:
+            raise TypeError(f"split-context log-probs need a FlyThinker pair, got {type(model).__name__}")
+        r_ids = torch.cat([reasoner_input_ids, input_ids[:, P:]], dim=1)
+        r_mask = torch.cat([reasoner_attention_mask.to(attention_mask.dtype), attention_mask[:, P:]], dim=1)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[:, P] = torch.where(attention_mask[:, P].bool(), input_ids[:, P], IGNORE_INDEX)
+        saved = pair.config.loss_impl
+        pair.config.loss_impl = "naive"
+        try:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, reasoner_input_ids=r_ids,
+                           reasoner_attention_mask=r_mask, labels=labels, logits_to_keep=K + 1,
+                           use_cache=False).logits[:, :-1]
+        finally:
+            pair.config.loss_impl = saved
+    logits = logits.float() / temperature
+    logp = F.log_softmax(logits, dim=-1)
+    tok = torch.gather(logp, -1, input_ids[:, P:, None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1) if compute_entropy else None
+    return tok, ent
+
+
+class FlyThinkerGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` for a :class:`FlyThinkerForCausalLM` policy (see the module docstring for what changes).
+
+    Arguments are those of ``trl.GRPOTrainer``; ``model`` must be a pair object (not a hub name).
+    """
+
+    def __init__(self, model: FlyThinkerForCausalLM, reward_funcs: Any, args: GRPOConfig | None = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
+                 peft_config: Any = None, **kwargs: Any):
+        if _pair_of(model) is None:
+            raise TypeError(f"FlyThinkerGRPOTrainer needs a FlyThinkerForCausalLM policy, got {type(model).__name__}")
+        args = args if args is not None else GRPOConfig(output_dir="grpo-out")
+        self._check_args(args, kwargs)
+        self._split = train_dataset is not None and REASONER_COLUMN in getattr(train_dataset, "column_names", [])
+        beta = args.beta
+        own_ref = beta != 0.0 and peft_config is None and not hasattr(model, "peft_config")
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if own_ref else None
+        if own_ref:
+            args.beta = 0.0  # keep TRL from rebuilding the reference from a hub name
+        try:
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
+                             **kwargs)
+        finally:
+            args.beta = beta
+        if own_ref:
+            self.beta = beta
+            self.ref_model = ref.to(self.accelerator.device)
+        self._rows: list[dict] | None = None
+        self._reasoner: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def _check_args(args: GRPOConfig, kwargs: dict) -> None:
+        refusals = {
+            "use_liger_kernel": "TRL's Liger path patches modules by model type and computes the loss from a "
+                                "sub-model's hidden states, which would bypass the reasoner-latent fusion",
+            "use_vllm": "vLLM generation does not know the reasoner (no latent fusion)",
+            "use_transformers_continuous_batching": "continuous batching does not pass the reasoner prompt",
+        }
+        for name, why in refusals.items():
+            if getattr(args, name, False):
+                raise ValueError(f"{name}=True is not supported for a FlyThinker policy: {why}")
+        for name in ("tools", "rollout_func", "environment_factory"):
+            if kwargs.get(name):
+                raise ValueError(f"{name} is not supported for a FlyThinker policy (its prompts would not carry "
+                                 "the reasoner view)")
+
+    # ------------------------------------------------------------------ rows -> prompts / reasoner ids
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self._rows = inputs
+        self._reasoner = None
+        if self._split:
+            missing = [i for i, x in enumerate(inputs) if not x.get(REASONER_COLUMN)]
+            if missing:
+                raise ValueError(f"rows {missing[:5]} have an empty '{REASONER_COLUMN}'")
+            pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+            self._reasoner = left_pad([list(x[REASONER_COLUMN]) for x in inputs], pad, self.accelerator.device)
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self._rows = None
+        if self._reasoner is not None:
+            out["reasoner_input_ids"], out["reasoner_attention_mask"] = self._reasoner
+        self._reasoner = None
+        return out
+
+    def _tokenize_prompts(self, prompts: list):
+        if self._rows is not None and PROMPT_IDS_COLUMN in self._rows[0]:
+            if len(self._rows) != len(prompts):
+                raise RuntimeError(f"{len(prompts)} prompts but {len(self._rows)} rows")
+            return [list(x[PROMPT_IDS_COLUMN]) for x in self._rows], None, {}
+        return super()._tokenize_prompts(prompts)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if images is not None or multimodal_fields:
+            raise ValueError("multimodal inputs are not supported for a FlyThinker policy")
+        device = self.accelerator.device
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        ids, mask = left_pad([list(p) for p in prompt_ids], pad, device)
+        gen_inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if self._reasoner is not None:
+            gen_inputs["reasoner_input_ids"], gen_inputs["reasoner_attention_mask"] = self._reasoner
+        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                          generation_kwargs=self.generation_kwargs) as unwrapped,
+              torch.no_grad()):
+            out = unwrapped.generate(**gen_inputs, generation_config=self.generation_config)
+        completion = out[:, ids.shape[1]:]
+        is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=completion.device))
+        eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long, device=completion.device)
+        has = is_eos.any(dim=1)
+        eos_idx[has] = is_eos.int().argmax(dim=1)[has]
+        keep = torch.arange(is_eos.size(1), device=completion.device)[None, :] <= eos_idx[:, None]
+        return [c[m].tolist() for c, m in zip(completion.cpu(), keep.cpu())], None
+
+    # ------------------------------------------------------------------ log-probs through the fusion
+    def _compute_loss(self, model, inputs):
+        self._reasoner = ((inputs["reasoner_input_ids"], inputs["reasoner_attention_mask"])
+                          if "reasoner_input_ids" in inputs else None)
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._reasoner = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **unused):
+        if any(v is not None for v in unused.values()):
+            raise ValueError(f"multimodal inputs are not supported for a FlyThinker policy: {sorted(unused)}")
+        if self._split and self._reasoner is None:
+            raise RuntimeError("split-context log-probs requested without the batch's reasoner prompts")
+        batch_size = batch_size or input_ids.size(0)
+        logps, ents = [], []
+        for s in range(0, input_ids.size(0), batch_size):
+            e = min(s + batch_size, input_ids.size(0))
+            r_ids = r_mask = None
+            if self._reasoner is not None:
+                r_ids, r_mask = self._reasoner[0][s:e], self._reasoner[1][s:e]
+            with self.accelerator.autocast():
+                lp, ent = completion_logps(model, input_ids[s:e], attention_mask[s:e], logits_to_keep,
+                                           self.temperature, r_ids, r_mask, compute_entropy)
+            logps.append(lp)
+            if compute_entropy:
+                ents.append(ent)
+        return torch.cat(logps), (torch.cat(ents) if compute_entropy else None), None
+
+
+__all__ = ["FlyThinkerGRPOTrainer", "GRPOConfig", "PROMPT_IDS_COLUMN", "REASONER_COLUMN", "completion_logps",
+           "left_pad"]
