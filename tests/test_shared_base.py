@@ -1,0 +1,209 @@
+"""Shared-base pairs (issue 12): one base + two LoRA adapters, the base held once, the batched decode step gives the
+two-copy pair's tokens, save/load stores the base once, peft interop, training holds one copy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from model_helpers import left_pad, random_ids, single_thread, tiny_lm  # noqa: F401
+from safetensors import safe_open
+
+import flythinker
+from flythinker import FlyThinkerForCausalLM
+from flythinker.shared_base import (
+    SharedBaseSpec,
+    SharedLoRALinear,
+    adapters,
+    is_shared_base,
+    load_peft_adapter,
+    parameter_bytes,
+    to_peft,
+)
+
+R = 4
+SPEC = SharedBaseSpec(r=R, lora_alpha=8)
+
+
+def _randomise_adapters(model, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for half in (model.generator, model.reasoner):
+            for a in adapters(half).values():
+                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """(shared-base pair, two-copy pair with the same adapters as peft LoRA on two independent base copies)."""
+    base = tiny_lm(hidden_size=48)
+    clean = copy.deepcopy(base)
+    shared = FlyThinkerForCausalLM.from_shared_base(base, r=R, lora_alpha=8, fusion_lambda=0.5, parallel="off").eval()
+    _randomise_adapters(shared)
+    g = to_peft(shared.generator, copy.deepcopy(clean), SPEC).base_model.model
+    r = to_peft(shared.reasoner, clean, SPEC).base_model.model
+    two = FlyThinkerForCausalLM.from_pair(g, r, fusion_lambda=0.5, parallel="off").eval()
+    return shared, two
+
+
+def _inputs(batch, split):
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (9, 13, 5)[:batch]])
+    if not split:
+        return ids, mask, {}
+    rids, rmask = left_pad([random_ids(1, n, seed=n + 50)[0] for n in (20, 7, 15)[:batch]])
+    return ids, mask, {"reasoner_input_ids": rids, "reasoner_attention_mask": rmask}
+
+
+def test_base_held_once(pairs):
+    shared, two = pairs
+    for (gn, gm), (rn, rm) in zip(adapters(shared.generator).items(), adapters(shared.reasoner).items(), strict=True):
+        assert gn == rn and gm.base.weight is rm.base.weight and gm.lora_A is not rm.lora_A
+    assert shared.reasoner.get_input_embeddings().weight is shared.generator.get_input_embeddings().weight
+    keys = set(shared.state_dict())
+    assert all("lora_" in k for k in keys if k.startswith("reasoner."))  # the base appears once, under generator.
+    base = parameter_bytes(shared.generator) - sum(a.lora_A.numel() + a.lora_B.numel()
+                                                   for a in adapters(shared.generator).values()) * 4
+    lora = sum(a.lora_A.numel() + a.lora_B.numel() for h in (shared.generator, shared.reasoner)
+               for a in adapters(h).values()) * 4
+    assert parameter_bytes(shared) == base + lora
+    assert parameter_bytes(shared) == sum(p.numel() * 4 for p in shared.parameters())
+    assert parameter_bytes(two) == 2 * base + lora  # the two-copy pair: the same adapters, the base twice
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["shared_ctx", "split_ctx"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_batched_step_matches_two_copy(pairs, split, batch):
+    shared, two = pairs
+    ids, mask, kw = _inputs(batch, split)
+    seen = []
+    lora = next(iter(adapters(shared.generator).values()))
+    hook = lora.register_forward_pre_hook(lambda m, a: seen.append(m._ctx.split))
+    try:
+        out = shared.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw)
+    finally:
+        hook.remove()
+    assert shared.last_generate_path == "fast static-cache loop, shared-base batched step"
+    assert seen.count(batch) == 9  # 9 batched steps after the prefill, rows [:B] = the generator
+    ref = two.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, fast_path=False, **kw)
+    hf = shared.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, fast_path=False, **kw)
+    assert torch.equal(out, ref) and torch.equal(hf, ref)
+    # the adapters matter: the shared base alone (both adapters off) decodes something else
+    assert not torch.equal(ref, _generate_base_only(shared, ids, mask, kw))
+
+
+def _generate_base_only(shared, ids, mask, kw):
+    saved = {}
+    with torch.no_grad():
+        for h in (shared.generator, shared.reasoner):
+            for n, a in adapters(h).items():
+                saved[(id(h), n)] = a.lora_B.clone()
+                a.lora_B.zero_()
+        out = shared.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw)
+        for h in (shared.generator, shared.reasoner):
+            for n, a in adapters(h).items():
+                a.lora_B.copy_(saved[(id(h), n)])
+    return out
+
+
+def test_batched_step_logits_match(pairs):
+    """The batched step's logits and latents equal the two-copy pair's to float tolerance, step by step."""
+    from flythinker import decode
+
+    shared, two = pairs
+    ids, mask, kw = _inputs(3, True)
+    n = 6
+    outs = []
+    for m in (shared, two):
+        gm, rm = decode._loop_masks(ids, mask, kw["reasoner_input_ids"], kw["reasoner_attention_mask"], n)
+        logits, st = decode.prefill(m, ids, gm, kw["reasoner_input_ids"], rm)
+        assert (st.shared is not None) == (m is shared)
+        step = decode.generator_step(m, st.cache)
+        seq = [logits]
+        with torch.inference_mode():
+            for s in range(n - 1):
+                seq.append(decode.decode_one_token(m, st, seq[-1].argmax(-1), s, step))
+                seq.append(st.pending)
+        outs.append(seq)
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_stores_base_once(pairs, tmp_path):
+    shared, _ = pairs
+    shared.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    rsn = [k for k in keys if k.startswith("reasoner.")]
+    assert rsn and all("lora_" in k for k in rsn)
+    assert sum(k.startswith("generator.") and "lora_" not in k for k in keys) > 0
+    loaded = FlyThinkerForCausalLM.from_pretrained(tmp_path).eval()
+    assert is_shared_base(loaded) and loaded.config.shared_base == SPEC.to_dict()
+    assert parameter_bytes(loaded) == parameter_bytes(shared)
+    for gm, rm in zip(adapters(loaded.generator).values(), adapters(loaded.reasoner).values(), strict=True):
+        assert gm.base.weight is rm.base.weight
+    ids, mask, kw = _inputs(3, True)
+    a = shared.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
+    loaded.config.parallel = "off"
+    b = loaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
+    assert torch.equal(a, b)
+
+
+def test_peft_adapters_in_and_out(pairs, tmp_path):
+    """Adapters go out as peft LoRA (a PeftModel, saved as a peft folder) and come back in, both halves."""
+    shared, _ = pairs
+    fresh = FlyThinkerForCausalLM.from_shared_base(tiny_lm(hidden_size=48), r=R, lora_alpha=8, parallel="off")
+    to_peft(shared.generator, tiny_lm(hidden_size=48), SPEC).save_pretrained(tmp_path / "gen_adapter")
+    assert load_peft_adapter(fresh.generator, tmp_path / "gen_adapter") == len(adapters(fresh.generator))
+    assert load_peft_adapter(fresh.reasoner, to_peft(shared.reasoner, tiny_lm(hidden_size=48), SPEC)) > 0
+    for h_new, h_old in ((fresh.generator, shared.generator), (fresh.reasoner, shared.reasoner)):
+        for a, b in zip(adapters(h_new).values(), adapters(h_old).values(), strict=True):
+            assert torch.equal(a.lora_B, b.lora_B) and torch.equal(a.lora_A, b.lora_A)
+    from peft import LoraConfig, get_peft_model
+
+    other_rank = get_peft_model(tiny_lm(hidden_size=48), LoraConfig(r=R + 1, target_modules=list(SPEC.target_modules)))
+    with pytest.raises(ValueError, match="rank differs"):
+        load_peft_adapter(fresh.generator, other_rank)
+    attention_only = get_peft_model(tiny_lm(hidden_size=48), LoraConfig(r=R, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="does not match the shared base's targets"):
+        load_peft_adapter(fresh.generator, attention_only)
+
+
+def test_training_holds_one_copy_and_trains_both_adapters(pairs):
+    shared, two = pairs
+    ids = random_ids(2, 12, seed=3)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    losses = []
+    for m in (shared, two):
+        m.train()
+        m.zero_grad()
+        loss = m(ids, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+        m.eval()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    trainable = [n for n, p in shared.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    for half in (shared.generator, shared.reasoner):  # the reasoner's adapter learns through the latents
+        assert any(a.lora_A.grad is not None and a.lora_A.grad.abs().sum() > 0 for a in adapters(half).values())
+    assert all(p.grad is None for n, p in shared.named_parameters() if "lora_" not in n)
+    shared.zero_grad()
+    two.zero_grad()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no LoRA target"):
+        FlyThinkerForCausalLM.from_shared_base(tiny_lm(), target_modules=["nope"])
+    with pytest.raises(ValueError, match="reasoner_device"):
+        FlyThinkerForCausalLM.from_shared_base(tiny_lm(), reasoner_device="cpu")
+    with pytest.raises(ValueError, match="rank"):
+        SharedLoRALinear(torch.nn.Linear(4, 4), 0, 1.0, 0.0, None)
+
+
+def test_fast_generate_uses_shared_step(pairs):
+    shared, two = pairs
+    ids, mask, kw = _inputs(3, True)
+    a = flythinker.fast_generate(shared, ids, attention_mask=mask, max_new_tokens=7, **kw)
+    b = flythinker.fast_generate(two, ids, attention_mask=mask, max_new_tokens=7, **kw)
+    assert torch.equal(a, b)
