@@ -36,7 +36,9 @@ class FlyThinkerConfig(PreTrainedConfig):
         fusion_lambda: weight of the fused latent (0 reproduces the generator exactly). Finite, in [0, 100].
         norm_target: `"vocab_mean"` (mean row norm of the generator's input embedding table), `"token"` (the norm
             of the current token's embedding) or a positive float (fixed).
-        projection: `"pad"` (add into the first H_r channels; needs H_r <= H_g) or `"linear"` (learned H_r -> H_g).
+        projection: `"pad"` (add into the first H_r channels; needs H_r <= H_g), `"linear"` (learned H_r -> H_g,
+            initialised to the pad map) or `"zero"` (learned H_r -> H_g, initialised to zero: an untrained pair
+            computes exactly what its generator alone computes, at any lambda; docs/fusion.md).
         detach_norm: treat the latent norms as constants in backward (authors' choice).
         fuse_prompt: shared context only. True (paper): fuse at every position. False: fuse only on the
             response side, i.e. the generator's last prompt position and every later one. "Response" is defined

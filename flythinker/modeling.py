@@ -18,6 +18,7 @@ The overlapped prefill schedules live in flythinker.prefill; the lean static-cac
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from flythinker.alignment import (
 )
 from flythinker.cache import FlyThinkerCache
 from flythinker.configuration import IGNORE_INDEX, FlyThinkerConfig, fusion_kwargs_check
+from flythinker.options import LEARNED_PROJECTIONS
 from flythinker.kernels import latent_fuse, linear_cross_entropy, vocab_mean_norm
 from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
 from flythinker.prefill import shared_prefill, split_prefill
@@ -96,8 +98,9 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(getattr(emb, "weight", None), torch.Tensor) or emb.weight.dim() != 2:
             raise TypeError(f"the generator's input embeddings must be an embedding table, got {type(emb).__name__}")
         H_g, H_r = config.generator.hidden_size, config.reasoner.hidden_size
-        # "linear": a learned [H_g, H_r] map, initialised to the "pad" map (so both start from the same fusion).
-        self.latent_proj = nn.Linear(H_r, H_g, bias=False) if config.projection == "linear" else None
+        # "linear": a learned [H_g, H_r] map, initialised to the "pad" map (so both start from the same fusion);
+        # "zero": the same map initialised to zero, so that the untrained pair is exactly its generator.
+        self.latent_proj = nn.Linear(H_r, H_g, bias=False) if config.projection in LEARNED_PROJECTIONS else None
         self._vocab_mean: tuple[tuple, float] | None = None  # (weight key, c): see _norm_target
         self.post_init()
 
@@ -105,6 +108,8 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         if module is self.latent_proj:
             with torch.no_grad():
                 module.weight.zero_()
+                if self.config.projection == "zero":
+                    return
                 n = min(module.weight.shape)
                 module.weight[:n, :n] = torch.eye(n, dtype=module.weight.dtype, device=module.weight.device)
         else:
@@ -145,17 +150,24 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         return model
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> FlyThinkerForCausalLM:
-        """`PreTrainedModel.from_pretrained`, safetensors only: flythinker never unpickles a checkpoint (a folder
-        with only `pytorch_model.bin` is refused)."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, strict: bool = True,
+                        **kwargs: Any) -> FlyThinkerForCausalLM:
+        """`PreTrainedModel.from_pretrained` of a local folder, safetensors only (flythinker never unpickles a
+        checkpoint: a folder with only `pytorch_model.bin` is refused), strict (`flythinker.checkpoint`): a
+        missing path, a half-written or corrupt folder, tensors that do not match config.json (missing or
+        extra) and a `projection=` override of a saved projection raise CheckpointError naming the problem.
+        `strict=False` loads mismatched tensors anyway (missing ones randomly initialised)."""
+        from flythinker.checkpoint import load_strict
+        from flythinker.shared_base import retie
+
         if kwargs.get("use_safetensors") is False:
             raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
         kwargs["use_safetensors"] = True
-        model = super().from_pretrained(*args, **kwargs)
-        from flythinker.shared_base import retie
-
+        want_info = bool(kwargs.pop("output_loading_info", False))
+        model, info = load_strict(super().from_pretrained, pretrained_model_name_or_path, *args, strict=strict,
+                                  output_loading_info=True, **kwargs)
         retie(model)  # a shared-base pair: the loader may have replaced the base parameter objects
-        return model
+        return (model, info) if want_info else model
 
     @classmethod
     def from_shared_base(cls, base: PreTrainedModel | str, *, r: int = 8, lora_alpha: float = 16,

@@ -8,7 +8,9 @@ machine, measured).
 FUSION_FIELDS = ("fusion_lambda", "norm_target", "projection", "detach_norm", "fuse_prompt", "parallel",
                  "loss_impl", "latent_eps")
 NORM_TARGETS = ("vocab_mean", "token")
-PROJECTIONS = ("pad", "linear")
+PROJECTIONS = ("pad", "linear", "zero")
+# projections with a learned [H_g, H_r] matrix (saved with the model as latent_proj.weight)
+LEARNED_PROJECTIONS = ("linear", "zero")
 PARALLEL_MODES = ("auto", "off", "threads", "streams")
 LOSS_IMPLS = ("fused", "naive")
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")

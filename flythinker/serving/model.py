@@ -70,7 +70,7 @@ class FlyThinkerForCausalLM(nn.Module):
         H_g, H_r = config.generator.hidden_size, config.reasoner.hidden_size
         dtype = vllm_config.model_config.dtype
         self.latent_proj = (nn.Parameter(torch.zeros(H_g, H_r, dtype=dtype), requires_grad=False)
-                            if config.projection == "linear" else None)
+                            if config.projection in ("linear", "zero") else None)  # LEARNED_PROJECTIONS
         self.latents = PagedLatentCache(H_r, cache_config=vllm_config.cache_config,
                                         # vLLM orders KV layers by the one integer in their name
                                         prefix=maybe_prefix(prefix, "latent_cache.0"))
