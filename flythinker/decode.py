@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import StaticCache
@@ -33,9 +33,11 @@ from transformers.utils import logging
 
 from flythinker.cache import FlyThinkerCache
 from flythinker.kernels import sample
-from flythinker.modeling import FlyThinkerForCausalLM
 from flythinker.shared_base import SharedStep, is_shared_base
 from flythinker.workers import InlineWorker, ReasonerWorker
+
+if TYPE_CHECKING:  # annotations only: modeling imports this module (generate's fast path)
+    from flythinker.modeling import FlyThinkerForCausalLM
 
 logger = logging.get_logger(__name__)
 GeneratorStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -105,8 +105,8 @@ def choose(op: str, backend: str | None, device: torch.device | str) -> str:
 def backend_report(device: torch.device | str) -> dict[str, str]:
     """What each registered op would run on tensors of `device` with the default `backend=None` (honouring the
     FLYTHINKER_<OP>_BACKEND overrides): op -> backend, or "error: ..." for an unusable override."""
-    from . import latent_fuse, linear_cross_entropy, sampling  # noqa: F401  (importing registers them)
-
+    # Every op has registered itself: importing this module ran flythinker/kernels/__init__.py first, which
+    # imports all of them (an import of the ops from here would make a circle: they import this module).
     out = {}
     for op in _AUTO:
         try:
