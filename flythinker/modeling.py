@@ -38,9 +38,9 @@ from flythinker.alignment import (
 )
 from flythinker.cache import FlyThinkerCache
 from flythinker.configuration import IGNORE_INDEX, FlyThinkerConfig, fusion_kwargs_check
-from flythinker.options import LEARNED_PROJECTIONS
 from flythinker.kernels import latent_fuse, linear_cross_entropy, vocab_mean_norm
 from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
+from flythinker.options import LEARNED_PROJECTIONS
 from flythinker.prefill import shared_prefill, split_prefill
 from flythinker.workers import InlineWorker, ReasonerWorker, StreamWorker, worker_for
 
