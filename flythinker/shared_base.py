@@ -129,7 +129,8 @@ def build_halves(base: PreTrainedModel, spec: SharedBaseSpec) -> tuple[PreTraine
         p.requires_grad_(False)
     rsn = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})  # same parameter objects, own modules
     ctx = _StepContext()
-    names = _targets(base, tuple(spec.target_modules))
+    # r = 0: no adapters, both halves are the base itself (a model paired with itself)
+    names = _targets(base, tuple(spec.target_modules)) if spec.r else []
     for g, r in zip(_wrap(base, names, spec, ctx), _wrap(rsn, names, spec, ctx), strict=True):
         object.__setattr__(g, "_twin", r)
         object.__setattr__(r, "_twin", g)
@@ -173,16 +174,19 @@ def adapters(half: nn.Module) -> dict[str, SharedLoRALinear]:
 def load_peft_adapter(half: nn.Module, adapter: Any) -> int:
     """Copy a peft LoRA adapter into a half's `SharedLoRALinear`s: `adapter` is a `PeftModel` (its active
     adapter) or a peft adapter folder (adapter_config.json + adapter_model.safetensors). Returns the number of
-    layers loaded; every adapter of the half must be covered and shapes must match (else ValueError)."""
+    layers loaded. Modules the adapter does not cover get a zero adapter (exactly the base there); a module it
+    adapts that the half has no adapter for, or another rank, is a ValueError."""
     weights, scaling = _peft_weights(adapter)
     mine = adapters(half)
-    missing = sorted(set(mine) - set(weights))
     extra = sorted(set(weights) - set(mine))
-    if missing or extra:
-        raise ValueError(f"peft adapter does not match the shared base's targets: missing {missing[:3]}, "
-                         f"unexpected {extra[:3]} ({len(missing)} / {len(extra)} in all)")
+    if extra:
+        raise ValueError(f"peft adapter does not match the shared base's targets: it adapts {extra[:3]} "
+                         f"({len(extra)} modules in all) that the shared base has no adapter for")
     with torch.no_grad():
         for name, m in mine.items():
+            if name not in weights:  # not adapted by this peft adapter (e.g. layers_to_transform): exactly 0
+                m.lora_B.zero_()
+                continue
             A, B = weights[name]
             if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
                 raise ValueError(f"{name}: peft adapter shapes {tuple(A.shape)}/{tuple(B.shape)} != "
@@ -190,7 +194,7 @@ def load_peft_adapter(half: nn.Module, adapter: Any) -> int:
             m.lora_A.copy_(A)
             m.lora_B.copy_(B)
             m.scaling = scaling
-    return len(mine)
+    return sum(name in weights for name in mine)
 
 
 def _peft_weights(adapter: Any) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
@@ -220,6 +224,8 @@ def _peft_weights(adapter: Any) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
     found, scaling = {}, None
     for n, m in adapter.base_model.model.named_modules():
         if isinstance(m, LoraLayer) and name in m.lora_A:
+            if m.use_dora.get(name, False):
+                raise ValueError("DoRA adapters are not supported by shared-base pairs (plain LoRA only)")
             found[n] = (m.lora_A[name].weight.detach(), m.lora_B[name].weight.detach())
             scaling = m.scaling[name]
     if scaling is None:
@@ -290,7 +296,8 @@ class SharedStep:
                  P: int, Q: int, n: int) -> None:
         self.model = model
         self.decoder = model.generator.get_decoder()
-        self.ctx = next(iter(adapters(model.generator).values()))._ctx
+        lora = next(iter(adapters(model.generator).values()), None)
+        self.ctx = lora._ctx if lora is not None else _StepContext()  # r = 0: no adapters to route
         self.B = B = gen_mask.shape[0]
         self.L = L = max(P, Q)
         self.cache = StaticCache(config=model.config.generator, max_cache_len=L + n)

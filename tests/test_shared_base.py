@@ -164,9 +164,28 @@ def test_peft_adapters_in_and_out(pairs, tmp_path):
     other_rank = get_peft_model(tiny_lm(hidden_size=48), LoraConfig(r=R + 1, target_modules=list(SPEC.target_modules)))
     with pytest.raises(ValueError, match="rank differs"):
         load_peft_adapter(fresh.generator, other_rank)
+    # an adapter on a subset of the modules: the rest get a zero adapter (exactly the base there)
     attention_only = get_peft_model(tiny_lm(hidden_size=48), LoraConfig(r=R, target_modules=["q_proj", "v_proj"]))
-    with pytest.raises(ValueError, match="does not match the shared base's targets"):
-        load_peft_adapter(fresh.generator, attention_only)
+    n_layers = fresh.config.generator.num_hidden_layers
+    assert load_peft_adapter(fresh.generator, attention_only) == 2 * n_layers
+    assert all(not a.lora_B.any() for n, a in adapters(fresh.generator).items() if n.endswith(("o_proj", "up_proj")))
+    on_head = get_peft_model(tiny_lm(hidden_size=48), LoraConfig(r=R, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="no adapter for"):
+        load_peft_adapter(fresh.generator, on_head)
+
+
+def test_rank_zero_is_the_base_paired_with_itself():
+    """r = 0: no adapters; one copy of the weights; the batched step gives the two-copy pair's tokens."""
+    base = tiny_lm(hidden_size=48)
+    two = FlyThinkerForCausalLM.from_pair(copy.deepcopy(base), copy.deepcopy(base), parallel="off").eval()
+    shared = FlyThinkerForCausalLM.from_shared_base(base, r=0, parallel="off").eval()
+    assert not adapters(shared.generator) and 2 * parameter_bytes(shared) == parameter_bytes(two)
+    for split in (False, True):
+        ids, mask, kw = _inputs(3, split)
+        a = shared.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
+        assert shared.last_generate_path.endswith("shared-base batched step")
+        assert torch.equal(a, two.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                           fast_path=False, **kw))
 
 
 def test_training_holds_one_copy_and_trains_both_adapters(pairs):
