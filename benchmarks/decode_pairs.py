@@ -135,6 +135,48 @@ def merged_generator(pair) -> torch.nn.Module:
     return _no_eos(g)
 
 
+def lean_generate(model):
+    """The generator alone in the same lean loop as the pair's fast path (static cache, fixed-shape mask, the
+    decoder + LM head per token, argmax): the like-for-like baseline of `flythinker.decode`'s per-token cost."""
+    from transformers import StaticCache
+
+    def fn(ids, attention_mask, max_new_tokens, do_sample, streamer):
+        B, P = ids.shape
+        n = max_new_tokens
+        cache = StaticCache(config=model.config, max_cache_len=P + n)
+        mask = torch.zeros(B, P + n, dtype=torch.long)
+        mask[:, :P] = attention_mask
+        streamer.put(ids)
+        dec = model.get_decoder()
+        hidden = dec(input_ids=ids, attention_mask=mask[:, :P], cache=cache, use_cache=True).last_hidden_state
+        tok = model.lm_head(hidden[:, -1]).argmax(-1)
+        pos = mask[:, :P].sum(1, keepdim=True) - 1
+        toks = []
+        for s in range(n):
+            toks.append(tok)
+            streamer.put(tok)
+            if s + 1 == n:
+                break
+            pos = pos + 1
+            mask[:, P + s] = 1
+            hidden = dec(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, cache=cache,
+                         use_cache=True).last_hidden_state
+            tok = model.lm_head(hidden[:, -1]).argmax(-1)
+        return torch.cat([ids, torch.stack(toks, 1)], 1)
+
+    return fn
+
+
+def with_lean(variants: dict, inputs: dict, model, base: str) -> None:
+    """Add the lean-loop generator-alone baseline ("<base>_lean") right after `base`, reading base's inputs."""
+    items = list(variants.items())
+    i = [k for k, _ in items].index(base) + 1
+    items.insert(i, (f"{base}_lean", lean_generate(model)))
+    variants.clear()
+    variants.update(items)
+    inputs[f"{base}_lean"] = inputs[base]
+
+
 # ---------------------------------------------------------------------------------------------- sections
 def section_shared(reps: int) -> dict:
     from flythinker import FlyThinkerForCausalLM
@@ -161,11 +203,13 @@ def section_shared(reps: int) -> dict:
         mask = torch.ones_like(ids)
         variants = {"gen_merged": gen_m.generate, "shared": pair.generate, "twocopy_peft": two.generate}
         inputs = {n: {"ids": ids, "attention_mask": mask} for n in variants}
+        with_lean(variants, inputs, gen_m, "gen_merged")
         row = interleave(variants, inputs, reps, f"shared B={B}")
         row["paths"] = {"shared": pair.last_generate_path, "twocopy_peft": two.last_generate_path}
         row["same_tokens_shared_twocopy"] = bool(torch.equal(row["shared"]["tokens"], row["twocopy_peft"]["tokens"]))
-        row["ratios"] = ratios({k: v for k, v in row.items() if isinstance(v, dict) and "token_ms" in v},
-                               "gen_merged")
+        timed_rows = {k: v for k, v in row.items() if isinstance(v, dict) and "token_ms" in v}
+        row["ratios"] = ratios(timed_rows, "gen_merged")
+        row["ratios_to_lean"] = ratios(timed_rows, "gen_merged_lean")
         res[f"B{B}"] = row
     return res
 
@@ -175,6 +219,8 @@ def section_twocopy(reps: int) -> dict:
 
     gen, tok = load()
     pair = _no_eos(FlyThinkerForCausalLM.from_pair(gen, copy.deepcopy(gen), fusion_lambda=0.5))
+    # the same pair as a shared base (a model paired with itself: r = 0, one copy of the weights)
+    shared = _no_eos(FlyThinkerForCausalLM.from_shared_base(copy.deepcopy(gen), r=0, fusion_lambda=0.5))
     res = {}
     for B in (1, 4):
         ids = prompt(tok, B, 256)
@@ -187,10 +233,16 @@ def section_twocopy(reps: int) -> dict:
             return fn
 
         variants = {"gen": gen.generate, "pair_parallel": run("auto"), "pair_sequential": run("off"),
-                    "pair_parallel_hf_loop": run("auto", False)}
-        row = interleave(variants, {n: {"ids": ids, "attention_mask": mask} for n in variants}, reps,
-                         f"twocopy B={B}")
+                    "pair_parallel_hf_loop": run("auto", False), "pair_shared_base": shared.generate}
+        inputs = {n: {"ids": ids, "attention_mask": mask} for n in variants}
+        with_lean(variants, inputs, gen, "gen")
+        row = interleave(variants, inputs, reps, f"twocopy B={B}")
         row["ratios"] = ratios({k: v for k, v in row.items() if isinstance(v, dict)}, "gen")
+        row["ratios_to_lean"] = ratios({k: v for k, v in row.items() if isinstance(v, dict) and k != "ratios"},
+                                       "gen_lean")
+        row["same_tokens"] = {n: bool(torch.equal(row[n]["tokens"], row["pair_sequential"]["tokens"]))
+                              for n in ("pair_parallel", "pair_parallel_hf_loop", "pair_shared_base")}
+        row["same_tokens"]["gen_lean_vs_gen"] = bool(torch.equal(row["gen"]["tokens"], row["gen_lean"]["tokens"]))
         res[f"B{B}"] = row
     return res
 
@@ -215,9 +267,12 @@ def section_truncated(reps: int) -> dict:
     for k, p in pairs.items():
         variants[f"k{k}_parallel"] = run(p, "auto")
         variants[f"k{k}_sequential"] = run(p, "off")
-    row = interleave(variants, {n: {"ids": ids, "attention_mask": torch.ones_like(ids)} for n in variants}, reps,
-                     "truncated B=1")
+    inputs = {n: {"ids": ids, "attention_mask": torch.ones_like(ids)} for n in variants}
+    with_lean(variants, inputs, gen, "gen")
+    row = interleave(variants, inputs, reps, "truncated B=1")
     row["ratios"] = ratios({k: v for k, v in row.items() if isinstance(v, dict)}, "gen")
+    row["ratios_to_lean"] = ratios({k: v for k, v in row.items() if isinstance(v, dict) and k != "ratios"},
+                                   "gen_lean")
     return {"B1": row}
 
 
@@ -228,6 +283,7 @@ def section_split(reps: int, history: int = 512, query: int = 24) -> dict:
     gen, tok = load()
     p8 = _no_eos(FlyThinkerForCausalLM.from_pair(gen, truncated_reasoner(gen, 8), fusion_lambda=0.5))
     pfull = _no_eos(FlyThinkerForCausalLM.from_pair(gen, copy.deepcopy(gen), fusion_lambda=0.5))
+    pshared = _no_eos(FlyThinkerForCausalLM.from_shared_base(copy.deepcopy(gen), r=0, fusion_lambda=0.5))
     res = {"history_tokens": history, "query_tokens": query}
     for B in (1, 4):
         full = prompt(tok, B, history + query)  # history + query
@@ -236,11 +292,15 @@ def section_split(reps: int, history: int = 512, query: int = 24) -> dict:
         split_in = {"ids": q, "attention_mask": ones(q), "reasoner_input_ids": full,
                     "reasoner_attention_mask": ones(full)}
         variants = {"gen_full_history": gen.generate, "split_k8": p8.generate, "split_full": pfull.generate,
-                    "gen_query_only": gen.generate}
+                    "split_full_shared_base": pshared.generate, "gen_query_only": gen.generate}
         inputs = {"gen_full_history": {"ids": full, "attention_mask": ones(full)}, "split_k8": split_in,
-                  "split_full": split_in, "gen_query_only": {"ids": q, "attention_mask": ones(q)}}
+                  "split_full": split_in, "split_full_shared_base": split_in,
+                  "gen_query_only": {"ids": q, "attention_mask": ones(q)}}
+        with_lean(variants, inputs, gen, "gen_full_history")
         row = interleave(variants, inputs, reps, f"split B={B}")
         row["ratios"] = ratios({k: v for k, v in row.items() if isinstance(v, dict)}, "gen_full_history")
+        row["ratios_to_lean"] = ratios({k: v for k, v in row.items() if isinstance(v, dict) and k != "ratios"},
+                                       "gen_full_history_lean")
         res[f"B{B}"] = row
     return res
 
