@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, StaticCache
 
+from flythinker.options import FUSION_FIELDS
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -173,10 +175,11 @@ def adapters(half: nn.Module) -> dict[str, SharedLoRALinear]:
 # ---------------------------------------------------------------------------------------------- peft interop
 def load_peft_adapter(half: nn.Module, adapter: Any) -> int:
     """Copy a peft LoRA adapter into a half's `SharedLoRALinear`s: `adapter` is a `PeftModel` (its active
-    adapter) or a peft adapter folder (adapter_config.json + adapter_model.safetensors). Returns the number of
-    layers loaded. Modules the adapter does not cover get a zero adapter (exactly the base there); a module it
-    adapts that the half has no adapter for, or another rank, is a ValueError."""
-    weights, scaling = _peft_weights(adapter)
+    adapter), a model with peft LoRA layers injected, or a peft adapter folder (adapter_config.json +
+    adapter_model.safetensors). Returns the number of layers loaded. Modules the adapter does not cover get a zero
+    adapter (exactly the base there); a module it adapts that the half has no adapter for, or another rank, is a
+    ValueError."""
+    weights = _peft_weights(adapter)
     mine = adapters(half)
     extra = sorted(set(weights) - set(mine))
     if extra:
@@ -187,7 +190,7 @@ def load_peft_adapter(half: nn.Module, adapter: Any) -> int:
             if name not in weights:  # not adapted by this peft adapter (e.g. layers_to_transform): exactly 0
                 m.lora_B.zero_()
                 continue
-            A, B = weights[name]
+            A, B, scaling = weights[name]
             if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
                 raise ValueError(f"{name}: peft adapter shapes {tuple(A.shape)}/{tuple(B.shape)} != "
                                  f"{tuple(m.lora_A.shape)}/{tuple(m.lora_B.shape)} (rank differs?)")
@@ -197,40 +200,116 @@ def load_peft_adapter(half: nn.Module, adapter: Any) -> int:
     return sum(name in weights for name in mine)
 
 
-def _peft_weights(adapter: Any) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    if isinstance(adapter, (str, os.PathLike)):
-        from safetensors.torch import load_file
+_Weights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (A [r, in], B [out, r], scaling)
 
-        folder = os.fspath(adapter)
-        cfg_path, w_path = os.path.join(folder, "adapter_config.json"), os.path.join(folder,
-                                                                                      "adapter_model.safetensors")
-        if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
-            raise FileNotFoundError(f"{folder} is not a peft adapter folder (adapter_config.json + "
-                                    "adapter_model.safetensors; pickled adapters are refused)")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        scaling = float(cfg["lora_alpha"]) / int(cfg["r"])
-        raw = load_file(w_path)
-        out: dict[str, list] = {}
-        for k, v in raw.items():
-            k = k.removeprefix("base_model.model.")
-            for part, i in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
-                if k.endswith(part):
-                    out.setdefault(k[: -len(part)], [None, None])[i] = v
-        return {k: (a, b) for k, (a, b) in out.items()}, scaling
+
+def _peft_weights(adapter: Any) -> _Weights:
+    if isinstance(adapter, dict):  # already read (share_pair)
+        return adapter
+    if isinstance(adapter, (str, os.PathLike)):
+        return _peft_folder_weights(os.fspath(adapter))
+    tree = adapter.base_model.model if hasattr(adapter, "active_adapter") and hasattr(adapter, "base_model") \
+        else adapter
+    found = _lora_layers(tree)
+    if not found:
+        raise ValueError("the peft model holds no LoRA layers")
+    return found
+
+
+def _lora_layers(tree: nn.Module) -> _Weights:
+    """The active LoRA adapter of every peft LoraLayer in `tree`, by module path."""
     from peft.tuners.lora import LoraLayer
 
-    name = adapter.active_adapter
-    found, scaling = {}, None
-    for n, m in adapter.base_model.model.named_modules():
-        if isinstance(m, LoraLayer) and name in m.lora_A:
-            if m.use_dora.get(name, False):
-                raise ValueError("DoRA adapters are not supported by shared-base pairs (plain LoRA only)")
-            found[n] = (m.lora_A[name].weight.detach(), m.lora_B[name].weight.detach())
-            scaling = m.scaling[name]
-    if scaling is None:
-        raise ValueError("the PeftModel holds no LoRA layers")
-    return found, float(scaling)
+    found = {}
+    for n, m in tree.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        for name in m.active_adapters:
+            if name in m.lora_A:
+                if m.use_dora.get(name, False):
+                    raise ValueError("DoRA adapters are not supported by shared-base pairs (plain LoRA only)")
+                found[n] = (m.lora_A[name].weight.detach(), m.lora_B[name].weight.detach(), float(m.scaling[name]))
+    return found
+
+
+def _peft_folder_weights(folder: str) -> _Weights:
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
+    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
+        raise FileNotFoundError(f"{folder} is not a peft adapter folder (adapter_config.json + "
+                                "adapter_model.safetensors; pickled adapters are refused)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{folder}: only plain LoRA adapters (one r / lora_alpha, no DoRA/rsLoRA) are supported")
+    scaling = float(cfg["lora_alpha"]) / int(cfg["r"])
+    out: dict[str, list] = {}
+    for k, v in load_file(w_path).items():
+        k = k.removeprefix("base_model.model.")
+        for part, i in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if k.endswith(part):
+                out.setdefault(k[: -len(part)], [None, None])[i] = v
+    return {k: (a, b, scaling) for k, (a, b) in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------- detection
+def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A (possibly peft-LoRA'd) model's base weights under the plain model's names."""
+    return {n.replace(".base_layer.", "."): p for n, p in model.named_parameters(remove_duplicate=False)
+            if "lora_" not in n}
+
+
+def same_base(generator: nn.Module, reasoner: nn.Module) -> bool:
+    """Whether two (possibly peft-LoRA'd) causal LMs are one base: same config and bit-identical base weights."""
+    gc, rc = generator.config.to_dict(), reasoner.config.to_dict()
+    if {k: v for k, v in gc.items() if not k.startswith("_")} != {k: v for k, v in rc.items() if not k.startswith("_")}:
+        return False
+    g, r = _base_state(generator), _base_state(reasoner)
+    return g.keys() == r.keys() and all(g[k].shape == r[k].shape and torch.equal(g[k], r[k]) for k in g)
+
+
+def _unwrap_lora(model: nn.Module) -> None:
+    """Replace every peft LoraLayer in `model` by its base layer (in place)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoraLayer):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, m.get_base_layer())
+
+
+def share_pair(pair: nn.Module) -> nn.Module | None:
+    """The shared-base equivalent of a two-copy FlyThinker pair whose halves are one base (`same_base`), plain or
+    with peft LoRA adapters of one rank on either half (flythinker.training.trainable.apply_lora): the base held
+    once, both adapters carried over, the same fusion config. Returns None when the halves differ (or the adapters
+    do not fit: different ranks, DoRA). The input pair is consumed (its generator becomes the shared base)."""
+    if is_shared_base(pair) or not same_base(pair.generator, pair.reasoner):
+        return None
+    try:
+        weights = {h: _lora_layers(getattr(pair, h)) for h in ("generator", "reasoner")}
+    except ValueError:
+        return None
+    ranks = {a.shape[0] for w in weights.values() for a, _, _ in w.values()}
+    if len(ranks) > 1:
+        return None
+    targets = sorted({n.rsplit(".", 1)[-1] for w in weights.values() for n in w})
+    fusion = {k: getattr(pair.config, k) for k in FUSION_FIELDS}
+    base = pair.generator
+    _unwrap_lora(base)
+    if hasattr(pair, "_flythinker_lora"):  # apply_lora's record of the peft wrappers: gone with the unwrap
+        del pair._flythinker_lora
+    cls = type(pair)
+    model = from_shared_base(cls, base, r=next(iter(ranks), 0), target_modules=targets or None, **fusion)
+    for half in ("generator", "reasoner"):
+        if weights[half]:
+            load_peft_adapter(getattr(model, half), weights[half])
+        else:
+            with torch.no_grad():
+                for a in adapters(getattr(model, half)).values():
+                    a.lora_B.zero_()
+    model.generation_config = copy.deepcopy(pair.generation_config)
+    return model.train(pair.training)
 
 
 def to_peft(half: nn.Module, base_copy: PreTrainedModel, spec: SharedBaseSpec):
@@ -331,4 +410,5 @@ class SharedStep:
 
 
 __all__ = ["LORA_TARGETS", "SharedBaseSpec", "SharedLoRALinear", "SharedStep", "adapters", "build_halves",
-           "from_shared_base", "is_shared_base", "load_peft_adapter", "parameter_bytes", "retie", "to_peft"]
+           "from_shared_base", "is_shared_base", "load_peft_adapter", "parameter_bytes", "retie", "same_base",
+           "share_pair", "to_peft"]

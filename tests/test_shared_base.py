@@ -226,3 +226,41 @@ def test_fast_generate_uses_shared_step(pairs):
     a = flythinker.fast_generate(shared, ids, attention_mask=mask, max_new_tokens=7, **kw)
     b = flythinker.fast_generate(two, ids, attention_mask=mask, max_new_tokens=7, **kw)
     assert torch.equal(a, b)
+
+
+def _two_copy(base, **fusion):
+    return FlyThinkerForCausalLM.from_pair(copy.deepcopy(base), copy.deepcopy(base), parallel="off", **fusion).eval()
+
+
+def test_share_pair_detects_one_base_with_peft_adapters():
+    """A two-copy pair of one base with peft LoRA on both halves (different layers, as the demo does) becomes a
+    shared-base pair with both adapters: the same tokens, half the base memory."""
+    from flythinker.shared_base import share_pair
+    from flythinker.training.trainable import apply_lora
+
+    two = _two_copy(tiny_lm(hidden_size=48), fusion_lambda=0.7)
+    apply_lora(two, "generator", r=R, alpha=8)
+    apply_lora(two, "reasoner", r=R, alpha=8, layers=[1], target_modules=["q_proj", "v_proj", "up_proj"])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in two.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids, mask, kw = _inputs(3, True)
+    ref = two.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, fast_path=False, **kw)
+    before = parameter_bytes(two)
+    shared = share_pair(two)
+    assert shared is not None and is_shared_base(shared) and shared.config.fusion_lambda == 0.7
+    assert parameter_bytes(shared) < 0.6 * before
+    out = shared.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw)
+    assert shared.last_generate_path.endswith("shared-base batched step")
+    assert torch.equal(out, ref)
+
+
+def test_share_pair_refuses_different_bases():
+    from flythinker.shared_base import share_pair
+
+    pair = FlyThinkerForCausalLM.from_pair(tiny_lm(hidden_size=48, seed=0), tiny_lm(hidden_size=48, seed=1))
+    assert share_pair(pair) is None
+    plain = share_pair(_two_copy(tiny_lm(hidden_size=48)))
+    assert plain is not None and not adapters(plain.generator)  # no adapters: r = 0
