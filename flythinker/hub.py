@@ -224,8 +224,12 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
-    """The tokenizer of a known short name or a local folder."""
+    """The tokenizer of a known short name (a shipped pair's is its base model's) or a local folder."""
     from transformers import AutoTokenizer
+
+    from flythinker.pretrained import base_of
+
+    name_or_path = base_of(name_or_path)
 
     return AutoTokenizer.from_pretrained(resolve(name_or_path))
 

@@ -155,11 +155,39 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
         kwargs["use_safetensors"] = True
+        from flythinker.pretrained import is_shipped
+
+        if args and is_shipped(args[0]):  # a trained pair shipped as deltas in the package
+            return cls._from_shipped(args[0].lower(), **kwargs)
         model = super().from_pretrained(*args, **kwargs)
         from flythinker.shared_base import retie
 
         retie(model)  # a shared-base pair: the loader may have replaced the base parameter objects
         return model
+
+    @classmethod
+    def _from_shipped(cls, name: str, **kwargs: Any) -> FlyThinkerForCausalLM:
+        """A pair shipped in flythinker/pretrained: its offline base model as generator and reasoner, its fusion
+        options, and its trained tensors (fp16 deltas) copied in. `dtype=` is the only option."""
+        from safetensors.torch import load_file
+
+        from flythinker.hub import resolve
+        from flythinker.pretrained import deltas_path, pair_info
+
+        dtype = kwargs.pop("dtype", None)
+        kwargs.pop("use_safetensors", None)
+        if kwargs:
+            raise TypeError(f"shipped pair {name!r} is loaded with dtype= only, got {sorted(kwargs)}")
+        info = pair_info(name)
+        base = str(resolve(info["base"]))
+        model = cls.from_pair(base, base, dtype=dtype, **info["fusion"])
+        params = dict(model.named_parameters())
+        for key, value in load_file(deltas_path(name)).items():
+            if key not in params or tuple(params[key].shape) != tuple(value.shape):
+                raise ValueError(f"shipped pair {name!r}: delta {key} {tuple(value.shape)} matches no parameter")
+            with torch.no_grad():
+                params[key].copy_(value.to(params[key].dtype))
+        return model.eval()
 
     @classmethod
     def from_shared_base(cls, base: PreTrainedModel | str, *, r: int = 8, lora_alpha: float = 16,

@@ -1,0 +1,96 @@
+"""Likelihood preference on ``persona-empathy``: does a model prefer the reply a user wants over the same reply with
+one hidden trait flipped?
+
+For a record, :func:`trait_candidates` composes the reply for the user's traits and, with the *same* random draws,
+the reply with one trait flipped (so only that trait differs). A model "prefers" the reply whose opening (its first
+``opening`` tokens) has the lower summed NLL. One forward per candidate, no decoding: fast enough to score dozens of
+held-out users in seconds to minutes on a CPU, and it tells whether a pair's reasoner carries the trait at all
+(a trait-blind model scores the share of users its fixed preference happens to suit, ~50%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+
+import torch
+
+from .empathy_dataset import TRAITS, compose_response
+from .views import build_views
+
+OPENING = 13  # reply tokens scored by default: the opening sentence, which carries strategy and register
+
+
+def trait_candidates(record, traits: Sequence[str] = ("strategy",)) -> list[str]:
+    """``[reply for the user's traits] + [the same reply with trait t flipped for t in traits]``."""
+    unknown = [t for t in traits if t not in TRAITS]
+    if unknown:
+        raise ValueError(f"unknown traits {unknown}; known: {list(TRAITS)}")
+    if record.persona is None or not record.persona.traits or "topic" not in record.meta:
+        raise ValueError(f"record {record.record_id!r} is not a persona-empathy record (needs traits and a topic)")
+    seed = int.from_bytes(record.record_id.encode()[-8:], "little")
+    base, topic = record.persona.traits, record.meta["topic"]
+    out = [compose_response(base, topic, random.Random(seed))]
+    for t in traits:
+        a, b = TRAITS[t]
+        out.append(compose_response({**base, t: b if base[t] == a else a}, topic, random.Random(seed)))
+    return out
+
+
+@torch.no_grad()
+def _row_nll(model, tok, feats: list[dict], pair: bool) -> torch.Tensor:
+    from flythinker.training.collator import FlyThinkerCollator
+
+    batch = FlyThinkerCollator(tokenizer=tok, add_eos=False)(feats)
+    if pair:
+        saved, model.config.loss_impl = model.config.loss_impl, "naive"  # per-row logits are needed
+        try:
+            logits = model(**batch, use_cache=False).logits
+        finally:
+            model.config.loss_impl = saved
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lg, lb = logits[:, :-1].float(), batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(lg.transpose(1, 2), lb.clamp_min(0), reduction="none")
+    return (nll * (lb != -100)).sum(1)  # [rows]
+
+
+def preference(model, tok, records, traits: Sequence[str] = ("strategy",), *, opening: int = OPENING,
+               max_reasoner_tokens: int | None = None, view: str = "query") -> list[dict[str, bool]]:
+    """Per record, ``{trait: True if the model prefers the reply for the user's traits}``.
+
+    ``model``: a FlyThinker pair (split context: the reasoner reads history + query, the generator the query) or a
+    plain causal LM reading ``view`` (``"query"``: the generator's short view; ``"full"``: history + query).
+    """
+    from flythinker.modeling import FlyThinkerForCausalLM
+
+    if view not in ("query", "full"):
+        raise ValueError(f"view must be 'query' or 'full', got {view!r}")
+    pair = isinstance(model, FlyThinkerForCausalLM)
+    rows = []
+    for r in records:
+        feats = []
+        for text in trait_candidates(r, traits):
+            v = build_views(dataclasses.replace(r, response=text), tok, mode="split",
+                            max_reasoner_tokens=max_reasoner_tokens, warn=False)
+            resp = v.response_ids[:opening]
+            if pair:
+                feats.append(dict(generator_prompt=v.generator_prompt_ids, reasoner_prompt=v.reasoner_prompt_ids,
+                                  response=resp))
+            else:
+                feats.append(dict(prompt=v.generator_prompt_ids if view == "query" else v.reasoner_prompt_ids,
+                                  response=resp))
+        nll = _row_nll(model, tok, feats, pair)
+        rows.append({t: bool(nll[0] < nll[1 + i]) for i, t in enumerate(traits)})
+    return rows
+
+
+def accuracy(rows: list[dict[str, bool]]) -> dict[str, float]:
+    """Share of records where each trait's preferred reply is the user's."""
+    if not rows:
+        raise ValueError("no rows")
+    return {t: sum(r[t] for r in rows) / len(rows) for t in rows[0]}
+
+
+__all__ = ["OPENING", "accuracy", "preference", "trait_candidates"]
