@@ -100,11 +100,25 @@ def load_model(args: argparse.Namespace):
     fusion = fusion_options(args, "fusion_lambda", "norm_target", "projection", "parallel")
     if args.model:
         model, tokenizer = load_checkpoint(args.model, dtype=dtype, **fusion)
-        return (model.generator if args.generator_only and hasattr(model, "generator") else model), tokenizer
+        if args.generator_only and hasattr(model, "generator"):
+            return model.generator, tokenizer
+        return _one_base_shared(model), tokenizer
     if args.generator_only:
         folder = resolve(args.generator)
         return load_pretrained(folder, dtype=dtype, with_tokenizer=False)[0], tokenizer_for(folder)
-    return load_pair(args.generator, args.reasoner, dtype=dtype, **fusion)
+    model, tokenizer = load_pair(args.generator, args.reasoner, dtype=dtype, **fusion)
+    return _one_base_shared(model), tokenizer
+
+
+def _one_base_shared(model):
+    """A pair whose halves are one base (the default: the generator and a second copy of itself, with or without
+    LoRA adapters) decodes as a shared-base pair: the weights held and streamed once per token, the same tokens
+    (flythinker.shared_base.share_pair; benchmarks/results/decode_pairs.json)."""
+    from flythinker.modeling import FlyThinkerForCausalLM
+    from flythinker.shared_base import share_pair
+
+    shared = share_pair(model) if isinstance(model, FlyThinkerForCausalLM) else None
+    return model if shared is None else shared.eval()
 
 
 def _chat_ids(tokenizer, text: str, system: str | None, raw: bool) -> list[int]:
@@ -185,5 +199,6 @@ def run(args: argparse.Namespace) -> int:
     r_len = prompts.reasoner.shape[1] if prompts.reasoner is not None else g_len
     who = f"flythinker, {prompts.description}" if pair else "generator alone"
     print(f"[{who}] {n_new} new tokens in {seconds:.2f} s ({n_new / max(seconds, 1e-9):.1f} tok/s); prompt "
-          f"tokens: generator {g_len}" + (f", reasoner {r_len}" if pair else ""), file=sys.stderr)
+          f"tokens: generator {g_len}" + (f", reasoner {r_len}" if pair else "")
+          + (f"; decode path: {getattr(model, 'last_generate_path', '?')}" if pair else ""), file=sys.stderr)
     return 0
