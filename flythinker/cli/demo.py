@@ -35,10 +35,11 @@ from flythinker.cli.common import (
     positive_int,
 )
 
-HELP = "fine-tune SmolLM2 on persona-empathy and compare it with the plain model"
-DESCRIPTION = ("Fine-tune a SmolLM2-135M-Instruct pair in split context on the bundled persona-empathy training "
-               "users (cached after the first run), then answer test users' queries with the generator alone and "
-               "with flythinker, side by side, with tokens/s and the strategy metric of each reply. Offline.")
+HELP = "show the shipped personalised SmolLM2 pair against the plain model (or fine-tune one with --model)"
+DESCRIPTION = ("Load the shipped pair smollm2-135m-persona-empathy (SmolLM2-135M-Instruct with a trained fusion), "
+               "answer held-out persona-empathy users with the generator alone and with flythinker side by side "
+               "(tokens/s and the strategy metric of each reply), then print the likelihood-preference table over "
+               "more held-out users. With --model, fine-tune a pair of that model first (LoRA, cached). Offline.")
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_VERSION = 2  # bump when the training recipe or the cache layout changes: invalidates cached adapters
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -84,8 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoner-layers", type=positive_int, default=d.reasoner_layers,
                    help="LoRA on the top N reasoner layers (default: %(default)s)")
     g.add_argument("--retrain", action="store_true", help="ignore the cached fine-tune and train again")
-    g.add_argument("--model", default=DEMO_MODEL, help="model used as generator and reasoner: a known short name "
-                   "or a local HF folder with a tokenizer (default: %(default)s)")
+    g.add_argument("--model", default=None, help="fine-tune this model as generator and reasoner (a known short "
+                   f"name such as {DEMO_MODEL}, or a local HF folder with a tokenizer) instead of showing the shipped "
+                   "pair smollm2-135m-persona-empathy (the default: no training)")
     g.add_argument("--max-reasoner-tokens", type=positive_int, default=d.max_reasoner_tokens,
                    help="token budget of the reasoner's view (history + query; oldest turns dropped first; "
                         "default: %(default)s)")
@@ -94,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fewer builds faster)")
     s = p.add_argument_group("comparison")
     s.add_argument("--users", type=positive_int, default=3, help="test users to answer (default: %(default)s)")
+    s.add_argument("--table-users", type=positive_int, default=16,
+                   help="shipped pair: further held-out users in the live likelihood-preference table (default: "
+                        "%(default)s)")
     s.add_argument("--ablation", action="store_true",
                    help="also answer with the fine-tuned generator without the reasoner's latents (shows how much "
                         "of the difference the reasoner carries, rather than the fine-tune itself)")
@@ -302,6 +307,10 @@ def run(args: argparse.Namespace) -> int:
 
     from flythinker.hub import cache_dir
 
+    if args.model is None:  # the shipped personalised pair: nothing to train
+        from flythinker.cli.demo_shipped import run_shipped
+
+        return run_shipped(args, compare, pick_test_users)
     wall = time.perf_counter()
     if args.seed is not None:
         torch.manual_seed(args.seed)
