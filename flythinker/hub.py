@@ -13,6 +13,10 @@ converted checkpoint, the demo's LoRA weights, the persona datasets) is built un
 final path and moved into place with one `os.replace`. Readers see the old state or the new one, never a mix.
 A temporary sibling carries its writer's pid; the next writer of the same path removes those whose process is
 gone (an interrupted GGUF conversion used to leave a 109 MB folder behind forever).
+
+Fault injection (tests only): with `FLYTHINKER_FAULT_POINT=<point>[:<substring>]` set, the process kills itself
+with SIGKILL when it reaches that write point (for a path containing `<substring>`, if given); see
+:func:`fault_point` and tests/faults.py. Unset (always, outside tests), a point costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +62,31 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---- fault injection (test-only hook) ---------------------------------------------------------------------------
+FAULT_ENV = "FLYTHINKER_FAULT_POINT"
+FAULT_POINTS = {
+    "atomic_directory.written": "a directory's contents are written under its temporary name, not moved yet",
+    "atomic_directory.replacing": "an existing destination was moved aside, the new one is not in place yet",
+    "atomic_write.written": "a file's bytes are written (and fsynced) under its temporary name, not moved yet",
+    "publish.partial": "a folder published file by file (flythinker train's final model) has its first file moved",
+}
+
+
+def fault_point(name: str, path: str | os.PathLike = "") -> None:
+    """Kill this process with SIGKILL if `$FLYTHINKER_FAULT_POINT` names this write point (tests only).
+
+    The variable is `<point>` or `<point>:<substring>` (then only a `path` containing `<substring>` matches,
+    e.g. `atomic_directory.written:checkpoint-4`). Known points: :data:`FAULT_POINTS`. A SIGKILL runs no
+    `finally` block and no atexit hook: exactly what a power cut or the OOM killer does to a writer.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, where = spec.partition(":")
+    if point == name and where in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- atomic writes -------------------------------------------------------------------------------------------------
@@ -135,16 +165,38 @@ def atomic_directory(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = _new_tmp(dest, directory=True)
     try:
         yield tmp
-        old = None
-        if dest.exists() or dest.is_symlink():  # os.replace cannot overwrite a non-empty folder: move it aside
-            old = dest.parent / f"{_tmp_prefix(dest)}{os.getpid()}-old-{secrets.token_hex(4)}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            _remove(old)
+        move_into_place(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staging_directory(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling folder of `dest` (removed on exit; a killed writer's is removed by the next writer of
+    `dest`), for writers that publish its files themselves."""
+    tmp = _new_tmp(Path(dest), directory=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Move a fully written folder `tmp` (a sibling of `dest`, same file system) to `dest` in one `os.replace`;
+    an existing `dest` is first renamed aside and removed afterwards. The second half of
+    :func:`atomic_directory`, for writers that must stage under a name of their own (e.g. the training
+    checkpoints, staged under one name that every DDP process writes into)."""
+    tmp, dest = Path(tmp), Path(dest)
+    fault_point("atomic_directory.written", dest)
+    old = None
+    if dest.exists() or dest.is_symlink():  # os.replace cannot overwrite a non-empty folder: move it aside
+        old = dest.parent / f"{_tmp_prefix(dest)}{os.getpid()}-old-{secrets.token_hex(4)}"
+        os.replace(dest, old)
+        fault_point("atomic_directory.replacing", dest)
+    os.replace(tmp, dest)
+    if old is not None:
+        _remove(old)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -156,6 +208,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point("atomic_write.written", path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -244,13 +297,17 @@ def load_pretrained(
     """Load `(model, tokenizer)` from a known short name or a local HF folder; safetensors only, offline."""
     from transformers import AutoModelForCausalLM
 
+    from flythinker.checkpoint import load_strict
+
     folder = resolve(name_or_path)
     if not any(folder.glob("*.safetensors")):
         raise ModelNotFoundError(f"{folder} has no .safetensors weights (flythinker never unpickles checkpoints)")
     kwargs = {"dtype": dtype, "use_safetensors": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    # strict: a folder whose tensors do not match its config.json is refused (CheckpointError), not completed
+    # with random weights
+    model = load_strict(AutoModelForCausalLM.from_pretrained, folder, **kwargs)
     model.eval()
     tokenizer = load_tokenizer(folder) if with_tokenizer else None
     return model, tokenizer

@@ -18,6 +18,7 @@ The overlapped prefill schedules live in flythinker.prefill; the lean static-cac
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,21 +150,28 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         return model
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> FlyThinkerForCausalLM:
-        """`PreTrainedModel.from_pretrained`, safetensors only: flythinker never unpickles a checkpoint (a folder
-        with only `pytorch_model.bin` is refused)."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, strict: bool = True,
+                        **kwargs: Any) -> FlyThinkerForCausalLM:
+        """`PreTrainedModel.from_pretrained` of a local folder, safetensors only (flythinker never unpickles a
+        checkpoint: a folder with only `pytorch_model.bin` is refused), strict (`flythinker.checkpoint`): a
+        missing path, a half-written or corrupt folder, tensors that do not match config.json (missing or
+        extra) and a `projection=` override of a saved projection raise CheckpointError naming the problem.
+        `strict=False` loads mismatched tensors anyway (missing ones randomly initialised)."""
+        from flythinker.checkpoint import load_strict
+        from flythinker.shared_base import retie
+
         if kwargs.get("use_safetensors") is False:
             raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
         kwargs["use_safetensors"] = True
         from flythinker.pretrained import is_shipped
 
-        if args and is_shipped(args[0]):  # a trained pair shipped as deltas in the package
-            return cls._from_shipped(args[0].lower(), **kwargs)
-        model = super().from_pretrained(*args, **kwargs)
-        from flythinker.shared_base import retie
-
+        if is_shipped(pretrained_model_name_or_path):  # a trained pair shipped as deltas in the package
+            return cls._from_shipped(pretrained_model_name_or_path.lower(), **kwargs)
+        want_info = bool(kwargs.pop("output_loading_info", False))
+        model, info = load_strict(super().from_pretrained, pretrained_model_name_or_path, *args, strict=strict,
+                                  output_loading_info=True, **kwargs)
         retie(model)  # a shared-base pair: the loader may have replaced the base parameter objects
-        return model
+        return (model, info) if want_info else model
 
     @classmethod
     def _from_shipped(cls, name: str, **kwargs: Any) -> FlyThinkerForCausalLM:

@@ -148,5 +148,5 @@ def test_native_round_trip(tmp_path):
     d = recs[0].to_dict()
     d["history"][0]["role"] = "robot"
     (tmp_path / "bad.jsonl").write_text(json.dumps(d) + "\n")
-    with pytest.raises(RecordError, match="Turn.role"):
+    with pytest.raises(RecordError, match=r"field .history\[0\]\.role.: must be one of"):
         load_records(tmp_path / "bad.jsonl")

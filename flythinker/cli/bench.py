@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(s.stem for s in suites))
         return 0
     results = Path(args.results_dir).expanduser() if args.results_dir else bench_dir / "results"
+    if results.exists() and not results.is_dir():
+        raise CLIError(f"--results-dir {results} is an existing file, not a folder")
     results.mkdir(parents=True, exist_ok=True)
     runs = []
     if not args.report_only:

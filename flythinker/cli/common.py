@@ -10,7 +10,6 @@ traceback. Heavy imports (torch, transformers) happen inside the functions, so b
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -39,11 +38,12 @@ class Parser(argparse.ArgumentParser):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug: reported in one line."""
+    from flythinker.checkpoint import CheckpointError
     from flythinker.hub import ModelNotFoundError
     from flythinker.persona import RecordError
 
-    return (CLIError, ModelNotFoundError, RecordError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-            PermissionError)
+    return (CLIError, CheckpointError, ModelNotFoundError, RecordError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, PermissionError)
 
 
 # ---- argument types (argparse `type=`): a bad value is a one-line user error ---------------------------------
@@ -63,7 +63,10 @@ def _checked(cast, ok, what):
 
 positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+sequence_int = _checked(int, lambda v: v >= 2, "an integer >= 2")
 positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonneg_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+ratio_float = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 unit_float = _checked(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 prob_float = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 lambda_float = _checked(float, lambda v: 0.0 <= v <= 100.0, "a number in [0, 100]")
@@ -138,7 +141,10 @@ def tokenizer_for(folder: Path):
 
     for candidate in (folder, folder / "generator", folder / "tokenizer"):
         if has_tokenizer(candidate):
-            return AutoTokenizer.from_pretrained(candidate)
+            try:
+                return AutoTokenizer.from_pretrained(candidate)
+            except (OSError, ValueError, TypeError, KeyError) as exc:  # a damaged tokenizer file or config.json
+                raise CLIError(f"cannot load the tokenizer in {candidate}: {' '.join(str(exc).split())}") from exc
     raise CLIError(f"no tokenizer found in {folder} (expected tokenizer.json / tokenizer_config.json)")
 
 
@@ -152,6 +158,7 @@ def load_pair(generator: str, reasoner: str | None = None, *, dtype: torch.dtype
     """
     import torch
 
+    from flythinker.checkpoint import check_folder, load_errors
     from flythinker.hub import check_pair_folders, load_pretrained, resolve
     from flythinker.modeling import FlyThinkerForCausalLM
 
@@ -159,10 +166,15 @@ def load_pair(generator: str, reasoner: str | None = None, *, dtype: torch.dtype
     g_dir = resolve(generator)  # ModelNotFoundError: a one-line user error
     r_dir = resolve(reasoner) if reasoner else g_dir
     fusion.setdefault("fusion_lambda", 0.5)
+    for flag, folder in (("--generator", g_dir), ("--reasoner", r_dir)):
+        try:
+            check_folder(folder)
+        except ValueError as exc:  # CheckpointError: the folder cannot load, named before anything else loads
+            raise CLIError(f"{flag} {folder}: {exc}") from None
     try:
         check_pair_folders(g_dir, r_dir, **fusion)
-    except (ValueError, TypeError) as exc:
-        raise CLIError(f"incompatible pair or options: {exc}") from exc
+    except load_errors() as exc:
+        raise CLIError(f"incompatible pair or options: {' '.join(str(exc).split())}") from exc
     tokenizer = tokenizer_for(g_dir)
     gen, _ = load_pretrained(g_dir, dtype=dtype, with_tokenizer=False)
     rsn, _ = load_pretrained(r_dir, dtype=dtype, with_tokenizer=False)
@@ -174,14 +186,14 @@ def load_pair(generator: str, reasoner: str | None = None, *, dtype: torch.dtype
 
 
 def checkpoint_type(path: str) -> str:
-    """`model_type` of a model folder's config.json (CLIError if it is not a model folder)."""
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise CLIError(f"--model {path}: not a checkpoint folder (no config.json)")
+    """`model_type` of a model folder's config.json (CLIError if it is not a usable model folder: missing, a
+    file, an empty / invalid / non-object config.json, no model_type, missing or corrupt safetensors)."""
+    from flythinker.checkpoint import CheckpointError, check_folder
+
     try:
-        return str(json.loads((folder / "config.json").read_text()).get("model_type"))
-    except json.JSONDecodeError as exc:
-        raise CLIError(f"--model {path}: config.json is not valid JSON ({exc})") from None
+        return check_folder(Path(path).expanduser())["model_type"]
+    except CheckpointError as exc:
+        raise CLIError(f"--model {path}: {exc}") from None
 
 
 def load_checkpoint(path: str, *, dtype: torch.dtype | None = None, **overrides: Any):
@@ -190,17 +202,19 @@ def load_checkpoint(path: str, *, dtype: torch.dtype | None = None, **overrides:
     a plain HF model, that model alone (no overrides allowed)."""
     import torch
 
+    from flythinker.checkpoint import load_errors
     from flythinker.hub import load_pretrained
     from flythinker.modeling import FlyThinkerForCausalLM
 
     folder = Path(path).expanduser()
-    tokenizer = tokenizer_for(folder)
+    # the folder first (check_folder, then the weights), the tokenizer last: it reads config.json too and would
+    # fail on a damaged one with a traceback of its own
     if checkpoint_type(path) != FlyThinkerForCausalLM.config_class.model_type:
         if overrides:
             raise CLIError(f"--model {path} is a plain model, not a flythinker pair: "
                            f"{', '.join(sorted(overrides))} do not apply to it")
         model, _ = load_pretrained(folder, dtype=dtype or torch.float32, with_tokenizer=False)
-        return model, tokenizer
+        return model, tokenizer_for(folder)
     if "projection" in overrides:
         raise CLIError("--projection cannot change on an existing checkpoint (it is part of its weights)")
     try:
@@ -208,9 +222,10 @@ def load_checkpoint(path: str, *, dtype: torch.dtype | None = None, **overrides:
         for key, value in overrides.items():
             setattr(model.config, key, value)
         model.config.check_fusion()
-    except (OSError, ValueError, TypeError) as exc:
-        raise CLIError(f"cannot load checkpoint {folder}: {exc}") from exc
-    return model.eval(), tokenizer
+    except (OSError, *load_errors()) as exc:  # CheckpointError names the folder and the problem
+        raise CLIError(f"cannot load checkpoint {folder}: {exc}" if str(folder) not in str(exc) else str(exc)
+                       ) from exc
+    return model.eval(), tokenizer_for(folder)
 
 
 # ---- generation -------------------------------------------------------------------------------------------------

@@ -83,7 +83,18 @@ def pick_device(name: str | None):
         raise CLIError(f"bad --device {name!r}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name} asked for CUDA but torch sees no CUDA device (torch {torch.__version__})")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # e.g. mps on a torch built without it, cuda:7 of 1 GPU
+        raise CLIError(f"--device {name} cannot be used here: {' '.join(str(exc).split())}") from None
     return device
+
+
+def check_parallel(model, device) -> None:
+    """`parallel="streams"` (given with --parallel or saved in the checkpoint) needs a CUDA device."""
+    mode = getattr(getattr(model, "config", None), "parallel", None)
+    if mode == "streams" and device.type != "cuda":
+        raise CLIError(f"--parallel streams needs a CUDA device (the model runs on {device}); use threads or auto")
 
 
 def load_model(args: argparse.Namespace):
@@ -169,10 +180,13 @@ def build_prompts(args: argparse.Namespace, tokenizer) -> Prompts:
         if args.reasoner_prompt is not None:
             raise CLIError("--reasoner-prompt needs --prompt (what the generator reads)")
         raise CLIError("no input: give --prompt TEXT or --record FILE")
-    g = torch.tensor([_chat_ids(tokenizer, args.prompt, args.system, args.raw)])
+    g = torch.tensor([_chat_ids(tokenizer, args.prompt, args.system, args.raw)], dtype=torch.long)
     r = None
     if args.reasoner_prompt is not None:
-        r = torch.tensor([_chat_ids(tokenizer, args.reasoner_prompt, args.system, args.raw)])
+        r = torch.tensor([_chat_ids(tokenizer, args.reasoner_prompt, args.system, args.raw)], dtype=torch.long)
+    for flag, ids in (("--prompt", g), ("--reasoner-prompt", r)):
+        if ids is not None and ids.shape[1] == 0:
+            raise CLIError(f"{flag} is empty after tokenisation (no tokens to start from); give some text")
     return Prompts(g, r, "split context" if r is not None else "shared context")
 
 
@@ -191,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args)
     model = model.to(device).eval()
     pair = isinstance(model, FlyThinkerForCausalLM)
+    if pair:
+        check_parallel(model, device)
     prompts = build_prompts(args, tokenizer)
     if not pair and prompts.reasoner is not None and not args.generator_only:
         print("flythinker: note: this model is a plain generator; --reasoner-prompt is ignored", file=sys.stderr)

@@ -9,9 +9,11 @@ HF `Trainer` reads the launcher's environment. Only the main process writes file
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from flythinker.cli.common import (
@@ -21,8 +23,12 @@ from flythinker.cli.common import (
     fusion_options,
     load_checkpoint,
     load_pair,
+    nonneg_float,
+    nonneg_int,
     positive_float,
     positive_int,
+    ratio_float,
+    sequence_int,
 )
 
 HELP = "fine-tune a pair jointly on (prompt, response) data"
@@ -48,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--eval-data", help="held-out file (same formats); its loss is reported after training")
     d.add_argument("--context", choices=("split", "shared"), default="split",
                    help="persona records only: split (reasoner reads the persona) or shared context")
-    d.add_argument("--max-length", type=positive_int, default=None, help="cap on generator sequence tokens")
+    d.add_argument("--max-length", type=sequence_int, default=None,
+                   help="cap on generator sequence tokens (>= 2: one prompt and one response token)")
     d.add_argument("--reasoner-max-length", type=positive_int, default=None,
                    help="cap on reasoner sequence tokens")
     d.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto",
@@ -61,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=positive_float, default=1.0, help="epochs (default %(default)s)")
     t.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     t.add_argument("--lr", type=positive_float, default=1e-5, help="peak learning rate (default %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear warmup, in [0, 1)")
+    t.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay (>= 0)")
+    t.add_argument("--warmup-ratio", type=ratio_float, default=0.0,
+                   help="fraction of steps with linear warmup, in [0, 1)")
     t.add_argument("--batch-size", type=positive_int, default=1, help="per-process batch size")
     t.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
     t.add_argument("--train", default="both",
@@ -71,13 +79,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
     t.add_argument("--lora-r", type=positive_int, default=8)
     t.add_argument("--lora-alpha", type=positive_int, default=16)
-    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-dropout", type=ratio_float, default=0.0, help="LoRA dropout, in [0, 1)")
     t.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="comma list of module names")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast dtype; auto = bf16/fp16 on CUDA, fp32 on CPU")
     t.add_argument("--logging-steps", type=positive_int, default=10, help="log the loss every N steps")
-    t.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
+    t.add_argument("--save-steps", type=nonneg_int, default=0,
+                   help="also checkpoint every N steps (0: only at the end); --resume continues from them")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue an interrupted run: from its newest complete checkpoint-<step> in --output-dir "
+                        "(or from the CHECKPOINT folder given); same model, data and options as the first run")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
@@ -135,7 +147,43 @@ def _check_inputs(args: argparse.Namespace):
         raise CLIError(str(e)) from None
     if args.max_steps == 0 or args.max_steps < -1:
         raise CLIError(f"--max-steps must be positive (or -1 to use --epochs), got {args.max_steps}")
+    _check_output_dir(args)
     return parts, dtype
+
+
+def _check_output_dir(args: argparse.Namespace) -> None:
+    """--output-dir must be a folder (or not exist yet); with --resume it must hold a checkpoint to resume.
+    Sets `args.resume` to the checkpoint folder (a str) or None."""
+    from flythinker.checkpoint import check_resumable, latest_checkpoint
+
+    out = Path(args.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output-dir {args.output_dir} is an existing file, not a folder")
+    if args.resume is None:
+        return
+    if args.resume is True:
+        path, skipped = latest_checkpoint(out)  # CheckpointError: a one-line user error
+        for bad, why in skipped:
+            _log(f"warning: not resuming from {bad.name}: {why}")
+    else:
+        path = check_resumable(Path(args.resume).expanduser())
+    args.resume = str(path)
+    _log(f"resuming from {path}")
+
+
+def _position_caps(model, args: argparse.Namespace) -> None:
+    """No sequence trains past a model's `max_position_embeddings`: a cap above it is refused, no cap becomes
+    it (longer examples are then cut, counted and warned about by the collator; persona views drop history)."""
+    for flag, attr, part in (("--max-length", "max_length", "generator"),
+                             ("--reasoner-max-length", "reasoner_max_length", "reasoner")):
+        limit = getattr(getattr(model.config, part, None), "max_position_embeddings", None)
+        if not isinstance(limit, int):
+            continue
+        asked = getattr(args, attr)
+        if asked is not None and asked > limit:
+            raise CLIError(f"{flag} {asked} is over the {part}'s max_position_embeddings={limit}")
+        if asked is None:
+            setattr(args, attr, limit)
 
 
 def _prepare_model(model, parts: frozenset[str], args: argparse.Namespace) -> None:
@@ -168,8 +216,10 @@ def _collator(args: argparse.Namespace, tokenizer, kind: str, train_ex: list):
     collator = FlyThinkerCollator(tokenizer=tokenizer, padding_side=args.padding_side, chat_template=chat,
                                   add_eos=not args.no_eos and kind == "pairs", max_length=args.max_length,
                                   reasoner_max_length=args.reasoner_max_length)
-    try:
-        collator(train_ex[:1])  # fail early, in one line, on data the collator cannot use
+    try:  # fail early, in one line, on data the collator cannot use (a copy: its cuts are not the run's)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataclasses.replace(collator)(train_ex[:1])
     except (TypeError, ValueError) as e:
         raise CLIError(f"{args.data}: {e}") from None
     return collator
@@ -221,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
     parts, dtype = _check_inputs(args)
     set_seed(args.seed)
     model, tokenizer = _load(args)
+    _position_caps(model, args)
     (train_ex, kind), (eval_ex, _) = _datasets(args, tokenizer)
     if eval_ex is not None and ("reasoner_prompt" in eval_ex[0]) != ("reasoner_prompt" in train_ex[0]):
         raise CLIError("--data and --eval-data must both be split context or both shared context")
@@ -232,15 +283,40 @@ def run(args: argparse.Namespace) -> int:
                                 data_collator=collator, processing_class=tokenizer,
                                 callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=args.resume)
     _log(f"{result.global_step} steps in {time.perf_counter() - start:.1f}s, mean train loss "
          f"{result.training_loss:.4f}")
+    cut = collator.truncation
+    if cut["examples"]:
+        _log(f"truncated {cut['examples']} examples to fit the caps (tokens cut: prompts {cut['prompt_tokens']}, "
+             f"reasoner prompts {cut['reasoner_prompt_tokens']}, responses {cut['response_tokens']})")
     if eval_ex is not None:
         _log(f"held-out loss {trainer.evaluate()['eval_loss']:.4f}")
-    trainer.save_model(str(out))  # merged weights (LoRA folded in) + tokenizer; main process only
+    save_final(trainer, out, targs)
     if trainer.is_world_process_zero():
-        # Trainer pickles its arguments next to the weights; the final folder stays pickle-free (JSON instead)
-        (out / "training_args.bin").unlink(missing_ok=True)
-        (out / "training_args.json").write_text(targs.to_json_string())
         _log(f"saved checkpoint to {out} (load with FlyThinkerForCausalLM.from_pretrained / flythinker generate)")
     return 0
+
+
+def save_final(trainer, out: Path, targs) -> None:
+    """The final model into `out`: merged weights (LoRA folded in) + tokenizer + training_args.json, staged in a
+    temporary folder and moved in file by file with config.json last, so a run killed while saving leaves no
+    folder that loads as complete (no config.json yet, or the previous complete model's)."""
+    import os
+
+    from flythinker.hub import fault_point, staging_directory
+
+    with staging_directory(out / "model") as tmp:
+        trainer.save_model(str(tmp))  # every process calls it; only the main one writes
+        if not trainer.is_world_process_zero():
+            return
+        # Trainer pickles its arguments next to the weights; the final folder stays pickle-free (JSON instead)
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        (tmp / "training_args.json").write_text(targs.to_json_string())
+        files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json")
+        for i, file in enumerate(files):
+            dest = out / file.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, dest)
+            if i == 0:
+                fault_point("publish.partial", out)

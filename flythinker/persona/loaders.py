@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .jsonio import read_json_items
-from .records import Memory, Persona, PersonaRecord, Query, Turn
+from .records import FieldError, Memory, Persona, PersonaRecord, Query, Turn
 
 FORMATS = ("auto", "longlamp", "personaemp", "perm", "flythinker")
 _ROLE_ALIASES = {"user": "user", "human": "user", "seeker": "user", "assistant": "assistant", "gpt": "assistant",
@@ -179,6 +179,8 @@ def _parse_flythinker(d: dict, index: int) -> list[PersonaRecord]:
         return [PersonaRecord.from_dict(d)]
     except KeyError as e:
         raise _Bad(str(e.args[0]), "missing") from None
+    except FieldError as e:
+        raise _Bad(e.field, e.problem) from None
     except (TypeError, ValueError) as e:
         raise _Bad("record", str(e)) from None
 
@@ -224,7 +226,9 @@ def _parse_item(parse, item: Any, i: int, source: str) -> list[PersonaRecord] | 
         return parse(item, i)
     except _Bad as e:
         return RecordError(source, i, rid, e.field, e.problem)
-    except (TypeError, ValueError) as e:  # from the dataclasses' own checks
+    except FieldError as e:  # a record dataclass's own check (a text field of another format's record)
+        return RecordError(source, i, rid, e.field, e.problem)
+    except (TypeError, ValueError) as e:
         return RecordError(source, i, rid, "record", str(e))
 
 

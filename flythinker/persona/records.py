@@ -15,6 +15,39 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 
 
+class FieldError(TypeError, ValueError):
+    """A record field of the wrong type or with invalid text; `field` names it (e.g. ``persona.profile``).
+
+    Both a TypeError and a ValueError, so callers that catch either keep working."""
+
+    def __init__(self, fld: str, problem: str):
+        super().__init__(f"{fld}: {problem}")
+        self.field, self.problem = fld, problem
+
+
+def check_text(value: Any, fld: str, *, optional: bool = False) -> None:
+    """`value` must be a str (or None when `optional`) that is valid Unicode: a lone surrogate (JSON allows
+    ``"\\ud800"``) cannot be encoded and would fail deep inside a tokenizer."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise FieldError(fld, f"expected a string{' or null' if optional else ''}, got {type(value).__name__} "
+                              f"({value!r:.40})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FieldError(fld, f"invalid Unicode at character {exc.start} (a lone surrogate "
+                              f"{value[exc.start]!r}); the text must be valid UTF-8") from None
+
+
+def _check_list(values: Any, fld: str, kind: type) -> None:
+    if not isinstance(values, list):
+        raise FieldError(fld, f"expected a list, got {type(values).__name__}")
+    for i, v in enumerate(values):
+        if not isinstance(v, kind):
+            raise FieldError(f"{fld}[{i}]", f"expected a {kind.__name__}, got {type(v).__name__}")
+
+
 @dataclass
 class Turn:
     """One past conversation turn. ``role`` is one of ``system``, ``user``, ``assistant``."""
@@ -24,9 +57,8 @@ class Turn:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
-            raise ValueError(f"Turn.role must be one of {ROLES}, got {self.role!r}")
-        if not isinstance(self.text, str):
-            raise TypeError(f"Turn.text must be a str, got {type(self.text).__name__}")
+            raise FieldError("role", f"must be one of {ROLES}, got {self.role!r}")
+        check_text(self.text, "text")
 
 
 @dataclass
@@ -38,8 +70,9 @@ class Memory:
     evidence: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.value, str):
-            raise TypeError(f"Memory.value must be a str, got {type(self.value).__name__}")
+        check_text(self.value, "value")
+        check_text(self.label, "label", optional=True)
+        check_text(self.evidence, "evidence", optional=True)
 
 
 @dataclass
@@ -56,6 +89,14 @@ class Persona:
     short: str | None = None
     traits: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_text(self.profile, "profile")
+        check_text(self.short, "short", optional=True)
+        if not isinstance(self.traits, dict):
+            raise FieldError("traits", f"expected an object of strings, got {type(self.traits).__name__}")
+        for key, value in self.traits.items():
+            check_text(value, f"traits.{key}")
+
 
 @dataclass
 class Query:
@@ -66,8 +107,11 @@ class Query:
     category: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.text, str) or not self.text.strip():
-            raise ValueError("Query.text must be a non-empty str")
+        check_text(self.text, "text")
+        if not self.text.strip():
+            raise FieldError("text", "must be a non-empty string")
+        check_text(self.situation, "situation", optional=True)
+        check_text(self.category, "category", optional=True)
 
 
 @dataclass
@@ -87,20 +131,59 @@ class PersonaRecord:
     response: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_text(self.record_id, "record_id")
+        check_text(self.user_id, "user_id")
+        for name, kind in (("query", Query), ("persona", Persona)):
+            if not isinstance(getattr(self, name), kind):
+                raise FieldError(name, f"expected a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        _check_list(self.history, "history", Turn)
+        _check_list(self.memories, "memories", Memory)
+        check_text(self.response, "response", optional=True)
+        if not isinstance(self.meta, dict):
+            raise FieldError("meta", f"expected an object, got {type(self.meta).__name__}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (the ``flythinker`` on-disk format read back by ``load_records``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PersonaRecord:
-        """Inverse of :meth:`to_dict`. Raises ``KeyError``/``TypeError``/``ValueError`` on bad fields."""
+        """Inverse of :meth:`to_dict`. Raises ``KeyError`` (a missing field) or :class:`FieldError` naming the
+        field (``persona.profile``, ``history[2].text``, ...) of the wrong type."""
         return cls(
-            record_id=str(d["record_id"]),
-            user_id=str(d["user_id"]),
-            query=Query(**d["query"]),
-            persona=Persona(**d.get("persona", {})),
-            history=[Turn(**t) for t in d.get("history", [])],
-            memories=[Memory(**m) for m in d.get("memories", [])],
+            record_id=_scalar_id(d["record_id"], "record_id"),
+            user_id=_scalar_id(d["user_id"], "user_id"),
+            query=_sub(Query, d["query"], "query"),
+            persona=_sub(Persona, d.get("persona", {}), "persona"),
+            history=[_sub(Turn, t, f"history[{i}]") for i, t in enumerate(_listed(d, "history"))],
+            memories=[_sub(Memory, m, f"memories[{i}]") for i, m in enumerate(_listed(d, "memories"))],
             response=d.get("response"),
-            meta=dict(d.get("meta", {})),
+            meta=d.get("meta", {}),
         )
+
+
+def _scalar_id(value: Any, fld: str) -> str:
+    """Ids may be JSON numbers or strings (-> str); anything else is a FieldError."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise FieldError(fld, f"expected a string or an integer, got {type(value).__name__}")
+    return str(value)
+
+
+def _listed(d: dict[str, Any], fld: str) -> list:
+    value = d.get(fld, [])
+    if not isinstance(value, list):
+        raise FieldError(fld, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _sub(kind: type, value: Any, fld: str):
+    """`kind(**value)` with errors named under `fld` (``persona`` + ``profile`` -> ``persona.profile``)."""
+    if not isinstance(value, dict):
+        raise FieldError(fld, f"expected an object, got {type(value).__name__}")
+    try:
+        return kind(**value)
+    except FieldError as exc:
+        raise FieldError(f"{fld}.{exc.field}", exc.problem) from None
+    except TypeError as exc:  # an unknown or missing key
+        raise FieldError(fld, str(exc).replace(f"{kind.__name__}.__init__() ", "")) from None

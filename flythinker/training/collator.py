@@ -80,7 +80,8 @@ class FlyThinkerCollator:
         chat_template: wrap *string* prompts as one user message with the tokenizer's chat template
             (``add_generation_prompt=True``). Prompts given as a list of ``{"role", "content"}`` messages always
             use the template.
-        max_length / reasoner_max_length: cap on the generator / reasoner sequence (prompt + response).
+        max_length / reasoner_max_length: cap on the generator / reasoner sequence (prompt + response); each caps
+            its own view only (None: uncapped; the long reasoner view is not cut to the generator's cap).
             Prompts lose tokens from the left (oldest context first); if the response alone does not fit it is
             cut on the right, identically in both views so they stay aligned. Never silent: the first batch that
             is cut warns with its counts, and :attr:`truncation` counts every cut over the collator's life
@@ -163,7 +164,7 @@ class FlyThinkerCollator:
         eos_ok = self.add_eos and response[-1] != self.eos_token_id
         caps = [self.max_length]
         if ex.reasoner_prompt is not None:
-            caps.append(self.reasoner_max_length or self.max_length)
+            caps.append(self.reasoner_max_length)  # max_length caps the generator's view only
         room = min((c - 1 for c in caps if c is not None), default=None)  # keep >= 1 prompt token per view
         response_cut = 0
         if room is not None and len(response) + eos_ok > room:
@@ -180,7 +181,7 @@ class FlyThinkerCollator:
         prompt = cut_prompt(ex.prompt, self.max_length)
         reasoner = None
         if ex.reasoner_prompt is not None:
-            reasoner = cut_prompt(ex.reasoner_prompt, self.reasoner_max_length or self.max_length)
+            reasoner = cut_prompt(ex.reasoner_prompt, self.reasoner_max_length)
         cuts = (len(ex.prompt) - len(prompt), len(ex.reasoner_prompt or ()) - len(reasoner or ()), response_cut)
         return Example(prompt, response, reasoner), cuts
 

@@ -78,7 +78,22 @@ def _pair_example(item: Any, where: str) -> dict[str, Any]:
         example = {"prompt": item["prompt"], "response": item["response"]}
     if not isinstance(example["response"], str) or not example["response"]:
         raise DataError(f"{where}: 'response' must be a non-empty string")
+    _check_unicode(example, where)
     return example
+
+
+def _check_unicode(example: dict[str, Any], where: str) -> None:
+    """Every text of an example must be encodable (a lone surrogate such as JSON's "\\ud800" fails inside the
+    tokenizer with a TypeError otherwise)."""
+    from flythinker.persona.records import FieldError, check_text
+
+    for key, value in example.items():
+        texts = [value] if isinstance(value, str) else [m["content"] for m in value] if isinstance(value, list) else []
+        try:
+            for text in texts:
+                check_text(text, key)
+        except FieldError as exc:
+            raise DataError(f"{where}: {exc}") from None
 
 
 def load_examples(
