@@ -130,6 +130,9 @@ def test_train_then_generate_from_checkpoint(capsys, pair, tmp_path):
                        "user likes 1. q1", "--max-new-tokens", 5, "--no-stream")
     assert rc == 0, err
     assert "5 new tokens" in err or "new tokens" in err
+    # a flythinker checkpoint is not a plain model: refused as a pair member, in one line
+    rc, out, err = run(capsys, "generate", "--generator", out_dir, "--prompt", "q1")
+    assert_user_error(rc, err, "flythinker checkpoint")
 
 
 def test_info_reports_versions_backends_cache(capsys, tmp_path):
