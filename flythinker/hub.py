@@ -299,9 +299,7 @@ def load_pretrained(
 
     from flythinker.checkpoint import load_strict
 
-    folder = resolve(name_or_path)
-    if not any(folder.glob("*.safetensors")):
-        raise ModelNotFoundError(f"{folder} has no .safetensors weights (flythinker never unpickles checkpoints)")
+    folder = resolve(name_or_path)  # no safetensors weights (only a pickled .bin): refused by load_strict
     kwargs = {"dtype": dtype, "use_safetensors": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
