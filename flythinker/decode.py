@@ -5,6 +5,13 @@ overlapped with the generator's, sampling through `flythinker.kernels.sample`, n
     decode_one_token fuse the pending latent into the new token, run both halves -> next logits, next latent
     decode_n_tokens  pick, handle eos, feed back; stop once every row is finished
     fast_generate    the public entry: checks, then prefill + decode_n_tokens
+    generate_fast_path  what `FlyThinkerForCausalLM.generate()` calls first: runs fast_generate when the call is
+                     one it reproduces token for token (greedy / one seeded FusedSamplingLogitsProcessor; no beams,
+                     other processors, stopping criteria, extra outputs), else None (transformers' loop runs)
+
+The one-token step is the two-copy one (the generator's half beside the reasoner's, config.parallel) or, for a
+shared-base pair (flythinker.shared_base), one forward of 2B rows through the shared base with per-row adapters
+(`decode_path` names which; `model.last_generate_path` and a DEBUG log say which ran).
 
 It gives the same tokens as `model.generate` with the same settings: greedy, or seeded sampling with the same
 `FusedSamplingLogitsProcessor(seed=...)` draws (`flythinker.sampling`); finished rows are padded exactly like HF
@@ -286,11 +293,12 @@ def _fast_path_plan(model: FlyThinkerForCausalLM, args: tuple, kwargs: dict) -> 
     gc = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
     gc.update(**{k: v for k, v in kwargs.items() if k in _FAST_CONFIG})
     diff = sorted(set(gc.to_diff_dict()) - _FAST_CONFIG)
-    if diff or gc.do_sample or (gc.num_beams or 1) != 1 or gc.use_cache is False:
-        return None, f"generation config {diff or 'sampling / beams / no cache'}"
     sampler = _fused_sampler(kwargs.get("logits_processor"))
     if sampler is None:
         return None, "logits processors"
+    # HF sampling is reproduced only through the fused processor (its one-hot scores make HF's draw its token)
+    if diff or (gc.do_sample and not sampler) or (gc.num_beams or 1) != 1 or gc.use_cache is False:
+        return None, f"generation config {diff or 'sampling / beams / no cache'}"
     mask = kwargs.get("attention_mask")
     P = ids.shape[1]
     if mask is None and gc.pad_token_id is not None and bool((ids == gc.pad_token_id).any()):
