@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from flythinker.cli.common import CLIError, positive_float, positive_int
 
@@ -10,8 +11,8 @@ HELP = "serve a saved pair with vLLM's OpenAI-compatible server (needs the vLLM 
 DESCRIPTION = (
     "Start vLLM's OpenAI-compatible server (continuous batching, paged KV cache, /v1/chat/completions with "
     "streaming) on a FlyThinkerForCausalLM.save_pretrained folder that also holds the tokenizer. vLLM lives in its "
-    "own virtualenv (`make install-vllm`, then .venv-vllm/bin/flythinker serve ...). Options after `--` go to "
-    "`vllm serve` unchanged. See docs/serving.md.")
+    "own virtualenv (`make install-vllm`, then .venv-vllm/bin/flythinker serve ...). --vllm-args passes more "
+    "`vllm serve` options. See docs/serving.md.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,15 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="let vLLM torch.compile the model (slower start-up; default: eager)")
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: the path)")
-    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after `--`: more `vllm serve` options")
+    p.add_argument("--vllm-args", default="", metavar="'ARGS'",
+                   help="more `vllm serve` options in one quoted string, passed unchanged "
+                        "(e.g. --vllm-args '--max-num-seqs 32 --enable-prefix-caching')")
 
 
 def run(args: argparse.Namespace) -> int:
     from flythinker.serving.server import ServeError, check_checkpoint, exec_vllm, vllm_argv
 
-    extra = list(args.vllm_args)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
+    extra = shlex.split(args.vllm_args)
     try:
         folder = check_checkpoint(args.checkpoint)
         exec_vllm(vllm_argv(folder, host=args.host, port=args.port, dtype=args.dtype,

@@ -69,47 +69,59 @@ class PagedLatentCache(nn.Module):
                                   f"store yet (expected vLLM's CPU layout [blocks, {self.num_heads}, block, "
                                   f"{2 * self.head_size}])")
 
+    def metadata(self):
+        """This step's attention metadata of the store (None in vLLM's profiling run)."""
+        from vllm.forward_context import get_forward_context
+
+        md = get_forward_context().attn_metadata
+        if md is None:
+            return None
+        if isinstance(md, list):
+            raise NotImplementedError("flythinker: micro-batching (ubatch) is not supported by the latent cache")
+        return md[self.layer_name]
+
+    def write(self, h: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store latents `h [n, H_r]` at KV slots `[n]` (negative slots, vLLM's padding, are skipped)."""
+        pages = self._pages()
+        block = pages.shape[2]
+        n = h.shape[0]
+        row = torch.zeros(n, self.num_heads * 2 * self.head_size, dtype=pages.dtype, device=h.device)
+        row[:, :self.hidden] = h
+        row = row.view(n, self.num_heads, 2 * self.head_size)
+        ok = slots >= 0  # PAD_SLOT_ID = -1
+        pages[slots[ok] // block, :, slots[ok] % block, :] = row[ok]
+
+    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Latents `[n, H_r]` stored at KV slots `[n]` (>= 0)."""
+        pages = self._pages()
+        block = pages.shape[2]
+        return pages[slots // block, :, slots % block, :].reshape(slots.numel(), -1)[:, :self.hidden].to(dtype)
+
     def exchange(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's latents, read each token's previous-position latent.
+        """Write this step's latents, read each token's previous-position latent (shared context).
 
         h: `[N, H_r]` reasoner latents of the N scheduled tokens (flattened over requests, vLLM's order);
         positions: `[N]` their positions. Returns `(prev [N, H_r], has_prev [N] bool)`; a token without a
         previous position (p = 0), a padding token, or a step without metadata (vLLM's profiling run) gets none.
         """
-        from vllm.forward_context import get_forward_context
+        from flythinker.serving.split import row_of_tokens, slots_of
 
         N = h.shape[0]
-        md = get_forward_context().attn_metadata
+        md = self.metadata()
         if md is None:  # dummy/profiling run: shapes only
             return torch.zeros_like(h), torch.zeros(N, dtype=torch.bool, device=h.device)
-        if isinstance(md, list):
-            raise NotImplementedError("flythinker: micro-batching (ubatch) is not supported by the latent cache")
-        md = md[self.layer_name]
-        pages = self._pages()
-        block = pages.shape[2]
+        block = self._pages().shape[2]
         n_act = int(md.num_actual_tokens)
-        qsl = md.query_start_loc
-        table = md.block_table if hasattr(md, "block_table") else md.block_table_tensor
-        counts = (qsl[1:] - qsl[:-1]).long()
-        req = torch.repeat_interleave(torch.arange(counts.numel(), device=h.device), counts)[:n_act]  # [n_act]
+        table = block_table(md)
+        req = row_of_tokens(md.query_start_loc, n_act)
         pos = positions[:n_act].long()
-        slots = md.slot_mapping[:n_act].long()
-        if self.checks:
-            mine = table[req, pos // block].long() * block + pos % block
-            if not torch.equal(mine, slots):
-                raise RuntimeError("flythinker: the latent cache's slot arithmetic disagrees with vLLM's slot "
-                                   "mapping (unsupported KV cache layout or block size)")
-        row = torch.zeros(n_act, self.num_heads * 2 * self.head_size, dtype=pages.dtype, device=h.device)
-        row[:, :self.hidden] = h[:n_act]
-        row = row.view(n_act, self.num_heads, 2 * self.head_size)
-        ok = slots >= 0  # PAD_SLOT_ID = -1
-        pages[slots[ok] // block, :, slots[ok] % block, :] = row[ok]
-
-        prev_pos = pos - 1
-        has_prev = prev_pos >= 0
-        pp = prev_pos.clamp_min(0)
-        blk = table[req, pp // block].long()
-        got = pages[blk, :, pp % block, :].reshape(n_act, -1)[:, :self.hidden].to(h.dtype)
+        slot_now = md.slot_mapping[:n_act].long()
+        if self.checks and not torch.equal(slots_of(table, req, pos, block), slot_now):
+            raise RuntimeError("flythinker: the latent cache's slot arithmetic disagrees with vLLM's slot "
+                               "mapping (unsupported KV cache layout or block size)")
+        self.write(h[:n_act], slot_now)
+        has_prev = pos >= 1
+        got = self.read(slots_of(table, req, (pos - 1).clamp_min(0), block), h.dtype)
         prev = torch.zeros_like(h)
         prev[:n_act] = got * has_prev[:, None].to(h.dtype)
         flag = torch.zeros(N, dtype=torch.bool, device=h.device)
@@ -117,4 +129,9 @@ class PagedLatentCache(nn.Module):
         return prev, flag
 
 
-__all__ = ["PagedLatentCache", "store_geometry"]
+def block_table(md) -> torch.Tensor:
+    """The block table `[R, max_blocks]` of an attention metadata object (CPU: `block_table`)."""
+    return md.block_table if hasattr(md, "block_table") else md.block_table_tensor
+
+
+__all__ = ["PagedLatentCache", "block_table", "store_geometry"]

@@ -15,6 +15,7 @@ caches and the model runs under vLLM's continuous batching, chunked prefill and 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -75,6 +76,7 @@ class FlyThinkerForCausalLM(nn.Module):
                                         # vLLM orders KV layers by the one integer in their name
                                         prefix=maybe_prefix(prefix, "latent_cache.0"))
         self.vocab_size = config.generator.vocab_size
+        self._dtype = dtype
         self._norm_target: float | str | None = None  # resolved after the weights are loaded
         self.make_empty_intermediate_tensors = self.generator.make_empty_intermediate_tensors
 
@@ -129,10 +131,73 @@ class FlyThinkerForCausalLM(nn.Module):
                              "not supported)")
         if intermediate_tensors is not None:
             raise NotImplementedError("flythinker serving: pipeline parallelism is not supported")
+        split = self._split_plan(input_ids, positions)
+        if split is not None:
+            return self._split_forward(input_ids, positions, split)
         h = self.reasoner.model(input_ids, positions, None)
         prev, has_prev = self.latents.exchange(h, positions)
         emb = self.fuse(input_ids, prev, has_prev)
         return self.generator.model(None, positions, None, inputs_embeds=emb)
+
+    # ------------------------------------------------------------------ split context (flythinker/serving/split.py)
+    def _split_plan(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        from flythinker.serving import split
+        from flythinker.serving.requests import ROWS
+
+        md = self.latents.metadata() if ROWS else None
+        if md is None:
+            return None
+        n = int(md.num_actual_tokens)
+        return split.plan(positions[:n], input_ids[:n], md.query_start_loc, ROWS)
+
+    def _split_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, plan) -> torch.Tensor:
+        """Each stack on its own tokens and positions (split.plan), latents stored by reasoner position."""
+        from flythinker.serving.latent_cache import block_table
+        from flythinker.serving.split import slots_of
+
+        md = self.latents.metadata()
+        table, block = block_table(md), self.latents._pages().shape[2]
+        r, g = plan.reasoner, plan.generator
+        if r.take.numel():
+            with self._stack_metadata(self.reasoner, r):
+                h = self.reasoner.model(input_ids[r.take], r.positions.to(positions), None)  # its own positions
+            self.latents.write(h, slots_of(table, r.rows, r.positions, block))
+        out = torch.zeros(input_ids.shape[0], self.config.generator.hidden_size, dtype=self._dtype,
+                          device=input_ids.device)
+        if g.take.numel():
+            valid = plan.src_valid
+            prev = self.latents.read(slots_of(table, g.rows, plan.src_positions.clamp_min(0), block), self._dtype)
+            emb = self.fuse(input_ids[g.take], prev * valid[:, None].to(prev.dtype), valid)
+            with self._stack_metadata(self.generator, g):
+                out[g.take] = self.generator.model(None, g.positions.to(positions), None, inputs_embeds=emb)
+        return out
+
+    @contextlib.contextmanager
+    def _stack_metadata(self, stack: nn.Module, tokens):
+        """Hand one stack's attention layers metadata re-described for its tokens; restore the rest after."""
+        from vllm.forward_context import get_forward_context
+        from vllm.model_executor.layers.attention.attention import Attention
+
+        from flythinker.serving.split import stack_metadata
+
+        ctx = get_forward_context()
+        mds, sms = ctx.attn_metadata, ctx.slot_mapping  # the layers read both (KV writes use slot_mapping)
+        block = self.latents._pages().shape[2]
+        saved, saved_slots, built = {}, {}, {}
+        for mod in stack.modules():
+            if isinstance(mod, Attention):
+                name, md = mod.layer_name, mds[mod.layer_name]
+                key = (id(md), mod.num_heads, mod.num_kv_heads, mod.head_size)
+                if key not in built:
+                    built[key] = stack_metadata(md, mod, tokens, block, self._dtype)
+                saved[name], mds[name] = md, built[key]
+                if name in sms:
+                    saved_slots[name], sms[name] = sms[name], built[key].slot_mapping
+        try:
+            yield
+        finally:
+            mds.update(saved)
+            sms.update(saved_slots)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.generator.compute_logits(hidden_states)

@@ -24,7 +24,9 @@ ROOT = HERE.parents[1]
 HF_PYTHON = os.environ.get("FLYTHINKER_HF_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 
 try:
-    import vllm  # noqa: F401
+    # a name from the real package: with tests/ on sys.path, a bare `import vllm` finds this folder (a namespace
+    # package) in an environment without vLLM
+    from vllm import SamplingParams  # noqa: F401
 
     HAS_VLLM = True
 except ImportError:

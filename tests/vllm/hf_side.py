@@ -9,6 +9,7 @@ outputs here, in a subprocess, and compare vLLM against them.
     python hf_side.py generate CKPT REQUESTS.json OUT.json [--generator-only]
         REQUESTS.json: {"max_new_tokens": n, "prompts": [[ids...], ...], "reasoner_prompts": [[ids...], ...]?}
         OUT.json: {"tokens": [[new ids...], ...], "seconds": wall time of generate}
+    python hf_side.py suite OUT      -> every checkpoint of SUITE under OUT/<name> and OUT/refs.json (one process)
 """
 
 from __future__ import annotations
@@ -81,6 +82,47 @@ def generate(ckpt: Path, requests: dict, generator_only: bool) -> dict:
     return {"tokens": out[:, ids.shape[1]:].tolist(), "seconds": seconds}
 
 
+# The tests' checkpoints: name -> make() arguments. "mixed" and "zero" share the generator (same family and seed).
+SUITE = {
+    "mixed": dict(gen_family="llama", rsn_family="qwen2", lam=0.5, projection="pad", norm_target="vocab_mean"),
+    "zero": dict(gen_family="llama", rsn_family="llama", lam=0.0, projection="pad", norm_target="vocab_mean"),
+    "linear": dict(gen_family="qwen2", rsn_family="llama", lam=0.5, projection="linear", norm_target="token"),
+}
+MAX_NEW_TOKENS = 24
+
+
+def suite_prompts(vocab: int) -> list[list[int]]:
+    """Five prompts of different lengths (9..41 tokens), ids in [6, vocab) (no special tokens)."""
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(6, vocab, (n,), generator=g).tolist() for n in (9, 41, 17, 26, 12)]
+
+
+def suite(out: Path) -> None:
+    """Build SUITE's checkpoints and their HF greedy references (pair and generator alone)."""
+    refs: dict = {"max_new_tokens": MAX_NEW_TOKENS}
+    for name, kw in SUITE.items():
+        make(out / name, seed=0, **kw)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(out / "mixed" / "generator").vocab_size
+    prompts = suite_prompts(vocab)
+    refs["prompts"] = prompts
+    req = {"max_new_tokens": MAX_NEW_TOKENS, "prompts": prompts}
+    for name in SUITE:
+        refs[name] = generate(out / name / "pair", req, generator_only=False)
+        refs[name + "/generator"] = generate(out / name / "generator", req, generator_only=True)
+    # split context on the "mixed" pair: short generator views, reasoner views mostly longer (one shorter)
+    g = torch.Generator().manual_seed(99)
+    gen_views = [torch.randint(6, vocab, (n,), generator=g).tolist() for n in (8, 15, 5, 11)]
+    rsn_views = [torch.randint(6, vocab, (n,), generator=g).tolist() for n in (30, 12, 45, 20)]
+    refs["split"] = {"generator_prompts": gen_views, "reasoner_prompts": rsn_views,
+                     **generate(out / "mixed" / "pair", {"max_new_tokens": MAX_NEW_TOKENS, "prompts": gen_views,
+                                                         "reasoner_prompts": rsn_views}, generator_only=False)}
+    refs["split/shared"] = generate(out / "mixed" / "pair", {"max_new_tokens": MAX_NEW_TOKENS, "prompts": gen_views},
+                                    generator_only=False)
+    (out / "refs.json").write_text(json.dumps(refs))
+
+
 def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     L = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), L, dtype=torch.long)
@@ -107,9 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("requests", type=Path)
     g.add_argument("out", type=Path)
     g.add_argument("--generator-only", action="store_true")
+    st = sub.add_parser("suite")
+    st.add_argument("out", type=Path)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    if a.cmd == "make":
+    if a.cmd == "suite":
+        suite(a.out)
+    elif a.cmd == "make":
         make(a.out, a.gen_family, a.rsn_family, a.lam, a.projection, a.norm_target, a.seed)
     else:
         res = generate(a.ckpt, json.loads(a.requests.read_text()), a.generator_only)

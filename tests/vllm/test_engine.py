@@ -68,3 +68,42 @@ def test_linear_projection_token_norm_matches_hf(suite):
         got = run_all(llm, refs["prompts"], refs["max_new_tokens"])
     assert got == refs["linear"]["tokens"]
     assert got != refs["linear/generator"]["tokens"]
+
+
+def test_split_context_matches_hf(suite):
+    """Split context through the request: prompt = reasoner view ++ generator view, the view's length in
+    extra_args (the OpenAI server's vllm_xargs). Four split requests (reasoner views of 12-45 tokens, generator
+    views of 5-15) and two shared-context ones in the same batches, staggered, 16-token chunks (chunks straddle
+    both view boundaries), 5 KV blocks of 32."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from flythinker.serving.requests import XARG
+
+    out, refs = suite
+    n = refs["max_new_tokens"]
+    sp = refs["split"]
+    eng_prompts = [r + g for r, g in zip(sp["reasoner_prompts"], sp["generator_prompts"])] + refs["prompts"][:2]
+    extra = [{XARG: len(r)} for r in sp["reasoner_prompts"]] + [None, None]
+    with engine(out / "mixed" / "pair", max_num_batched_tokens=16, num_gpu_blocks_override=6) as llm:
+        eng = llm.llm_engine
+        done: dict[str, list[int]] = {}
+        step = 0
+        while len(done) < len(eng_prompts):
+            for i, (p, x) in enumerate(zip(eng_prompts, extra)):
+                if step == 2 * i:
+                    eng.add_request(str(i), {"prompt_token_ids": p},
+                                    SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, extra_args=x))
+            for o in eng.step():
+                if o.finished:
+                    done[o.request_id] = list(o.outputs[0].token_ids)
+            step += 1
+            assert step < 10_000
+        with pytest.raises(VLLMValidationError, match=XARG):  # at admission: HTTP 400 in the server
+            llm.generate([{"prompt_token_ids": eng_prompts[0]}],
+                         SamplingParams(max_tokens=2, extra_args={XARG: "twelve"}), use_tqdm=False)
+    got = [done[str(i)] for i in range(len(eng_prompts))]
+    assert got[:4] == sp["tokens"]
+    assert got[4:] == refs["mixed"]["tokens"][:2]
+    # the reasoner's view matters: the same generator views in shared context give other replies
+    assert [a != b for a, b in zip(sp["tokens"], refs["split/shared"]["tokens"])] == [True] * 4
