@@ -144,14 +144,17 @@ def load_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, TypeError, KeyError, AttributeError, IndexError, StrictDataclassError, SafetensorError)
 
 
-def load_strict(loader: Callable[..., Any], folder: str | os.PathLike, *args: Any, strict: bool = True,
-                **kwargs: Any) -> Any:
+def load_strict(loader: Callable[..., Any], folder: str | os.PathLike | None, *args: Any,
+                strict: bool | None = None, **kwargs: Any) -> Any:
     """`loader(folder, *args, **kwargs)` (an HF `from_pretrained`) after :func:`check_folder`, refusing a load
-    whose tensors do not match the config (unless `strict=False`). Errors of a malformed folder (a config
-    value of the wrong type, ...) come back as CheckpointError naming the folder. Returns what `loader` returns
-    (`(model, info)` when the caller passed `output_loading_info=True`)."""
-    check_overrides(folder, check_folder(folder), kwargs)
+    whose tensors do not match the config unless `strict=False`. `strict=None` (default) is strict, except for
+    a caller that asks for the load report (`output_loading_info=True`: it gets `(model, info)` with the
+    missing/extra keys to judge itself, as HF's own tests do). Errors of a malformed folder (a config value of
+    the wrong type, ...) come back as CheckpointError naming the folder."""
+    if folder is not None:  # None: weights from `state_dict=` (HF API), nothing on disk to check
+        check_overrides(folder, check_folder(folder), kwargs)
     want_info = bool(kwargs.pop("output_loading_info", False))
+    strict = not want_info if strict is None else strict
     try:
         model, info = loader(folder, *args, output_loading_info=True, **kwargs)
     except CheckpointError:

@@ -150,13 +150,14 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         return model
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, strict: bool = True,
-                        **kwargs: Any) -> FlyThinkerForCausalLM:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any,
+                        strict: bool | None = None, **kwargs: Any) -> FlyThinkerForCausalLM:
         """`PreTrainedModel.from_pretrained` of a local folder, safetensors only (flythinker never unpickles a
         checkpoint: a folder with only `pytorch_model.bin` is refused), strict (`flythinker.checkpoint`): a
         missing path, a half-written or corrupt folder, tensors that do not match config.json (missing or
         extra) and a `projection=` override of a saved projection raise CheckpointError naming the problem.
-        `strict=False` loads mismatched tensors anyway (missing ones randomly initialised)."""
+        `strict=False` loads mismatched tensors anyway (missing ones randomly initialised); so does a call with
+        `output_loading_info=True` unless `strict=True` (the caller gets the report to judge)."""
         from flythinker.checkpoint import load_strict
         from flythinker.shared_base import retie
 
@@ -168,6 +169,7 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         if is_shipped(pretrained_model_name_or_path):  # a trained pair shipped as deltas in the package
             return cls._from_shipped(pretrained_model_name_or_path.lower(), **kwargs)
         want_info = bool(kwargs.pop("output_loading_info", False))
+        strict = not want_info if strict is None else strict
         model, info = load_strict(super().from_pretrained, pretrained_model_name_or_path, *args, strict=strict,
                                   output_loading_info=True, **kwargs)
         retie(model)  # a shared-base pair: the loader may have replaced the base parameter objects

@@ -40,8 +40,12 @@ def test_tensors_not_matching_config_are_refused_by_name(saved, tmp_path, damage
     with pytest.raises(CheckpointError) as info:
         FlyThinkerForCausalLM.from_pretrained(folder)
     assert all(n in str(info.value) for n in names), str(info.value)
-    # strict=False is the explicit way to load it anyway
+    # strict=False is the explicit way to load it anyway; asking for the load report gets it to judge
     FlyThinkerForCausalLM.from_pretrained(folder, strict=False)
+    _, report = FlyThinkerForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert report["missing_keys"] or report["unexpected_keys"]
+    with pytest.raises(CheckpointError):
+        FlyThinkerForCausalLM.from_pretrained(folder, output_loading_info=True, strict=True)
 
 
 def test_projection_override_of_a_trained_projection_is_refused(saved):
