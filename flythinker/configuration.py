@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.utils import logging
 
 try:
     from transformers.configuration_utils import SubConfigSpec
@@ -26,6 +27,8 @@ from flythinker.options import (  # the option names and choices live in one lig
     PROJECTIONS,
     SPECIAL_TOKENS,
 )
+
+logger = logging.get_logger(__name__)
 
 
 class FlyThinkerConfig(PreTrainedConfig):
@@ -72,12 +75,15 @@ class FlyThinkerConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False  # the generator sub-config decides its own tying
 
     def __post_init__(self, **kwargs: Any):
-        # HF configs accept arbitrary extra keys (hub BC); we reject the ones that look like a misspelt fusion
-        # option, which would otherwise be silently ignored.
+        # HF configs accept arbitrary extra keys (hub BC); we reject the ones that look like a fusion option (a
+        # misspelling, or a key naming one of its words such as `lam`), which would otherwise be silently ignored,
+        # and warn about the rest.
         for key in kwargs:
-            if difflib.get_close_matches(key, FUSION_FIELDS, n=1, cutoff=0.75) or key.startswith(
-                    ("fusion_", "latent_")):
+            if _looks_like_fusion_option(key):
                 raise _unknown_option(key)
+            if key not in _KNOWN_EXTRA_KEYS:
+                logger.warning("FlyThinkerConfig: unknown key %r kept but not used by FlyThinker (fusion options: "
+                               "%s)", key, list(FUSION_FIELDS))
         if SubConfigSpec is None:
             _resolve_sub_configs(self)
         super().__post_init__(**kwargs)
@@ -143,8 +149,27 @@ def fusion_kwargs_check(kwargs: dict[str, Any]) -> None:
         raise _unknown_option(key)
 
 
+# Extra keys that reach __post_init__ legitimately: HF's own (model_type from config.json, the attn/experts
+# implementation setters) and flythinker's shared-base description (flythinker.shared_base).
+_KNOWN_EXTRA_KEYS = frozenset({"model_type", "attn_implementation", "experts_implementation", "shared_base"})
+# words of the fusion fields' names, and the abbreviations users type for them: a key made of one of these
+# (`lam`, `lambda_weight`, `Fusion_Lambda`) names a fusion option that does not exist
+_FUSION_WORDS = {"lam": "fusion_lambda", "lambda": "fusion_lambda", "fusion": "fusion_lambda",
+                 "latent": "latent_eps", "proj": "projection", "projection": "projection"}
+
+
+def _looks_like_fusion_option(key: str) -> bool:
+    """Whether an unknown config key `key` was meant as a fusion option (rejected, not ignored)."""
+    low = key.lower()
+    if low in FUSION_FIELDS or difflib.get_close_matches(low, FUSION_FIELDS, n=1, cutoff=0.75):
+        return True
+    return any(word in _FUSION_WORDS for word in low.replace("-", "_").split("_"))
+
+
 def _unknown_option(key: str) -> ValueError:
-    near = difflib.get_close_matches(key, FUSION_FIELDS, n=1, cutoff=0.75)
+    low = key.lower()
+    near = difflib.get_close_matches(low, FUSION_FIELDS, n=1, cutoff=0.75) or [
+        _FUSION_WORDS[w] for w in low.replace("-", "_").split("_") if w in _FUSION_WORDS][:1]
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     return ValueError(f"unknown FlyThinker option {key!r}{hint}; known: {list(FUSION_FIELDS)}")
 

@@ -25,8 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel, StaticCache
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from flythinker.alignment import (
     last_real_index,
@@ -57,6 +60,8 @@ class StepInputs:
     cache: FlyThinkerCache | None  # None: use_cache=False
     past: int  # tokens already in the cache
     gen_kwargs: dict[str, Any]  # output_attentions / output_hidden_states for the generator
+    inputs_embeds: torch.Tensor | None = None  # [B, T, H_g] the generator's given embeddings (latents added)
+    continues: torch.Tensor | None = None  # [B, T] bool: position t continues t-1's sequence (None: all do)
 
     @property
     def prefill(self) -> bool:
@@ -101,8 +106,9 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         # "linear": a learned [H_g, H_r] map, initialised to the "pad" map (so both start from the same fusion);
         # "zero": the same map initialised to zero, so that the untrained pair is exactly its generator.
         self.latent_proj = nn.Linear(H_r, H_g, bias=False) if config.projection in LEARNED_PROJECTIONS else None
-        self._vocab_mean: tuple[tuple, float] | None = None  # (weight key, c): see _norm_target
+        self._vocab_mean: tuple[nn.Parameter, int, torch.Tensor] | None = None  # (weight, version, c): _norm_target
         self.post_init()
+        self._freeze_reasoner_head()
 
     def _init_weights(self, module: nn.Module) -> None:
         if module is self.latent_proj:
@@ -229,6 +235,49 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.generator.get_decoder()
 
+    @property
+    def vocab_size(self) -> int:
+        """The shared vocabulary's size (rows of the generator's input embedding)."""
+        return self.generator.get_input_embeddings().weight.shape[0]
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize the shared vocabulary: both models' embeddings and LM heads (and both sub-configs' vocab_size),
+        so new token ids reach the reasoner too and a saved pair still passes the pair check. Returns the
+        generator's new input embedding."""
+        shared = self.reasoner.get_input_embeddings().weight is self.generator.get_input_embeddings().weight
+        emb = self.generator.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        if shared:  # a shared-base pair: the reasoner's base parameters are the generator's
+            from flythinker.shared_base import retie
+
+            retie(self)
+        else:
+            self.reasoner.resize_token_embeddings(emb.weight.shape[0], None, mean_resizing)
+        for part, cfg in ((self.generator, self.config.generator), (self.reasoner, self.config.reasoner)):
+            cfg.vocab_size = part.config.vocab_size = emb.weight.shape[0]
+        self._vocab_mean = None
+        self._freeze_reasoner_head()
+        return emb
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' tying, then the reasoner's unused head frozen again: loading (which ends here) builds
+        new Parameters, trainable by default."""
+        super().tie_weights(*args, **kwargs)
+        self._freeze_reasoner_head()
+
+    def _freeze_reasoner_head(self) -> None:
+        """The reasoner's LM head never runs (only its base model does): as a trainable parameter it would never get
+        a gradient (plain DDP, transformers' gradient checks). Frozen, unless it is a parameter that does run (tied
+        to the reasoner's input embedding, or shared with the generator)."""
+        head = self.reasoner.get_output_embeddings()
+        if head is None:
+            return
+        running = {id(p) for p in self.generator.parameters()}
+        running |= {id(p) for p in self.reasoner.get_decoder().parameters()}
+        for p in head.parameters():
+            if id(p) not in running:
+                p.requires_grad_(False)
+
     # ------------------------------------------------------------------ devices and workers
     @property
     def generator_device(self) -> torch.device:
@@ -277,9 +326,16 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         E = self.generator.get_input_embeddings()
         cfg = self.config
         proj = self.latent_proj.weight if self.latent_proj is not None else None
+        if check_inputs and proj is not None and not bool(torch.isfinite(proj).all()):
+            raise ValueError(f"the latent projection (projection={cfg.projection!r}, latent_proj.weight) holds NaN or "
+                             "inf values: every fused embedding would be NaN")
+        # while torch.compile/export traces: the PyTorch twin (traceable; the compiler fuses it), not the custom op
+        # (its CPU path reads a tensor norm target with float(), a data-dependent host sync export refuses)
+        backend = "torch" if torch.compiler.is_compiling() else None
         emb = latent_fuse(input_ids, E.weight, latent, mask, lam=float(cfg.fusion_lambda),
                           norm_target=self._norm_target(), projection=proj, prev_latent=prev,
-                          eps=float(cfg.latent_eps), detach_norm=cfg.detach_norm, check_inputs=check_inputs)
+                          eps=float(cfg.latent_eps), detach_norm=cfg.detach_norm, check_inputs=check_inputs,
+                          backend=backend)
         scale = getattr(E, "embed_scale", None)
         if scale is not None:
             # Scaled embedding modules (Gemma3): E(x) = scale * W[x]; scale the fused term like the embedding so the
@@ -293,18 +349,26 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         no_slot = pending.new_zeros(pending.shape[0], 1, pending.shape[-1])  # slot 0 would feed position 1: none
         return self.fuse(input_ids, no_slot, None, pending, check_inputs=check_inputs)
 
-    def _norm_target(self) -> str | float:
-        """norm_target for latent_fuse. "vocab_mean" at inference is a cached float, recomputed only when the
-        embedding table changes (keyed on data_ptr and the in-place version counter), so a decode step does not
-        re-read the V x H table (49152 x 576 fp32 = 113 MB for SmolLM2-135M) just to rescale one latent."""
+    def _norm_target(self) -> str | float | torch.Tensor:
+        """norm_target for latent_fuse. "vocab_mean" at inference is a cached 0-dim tensor on the table's device
+        (no host sync: CUDA-graph capture and torch.export see no float()), recomputed when the embedding table is
+        replaced or changed in place (keyed on the Parameter object and its version counter, not on data_ptr(),
+        which fake tensors under torch.export do not have), so a decode step does not re-read the V x H table
+        (49152 x 576 fp32 = 113 MB for SmolLM2-135M) just to rescale one latent. While torch.compile/export traces,
+        the reduction is part of the graph instead (a cache is Python state the graph could not see change).
+        Changes that bypass the version counter (`weight.data.copy_(...)`) are not seen: call
+        `model._vocab_mean = None` after one."""
         nt = self.config.norm_target
         if nt != "vocab_mean" or (self.training and torch.is_grad_enabled()):
             return nt
         w = self.generator.get_input_embeddings().weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-        if self._vocab_mean is None or self._vocab_mean[0] != key:
-            self._vocab_mean = (key, float(vocab_mean_norm(w)))
-        return self._vocab_mean[1]
+        if torch.compiler.is_compiling():
+            return vocab_mean_norm(w.detach())
+        cached = self._vocab_mean
+        if cached is None or cached[0] is not w or cached[1] != w._version:
+            cached = (w, w._version, vocab_mean_norm(w.detach()))
+            self._vocab_mean = cached
+        return cached[2]
 
     # ------------------------------------------------------------------ logits and loss
     def logits_from_hidden(self, hidden: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
@@ -319,8 +383,9 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
-                 num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None,
+                 num_items_in_batch: torch.Tensor | int | None = None,
+                 shift_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Causal LM loss of the generator on `hidden [B, T, H_g]` and unshifted `labels [B, T]` (shift inside,
         ignore_index IGNORE_INDEX): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation);
         an all-ignored batch gives 0, not NaN. config.loss_impl "fused": `linear_cross_entropy` on the final hidden
@@ -329,7 +394,12 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         B, T, H = hidden.shape
         # shift by padding: position t predicts labels[t + 1], the last position gets IGNORE_INDEX. `hidden` stays
         # a free [B*T, H] view (slicing hidden[:, :-1] would copy it) and the ignored row costs one row of work.
-        shift_labels = F.pad(labels.to(hidden.device), (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # [B*T]
+        if shift_labels is not None:  # already shifted (sequence parallelism): position t predicts shift_labels[t]
+            if tuple(shift_labels.shape) != (B, T):
+                raise ValueError(f"shift_labels must be [B={B}, T={T}], got {tuple(shift_labels.shape)}")
+            shift_labels = shift_labels.to(hidden.device).reshape(-1)
+        else:
+            shift_labels = F.pad(labels.to(hidden.device), (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # [B*T]
         head = self.generator.get_output_embeddings()
         cap = getattr(self.config.generator, "final_logit_softcapping", None)
         # the fused op needs a plain bias-free Linear head; anything else (a peft LoRA-wrapped head, a bias)
@@ -358,7 +428,8 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         reasoner_attention_mask: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        shift_labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast | tuple:
         """Fused forward.
 
@@ -366,13 +437,20 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         labels `[B, T]` (unshifted, IGNORE_INDEX = ignore). Split context: `reasoner_input_ids [B, Q]` (and its
         mask) give the reasoner its own prompt; read only on an empty cache (later, both models consume the same new
         tokens), and with labels the response is the part from the first labelled position on (DESIGN.md 2).
-        `past_key_values` is an alias of `cache` (transformers 5.x renamed it).
+        `past_key_values` is an alias of `cache` (transformers 5.x renamed it). `inputs_embeds [B, T, H_g]` with
+        `input_ids`: the reasoner reads the ids, the latents are added to these embeddings instead of E[x].
+        `shift_labels [B, T]`: labels already shifted (position t predicts shift_labels[t]; sequence parallelism),
+        used instead of shifting `labels`. Packed rows (no attention_mask, position_ids restarting at each sequence,
+        as DataCollatorWithFlattening makes them): no latent crosses a sequence boundary.
         """
-        if inputs_embeds is not None:
-            raise ValueError("inputs_embeds is not supported by FlyThinkerForCausalLM: both models need input_ids "
-                             "(the generator's embeddings are built by fusing the reasoner's latents)")
+        if reasoner_attention_mask is not None and reasoner_input_ids is None:
+            raise ValueError("reasoner_attention_mask was given without reasoner_input_ids (it is the mask of the "
+                             "reasoner's own prompt in split context)")
         step = self._normalise(input_ids, attention_mask, position_ids, self._step_cache(cache, past_key_values,
                                                                                           use_cache), kwargs)
+        self._check_step_inputs(step, inputs_embeds, reasoner_input_ids)
+        if labels is None and shift_labels is not None:
+            labels = _unshift(shift_labels, step.input_ids)
         if step.prefill and reasoner_input_ids is not None:
             g_out, latents = self._split_prefill(step, reasoner_input_ids, reasoner_attention_mask, labels)
         elif not step.prefill and step.input_ids.shape[1] == 1:
@@ -381,7 +459,28 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             g_out, latents = self._shared_forward(step, labels)
         if step.cache is not None:
             step.cache.append_latents(latents)
-        return self._output(g_out, step.cache, labels, logits_to_keep, num_items_in_batch, return_dict)
+        return self._output(g_out, step.cache, labels, logits_to_keep, num_items_in_batch, return_dict, shift_labels)
+
+    def _check_step_inputs(self, step: StepInputs, inputs_embeds: torch.Tensor | None,
+                           reasoner_input_ids: torch.Tensor | None) -> None:
+        """Value checks before either model runs: token ids inside the shared vocabulary (an out-of-range id would
+        reach the reasoner's embedding first: a device assert on CUDA) and the given embeddings' shape. The id
+        check costs a host sync, so a CUDA decode step skips it (like latent_fuse's checks)."""
+        if inputs_embeds is not None:
+            B, T = step.input_ids.shape
+            H = self.config.generator.hidden_size
+            if inputs_embeds.dim() != 3 or tuple(inputs_embeds.shape) != (B, T, H):
+                raise ValueError(f"inputs_embeds must be [B={B}, T={T}, H_g={H}] like input_ids, got "
+                                 f"{tuple(inputs_embeds.shape)}")
+            step.inputs_embeds = inputs_embeds
+        decode = not step.prefill and step.input_ids.shape[1] == 1
+        if decode and step.input_ids.device.type != "cpu":
+            return
+        V = self.generator.get_input_embeddings().weight.shape[0]
+        for name, ids in (("input_ids", step.input_ids), ("reasoner_input_ids", reasoner_input_ids)):
+            if ids is not None and ids.numel() and bool(((ids < 0) | (ids >= V)).any()):
+                bad = ids[(ids < 0) | (ids >= V)][0].item()
+                raise ValueError(f"{name} holds token id {bad}, out of range for the shared vocabulary of {V}")
 
     def _step_cache(self, cache: FlyThinkerCache | None, past_key_values: FlyThinkerCache | None,
                     use_cache: bool | None) -> FlyThinkerCache | None:
@@ -405,7 +504,10 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
                    position_ids: torch.Tensor | None, cache: FlyThinkerCache | None,
                    kwargs: dict[str, Any]) -> StepInputs:
         if input_ids is None:
-            raise ValueError("input_ids is required")
+            raise ValueError("input_ids is required (also with inputs_embeds: the reasoner reads the ids)")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [B, T] batch, got shape {tuple(input_ids.shape)} (an "
+                             "empty prompt: start it with at least one token, e.g. BOS)")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be 2-D [B, past + T], got shape {tuple(attention_mask.shape)}")
         B, T = input_ids.shape
@@ -414,14 +516,23 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             local_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
         else:
             local_mask = attention_mask[:, -T:]
+        continues = None
         if position_ids is None:
             position_ids = (torch.arange(past, past + T, device=input_ids.device).expand(B, T)
                             if attention_mask is None else positions_from_mask(attention_mask)[:, -T:])
+        elif attention_mask is None and T > 1:
+            # packed rows (HF's padding-free format): a position that does not follow its predecessor's starts a
+            # new sequence; like HF's find_packed_sequence_indices
+            continues = F.pad(position_ids[:, 1:] - position_ids[:, :-1] == 1, (1, 0), value=True)
         gen_kwargs = {k: v for k, v in kwargs.items() if k in ("output_attentions", "output_hidden_states")}
-        return StepInputs(input_ids, attention_mask, local_mask, position_ids, cache, past, gen_kwargs)
+        return StepInputs(input_ids, attention_mask, local_mask, position_ids, cache, past, gen_kwargs,
+                          continues=continues)
 
     def _generator(self, step: StepInputs, embeds: torch.Tensor) -> BaseModelOutputWithPast:
-        """The generator on this step's (fused) embeddings `[B, T, H_g]`."""
+        """The generator on this step's (fused) embeddings `[B, T, H_g]`. With given `inputs_embeds`, the fused
+        term is moved onto them: given + (fused - E[x]) (exactly `fused` when given == E[x])."""
+        if step.inputs_embeds is not None:
+            embeds = embeds + (step.inputs_embeds.to(embeds.dtype) - self.embed(step.input_ids))
         return self.generator_forward(embeds, step.attention_mask, step.position_ids, step.cache, step.use_cache,
                                       **step.gen_kwargs)
 
@@ -456,6 +567,9 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             targets = (response_targets(labels) if labels is not None
                        else (torch.arange(T, device=step.input_ids.device) == T - 1).expand_as(step.input_ids))
         src_mask = shared_source_mask(step.local_mask, targets)  # [B, T]
+        if step.continues is not None:
+            # slot t feeds position t + 1: not across a packed sequence boundary (as position 0 of a padded row)
+            src_mask = src_mask * F.pad(step.continues[:, 1:], (0, 1), value=True).to(src_mask.dtype)
         worker = self._prefill_worker(step, labels)
         if worker is not None:
             h, g_out = shared_prefill(self, worker, step, src_mask)
@@ -499,7 +613,8 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         training, no cache, a 1-token prompt, or extra generator outputs requested; "auto" on CPU with one row)."""
         B, T = step.input_ids.shape
         if (not step.prefill or T < 2 or step.cache is None or labels is not None or step.gen_kwargs
-                or self.config.parallel == "off" or (self.training and torch.is_grad_enabled())):
+                or step.inputs_embeds is not None or self.config.parallel == "off"
+                or (self.training and torch.is_grad_enabled())):
             return None
         worker = self.reasoner_worker()
         if isinstance(worker, InlineWorker):
@@ -513,10 +628,11 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _output(self, g_out: BaseModelOutputWithPast, cache: FlyThinkerCache | None, labels: torch.Tensor | None,
                 logits_to_keep: int | torch.Tensor, num_items_in_batch: torch.Tensor | int | None,
-                return_dict: bool | None) -> CausalLMOutputWithPast | tuple:
+                return_dict: bool | None, shift_labels: torch.Tensor | None = None) -> CausalLMOutputWithPast | tuple:
         """Loss (with labels) and logits (unless the fused loss made them unnecessary) from the generator output."""
         hidden = g_out.last_hidden_state  # [B, T, H_g]
-        loss = self._lm_loss(hidden, labels, num_items_in_batch) if labels is not None else None
+        loss = (self._lm_loss(hidden, labels, num_items_in_batch, shift_labels)
+                if labels is not None or shift_labels is not None else None)
         logits = None
         if labels is None or self.config.loss_impl != "fused":
             logits = self.logits_from_hidden(hidden, logits_to_keep)
@@ -526,6 +642,33 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         return out.to_tuple() if return_dict is False else out
 
     # ------------------------------------------------------------------ generate integration
+    _CACHE_IMPLEMENTATIONS = (None, "dynamic", "static", "offloaded")
+
+    def _new_cache(self, generation_config: Any, model_kwargs: dict, max_cache_length: int) -> FlyThinkerCache:
+        """The FlyThinkerCache generate() fills: both models' caches of generation_config.cache_implementation.
+        A static reasoner cache also holds the reasoner's own prompt in split context (its length may differ)."""
+        impl = generation_config.cache_implementation
+        if impl not in self._CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"FlyThinkerForCausalLM supports cache_implementation in "
+                             f"{[i for i in self._CACHE_IMPLEMENTATIONS if i]}, got {impl!r}")
+        r_ids = model_kwargs.get("reasoner_input_ids")
+        r_len = max_cache_length + (r_ids.shape[1] if r_ids is not None else 0)
+        return FlyThinkerCache(_sub_cache(impl, self.config.generator, max_cache_length, self.generator_device),
+                               _sub_cache(impl, self.config.reasoner, r_len, self.reasoner_device))
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
+                                      cache: FlyThinkerCache | None = None, attention_mask: torch.Tensor | None = None,
+                                      inputs_embeds: torch.Tensor | None = None, is_first_iteration: bool = False,
+                                      **kwargs: Any) -> dict:
+        """transformers' preparation, except that the first step with `inputs_embeds` keeps `input_ids` (the
+        reasoner reads the ids; the given embeddings are the generator's)."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        if inputs.get("inputs_embeds") is not None and inputs.get("input_ids") is None:
+            inputs["input_ids"] = input_ids[:, -inputs["inputs_embeds"].shape[1]:].clone()
+        return inputs
+
     def generate(self, *args: Any, fast_path: bool = True, **kwargs: Any):
         """`GenerationMixin.generate`, except that a call the lean static-cache loop reproduces token for token
         (greedy, no beams / processors / extra outputs: flythinker.decode.generate_fast_path) runs that loop, with
@@ -556,13 +699,18 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
                                                          batch_size, max_cache_length)
         if generation_config.use_cache is False:
             return
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(f"FlyThinkerForCausalLM supports only the dynamic cache, got cache_implementation="
-                             f"{generation_config.cache_implementation!r}")
-        model_kwargs["cache"] = FlyThinkerCache(generator_config=self.config.generator,
-                                                reasoner_config=self.config.reasoner)
+        model_kwargs["cache"] = self._new_cache(generation_config, model_kwargs, max_cache_length)
         if generation_config.is_assistant:
             model_kwargs["cache"].activate_past_recording()
+
+
+def _sub_cache(impl: str | None, config: Any, max_len: int, device: torch.device) -> Cache:
+    """One model's KV cache for generate's cache_implementation: dynamic (default), "offloaded" (a dynamic cache
+    whose layers wait on the CPU; a model on the CPU has them there already, so a plain dynamic one) or "static"
+    (`max_len` preallocated slots)."""
+    if impl == "static":
+        return StaticCache(config=config, max_cache_len=max_len)
+    return DynamicCache(config=config, offloading=impl == "offloaded" and device.type != "cpu")
 
 
 def _load_lm(name: str, model: PreTrainedModel | str, dtype: torch.dtype | str | None,
@@ -602,6 +750,14 @@ def _split_fused_count(gen_mask: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return n.clamp_min(1)
 
 
+def _unshift(shift_labels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """`labels [B, T]` whose shift is `shift_labels [B, T]` (used only to find the response, e.g. fuse_prompt=False:
+    label t + 1 = shift_labels[t]; position 0 is unlabelled)."""
+    if tuple(shift_labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"shift_labels must be [B, T]={tuple(input_ids.shape)}, got {tuple(shift_labels.shape)}")
+    return F.pad(shift_labels.to(input_ids.device), (1, 0), value=IGNORE_INDEX)[:, :-1]
+
+
 def _emitted_latents(h: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
     """The latents a forward appends to the cache, `h [B, T, H_r]` times its validity `mask [B, T]`; the last one
     becomes the pending latent. `last_only`: just the latent of each row's last real position `[B, 1, H_r]`
@@ -612,6 +768,10 @@ def _emitted_latents(h: torch.Tensor, mask: torch.Tensor, last_only: bool = Fals
         mask = (last >= 0)[:, None]  # [B, 1]
     return h * mask[..., None].to(h.dtype)
 
+
+# a real annotation object, not the string `from __future__ import annotations` leaves: transformers reads
+# kwargs.annotation.__args__ to see which output variants (output_attentions, ...) forward takes
+FlyThinkerForCausalLM.forward.__annotations__["kwargs"] = Unpack[TransformersKwargs]
 
 AutoConfig.register("flythinker", FlyThinkerConfig, exist_ok=True)
 AutoModelForCausalLM.register(FlyThinkerConfig, FlyThinkerForCausalLM, exist_ok=True)

@@ -10,11 +10,11 @@ Usage::
 
     proc = FusedSamplingLogitsProcessor(temperature=0.7, top_k=50, top_p=0.9, min_p=0.0, seed=0)
     out = model.generate(input_ids, max_new_tokens=64, **proc.generate_kwargs())
-    # == generate(..., do_sample=False, logits_processor=LogitsProcessorList([proc]))
+    # == generate(..., do_sample=True, logits_processor=LogitsProcessorList([proc]))
 
-`do_sample=False` is what `generate_kwargs()` sets: HF then builds none of its warpers, whatever the model's
-generation_config says, and its argmax returns our token. `do_sample=True` also works (HF's warpers, if any,
-leave a one-hot distribution unchanged, and multinomial of a one-hot is deterministic). HF's own sampling
+`generate_kwargs()` sets `do_sample=True`: HF's warpers, if the generation config has any, leave our one-hot
+distribution unchanged, its multinomial draws our token, and num_return_sequences > 1 works (greedy mode refuses
+it). `do_sample=False` also works (HF's argmax returns our token). HF's own sampling
 stays available: simply don't pass the processor. User processors run after HF's built-in ones (repetition
 penalty, min_length, bad words, ...), so those still shape the scores before the draw. Not meant for beam
 search (the processor would pick one token per beam). The lean decode loop (`flythinker.fast_generate`)
@@ -79,4 +79,7 @@ class FusedSamplingLogitsProcessor(LogitsProcessor):
         """Keyword arguments for `model.generate` that route token selection through this processor (and `reset()`
         it: the call that uses them starts from the seed)."""
         self.reset()
-        return {"do_sample": False, "logits_processor": LogitsProcessorList([self])}
+        # do_sample=True: the processor's one-hot scores pass HF's warpers (if the generation config has any)
+        # unchanged and multinomial of a one-hot is the drawn token; unlike do_sample=False it allows
+        # num_return_sequences > 1 (greedy mode refuses it with a message about beams)
+        return {"do_sample": True, "logits_processor": LogitsProcessorList([self])}
