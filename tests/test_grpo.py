@@ -8,9 +8,10 @@ import json
 
 import pytest
 import torch
+from grpo_helpers import import_trl
 from model_helpers import left_pad, random_ids, single_thread, tiny_lm, tiny_pair  # noqa: F401
 
-pytest.importorskip("trl", reason="GRPO needs the `rl` extra (installed by make test)")
+import_trl()
 
 from flythinker import FlyThinkerForCausalLM  # noqa: E402
 from flythinker.persona import make_persona_empathy  # noqa: E402

@@ -70,8 +70,10 @@ def _backend(args: argparse.Namespace):
     return HFJudgeBackend(args.judge_model, batch_size=args.batch_size), args.mode or "expected"
 
 
-def _summary(results, rubric, out=sys.stdout) -> dict:
+def _summary(results, rubric, out=None) -> dict:
     import statistics
+
+    out = out or sys.stdout
 
     names = [d.name for d in rubric.dimensions] + (["bystander"] if rubric.bystander else [])
     rows = {}
