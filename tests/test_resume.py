@@ -131,3 +131,39 @@ def test_trainer_resume_from_checkpoint_true(tmp_path, lora):
     got = {e["step"]: e["loss"] for e in resumed.state.log_history if "loss" in e}
     assert got[3] == pytest.approx(want[3], rel=1e-4) and got[4] == pytest.approx(want[4], rel=1e-4)
     assert sorted(_losses(out)) == [1, 2, 3, 4]
+
+
+@pytest.mark.distributed
+def test_torchrun_checkpoints_complete_and_resume(root):
+    """Two DDP processes (gloo) write one checkpoint folder (each its own RNG state) staged under one name and
+    moved into place once both are done; a resumed 2-process run continues it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+    def launch(*extra):
+        argv = _argv(root, "ddp", "--batch-size", "2", *extra)[1:]
+        proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "flythinker.cli",
+                               "train", *argv], env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return proc
+
+    out = root / "ddp"
+    launch("--max-steps", "4")
+    for step in (2, 4):
+        ckpt = out / f"checkpoint-{step}"
+        assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "model.safetensors"} <= {
+            p.name for p in ckpt.iterdir()}, sorted(p.name for p in ckpt.iterdir())
+    assert not list(out.glob(".checkpoint-*"))  # no staging folder left
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-4")  # as if killed before it: resume from checkpoint-2
+    proc = launch("--max-steps", "4", "--resume")
+    assert "checkpoint-2" in proc.stderr
+    assert sorted(_losses(out)) == [1, 2, 3, 4] and (out / "checkpoint-4").is_dir()
