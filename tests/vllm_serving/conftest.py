@@ -24,9 +24,7 @@ ROOT = HERE.parents[1]
 HF_PYTHON = os.environ.get("FLYTHINKER_HF_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 
 try:
-    # a name from the real package: with tests/ on sys.path, a bare `import vllm` finds this folder (a namespace
-    # package) in an environment without vLLM
-    from vllm import SamplingParams  # noqa: F401
+    from vllm import SamplingParams  # noqa: F401  (a name only the real package has)
 
     HAS_VLLM = True
 except ImportError:
@@ -36,12 +34,12 @@ except ImportError:
 
 def pytest_report_header(config):
     if not HAS_VLLM:
-        return "tests/vllm: vLLM is not installed here, not collected (they run in .venv-vllm: make test-vllm)"
+        return "tests/vllm_serving: vLLM is not installed here, not collected (they run in .venv-vllm: make test-vllm)"
     return None
 
 
 def hf_side(*args: str) -> None:
-    """Run tests/vllm/hf_side.py with the main virtualenv's python."""
+    """Run tests/vllm_serving/hf_side.py with the main virtualenv's python."""
     if not Path(HF_PYTHON).exists():
         raise RuntimeError(f"the HF reference side needs the main virtualenv ({HF_PYTHON}): run `make install`")
     env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
