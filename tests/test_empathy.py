@@ -191,6 +191,13 @@ def test_peregrm_dynamic_and_fixed_criteria_and_trials():
     assert fixed.report().get("criteria_calls", 0) == 0
     with pytest.raises(ValueError, match="temperature"):
         EmpathyJudge(get_rubric("peregrm"), CallableJudgeBackend(fn), trials=4, temperature=0.0)
+    # PereGRM's evaluation reports the arithmetic mean of the dimensions
+    ev = EmpathyJudge(get_rubric("peregrm", dynamic_criteria=False, aggregation="mean"),
+                      CallableJudgeBackend(lambda m: "Total Score: 100/100" if "Total Score" in m[-1]["content"]
+                                           else "Score: \\boxed{1}" if "resonation" in m[-1]["content"]
+                                           else "Score: \\boxed{4}"))
+    (r,) = ev.score(["ok"], [ctx])
+    assert r.reward == pytest.approx((1 / 5 + 4 / 5 + 4 / 5) / 3)
 
 
 # ---------------------------------------------------------------- data layouts for `flythinker judge`

@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--trials > 1 needs --temperature > 0")
     rubric = (get_rubric("perm", analysis=args.policy_format == "analysis_response", aggregation=args.aggregation,
                          bystander_coef=args.bystander_coef) if args.rubric == "perm"
-              else get_rubric("peregrm", dynamic_criteria=not args.fixed_criteria, bystander_coef=args.bystander_coef))
+              else get_rubric("peregrm", dynamic_criteria=not args.fixed_criteria, bystander_coef=args.bystander_coef,
+                           aggregation=args.aggregation))
     backend, mode = _backend(args)
     fallback = None if args.fallback_score is None else {"dimension": args.fallback_score,
                                                         "bystander": min(100.0, 20 * args.fallback_score)}

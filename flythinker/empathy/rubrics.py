@@ -128,10 +128,12 @@ def perm_rubric(analysis: bool = True, aggregation: str = "harmonic", bystander_
                   aggregation=aggregation, bystander_coef=bystander_coef)
 
 
-def peregrm_rubric(dynamic_criteria: bool = True, bystander_coef: float = 0.5) -> Rubric:
-    """PereGRM: all three dimensions on the response, ``\\boxed{N}`` on 1-5, harmonic mean, bystander coef 0.5;
-    ``dynamic_criteria=True`` (training) writes criteria per user first, ``False`` uses fixed criteria."""
-    return Rubric("peregrm", _empathy_dims("boxed", "response"), BYSTANDER, aggregation="harmonic",
+def peregrm_rubric(dynamic_criteria: bool = True, bystander_coef: float = 0.5, aggregation: str = "harmonic"
+                   ) -> Rubric:
+    """PereGRM: all three dimensions on the response, ``\\boxed{N}`` on 1-5, bystander coef 0.5;
+    ``dynamic_criteria=True`` (training) writes criteria per user first, ``False`` uses fixed criteria. Its
+    training reward is the harmonic mean; its evaluation reports the arithmetic mean (``aggregation="mean"``)."""
+    return Rubric("peregrm", _empathy_dims("boxed", "response"), BYSTANDER, aggregation=aggregation,
                   bystander_coef=bystander_coef, dynamic_criteria=dynamic_criteria)
 
 
