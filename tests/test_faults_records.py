@@ -113,3 +113,23 @@ def test_train_never_runs_past_max_position_embeddings(short_model, capsys):
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert "truncated 4 examples to fit the caps (tokens cut: prompts 128" in err, err
+
+
+def test_trainer_refuses_a_batch_past_max_position_embeddings(short_model, tmp_path):
+    """The library path (FlyThinkerTrainer with an uncapped collator) refuses instead of training past it."""
+    from transformers import TrainingArguments
+
+    from flythinker.modeling import FlyThinkerForCausalLM
+    from flythinker.training import FlyThinkerCollator
+    from flythinker.training.trainer import FlyThinkerTrainer
+
+    gen = str(short_model / "gen")
+    model = FlyThinkerForCausalLM.from_pair(gen, gen)
+    tok = char_tokenizer()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
+                             report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+                             save_strategy="no")
+    trainer = FlyThinkerTrainer(model=model, args=args, train_dataset=[{"prompt": "q" * 60, "response": "abc"}] * 2,
+                                data_collator=FlyThinkerCollator(tokenizer=tok))
+    with pytest.raises(ValueError, match="input_ids of 64 tokens, over the generator's max_position_embeddings=32"):
+        trainer.train()

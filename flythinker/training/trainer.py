@@ -33,6 +33,12 @@ class FlyThinkerTrainer(Trainer):
 
     _staging: Path | None = None
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        """`Trainer.compute_loss`, refusing a batch longer than a model's `max_position_embeddings` (positions
+        past it were never trained: a 5.4k-token sequence used to train on a 2048-position SmolLM2)."""
+        check_positions(self.accelerator.unwrap_model(model), inputs)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
     # ---- saving ----------------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -101,6 +107,20 @@ class FlyThinkerTrainer(Trainer):
             load_lora_checkpoint(model, resume_from_checkpoint)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def check_positions(model, inputs: dict) -> None:
+    """ValueError if `input_ids` [B, L] or `reasoner_input_ids` [B, L_r] is longer than its model's
+    `max_position_embeddings` (cap the collator: `FlyThinkerCollator(max_length=..., reasoner_max_length=...)`)."""
+    config = getattr(model, "config", None)
+    for key, part in (("input_ids", "generator"), ("reasoner_input_ids", "reasoner")):
+        ids = inputs.get(key) if isinstance(inputs, dict) else None
+        limit = getattr(getattr(config, part, None), "max_position_embeddings", None)
+        if ids is not None and isinstance(limit, int) and ids.shape[-1] > limit:
+            cap = "max_length" if part == "generator" else "reasoner_max_length"
+            raise ValueError(f"a training batch has {key} of {ids.shape[-1]} tokens, over the {part}'s "
+                             f"max_position_embeddings={limit}: cap it (FlyThinkerCollator({cap}={limit}), "
+                             f"flythinker train caps it by default)")
 
 
 def load_lora_checkpoint(model, folder: str | os.PathLike) -> None:
