@@ -330,10 +330,12 @@ def check_pair_folders(generator: str | os.PathLike, reasoner: str | os.PathLike
 
     from flythinker.configuration import FlyThinkerConfig
 
+    for name, path in (("generator", generator), ("reasoner", reasoner)):
+        # read before AutoConfig, which knows the flythinker type only once flythinker.modeling is imported
+        if json.loads((Path(path) / "config.json").read_text()).get("model_type") == FlyThinkerConfig.model_type:
+            raise ValueError(f"the {name} {path} is a flythinker checkpoint, not a plain causal LM (pass it with "
+                             "--model / FlyThinkerForCausalLM.from_pretrained)")
     configs = [AutoConfig.from_pretrained(path) for path in (generator, reasoner)]
-    for name, cfg in zip(("generator", "reasoner"), configs, strict=True):
-        if cfg.model_type == FlyThinkerConfig.model_type:
-            raise ValueError(f"the {name} {cfg.name_or_path} is a flythinker checkpoint, not a plain causal LM")
     FlyThinkerConfig(generator=configs[0], reasoner=configs[1], **fusion)  # raises on a mismatch
     if Path(generator).resolve() != Path(reasoner).resolve() and has_tokenizer(generator) and has_tokenizer(
             reasoner):
