@@ -180,11 +180,24 @@ def cache_folder(recipe: Recipe) -> Path:
     return cache_dir() / "demo" / recipe.key()
 
 
-def _cached(folder: Path) -> bool:
-    """A complete cache entry: meta.json + both parts' adapters (atomic_directory writes all or nothing; a
-    partial folder can only come from an older flythinker killed mid-write, and is then trained again)."""
-    return (folder / "meta.json").is_file() and all(
-        (folder / part / "adapter_model.safetensors").is_file() for part in ("generator", "reasoner"))
+def _cached(folder: Path, out=None) -> bool:
+    """A complete cache entry: a readable meta.json + both parts' adapters with whole safetensors files
+    (atomic_directory writes all or nothing; a partial or damaged folder, from an older flythinker killed
+    mid-write or a hand edit, is reported and trained again instead of failing every later run)."""
+    from flythinker.checkpoint import CheckpointError, tensor_names
+
+    if not folder.exists():
+        return False
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["steps"], meta["train_seconds"]  # noqa: B018 -- the fields the reuse message prints
+        for part in ("generator", "reasoner"):
+            tensor_names(folder / part / "adapter_model.safetensors")
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError) as exc:
+        print(f"flythinker: note: the cached fine-tune in {folder} is incomplete or damaged "
+              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): training again", file=out or sys.stderr)
+        return False
+    return True
 
 
 def cached_or_trained(model, tokenizer, recipe: Recipe, *, retrain: bool, out=None):
