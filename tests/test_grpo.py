@@ -167,3 +167,18 @@ def test_fast_paths_refused(tmp_path, flag):
                               train_dataset=Dataset.from_list(grpo_rows(recs, tok)), processing_class=tok)
     with pytest.raises(TypeError, match="FlyThinkerForCausalLM"):
         FlyThinkerGRPOTrainer(model=tiny_lm(), reward_funcs=[TraitReward()], args=_config(tmp_path))
+
+
+def test_rows_and_held_out_report():
+    from flythinker.rl import bootstrap_ci, paired_bootstrap_diff, strategy_report
+
+    recs, tok, _ = _setup(3)
+    split, shared = grpo_rows(recs, tok, mode="split"), grpo_rows(recs, tok, mode="shared")
+    assert "reasoner_prompt_ids" not in shared[0] and len(split[0]["reasoner_prompt_ids"]) > len(split[0]["prompt_ids"])
+    assert json.loads(split[0]["traits"]) == recs[0].persona.traits
+    rep = strategy_report([r.response for r in recs], split)  # the reference replies match every trait
+    assert rep["strategy_accuracy"]["mean"] == 1.0 and rep["per_record"] == [1.0] * len(recs)
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
+    m, lo, hi = bootstrap_ci([0, 1] * 20)
+    assert m == 0.5 and lo < 0.5 < hi and hi - lo < 0.4
+    assert paired_bootstrap_diff([0, 0, 1], [1, 1, 1])[0] == pytest.approx(2 / 3)

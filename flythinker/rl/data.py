@@ -43,10 +43,18 @@ def grpo_rows(records: Sequence[PersonaRecord], tokenizer, mode: str = "split", 
     return rows
 
 
-def _pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from flythinker.rl.trainer import left_pad
-
-    return left_pad(rows, pad)
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into ``(ids [B, L], mask [B, L])``; an empty row is an error."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, L - len(r):] = 1
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -60,10 +68,10 @@ def generate_responses(model, tokenizer, rows: Sequence[dict], max_new_tokens: i
     try:
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
-            ids, mask = _pad_left([r["prompt_ids"] for r in chunk], pad)
+            ids, mask = left_pad([r["prompt_ids"] for r in chunk], pad)
             kw: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
             if "reasoner_prompt_ids" in chunk[0]:
-                kw["reasoner_input_ids"], kw["reasoner_attention_mask"] = _pad_left(
+                kw["reasoner_input_ids"], kw["reasoner_attention_mask"] = left_pad(
                     [r["reasoner_prompt_ids"] for r in chunk], pad)
             gen = model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad)
             out += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
@@ -119,5 +127,5 @@ def strategy_report(responses: Sequence[str], rows: Sequence[dict]) -> dict[str,
     return rep
 
 
-__all__ = ["bootstrap_ci", "generate_responses", "grpo_rows", "paired_bootstrap_diff", "strategy_report",
-           "trait_hits"]
+__all__ = ["bootstrap_ci", "generate_responses", "grpo_rows", "left_pad", "paired_bootstrap_diff",
+           "strategy_report", "trait_hits"]

@@ -39,6 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from flythinker.configuration import IGNORE_INDEX
 from flythinker.modeling import FlyThinkerForCausalLM
+from flythinker.rl.data import left_pad
 
 REASONER_COLUMN = "reasoner_prompt_ids"
 PROMPT_IDS_COLUMN = "prompt_ids"
@@ -55,20 +56,6 @@ def _pair_of(model: Any) -> FlyThinkerForCausalLM | None:
         if seen is None:
             return None
     return None
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into ``(ids [B, L], mask [B, L])``."""
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every prompt needs at least one token")
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, L - len(r):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
@@ -240,5 +227,4 @@ class FlyThinkerGRPOTrainer(GRPOTrainer):
         return torch.cat(logps), (torch.cat(ents) if compute_entropy else None), None
 
 
-__all__ = ["FlyThinkerGRPOTrainer", "GRPOConfig", "PROMPT_IDS_COLUMN", "REASONER_COLUMN", "completion_logps",
-           "left_pad"]
+__all__ = ["FlyThinkerGRPOTrainer", "GRPOConfig", "PROMPT_IDS_COLUMN", "REASONER_COLUMN", "completion_logps"]
