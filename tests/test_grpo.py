@@ -182,3 +182,24 @@ def test_rows_and_held_out_report():
     m, lo, hi = bootstrap_ci([0, 1] * 20)
     assert m == 0.5 and lo < 0.5 < hi and hi - lo < 0.4
     assert paired_bootstrap_diff([0, 0, 1], [1, 1, 1])[0] == pytest.approx(2 / 3)
+
+
+def test_judge_reward_reads_dataset_columns():
+    from flythinker.empathy import CallableJudgeBackend, EmpathyJudge, get_rubric
+    from flythinker.rl import JudgeReward
+
+    recs, tok, _ = _setup(3)
+    rows = grpo_rows(recs[:2], tok)
+    seen = []
+
+    def fn(messages):
+        seen.append(messages[-1]["content"])
+        return "Total Score: 100/100" if "Total Score" in messages[-1]["content"] else "Score: 5"
+
+    reward = JudgeReward(EmpathyJudge(get_rubric("perm", analysis=False), CallableJudgeBackend(fn)))
+    cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    assert reward(prompts=[r["prompt"] for r in rows], completions=["ok", "fine"], **cols) == [1.0, 1.0]
+    assert reward.__name__ == "perm_judge"
+    assert any(rows[0]["query"] in s for s in seen)  # the judge saw the row's query
+    with pytest.raises(ValueError, match="query"):
+        reward(completions=["ok"])
