@@ -140,7 +140,8 @@ def lean_generate(model):
     decoder + LM head per token, argmax): the like-for-like baseline of `flythinker.decode`'s per-token cost."""
     from transformers import StaticCache
 
-    def fn(ids, attention_mask, max_new_tokens, do_sample, streamer):
+    def fn(ids, attention_mask, max_new_tokens, do_sample, streamer=None):
+        streamer = streamer or Stamps()
         B, P = ids.shape
         n = max_new_tokens
         cache = StaticCache(config=model.config, max_cache_len=P + n)
@@ -214,7 +215,7 @@ def section_shared(reps: int) -> dict:
     return res
 
 
-def section_twocopy(reps: int) -> dict:
+def section_twocopy(reps: int, batches: tuple[int, ...] = (1, 4)) -> dict:
     from flythinker import FlyThinkerForCausalLM
 
     gen, tok = load()
@@ -222,7 +223,7 @@ def section_twocopy(reps: int) -> dict:
     # the same pair as a shared base (a model paired with itself: r = 0, one copy of the weights)
     shared = _no_eos(FlyThinkerForCausalLM.from_shared_base(copy.deepcopy(gen), r=0, fusion_lambda=0.5))
     res = {}
-    for B in (1, 4):
+    for B in batches:
         ids = prompt(tok, B, 256)
         mask = torch.ones_like(ids)
 
@@ -308,6 +309,7 @@ def section_split(reps: int, history: int = 512, query: int = 24) -> dict:
 def trainmem_worker(kind: str) -> dict:
     """Peak RSS of one LoRA training step (both halves adapted, batch 4 x 128), in this fresh process."""
     from flythinker import FlyThinkerForCausalLM
+    from flythinker.shared_base import parameter_bytes
     from flythinker.training.trainable import apply_lora
 
     base, tok = load()
@@ -323,26 +325,34 @@ def trainmem_worker(kind: str) -> dict:
     params = [p for p in pair.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = prompt(tok, 4, 128)
+    from benchmarks._common import rss_bytes
+
+    for p in pair.parameters():  # fault every weight page in (a loaded checkpoint may be mmapped)
+        p.data.add_(0)
+    before = rss_bytes()
     ok = reset_peak()
     t0 = time.perf_counter()
     loss = pair(ids, labels=ids).loss
     loss.backward()
     opt.step()
-    return {"peak_rss_bytes": peak_bytes(ok), "peak_reset": ok, "step_s": time.perf_counter() - t0,
+    peak = peak_bytes(ok)
+    return {"peak_rss_bytes": peak, "rss_before_step_bytes": before, "step_peak_over_before_bytes": peak - before,
+            "param_bytes": parameter_bytes(pair), "peak_reset": ok, "step_s": time.perf_counter() - t0,
             "trainable": sum(p.numel() for p in params), "loss": float(loss), "load": os.getloadavg()[0]}
 
 
 def section_trainmem() -> dict:
     out = {}
-    for kind in ("twocopy", "shared", "twocopy", "shared"):  # twice each, interleaved: keep the lower peak
+    for kind in ("twocopy", "shared"):
         r = subprocess.run([sys.executable, "-m", "benchmarks.decode_pairs", "--trainmem-worker", kind],
                            capture_output=True, text=True, check=True)
         res = json.loads(r.stdout.strip().splitlines()[-1])
-        if kind not in out or res["peak_rss_bytes"] < out[kind]["peak_rss_bytes"]:
-            out[kind] = res
+        out[kind] = res
         print(f"  [trainmem] {kind}: peak {res['peak_rss_bytes'] / 2**20:.0f} MiB, step {res['step_s']:.1f} s",
               flush=True)
     out["shared_over_twocopy"] = out["shared"]["peak_rss_bytes"] / out["twocopy"]["peak_rss_bytes"]
+    out["shared_over_twocopy_step_only"] = (out["shared"]["step_peak_over_before_bytes"]
+                                            / out["twocopy"]["step_peak_over_before_bytes"])
     return out
 
 
@@ -391,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", default=[*SECTIONS, "trainmem"], choices=[*SECTIONS, "trainmem"])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="twocopy section: batch sizes")
     p.add_argument("--out", type=Path, default=RESULTS / "decode_pairs.json")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads of every variant (default 1: two OpenMP threads per model collapse when "
@@ -407,10 +418,15 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.sections:
         t0 = time.perf_counter()
         print(f"== {name} (load {os.getloadavg()})", flush=True)
-        res = section_trainmem() if name == "trainmem" else SECTIONS[name](args.reps)
+        if name == "trainmem":
+            res = section_trainmem()
+        elif name == "twocopy":
+            res = section_twocopy(args.reps, tuple(args.batches))
+        else:
+            res = SECTIONS[name](args.reps)
         res["wall_s"] = time.perf_counter() - t0
         res["loadavg_after"] = os.getloadavg()
-        results["sections"][name] = _strip(res)
+        results["sections"].setdefault(name, {}).update(_strip(res))  # a rerun of some batches keeps the others
         results["loadavg_end"] = os.getloadavg()
         write_json(args.out, results)  # after every section: a killed run keeps what it measured
         plot(results, args.out.with_suffix(".png"))
