@@ -175,20 +175,29 @@ def plot(result: dict, path: Path) -> None:
 
     names = list(result["systems"])
     s = result["systems"]
+    labels = [n.replace(" (", "\n(").replace(" alone", "\nalone") for n in names]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax[0].bar(names, [s[k]["tokens_per_s"] for k in names], color=["#4c72b0", "#dd8452", "#55a868"])
+    ax[0].bar(labels, [s[k]["tokens_per_s"] for k in names], color=["#4c72b0", "#dd8452", "#55a868"])
+    for i, k in enumerate(names):
+        ax[0].text(i, s[k]["tokens_per_s"], f"{s[k]['tokens_per_s']:.1f}", ha="center", va="bottom", fontsize=8)
     ax[0].set_ylabel("output tokens / s")
     ax[0].set_title(f"{result['requests']} concurrent requests x {result['new_tokens']} tokens")
-    ax[1].boxplot([result["raw"][k]["ttft_s"] for k in names], labels=names)
+    ax[1].boxplot([result["raw"][k]["ttft_s"] for k in names], tick_labels=labels)
     ax[1].set_ylabel("time to first token (s)")
     ax[1].set_title("TTFT per request")
     for a in ax:
         a.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"{result['model']} pair, CPU ({result['machine']['cores']} cores, "
-                 f"load {result['machine']['load_before'][0]:.1f}-{result['machine']['load_after'][0]:.1f})",
-                 fontsize=9)
+    loads = [result["machine"]["load_before"][0]] + [v[0] for v in result["machine"]["load_after_phase"].values()]
+    fig.suptitle(f"{result['model']} pair (fp32, lambda {result['fusion_lambda']}), CPU "
+                 f"({result['machine']['cores']} cores, load average {min(loads):.0f}-{max(loads):.0f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _write_png(result: dict, png: Path) -> None:
+    tmp = png.with_suffix(".tmp.png")
+    plot(result, tmp)
+    os.replace(tmp, png)
 
 
 def hf_side(*args: str) -> None:
@@ -223,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--hf-batch", type=int, default=8, help="batch size of the HF generate loop")
     p.add_argument("--out", type=Path, default=RESULTS / "serve_throughput.json")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     a = p.parse_args(argv)
+    if a.plot_only:
+        return _write_png(json.loads(a.out.read_text()), a.out.with_suffix(".png"))
     if a.side == "build":
         return side_build(a.work, a.model, a.lam)
     if a.side == "hf":
@@ -266,9 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = a.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, a.out)
-    png = a.out.with_suffix(".png")
-    plot(result, png.with_suffix(".tmp.png"))
-    os.replace(png.with_suffix(".tmp.png"), png)
+    _write_png(result, a.out.with_suffix(".png"))
     print(json.dumps({k: result[k] for k in ("systems", "ratios", "vllm_pair_equals_hf_pair_requests")}, indent=1))
 
 
