@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
-# Measured on the 2-core dev machine (PyPI + local wheel mirror): ~3 min, 3.5 GB.
+# Measured on the 2-core dev machine (PyPI + local wheel mirror), 3.5 GB: 5.1 min from scratch with no pip cache
+# (load average ~10), 3.1 min on a first run at lower load.
 $(VLLM_STAMP): pyproject.toml setup.py
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
