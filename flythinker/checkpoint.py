@@ -25,7 +25,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # what a resumable `Trainer` checkpoint holds besides the model (written by HF Trainer._save_checkpoint)
-RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+# (`flythinker.training.trainer.FlyThinkerTrainer` writes optimizer/scheduler state as safetensors + JSON: no pickle)
+RESUME_FILES = ("trainer_state.json", "optimizer.safetensors", "optimizer.json", "scheduler.json")
+PICKLED_RESUME_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt")  # plain HF Trainer's: never unpickled
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -182,6 +184,10 @@ def check_resumable(folder: str | os.PathLike) -> Path:
     scheduler and a valid trainer_state.json. Returns the path; CheckpointError naming the first problem."""
     path = Path(folder)
     check_folder(path)
+    pickled = [n for n in PICKLED_RESUME_FILES if (path / n).is_file()]
+    if pickled and not (path / RESUME_FILES[1]).is_file():
+        raise CheckpointError(f"{path} holds pickled optimizer/scheduler state only ({', '.join(pickled)}): "
+                              "flythinker never unpickles; resume from a checkpoint written by FlyThinkerTrainer")
     for name in RESUME_FILES:
         file = path / name
         if not file.is_file() or file.stat().st_size == 0:

@@ -91,11 +91,11 @@ def test_half_written_training_checkpoint_is_not_resumable(saved, tmp_path):
     run = tmp_path / "run"
     for step in (2, 4):
         shutil.copytree(saved / "pad", run / f"checkpoint-{step}")
-        for name in ("optimizer.pt", "scheduler.pt"):
+        for name in ("optimizer.safetensors", "optimizer.json", "scheduler.json"):
             (run / f"checkpoint-{step}" / name).write_bytes(b"x")
         (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    (run / "checkpoint-4" / "optimizer.pt").write_bytes(b"")  # what a kill mid-save left, before atomic saves
-    with pytest.raises(CheckpointError, match="optimizer.pt is empty"):
+    (run / "checkpoint-4" / "optimizer.safetensors").write_bytes(b"")  # what a kill mid-save left, before atomic saves
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is empty"):
         check_resumable(run / "checkpoint-4")
     path, skipped = latest_checkpoint(run)
     assert path == run / "checkpoint-2" and [p.name for p, _ in skipped] == ["checkpoint-4"]

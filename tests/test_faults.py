@@ -105,7 +105,7 @@ def _tiny_models(root: Path) -> None:
 def _train_child(root: Path) -> list[str]:
     return ["train", "--generator", str(root / "gen"), "--reasoner", str(root / "rsn"), "--data",
             str(root / "split.jsonl"), "--output-dir", str(root / "out"), "--max-steps", "2", "--batch-size", "4",
-            "--save-steps", "2", "--no-progress"]
+            "--save-steps", "2", "--no-progress", "--overwrite"]
 
 
 def _no_checkpoint(root: Path) -> None:
@@ -136,7 +136,7 @@ def _trained(root: Path, proc) -> None:
     from flythinker.modeling import FlyThinkerForCausalLM
 
     FlyThinkerForCausalLM.from_pretrained(root / "out")  # strict: complete
-    assert (root / "out" / "checkpoint-2" / "optimizer.pt").stat().st_size > 0
+    assert (root / "out" / "checkpoint-2" / "optimizer.safetensors").stat().st_size > 0
     assert not leftover_temps(root / "out")
 
 

@@ -111,7 +111,7 @@ class _StopAt:
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_trainer_resume_from_checkpoint_true(tmp_path, lora):
-    """API path: the newest complete checkpoint is chosen; a newer half-written one (0-byte optimizer.pt, as an
+    """API path: the newest complete checkpoint is chosen; a newer half-written one (0-byte optimizer.safetensors, as an
     old non-atomic save could leave) is skipped with a warning; the next step's loss equals the uninterrupted."""
     import shutil
 
@@ -124,9 +124,9 @@ def test_trainer_resume_from_checkpoint_true(tmp_path, lora):
     out = tmp_path / "run"
     _tiny_trainer(tmp_path, out, 4, lora=lora, stop_at=2).train()  # "interrupted" after checkpoint-2
     shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
-    (out / "checkpoint-3" / "optimizer.pt").write_bytes(b"")
+    (out / "checkpoint-3" / "optimizer.safetensors").write_bytes(b"")
     resumed = _tiny_trainer(tmp_path, out, 4, lora=lora)
-    with pytest.warns(UserWarning, match="checkpoint-3.*optimizer.pt is empty"):
+    with pytest.warns(UserWarning, match="checkpoint-3.*optimizer.safetensors is empty"):
         resumed.train(resume_from_checkpoint=True)
     got = {e["step"]: e["loss"] for e in resumed.state.log_history if "loss" in e}
     assert got[3] == pytest.approx(want[3], rel=1e-4) and got[4] == pytest.approx(want[4], rel=1e-4)
@@ -158,7 +158,7 @@ def test_torchrun_checkpoints_complete_and_resume(root):
     launch("--max-steps", "4")
     for step in (2, 4):
         ckpt = out / f"checkpoint-{step}"
-        assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "model.safetensors"} <= {
+        assert {"rng_state_0.safetensors", "rng_state_1.safetensors", "optimizer.safetensors", "model.safetensors"} <= {
             p.name for p in ckpt.iterdir()}, sorted(p.name for p in ckpt.iterdir())
     assert not list(out.glob(".checkpoint-*"))  # no staging folder left
     import shutil

@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue an interrupted run: from its newest complete checkpoint-<step> in --output-dir "
                         "(or from the CHECKPOINT folder given); same model, data and options as the first run")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output-dir that already holds checkpoint-<step> folders (they are "
+                        "deleted); without it such a folder is refused unless --resume")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
@@ -160,7 +163,10 @@ def _check_output_dir(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir {args.output_dir} is an existing file, not a folder")
     if args.resume is None:
+        _refuse_old_checkpoints(out, args.overwrite)
         return
+    if args.overwrite:
+        raise CLIError("--overwrite and --resume contradict each other: pick one")
     if args.resume is True:
         path, skipped = latest_checkpoint(out)  # CheckpointError: a one-line user error
         for bad, why in skipped:
@@ -169,6 +175,21 @@ def _check_output_dir(args: argparse.Namespace) -> None:
         path = check_resumable(Path(args.resume).expanduser())
     args.resume = str(path)
     _log(f"resuming from {path}")
+
+
+def _refuse_old_checkpoints(out: Path, overwrite: bool) -> None:
+    """A fresh run into a folder with checkpoints: CLIError suggesting --resume, or (--overwrite) delete them."""
+    import shutil
+
+    from flythinker.checkpoint import training_checkpoints
+
+    old = training_checkpoints(out)
+    if old and not overwrite:
+        raise CLIError(f"--output-dir {out} already holds {len(old)} checkpoint(s) (newest {old[-1].name}): "
+                       "pass --resume to continue that run, or --overwrite to start over")
+    for path in old:
+        shutil.rmtree(path)
+        _log(f"--overwrite: removed {path}")
 
 
 def _position_caps(model, args: argparse.Namespace) -> None:

@@ -10,6 +10,10 @@ Checkpoints (`checkpoint-<step>`) are staged under `.checkpoint-<step>.partial` 
 writes its RNG state into the same folder) and moved into place with one `os.replace` once every process is done
 (`flythinker.hub.move_into_place`): a run killed while saving leaves no folder that looks complete.
 `train(resume_from_checkpoint=True)` resumes the newest *complete* one (`flythinker.checkpoint.latest_checkpoint`).
+
+No pickle in a checkpoint: HF Trainer's optimizer.pt / scheduler.pt / scaler.pt / rng_state*.pth / training_args.bin
+(torch.save, read back with torch.load) are replaced by safetensors (tensors) + JSON (the rest), each written
+atomically; a checkpoint holding only the pickled files is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from flythinker.training.trainable import lora_parts, merged_state_dict, save_lora_adapters
 
 PARTIAL_SUFFIX = ".partial"
+OPTIMIZER_TENSORS, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
+SCHEDULER_JSON, SCALER_JSON = "scheduler.json", "scaler.json"
 
 
 class FlyThinkerTrainer(Trainer):
@@ -48,6 +55,51 @@ class FlyThinkerTrainer(Trainer):
             if self.args.should_save:
                 save_lora_adapters(model, Path(output_dir) / "lora")
         super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:  # HF pickles its arguments there (torch.save): JSON instead
+            from flythinker.hub import atomic_write_bytes
+
+            (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
+            atomic_write_bytes(Path(output_dir) / "training_args.json", self.args.to_json_string().encode())
+
+    def _check_plain(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError("FlyThinkerTrainer saves/loads optimizer state as safetensors for "
+                                      "single-process and DDP runs only (not DeepSpeed/FSDP)")
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """optimizer.safetensors + optimizer.json and scheduler.json (main process), atomically; no pickle."""
+        from flythinker.hub import atomic_write_bytes, atomic_write_json
+
+        self._check_plain()
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        tensors, meta = flatten_optimizer_state(self.optimizer.state_dict())
+        atomic_write_bytes(Path(output_dir) / OPTIMIZER_TENSORS, _safetensors_bytes(tensors))
+        atomic_write_json(Path(output_dir) / OPTIMIZER_META, _jsonable(meta, OPTIMIZER_META))
+        atomic_write_json(Path(output_dir) / SCHEDULER_JSON,
+                          _jsonable(self.lr_scheduler.state_dict(), SCHEDULER_JSON))
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and self.args.should_save:
+            from flythinker.hub import atomic_write_json
+
+            atomic_write_json(Path(output_dir) / SCALER_JSON, _jsonable(scaler.state_dict(), SCALER_JSON))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """This process's RNG states (python, numpy, torch CPU, every CUDA device) as rng_state[_<rank>]
+        .safetensors + .json; every DDP process writes its own (into the one staging folder)."""
+        from flythinker.hub import atomic_write_bytes, atomic_write_json
+
+        os.makedirs(output_dir, exist_ok=True)  # a process can get here before the main one made it
+        tensors, meta = rng_states()
+        stem = Path(output_dir) / self._rng_stem()
+        atomic_write_bytes(stem.with_suffix(".safetensors"), _safetensors_bytes(tensors))
+        atomic_write_json(stem.with_suffix(".json"), meta)
+
+    def _rng_stem(self) -> str:
+        return "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
 
     def _get_output_dir(self, trial) -> str:
         if self._staging is not None:  # inside _save_checkpoint: HF writes <run_dir>/checkpoint-N -> the stage
@@ -101,12 +153,139 @@ class FlyThinkerTrainer(Trainer):
             resume_from_checkpoint = str(check_resumable(resume_from_checkpoint))
         return super().train(resume_from_checkpoint or None, *args, **kwargs)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Optimizer and scheduler state back from optimizer.safetensors/.json and scheduler.json; CheckpointError
+        if they are missing (a pickled optimizer.pt is refused, never read)."""
+        from safetensors.torch import load_file
+
+        if checkpoint is None:
+            return
+        self._check_plain()
+        folder = Path(checkpoint)
+        _require(folder, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER_JSON, pickled=("optimizer.pt", "scheduler.pt"))
+        meta = json.loads((folder / OPTIMIZER_META).read_text())
+        self.optimizer.load_state_dict(unflatten_optimizer_state(load_file(folder / OPTIMIZER_TENSORS), meta))
+        self.lr_scheduler.load_state_dict(json.loads((folder / SCHEDULER_JSON).read_text()))
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or getattr(self.accelerator, "scaler", None) is None:
+            return
+        folder = Path(checkpoint)
+        if (folder / SCALER_JSON).is_file():
+            self.accelerator.scaler.load_state_dict(json.loads((folder / SCALER_JSON).read_text()))
+        elif (folder / "scaler.pt").is_file():
+            _require(folder, SCALER_JSON, pickled=("scaler.pt",))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """RNG states back from rng_state[_<rank>].safetensors/.json; none saved: a warning (as HF), a pickled
+        rng_state*.pth only: CheckpointError."""
+        from safetensors.torch import load_file
+
+        if checkpoint is None:
+            return
+        stem = Path(checkpoint) / self._rng_stem()
+        if not stem.with_suffix(".safetensors").is_file():
+            if stem.with_suffix(".pth").is_file():
+                _require(stem.parent, stem.name + ".safetensors", pickled=(stem.name + ".pth",))
+            import warnings
+
+            warnings.warn(f"{checkpoint} has no {stem.name}.safetensors: the resumed run's random numbers may "
+                          "differ from an uninterrupted run's", stacklevel=2)
+            return
+        set_rng_states(load_file(stem.with_suffix(".safetensors")),
+                       json.loads(stem.with_suffix(".json").read_text()))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
         if lora_parts(model):
             load_lora_checkpoint(model, resume_from_checkpoint)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+# ---- optimizer / RNG state without pickle ---------------------------------------------------------------------
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """`optimizer.state_dict()` -> (tensors keyed `state.<param_idx>.<name>`, the JSON-able rest: param_groups
+    and the non-tensor per-parameter values under "state")."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, dict] = {}
+    for idx, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value
+            else:
+                rest.setdefault(str(idx), {})[name] = value
+    order = [str(i) for i in state_dict["state"]]
+    return tensors, {"param_groups": state_dict["param_groups"], "state": rest, "order": order}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of :func:`flatten_optimizer_state` (parameter indices back to ints)."""
+    state: dict[int, dict] = {int(i): dict(meta["state"].get(i, {})) for i in meta["order"]}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_states() -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors: torch CPU generator state [5056] uint8, `cuda.<i>` per device; JSON: python `random` and numpy
+    MT19937 states)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors = {"cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+    return tensors, meta
+
+
+def set_rng_states(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore what :func:`rng_states` returned (CUDA devices that exist here and were saved)."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.random.set_rng_state(tensors["cpu"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda.{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda.{i}"], device=i)
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def _jsonable(obj, what: str):
+    """`obj` if `json.dumps` takes it (tuples become lists); TypeError naming `what` otherwise."""
+    try:
+        return json.loads(json.dumps(obj))
+    except TypeError as exc:
+        raise TypeError(f"cannot save {what} without pickle: {exc}") from None
+
+
+def _require(folder: Path, *names: str, pickled: tuple[str, ...]) -> None:
+    """CheckpointError if a file of `names` is missing in `folder`, saying so when pickled ones stand instead."""
+    from flythinker.checkpoint import CheckpointError
+
+    missing = [n for n in names if not (folder / n).is_file()]
+    if not missing:
+        return
+    found = [n for n in pickled if (folder / n).is_file()]
+    if found:
+        raise CheckpointError(f"{folder} holds pickled {', '.join(found)} only (no {missing[0]}): flythinker never "
+                              "unpickles; resume from a checkpoint written by FlyThinkerTrainer, or start over")
+    raise CheckpointError(f"{folder / missing[0]} is missing: not a complete training checkpoint")
 
 
 def check_positions(model, inputs: dict) -> None:
