@@ -80,11 +80,12 @@ def test_fast_generate_matches_generate(pair, split, mode):
     ids, mask, kw = _inputs(4, split)
     pair.config.parallel = mode
     try:
-        ref = pair.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
+        ref = pair.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, fast_path=False, **kw)
         out = flythinker.fast_generate(pair, ids, attention_mask=mask, max_new_tokens=8, **kw)
         assert torch.equal(ref, out)
         proc = FusedSamplingLogitsProcessor(temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, seed=3)
-        ref_s = pair.generate(ids, attention_mask=mask, max_new_tokens=8, **kw, **proc.generate_kwargs())
+        ref_s = pair.generate(ids, attention_mask=mask, max_new_tokens=8, fast_path=False, **kw,
+                              **proc.generate_kwargs())
         out_s = flythinker.fast_generate(pair, ids, attention_mask=mask, max_new_tokens=8, do_sample=True,
                                          temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, seed=3, **kw)
         assert torch.equal(ref_s, out_s)
@@ -100,7 +101,7 @@ def test_fast_generate_eos_matches_generate(pair, check_every):
     new = free[:, ids.shape[1]:]
     eos = int(new[0, 2])  # a token row 0 emits early: rows finish at different steps (or not at all)
     ref = pair.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
-                        pad_token_id=0)
+                        pad_token_id=0, fast_path=False)  # HF's own loop: the oracle
     out = flythinker.fast_generate(pair, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos,
                                    pad_token_id=0, check_every=check_every)
     assert torch.equal(ref, out)
