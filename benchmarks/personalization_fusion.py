@@ -247,6 +247,40 @@ def probes(train_items, test_items) -> dict:
     return out
 
 
+def plot(result: dict, path: Path) -> None:
+    """Bars with 95% CIs per trait (generator alone, b, each config's c) + each config's training loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [("generator alone\n(= λ 0 = a, e)", result["generator_alone"]),
+            ("b: generator reads\nthe history", result["b_history_in_context"])]
+    bars += [(f"c: flythinker split\n(fusion {cfg})", e["test"]) for cfg, e in result["configs"].items() if "test" in e]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    w = 0.8 / len(bars)
+    for i, (label, s) in enumerate(bars):
+        xs = [j + i * w for j in range(len(SCORED))]
+        means = [s[t]["mean"] for t in SCORED]
+        err = [[m - s[t]["ci95"][0] for m, t in zip(means, SCORED)],
+               [s[t]["ci95"][1] - m for m, t in zip(means, SCORED)]]
+        ax.bar(xs, means, w, yerr=err, capsize=3, label=label)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(SCORED))], SCORED)
+    ax.set_ylim(0, 1)
+    n = result["generator_alone"]["strategy"]["users"]
+    ax.set_ylabel(f"likelihood preference ({n} held-out users, 95% CI)")
+    ax.legend(fontsize=7, loc="lower right")
+    for cfg, e in result["configs"].items():
+        ax2.plot(e["train"]["losses"], label=f"fusion {cfg}")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("train NLL / token (reply opening)")
+    ax2.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct pair, fusion-only training (both models frozen)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train", type=int, default=96)
@@ -260,7 +294,11 @@ def main() -> None:
     p.add_argument("--save", default=None, help="write the first config's projection (fp16 safetensors) here")
     p.add_argument("--out", default=str(RESULTS / "personalization_fusion.json"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out and exit")
     args = p.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     from flythinker import FlyThinkerForCausalLM
     from flythinker.hub import atomic_write_json, load_pretrained
@@ -327,6 +365,7 @@ def main() -> None:
         log(f"config {cfg}: test {json.dumps({t: round(entry['test'][t]['mean'], 3) for t in SCORED})}")
         save()
     save()
+    plot(result, out.with_suffix(".png"))
     log(f"done in {time.time() - t_all:.0f}s")
 
 
