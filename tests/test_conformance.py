@@ -212,7 +212,7 @@ def test_plain_ddp_without_find_unused_parameters(tmp_path):
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                         str(_free_port()), str(script), str(out)], env=env, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(out.read_text()) == {"same": True, "steps": 3}
 

@@ -34,6 +34,12 @@ def main(out: str) -> None:
         dist.all_gather(gathered, flat)
         if rank == 0:
             Path(out).write_text(json.dumps({"same": bool(torch.equal(gathered[0], gathered[1])), "steps": 3}))
+        # Tear down in this order: the gloo worker thread frees the all_gather's tensors (it needs the GIL for
+        # that) before the barrier completes, and the DDP reducer drops its process-group reference while the
+        # group is still registered. Freeing `ddp` after destroy_process_group made the reducer's destructor join
+        # the gloo thread while holding the GIL: a deadlock seen once in CI (rank 0 hung after writing its result).
+        dist.barrier()
+        del ddp, opt, gathered, flat
     finally:
         dist.destroy_process_group()
 
