@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import RESULTS, peak_bytes, reset_peak, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
+from benchmarks._common import RESULTS, peak_bytes, reset_peak, write_json  # noqa: E402
 
 TARGETS = {"shared_over_gen_token": 1.10, "shared_params_over_twocopy": 0.55, "trunc8_parallel_over_gen_token": 1.05,
            "split8_over_gen_ttft": 0.5, "twocopy_parallel_over_gen_call": 1.15}
@@ -345,7 +346,7 @@ def section_trainmem() -> dict:
     out = {}
     for kind in ("twocopy", "shared"):
         r = subprocess.run([sys.executable, "-m", "benchmarks.decode_pairs", "--trainmem-worker", kind],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
         res = json.loads(r.stdout.strip().splitlines()[-1])
         out[kind] = res
         print(f"  [trainmem] {kind}: peak {res['peak_rss_bytes'] / 2**20:.0f} MiB, step {res['step_s']:.1f} s",
