@@ -21,6 +21,7 @@ except ImportError:  # transformers < 5.24 (vLLM's pin, .venv-vllm): sub-configs
 from flythinker.options import (  # the option names and choices live in one light module (the CLI reads them)
     FUSION_FIELDS,
     IGNORE_INDEX,
+    LATENT_NORMS,
     LOSS_IMPLS,
     NORM_TARGETS,
     PARALLEL_MODES,
@@ -51,6 +52,13 @@ class FlyThinkerConfig(PreTrainedConfig):
         loss_impl: `"fused"` (memory-lean linear + cross-entropy, no logits materialised when labels are given)
             or `"naive"` (lm_head + cross_entropy).
         latent_eps: clamp of the latent norm in the rescaling.
+        latent_norm: `"none"` (the paper) or `"standardize"`: each latent is centred and scaled per channel,
+            `(h - latent_mean) * latent_inv_std`, before the rescale and projection. The statistics are buffers saved
+            with the model, identity until `flythinker.training.calibrate_latent_norm` sets them from the latents
+            the pair fuses on training data. A pretrained reasoner's final hidden state is almost all its mean
+            (SmolLM2-135M at the response boundary: cosine 0.99 to the mean, the user-dependent part 1.5% of its
+            energy), so without this a learned projection sees the person only in the last percent
+            (docs/fusion.md).
     """
 
     model_type = "flythinker"
@@ -72,6 +80,7 @@ class FlyThinkerConfig(PreTrainedConfig):
     parallel: str = "auto"
     loss_impl: str = "fused"
     latent_eps: float = 1e-6
+    latent_norm: str = "none"
     tie_word_embeddings: bool = False  # the generator sub-config decides its own tying
 
     def __post_init__(self, **kwargs: Any):
@@ -102,7 +111,8 @@ class FlyThinkerConfig(PreTrainedConfig):
                 raise ValueError(f"norm_target must be one of {NORM_TARGETS} or a positive float, got {nt!r}")
         elif isinstance(nt, bool) or not isinstance(nt, (int, float)) or not math.isfinite(nt) or nt <= 0:
             raise ValueError(f"norm_target must be one of {NORM_TARGETS} or a positive finite float, got {nt!r}")
-        for name, allowed in (("projection", PROJECTIONS), ("parallel", PARALLEL_MODES), ("loss_impl", LOSS_IMPLS)):
+        for name, allowed in (("projection", PROJECTIONS), ("parallel", PARALLEL_MODES), ("loss_impl", LOSS_IMPLS),
+                              ("latent_norm", LATENT_NORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("detach_norm", "fuse_prompt"):

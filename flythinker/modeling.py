@@ -44,6 +44,8 @@ from flythinker.cache import FlyThinkerCache
 from flythinker.configuration import IGNORE_INDEX, FlyThinkerConfig, fusion_kwargs_check
 from flythinker.kernels import latent_fuse, linear_cross_entropy, vocab_mean_norm
 from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
+from flythinker.latent_norm import BUFFERS as LATENT_NORM_BUFFERS
+from flythinker.latent_norm import standardize_latent
 from flythinker.options import LEARNED_PROJECTIONS
 from flythinker.prefill import shared_prefill, split_prefill
 from flythinker.workers import InlineWorker, ReasonerWorker, StreamWorker, worker_for
@@ -106,6 +108,10 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         # "linear": a learned [H_g, H_r] map, initialised to the "pad" map (so both start from the same fusion);
         # "zero": the same map initialised to zero, so that the untrained pair is exactly its generator.
         self.latent_proj = nn.Linear(H_r, H_g, bias=False) if config.projection in LEARNED_PROJECTIONS else None
+        if config.latent_norm == "standardize":  # identity until flythinker.latent_norm.calibrate_latent_norm
+            self.register_buffer("latent_mean", torch.zeros(H_r))
+            self.register_buffer("latent_inv_std", torch.ones(H_r))
+        self._latent_capture = None  # calibrate_latent_norm's hook into fuse
         self._vocab_mean: tuple[nn.Parameter, int, torch.Tensor] | None = None  # (weight, version, c): _norm_target
         self.post_init()
         self._freeze_reasoner_head()
@@ -147,6 +153,9 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config, generator=gen, reasoner=rsn)
         if model.latent_proj is not None:
             model.latent_proj.to(device=gen.device, dtype=gen.dtype)
+        for name in LATENT_NORM_BUFFERS:  # fp32 statistics, on the generator's device (where the fusion runs)
+            if hasattr(model, name):
+                setattr(model, name, getattr(model, name).to(gen.device))
         if getattr(gen, "generation_config", None) is not None:
             model.generation_config = copy.deepcopy(gen.generation_config)
         if attn_implementation is not None and not all(isinstance(m, (str, bytes)) for m in (generator, reasoner)):
@@ -197,7 +206,7 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         info = pair_info(name)
         base = str(resolve(info["base"]))
         model = cls.from_pair(base, base, dtype=dtype, **info["fusion"])
-        params = dict(model.named_parameters())
+        params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         for key, value in load_file(deltas_path(name)).items():
             if key not in params or tuple(params[key].shape) != tuple(value.shape):
                 raise ValueError(f"shipped pair {name!r}: delta {key} {tuple(value.shape)} matches no parameter")
@@ -325,6 +334,11 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         (fused into position 0). `check_inputs=False` skips latent_fuse's value checks (one host sync)."""
         E = self.generator.get_input_embeddings()
         cfg = self.config
+        if self._latent_capture is not None:
+            self._latent_capture(latent, mask, prev)
+        if cfg.latent_norm == "standardize":
+            latent = standardize_latent(latent, self.latent_mean, self.latent_inv_std)
+            prev = standardize_latent(prev, self.latent_mean, self.latent_inv_std) if prev is not None else None
         proj = self.latent_proj.weight if self.latent_proj is not None else None
         if check_inputs and proj is not None and not bool(torch.isfinite(proj).all()):
             raise ValueError(f"the latent projection (projection={cfg.projection!r}, latent_proj.weight) holds NaN or "
@@ -342,6 +356,24 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             # latent stays relative to the table. At lam = 0 the difference is exactly 0 and E(x) is reproduced.
             emb = E(input_ids) + (emb - E.weight[input_ids]) * scale
         return emb
+
+    def fusion_state_dict(self) -> dict[str, torch.Tensor]:
+        """The fusion's own tensors (the learned projection, the latent statistics), keyed as in `state_dict()`:
+        what a pair carries besides its two models (shared-base conversion and shipped pairs copy exactly these)."""
+        out = {"latent_proj.weight": self.latent_proj.weight} if self.latent_proj is not None else {}
+        out.update({k: getattr(self, k) for k in LATENT_NORM_BUFFERS if hasattr(self, k)})
+        return {k: v.detach() for k, v in out.items()}
+
+    def load_fusion_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy `fusion_state_dict()`-style tensors in; a key this pair does not have, or a wrong shape, raises."""
+        mine = self.fusion_state_dict()
+        for key, value in state.items():
+            if key not in mine or tuple(mine[key].shape) != tuple(value.shape):
+                have = {k: tuple(v.shape) for k, v in mine.items()}
+                raise ValueError(f"fusion tensor {key} {tuple(value.shape)} matches none of this pair's {have} "
+                                 f"(projection={self.config.projection!r}, latent_norm={self.config.latent_norm!r})")
+            with torch.no_grad():
+                mine[key].copy_(value.to(mine[key].dtype))
 
     def fuse_pending(self, input_ids: torch.Tensor, pending: torch.Tensor, check_inputs: bool = True
                      ) -> torch.Tensor:

@@ -6,11 +6,14 @@ machine, measured).
 """
 
 FUSION_FIELDS = ("fusion_lambda", "norm_target", "projection", "detach_norm", "fuse_prompt", "parallel",
-                 "loss_impl", "latent_eps")
+                 "loss_impl", "latent_eps", "latent_norm")
 NORM_TARGETS = ("vocab_mean", "token")
 PROJECTIONS = ("pad", "linear", "zero")
 # projections with a learned [H_g, H_r] matrix (saved with the model as latent_proj.weight)
 LEARNED_PROJECTIONS = ("linear", "zero")
+# "standardize": centre and scale each latent channel (frozen statistics, calibrated on training data) before the
+# rescale and projection (docs/fusion.md, "Standardised latents")
+LATENT_NORMS = ("none", "standardize")
 PARALLEL_MODES = ("auto", "off", "threads", "streams")
 LOSS_IMPLS = ("fused", "naive")
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -295,6 +295,7 @@ def share_pair(pair: nn.Module) -> nn.Module | None:
         return None
     targets = sorted({n.rsplit(".", 1)[-1] for w in weights.values() for n in w})
     fusion = {k: getattr(pair.config, k) for k in FUSION_FIELDS}
+    fusion_state = {k: v.clone() for k, v in pair.fusion_state_dict().items()}  # a trained projection, statistics
     base = pair.generator
     _unwrap_lora(base)
     if hasattr(pair, "_flythinker_lora"):  # apply_lora's record of the peft wrappers: gone with the unwrap
@@ -308,6 +309,7 @@ def share_pair(pair: nn.Module) -> nn.Module | None:
             with torch.no_grad():
                 for a in adapters(getattr(model, half)).values():
                     a.lora_B.zero_()
+    model.load_fusion_state_dict(fusion_state)
     model.generation_config = copy.deepcopy(pair.generation_config)
     return model.train(pair.training)
 

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from flythinker.configuration import FlyThinkerConfig
+from flythinker.latent_norm import BUFFERS as LATENT_NORM_BUFFERS
+from flythinker.latent_norm import standardize_latent
 
 # vLLM model classes a generator or reasoner may use (HF architectures of the sub-configs); others are refused.
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -72,6 +74,13 @@ class FlyThinkerForCausalLM(nn.Module):
         dtype = vllm_config.model_config.dtype
         self.latent_proj = (nn.Parameter(torch.zeros(H_g, H_r, dtype=dtype), requires_grad=False)
                             if config.projection in ("linear", "zero") else None)  # LEARNED_PROJECTIONS
+        # latent_norm="standardize": the saved per-channel statistics (buffers in the HF model; parameters here so
+        # that vLLM's loaded-weights check sees them)
+        self.latent_stats = ({name: nn.Parameter(torch.zeros(H_r) if name == "latent_mean" else torch.ones(H_r),
+                                                 requires_grad=False) for name in LATENT_NORM_BUFFERS}
+                             if config.latent_norm == "standardize" else {})
+        for name, p in self.latent_stats.items():
+            self.register_parameter(name, p)
         self.latents = PagedLatentCache(H_r, cache_config=vllm_config.cache_config,
                                         # vLLM orders KV layers by the one integer in their name
                                         prefix=maybe_prefix(prefix, "latent_cache.0"))
@@ -109,6 +118,8 @@ class FlyThinkerForCausalLM(nn.Module):
         # latent_fuse's layout is [B, T]: one row per token with T = 1, the previous latent as `prev_latent`
         # (a zeroed row contributes exactly 0: its norm clamps to eps and it is multiplied by 0).
         src = prev * has_prev[:, None].to(prev.dtype)
+        if self.latent_stats:  # zeroed rows (no previous latent) stay zero
+            src = standardize_latent(src, self.latent_mean, self.latent_inv_std)
         emb = latent_fuse(input_ids[:, None], self._embedding_table(), src.new_zeros(src.shape[0], 1, src.shape[1]),
                           None, lam=float(cfg.fusion_lambda), norm_target=self._resolve_norm_target(),
                           projection=self.latent_proj, prev_latent=src, eps=float(cfg.latent_eps),
@@ -217,6 +228,9 @@ class FlyThinkerForCausalLM(nn.Module):
                                      f"{tuple(self.latent_proj.shape)}")
                 self.latent_proj.data.copy_(tensor)
                 loaded.add("latent_proj")  # the parameter's own name (vLLM compares with named_parameters)
+            elif name in self.latent_stats:
+                self.latent_stats[name].data.copy_(tensor.reshape(self.latent_stats[name].shape))
+                loaded.add(name)
             else:
                 raise ValueError(f"flythinker serving: unexpected tensor {name!r} in the checkpoint")
         for role, items in parts.items():

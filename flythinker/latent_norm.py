@@ -1,0 +1,116 @@
+"""Standardised latents (`latent_norm="standardize"`): centre and scale the reasoner's latent per channel before the
+fusion's rescale and projection, with frozen statistics calibrated on the latents a pair actually fuses.
+
+Why: a pretrained reasoner's final hidden state is almost entirely its mean direction. Measured on SmolLM2-135M-
+Instruct over persona-empathy training records (benchmarks/personalization_smollm2.py): at the response boundary the
+latent has norm ~51 and cosine 0.99 to the mean latent; the user-dependent residual is 1.5% of its energy, ~0.18 per
+channel. After the paper's rescale to the vocabulary's mean norm (3.2), the person lives in ~0.01 per channel next to
+a constant ~3.2 vector, so a learned projection mostly learns a user-independent shift (style) and Adam's per-weight
+steps move the informative channels ~100x less than the constant ones. Standardising first gives every channel unit
+variance: in a 48-step fusion-only pilot (96 users, frozen SmolLM2, 48 held-out users) register preference rose from
+60% to 83% and strategy from 54% to 65%, against 44% / 50% for the generator alone.
+
+    h' = (h - latent_mean) * latent_inv_std        per channel, [..., H_r]; an all-zero row stays zero
+
+The all-zero rule keeps the library's convention that a zeroed latent row means "no latent" (a disabled
+`prev_latent`, an unused slot); a real final hidden state is never exactly zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+BUFFERS = ("latent_mean", "latent_inv_std")
+
+
+def standardize_latent(h: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
+    """`(h - mean) * inv_std` for h `[..., H_r]` (mean, inv_std `[H_r]`), in h's dtype; all-zero rows stay zero."""
+    live = h.ne(0).any(-1, keepdim=True).to(h.dtype)  # [..., 1]
+    return (h - mean.to(h.dtype)) * inv_std.to(h.dtype) * live
+
+
+class LatentStats:
+    """Streaming per-channel mean and standard deviation (fp64 sums) of latent rows `[N, H_r]`."""
+
+    def __init__(self, width: int) -> None:
+        self.n = 0
+        self.s1 = torch.zeros(width, dtype=torch.float64)
+        self.s2 = torch.zeros(width, dtype=torch.float64)
+
+    def add(self, rows: torch.Tensor) -> None:
+        r = rows.detach().reshape(-1, rows.shape[-1]).to("cpu", torch.float64)
+        self.n += r.shape[0]
+        self.s1 += r.sum(0)
+        self.s2 += (r * r).sum(0)
+
+    def result(self, min_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1 / max(std, min_std)) as fp32 `[H_r]`."""
+        if self.n < 2:
+            raise ValueError(f"calibrate_latent_norm saw {self.n} fused latent(s); it needs at least 2")
+        mean = self.s1 / self.n
+        var = (self.s2 / self.n - mean * mean).clamp_min(0) * (self.n / (self.n - 1))
+        return mean.float(), 1.0 / var.sqrt().clamp_min(min_std).float()
+
+
+class _Captured(Exception):
+    """Raised out of `fuse` once the latents of one batch are recorded (the generator forward is not needed)."""
+
+
+class _Capture:
+    """Installed as `model._latent_capture`: `fuse` hands it the latents it is about to fuse."""
+
+    def __init__(self, stats: LatentStats) -> None:
+        self.stats = stats
+
+    def __call__(self, latent: torch.Tensor, mask: torch.Tensor | None, prev: torch.Tensor | None) -> None:
+        slots = latent[:, :-1]  # slot T-1 would feed position T: never fused
+        if mask is not None:
+            slots = slots[mask[:, :-1].bool()]
+        rows = [slots.reshape(-1, latent.shape[-1])]
+        if prev is not None:
+            rows.append(prev[prev.ne(0).any(-1)])
+        self.stats.add(torch.cat(rows))
+        raise _Captured
+
+
+@torch.no_grad()
+def calibrate_latent_norm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
+                          min_std: float = 1e-3) -> dict[str, float]:
+    """Set a `latent_norm="standardize"` pair's `latent_mean` / `latent_inv_std` `[H_r]` from the latents it fuses
+    on `batches` (training batches as the pair's forward takes them: `input_ids`, `attention_mask`, `labels`, and
+    `reasoner_*` in split context). Only the reasoner runs: the capture stops each forward at the fusion.
+
+    Calibrate once, before training the projection, on the same views the pair is trained on: the statistics are
+    frozen afterwards (buffers, saved with the model), and the projection learns in their coordinates. With a
+    zero-initialised projection the calibrated, untrained pair still computes exactly what its generator computes.
+    Returns `{"latents": rows seen, "mean_norm": ||mean||, "median_std": ...}`.
+    """
+    if getattr(model.config, "latent_norm", "none") != "standardize":
+        raise ValueError(f"calibrate_latent_norm needs a pair with latent_norm='standardize', got "
+                         f"{getattr(model.config, 'latent_norm', None)!r}")
+    stats = LatentStats(model.config.reasoner.hidden_size)
+    was_training = model.training
+    model.eval()
+    model._latent_capture = _Capture(stats)
+    try:
+        for batch in batches:
+            try:
+                model(**batch, use_cache=False)
+            except _Captured:
+                continue
+            raise RuntimeError("calibrate_latent_norm: the forward fused no latent (is fusion_lambda 0, or are "
+                               "the batches missing the response?)")
+    finally:
+        model._latent_capture = None
+        model.train(was_training)
+    mean, inv_std = stats.result(min_std)
+    with torch.no_grad():
+        model.latent_mean.copy_(mean.to(model.latent_mean))
+        model.latent_inv_std.copy_(inv_std.to(model.latent_inv_std))
+    return {"latents": stats.n, "mean_norm": float(mean.norm()), "median_std": float((1 / inv_std).median())}
+
+
+__all__ = ["BUFFERS", "LatentStats", "calibrate_latent_norm", "standardize_latent"]
