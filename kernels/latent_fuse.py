@@ -324,12 +324,17 @@ def _check_scalars(lam, eps, allow_negative_lambda) -> float:
     return lam
 
 
+def _unknown_norm(norm_target) -> str:
+    return f"latent_fuse: unknown norm_target {norm_target!r}; expected 'vocab_mean', 'token' or a number"
+
+
 def _norm_mode(norm_target, device):
-    """-> (norm mode, norm constant: a float, a 0-dim tensor on `device`, or None for "vocab_mean")."""
-    unknown = f"latent_fuse: unknown norm_target {norm_target!r}; expected 'vocab_mean', 'token' or a number"
+    """-> (norm mode, norm constant: a float, a 0-dim tensor on `device`, or None for "vocab_mean"). The error text
+    is built only on error: the repr of a tensor norm_target (what every decode step passes) formats its value, a
+    dozen ops and on an accelerator a host sync (measured ~0.2 ms a decode step on CPU)."""
     if isinstance(norm_target, str):
         if norm_target not in ("vocab_mean", "token"):
-            raise ValueError(unknown)
+            raise ValueError(_unknown_norm(norm_target))
         return (_CONST_PTR, None) if norm_target == "vocab_mean" else (_TOKEN, 0.0)
     if isinstance(norm_target, torch.Tensor):
         if norm_target.numel() != 1 or not norm_target.is_floating_point():
@@ -337,7 +342,7 @@ def _norm_mode(norm_target, device):
                              f"{_describe(norm_target)}")
         return _CONST_PTR, norm_target.detach().reshape(()).to(device=device)
     if isinstance(norm_target, bool) or not isinstance(norm_target, Real):
-        raise ValueError(unknown)
+        raise ValueError(_unknown_norm(norm_target))
     if not (math.isfinite(norm_target) and norm_target >= 0):
         raise ValueError(f"latent_fuse: a numeric norm_target must be finite and >= 0, got {norm_target}")
     return _CONST, float(norm_target)
