@@ -11,7 +11,13 @@ both halves is wrapped in a `SharedLoRALinear` (its own rank-r adapter, peft's f
 The batched decode step (`SharedStep`, used by `flythinker.decode`): per token, the generator's row(s) and the
 reasoner's row(s) run as ONE forward of 2B rows through the generator's decoder: rows [:B] take the generator's
 adapter, rows [B:] the reasoner's (the twin module's), so the base weights stream once per token, which is what a
-batch-1 decode step is bound by. The two halves have different prompt lengths in split context: after the prefill
+batch-1 decode step is bound by. In that step (no autograd) each adapted linear runs lean: the base's one linear
+over all 2B rows plus ONE `baddbmm_` of the two halves' scaled B matrices (stacked `[2, r, out]`) into its output,
+reading `x @ A^T` from ONE `bmm` per group of sibling linears that read one input tensor (q/k/v, gate/up), against
+the halves' A matrices stacked `[2, in, G*r]`; the stacked weights are cached per group and rebuilt when an adapter
+parameter is replaced or changed in place (`_LeanGroup`; checked once per decode call, when its `SharedStep` is
+built). Training and every other path keep peft's formula.
+The two halves have different prompt lengths in split context: after the prefill
 (each half into its own static cache) both caches are copied into one static cache of 2B rows, each half
 left-padded to the longer prompt; masks and position ids stay per row, so attention and RoPE see exactly what
 each half saw alone.
@@ -23,6 +29,8 @@ import copy
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +44,73 @@ from flythinker.options import FUSION_FIELDS
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# sibling linears of one layer that read one input tensor (HF's Llama-family attention and MLP): one A-matmul each
+_SAME_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 class _StepContext:
-    """Shared by all adapters of one pair: `split = B` while a batched step runs (rows [:B] generator)."""
+    """Shared by all adapters of one pair: `split = B` while a batched step runs (rows [:B] generator); `stash`
+    holds, per `_LeanGroup`, the running step's input and its A-products (cleared after every step); `groups`:
+    every adapter group of the pair (both halves)."""
 
     def __init__(self) -> None:
         self.split: int | None = None
+        self.stash: dict[_LeanGroup, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        self.groups: list[_LeanGroup] = []
+
+    def refresh(self) -> None:
+        """Check every built group's stacked weights against its adapters, rebuild the stale ones."""
+        for g in self.groups:
+            if g.A is not None:
+                g.refresh()
+
+    @contextmanager
+    def batched(self, B: int, refresh: bool = True) -> Iterator[None]:
+        """One batched step of 2B rows (rows [:B] the generator's); the stash lives as long as it. `refresh`: check
+        the stacked weights first (`SharedStep` does that once, when it is built for a decode call)."""
+        if refresh:
+            self.refresh()
+        self.split = B
+        try:
+            yield
+        finally:
+            self.split = None
+            self.stash.clear()
+
+
+class _LeanGroup:
+    """The adapters of one layer (one half's side) that read one input tensor, in a fixed order, and their batched
+    step's weights: `A [2, in, G*r]` (`[0]`: these adapters' A^T side by side, `[1]`: their twins') and, per member,
+    `B [2, r, out]` (scaled B^T, then the twin's). Built on first use under no_grad (only the no-autograd batched
+    step reads them); `refresh` rebuilds them when any of the 4G adapter parameters is another object, has another
+    version (an in-place change) or another storage (`module.to()` keeps the object and the version), or a scaling
+    changed. The key holds ids, so the parameters it names are held (`_held`): an id is never reused meanwhile."""
+
+    def __init__(self, members: list[SharedLoRALinear]) -> None:
+        self.members = tuple(members)
+        self.r = members[0].lora_A.shape[0]
+        self.A: torch.Tensor | None = None
+        self.B: tuple[torch.Tensor, ...] = ()
+        self._key: list = []
+        self._held: list[torch.Tensor] = []
+
+    def refresh(self) -> None:
+        params, key = [], []
+        for m in self.members + tuple(m._twin for m in self.members):
+            d = m._parameters  # not m.lora_A: nn.Module.__getattr__ is ~10x slower, and this runs per decode call
+            for p in (d["lora_A"], d["lora_B"]):
+                params.append(p)
+                key += (id(p), p._version, p.data_ptr())
+            key.append(m.scaling)
+        if self.A is not None and key == self._key:
+            return
+        twins = [m._twin for m in self.members]
+        with torch.no_grad():
+            A = [torch.cat([m.lora_A for m in side]).t() for side in (self.members, twins)]  # 2 x [in, G*r]
+            self.A = torch.stack(A).contiguous()
+            self.B = tuple(torch.stack([(m.lora_B * m.scaling).t(), (t.lora_B * t.scaling).t()]).contiguous()
+                           for m, t in zip(self.members, twins, strict=True))
+        self._held, self._key = params, key
 
 
 class SharedLoRALinear(nn.Module):
@@ -63,6 +133,8 @@ class SharedLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         object.__setattr__(self, "_ctx", ctx)  # plain attributes: not submodules
         object.__setattr__(self, "_twin", None)
+        object.__setattr__(self, "_group", _LeanGroup([self]))  # `_group_into` joins it to its same-input siblings
+        object.__setattr__(self, "_slot", 0)  # its index in the group
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `linear.weight` (dtype/device probes) keeps working
@@ -73,11 +145,34 @@ class SharedLoRALinear(nn.Module):
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         B = self._ctx.split
+        if B is not None and x.shape[0] == 2 * B and not torch.is_grad_enabled() and not self._dropout_on():
+            return self._batched(x)
+        y = self.base(x)
         if B is None:
             return y + self.delta(x)
         return y + torch.cat([self.delta(x[:B]), self._twin.delta(x[B:])])
+
+    def _dropout_on(self) -> bool:
+        return isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0 and (self.training or self._twin.training)
+
+    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+        """The batched step without autograd, x `[2B, T, in]` -> `[2B, T, out]`: rows [:B] this adapter, rows [B:]
+        the twin's. The group's first member to see x computes `x @ A^T` for the whole group (one bmm, kept in the
+        step's stash for its siblings, which pass the very same tensor); each member adds its slice times its
+        stacked, scaled B into the base's output (one baddbmm_)."""
+        ctx, grp = self._ctx, self._group
+        one = x.dim() == 3 and x.shape[0] == 2  # B = 1: x is [2, T, in] already, no view needed either side
+        hit = ctx.stash.get(grp)
+        if hit is None or hit[0] is not x:
+            if grp.A is None:
+                grp.refresh()
+            z = torch.bmm(x if one else x.reshape(2, -1, x.shape[-1]), grp.A)  # [2, B*T, G*r]
+            hit = ctx.stash[grp] = (x, z.split(grp.r, -1) if len(grp.members) > 1 else (z,))
+        base = self._modules["base"]
+        y = F.linear(x, base.weight, base.bias)  # [2B, T, out], contiguous
+        (y if one else y.view(2, -1, y.shape[-1])).baddbmm_(hit[1][self._slot], grp.B[self._slot])
+        return y
 
 
 @dataclass
@@ -121,7 +216,26 @@ def _wrap(model: nn.Module, names: list[str], spec: SharedBaseSpec, ctx: _StepCo
         lora = SharedLoRALinear(getattr(parent, leaf), spec.r, spec.lora_alpha, spec.lora_dropout, ctx)
         setattr(parent, leaf, lora)
         out.append(lora)
+    _group_into(dict(zip(names, out, strict=True)))
+    ctx.groups += dict.fromkeys(m._group for m in out)
     return out
+
+
+def _group_into(loras: dict[str, SharedLoRALinear]) -> None:
+    """Join the adapters of one parent module that read one input (`_SAME_INPUT`: q/k/v, gate/up) into one
+    `_LeanGroup`; the rest stay alone. Members must share in_features (they read one tensor)."""
+    for same in _SAME_INPUT:
+        by_parent: dict[str, list[SharedLoRALinear]] = {}
+        for name, m in loras.items():
+            parent, _, leaf = name.rpartition(".")
+            if leaf in same:
+                by_parent.setdefault(parent, []).append(m)
+        for members in by_parent.values():
+            if len(members) > 1 and len({m.lora_A.shape[1] for m in members}) == 1:
+                grp = _LeanGroup(members)
+                for i, m in enumerate(members):
+                    object.__setattr__(m, "_group", grp)
+                    object.__setattr__(m, "_slot", i)
 
 
 def build_halves(base: PreTrainedModel, spec: SharedBaseSpec) -> tuple[PreTrainedModel, PreTrainedModel]:
@@ -371,7 +485,9 @@ class SharedStep:
 
     Built from the two halves' prefilled static caches (`flythinker.decode.prefill`): the combined static cache
     `[2B, heads, L + N, d]` holds the generator's prompt (rows :B) and the reasoner's (rows B:), each
-    right-aligned at slot L = max(P, Q) with its own mask; step s writes slot L + s of every row."""
+    right-aligned at slot L = max(P, Q) with its own mask; step s writes slot L + s of every row. The adapters'
+    stacked weights are checked (and rebuilt if changed) when the step is built: a change of the adapters in the
+    middle of one decode call is not seen by that call."""
 
     def __init__(self, model: nn.Module, gen_cache, rsn_cache, gen_mask: torch.Tensor, rsn_mask: torch.Tensor,
                  P: int, Q: int, n: int) -> None:
@@ -394,6 +510,7 @@ class SharedStep:
         self.mask = torch.zeros(2 * B, L + n, dtype=gen_mask.dtype, device=gen_mask.device)  # [2B, L + n]
         self.mask[:B, L - P:L] = gen_mask[:, :P]
         self.mask[B:, L - Q:L] = rsn_mask[:, :Q]
+        self.ctx.refresh()  # the adapters' stacked weights, checked once per decode call
 
     def __call__(self, gen_embeds: torch.Tensor, tok: torch.Tensor, gen_pos: torch.Tensor, rsn_pos: torch.Tensor,
                  s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,12 +519,9 @@ class SharedStep:
         B = self.B
         x = torch.cat([gen_embeds, self.model.reasoner.get_input_embeddings()(tok).to(gen_embeds.dtype)])
         self.mask[:, self.L + s] = 1
-        self.ctx.split = B
-        try:
+        with self.ctx.batched(B, refresh=False):  # refreshed once, in __init__
             hidden = self.decoder(inputs_embeds=x, attention_mask=self.mask, position_ids=torch.cat([gen_pos, rsn_pos]),
                                   cache=self.cache, use_cache=True).last_hidden_state  # [2B, 1, H]
-        finally:
-            self.ctx.split = None
         return self.model.logits_from_hidden(hidden[:B], 1)[:, -1].float(), hidden[B:, -1]
 
 
