@@ -7,7 +7,10 @@ later tokens. Whole-call = wall time of the `generate()` call.
 
     shared     shared-base pair (rank-8 adapters on both halves, `from_shared_base`) vs the generator alone with its
                adapter merged (HF generate), batch 1 and 4; the two-copy pair with the same (peft) adapters;
-               parameter bytes; greedy tokens shared == two-copy
+               parameter bytes; greedy tokens shared == two-copy; the floor of any batched shared step: the
+               merged generator alone at 2B rows in the lean loop ("gen_merged_lean_2B", `floor_2B`: its per
+               token over the generator alone at B); aten ops per token (`ops_per_token`: the shared step, its
+               adapters' share = it minus the same base as an r = 0 pair, the generator alone at B and 2B rows)
     twocopy    two-copy same-size pair (no adapters) parallel / sequential vs the generator alone: whole generate()
                call and TTFT, 48 new tokens, batch 1 and 4
     truncated  reasoner = the generator's first k layers (k = 4, 8, 15) and the full 30-layer pair, sequential and
@@ -186,6 +189,7 @@ def section_shared(reps: int) -> dict:
 
     base, tok = load()
     clean = copy.deepcopy(base)
+    plain = FlyThinkerForCausalLM.from_shared_base(copy.deepcopy(base), r=0, fusion_lambda=0.5).eval()  # op counts
     pair = _no_eos(FlyThinkerForCausalLM.from_shared_base(base, r=8, lora_alpha=16, fusion_lambda=0.5))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # trained-looking adapters (B != 0), so that each half differs from the base
@@ -200,20 +204,51 @@ def section_shared(reps: int) -> dict:
     res = {"params_bytes": {"shared": parameter_bytes(pair), "twocopy": parameter_bytes(two),
                             "generator_alone": parameter_bytes(gen_m)}}
     res["params_bytes"]["shared_over_twocopy"] = res["params_bytes"]["shared"] / res["params_bytes"]["twocopy"]
+    res["ops_per_token"] = {f"B{B}": shared_ops(pair, plain, gen_m, prompt(tok, 2 * B, 128), B) for B in (1, 4)}
+    del plain
     for B in (1, 4):
         ids = prompt(tok, B, 128)
         mask = torch.ones_like(ids)
         variants = {"gen_merged": gen_m.generate, "shared": pair.generate, "twocopy_peft": two.generate}
         inputs = {n: {"ids": ids, "attention_mask": mask} for n in variants}
         with_lean(variants, inputs, gen_m, "gen_merged")
+        variants["gen_merged_lean_2B"] = lean_generate(gen_m)  # the floor of a batched step of 2B rows
+        ids2 = prompt(tok, 2 * B, 128)
+        inputs["gen_merged_lean_2B"] = {"ids": ids2, "attention_mask": torch.ones_like(ids2)}
         row = interleave(variants, inputs, reps, f"shared B={B}")
         row["paths"] = {"shared": pair.last_generate_path, "twocopy_peft": two.last_generate_path}
         row["same_tokens_shared_twocopy"] = bool(torch.equal(row["shared"]["tokens"], row["twocopy_peft"]["tokens"]))
         timed_rows = {k: v for k, v in row.items() if isinstance(v, dict) and "token_ms" in v}
         row["ratios"] = ratios(timed_rows, "gen_merged")
         row["ratios_to_lean"] = ratios(timed_rows, "gen_merged_lean")
+        floor = row["gen_merged_lean_2B"]["token_ms"]
+        row["floor_2B"] = {"token_ms": floor, "over_gen_lean_B": floor / row["gen_merged_lean"]["token_ms"],
+                           "over_gen_B": floor / row["gen_merged"]["token_ms"],
+                           "shared_over_floor": row["shared"]["token_ms"] / floor}
+        print(f"  [shared B={B}] generator alone at 2B={2 * B} rows (lean loop): {floor:.1f} ms/token = "
+              f"{row['floor_2B']['over_gen_lean_B']:.2f}x the generator alone at B (lean loop); shared step "
+              f"{row['floor_2B']['shared_over_floor']:.2f}x that floor", flush=True)
         res[f"B{B}"] = row
     return res
+
+
+def shared_ops(pair, plain, gen, ids2: torch.Tensor, B: int) -> dict:
+    """Aten ops of one decode step (benchmarks.opcount) at batch B: the shared pair's batched step, the same base
+    as an r = 0 pair (so the adapters' share is the difference), the merged generator alone at B and 2B rows."""
+    from benchmarks.opcount import lm_step_ops, pair_step_ops, total
+    from flythinker.shared_base import adapters
+
+    ids = ids2[:B]
+    out = {"shared_step": total(pair_step_ops(pair, ids)), "shared_step_r0": total(pair_step_ops(plain, ids)),
+           "generator_alone_B": total(lm_step_ops(gen, ids)), "generator_alone_2B": total(lm_step_ops(gen, ids2))}
+    n_lin = len(adapters(pair.generator))
+    out["adapters"] = out["shared_step"] - out["shared_step_r0"]
+    out["adapters_per_linear"] = out["adapters"] / max(n_lin, 1)
+    out["shared_over_generator_2B"] = out["shared_step"] / out["generator_alone_2B"]
+    print(f"  [shared B={B}] aten ops per token: shared step {out['shared_step']} (adapters {out['adapters']}, "
+          f"{out['adapters_per_linear']:.2f} per adapted linear x {n_lin}), generator alone "
+          f"{out['generator_alone_B']} at B, {out['generator_alone_2B']} at 2B rows", flush=True)
+    return out
 
 
 def section_twocopy(reps: int, batches: tuple[int, ...] = (1, 4)) -> dict:

@@ -203,3 +203,23 @@ def test_op_count_per_token(pairs):
         assert 0 < extra <= most * n_lin, (extra, n_lin, ops - base)
         assert ops["cat"] == base["cat"] and ops["baddbmm_"] == n_lin
 
+
+def test_decode_pairs_shared_section_runs_on_tiny(monkeypatch):
+    """benchmarks/decode_pairs.py's shared section end to end on a tiny random Llama (a stand-in tokenizer, 6 new
+    tokens, one round): the floor row (the generator alone at 2B rows) and the op counts are there."""
+    from types import SimpleNamespace
+
+    from benchmarks import decode_pairs as dp
+
+    def load():
+        tok = lambda text, return_tensors: SimpleNamespace(input_ids=random_ids(1, 200, seed=5))  # noqa: E731
+        return dp._no_eos(tiny_lm(hidden_size=48)), tok
+
+    monkeypatch.setattr(dp, "NEW", 6)
+    monkeypatch.setattr(dp, "load", load)
+    res = dp.section_shared(1)
+    for B in (1, 4):
+        row, ops = res[f"B{B}"], res["ops_per_token"][f"B{B}"]
+        assert row["same_tokens_shared_twocopy"] and row["gen_merged_lean_2B"]["tokens"].shape == (2 * B, 6)
+        assert row["floor_2B"]["token_ms"] > 0 and "gen_merged_lean_2B" in row["ratios"]
+        assert 0 < ops["adapters_per_linear"] <= 3.5 and ops["shared_step"] > ops["generator_alone_2B"]
