@@ -290,7 +290,8 @@ def main() -> None:
     p.add_argument("--max-reasoner-tokens", type=int, default=160)
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--configs", default="0:3e-3:48,0:1e-2:48,8:1e-2:48",
-                   help="rank:lr:steps of each fusion config (rank 0 = full matrix)")
+                   help="rank:lr:steps[:std] of each fusion config (rank 0 = full matrix; :std = standardised "
+                        "latents, latent_norm='standardize')")
     p.add_argument("--save", default=None, help="write the first config's projection (fp16 safetensors) here")
     p.add_argument("--out", default=str(RESULTS / "personalization_fusion.json"))
     p.add_argument("--threads", type=int, default=2)
@@ -302,6 +303,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from flythinker import FlyThinkerForCausalLM
     from flythinker.hub import atomic_write_json, load_pretrained
+    from flythinker.latent_norm import LatentStats
 
     t_all, load0 = time.time(), os.getloadavg()
     base, tok = load_pretrained("smollm2-135m-instruct")
@@ -321,10 +323,21 @@ def main() -> None:
     train_items = precompute(base, tok, first["train"][: args.train], args.k, args.max_reasoner_tokens, False)
     result["precompute_train_s"] = time.time() - t
     # one frozen SmolLM2 serves as both models: the pair holds the same module twice (no copy, nothing trained)
-    pair = FlyThinkerForCausalLM.from_pair(base, base, fusion_lambda=args.lam, projection="zero").eval()
+    plain = FlyThinkerForCausalLM.from_pair(base, base, fusion_lambda=args.lam, projection="zero").eval()
+    # configs ending in ":std" fuse standardised latents (latent_norm="standardize"), calibrated on every latent
+    # the training records fuse (the boundary and the k reply positions)
+    std = FlyThinkerForCausalLM.from_pair(base, base, fusion_lambda=args.lam, projection="zero",
+                                          latent_norm="standardize").eval()
+    stats = LatentStats(base.config.hidden_size)
+    for it in train_items:
+        stats.add(it["latents"][:, 0])
+    mean, inv_std = stats.result(1e-3)
+    std.latent_mean.copy_(mean)
+    std.latent_inv_std.copy_(inv_std)
+    pairs = {cfg: std if cfg.endswith(":std") else plain for cfg in args.configs.split(",")}
     trained = {}
-    for cfg in args.configs.split(","):  # train every config first: the projection is shipped before scoring
-        rank, lr, steps = cfg.split(":")
+    for cfg, pair in pairs.items():  # train every config first: the projection is shipped before scoring
+        rank, lr, steps = cfg.split(":")[:3]
         with torch.no_grad():
             pair.latent_proj.weight.zero_()
         tr = train_fusion(pair, train_items, int(steps), float(lr), int(rank), 0)
@@ -346,14 +359,15 @@ def main() -> None:
     result["precompute_eval_s"] = time.time() - t
     result["probe_boundary_latent"] = probes(train_items, test_items)
     log(f"probe {result['probe_boundary_latent']}")
-    gen_rows = preference(pair, test_items, 0.0)
+    gen_rows = preference(plain, test_items, 0.0)
     result["generator_alone"] = summary(gen_rows)
     result["generator_alone_rows"] = gen_rows
-    b_rows = preference(pair, test_items, None)
+    b_rows = preference(plain, test_items, None)
     result["b_history_in_context"] = summary(b_rows, gen_rows)
     log(f"generator alone {result['generator_alone']}; b {result['b_history_in_context']}")
     save()
     for cfg, w in trained.items():
+        pair = pairs[cfg]
         with torch.no_grad():
             pair.latent_proj.weight.copy_(w)
         entry = result["configs"][cfg]

@@ -146,3 +146,48 @@ def test_bad_latent_norm_and_uncalibratable_pairs_are_refused():
     with pytest.raises(ValueError, match="needs at least 2"):
         LatentStats(4).result(1e-3)
     assert "latent_norm" in FlyThinkerConfig().to_dict()
+
+
+def _shipped_folder(tmp_path, base, tensors: dict, lora: dict | None):
+    import json
+
+    from safetensors.torch import save_file
+
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    info = {"base": str(base_dir), "max_reasoner_tokens": 16,
+            "fusion": {"fusion_lambda": 1.0, "projection": "zero", "latent_norm": "standardize"}}
+    if lora is not None:
+        info["lora"] = lora
+    (folder / "pair.json").write_text(json.dumps(info))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "deltas.safetensors")
+    return folder
+
+
+@torch.no_grad()
+def test_shipped_loader_merges_lora_factors_and_loads_the_fusion(tmp_path):
+    """A shipped pair's deltas: LoRA factors merged into the generator (W + s * B @ A), the fusion tensors copied."""
+    from model_helpers import tiny_lm
+
+    base = tiny_lm(hidden_size=32)
+    A, B = torch.randn(4, 32), torch.randn(32, 4)
+    key = "generator.model.layers.0.self_attn.q_proj"
+    stats = {"latent_proj.weight": torch.randn(32, 32), "latent_mean": torch.randn(32),
+             "latent_inv_std": torch.rand(32) + 0.5}
+    folder = _shipped_folder(tmp_path, base, {f"{key}.lora_A": A, f"{key}.lora_B": B, **stats}, {"scaling": 2.0})
+    model = FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=folder)
+    w0 = base.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(model.generator.model.layers[0].self_attn.q_proj.weight, w0 + 2.0 * B @ A)
+    torch.testing.assert_close(model.reasoner.model.layers[0].self_attn.q_proj.weight, w0)  # the reasoner: as is
+    for k, v in stats.items():
+        torch.testing.assert_close(model.fusion_state_dict()[k], v)
+    # factors without a scaling, or that fit no weight, are refused
+    bad = _shipped_folder(tmp_path / "x", base, {f"{key}.lora_A": A, f"{key}.lora_B": B}, None)
+    with pytest.raises(ValueError, match="no lora.scaling"):
+        FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=bad)
+    bad = _shipped_folder(tmp_path / "y", base, {f"{key}.lora_A": torch.randn(4, 7), f"{key}.lora_B": B},
+                          {"scaling": 1.0})
+    with pytest.raises(ValueError, match="do not fit"):
+        FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=bad)

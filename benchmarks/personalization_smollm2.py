@@ -1,0 +1,432 @@
+"""Personalisation on the real SmolLM2-135M-Instruct pair: variants with one LoRA budget, data order and step count.
+
+    .venv/bin/python -m benchmarks.personalization_smollm2 [--steps 80 --batch 8 --variants c,a,e,b]
+        [--run-dir .cache/personalization_smollm2] [--ship]
+
+Variants (persona-empathy, held-out users; the generator's LoRA is rank 8 on all seven linear maps of every layer):
+  shipped  the generator as shipped (no training);
+  a        generator LoRA SFT on the query only (what the generator reads in split context);
+  b        generator LoRA SFT on the full view (history + query in its context);
+  c        flythinker split context: the reasoner (SmolLM2, frozen) reads history + query, the generator the query;
+           trained: the generator's LoRA + the fusion (zero-initialised projection on standardised latents,
+           `latent_norm="standardize"`, calibrated on the training batches), at lambda `--lam`;
+  e        c trained at lambda 0: must equal a (its losses are compared step by step; only `--e-steps` steps run).
+Measured per variant:
+  likelihood preference on >= 300 records of >= 100 test users: the reference reply's opening NLL against the same
+    reply with strategy (resp. register) flipped (flythinker.persona.preference). Length is scored by generation
+    only: a summed NLL always favours the shorter reply, whatever the model learned;
+  generation: greedy replies (the fastest token-identical path, LoRA merged) for one query of each of >= 100 test
+    users, scored by the rule-based metric (flythinker.persona.metrics) and ROUGE-L against the reference;
+  95% bootstrap CIs over users, paired differences (c - a, c - b) with their intervals;
+  accuracy against training steps (likelihood preference on validation users every `--curve-every` steps).
+Every trained variant is saved to the run folder (safetensors, atomically) and skipped on a rerun: an interrupted
+run resumes where it stopped. Results: benchmarks/results/personalization_smollm2.json + .png.
+`--ship` writes variant c's tensors as the shipped pair flythinker/pretrained/smollm2-135m-persona-empathy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...py` from the repo root
+
+from benchmarks.personalization_fusion import bootstrap  # noqa: E402  (user-clustered bootstrap)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PREF_TRAITS = ("strategy", "register")
+GEN_TRAITS = ("strategy", "length", "register")
+SHIPPED = "smollm2-135m-persona-empathy"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg} (load {os.getloadavg()[0]:.1f})", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def select(records, per_user: int, users: int):
+    """The first `per_user` queries of each of the first `users` users (records are grouped by user)."""
+    by_user: dict[str, list] = {}
+    for r in records:
+        by_user.setdefault(r.user_id, []).append(r)
+    chosen = list(by_user.values())[:users]
+    return [r for rs in chosen for r in rs[:per_user]]
+
+
+def features(views, variant: str) -> list[dict]:
+    if variant in ("c", "e"):
+        return [v.example("split") for v in views]
+    return [v.example("shared" if variant == "b" else "generator") for v in views]
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_variant_model(variant: str, args):
+    """(model, tokenizer): a plain SmolLM2 with LoRA (a, b) or a split pair with generator LoRA (c, e)."""
+    from peft import LoraConfig, get_peft_model
+
+    from flythinker import FlyThinkerForCausalLM
+    from flythinker.hub import load_pretrained
+    from flythinker.training import apply_lora, set_trainable
+
+    gen, tok = load_pretrained("smollm2-135m-instruct")
+    torch.manual_seed(args.seed)  # the same LoRA initialisation in every variant
+    if variant in ("a", "b"):
+        for p in gen.parameters():
+            p.requires_grad_(False)
+        model = get_peft_model(gen, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LORA_TARGETS))
+        return model, tok
+    rsn, _ = load_pretrained("smollm2-135m-instruct")
+    lam = 0.0 if variant == "e" else args.lam
+    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=lam, projection="zero",
+                                            latent_norm="standardize", parallel="off")
+    torch.manual_seed(args.seed)
+    apply_lora(model, "generator", r=args.rank, alpha=2 * args.rank, target_modules=LORA_TARGETS)
+    set_trainable(model, ("generator", "projection"))
+    return model, tok
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    from flythinker.training import trainable_state_dict
+
+    state = trainable_state_dict(model)
+    if hasattr(model, "fusion_state_dict"):
+        state.update(model.fusion_state_dict())
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def load_state(model, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"saved state has keys the model lacks: {unexpected[:5]}")
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dict:
+    """Train one variant (or load it from the run folder); returns its entry {losses, seconds, curve, ...}."""
+    from safetensors.torch import load_file, save
+
+    from flythinker.hub import atomic_write_bytes, atomic_write_json
+    from flythinker.latent_norm import calibrate_latent_norm
+    from flythinker.persona import build_views
+    from flythinker.training import FlyThinkerCollator
+    from flythinker.training.loop import batch_indices, train_loop
+
+    path, meta_path = run_dir / f"{variant}.safetensors", run_dir / f"{variant}.json"
+    model, tok = load_variant_model(variant, args)
+    if path.exists() and meta_path.exists():
+        load_state(model, load_file(path))
+        log(f"variant {variant}: loaded from {path}")
+        return {"model": model, "tok": tok, **json.loads(meta_path.read_text())}
+    views = [build_views(r, tok, mode="split", max_reasoner_tokens=args.max_reasoner_tokens, warn=False)
+             for r in data]
+    feats = features(views, variant)
+    collator = FlyThinkerCollator(tokenizer=tok, add_eos=True)
+    entry: dict = {"variant": variant, "records": len(feats), "users": len({r.user_id for r in data})}
+    if variant in ("c", "e"):
+        t = time.time()
+        order = batch_indices(len(feats), args.calibration_batches, args.batch, seed=args.seed + 1)
+        entry["calibration"] = calibrate_latent_norm(model, (collator([feats[i] for i in b]) for b in order))
+        entry["calibration"]["seconds"] = time.time() - t
+        log(f"variant {variant}: calibrated latent statistics {entry['calibration']}")
+    curve: list[dict] = []
+
+    def progress(step: int, losses: list[float]) -> None:
+        if step % 10 == 0 or step == steps - 1:
+            log(f"variant {variant}: step {step + 1}/{steps} loss {losses[-1]:.3f}")
+        if curve_records and ((step + 1) % args.curve_every == 0 or step == steps - 1):
+            model.eval()
+            acc = preference_rows(model, tok, curve_records, variant, args)
+            curve.append({"step": step + 1, **{t: sum(r[t] for r in acc) / len(acc) for t in PREF_TRAITS}})
+            log(f"variant {variant}: curve {curve[-1]}")
+            model.train()
+
+    steps = args.e_steps if variant == "e" else args.steps
+    torch.manual_seed(args.seed)
+    res = train_loop(model, feats, collator, steps=steps, batch_size=args.batch, lr=args.lr,
+                     fusion_lr=args.fusion_lr if variant in ("c", "e") else None, warmup_steps=args.warmup,
+                     seed=args.seed, progress=progress)
+    entry.update(losses=res.losses, seconds=res.seconds, steps=steps, curve=curve)
+    atomic_write_bytes(path, save(trained_state(model)))  # safetensors bytes, written atomically
+    atomic_write_json(meta_path, entry)
+    log(f"variant {variant}: trained {steps} steps in {res.seconds:.0f} s, loss {res.losses[0]:.2f} -> "
+        f"{sum(res.losses[-5:]) / len(res.losses[-5:]):.2f}")
+    return {"model": model, "tok": tok, **entry}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def preference_rows(model, tok, records, variant: str, args) -> list[dict]:
+    from flythinker.persona.preference import preference
+
+    view = "full" if variant == "b" else "query"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rows = preference(inner, tok, records, PREF_TRAITS, max_reasoner_tokens=args.max_reasoner_tokens, view=view)
+    return [{"user": r.user_id, **{t: float(row[t]) for t in PREF_TRAITS}} for r, row in zip(records, rows)]
+
+
+@torch.no_grad()
+def generate_rows(model, tok, records, variant: str, args) -> tuple[list[dict], dict]:
+    """Greedy replies in batches (left-padded); per record the metric's hits and ROUGE-L; plus prompt accounting."""
+    from flythinker.persona import build_views
+    from flythinker.persona.metrics import classify_response, rouge_l
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows, g_tokens, full_tokens, new_tokens, t0 = [], 0, 0, 0, time.time()
+    for i in range(0, len(records), args.gen_batch):
+        recs = records[i:i + args.gen_batch]
+        views = [build_views(r, tok, mode="split", max_reasoner_tokens=args.max_reasoner_tokens, warn=False)
+                 for r in recs]
+        g = [v.reasoner_prompt_ids if variant == "b" else v.generator_prompt_ids for v in views]
+        g_ids, g_mask = left_pad(g, pad)
+        kw = dict(attention_mask=g_mask, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
+        if variant in ("c", "e"):
+            r_ids, r_mask = left_pad([v.reasoner_prompt_ids for v in views], pad)
+            kw.update(reasoner_input_ids=r_ids, reasoner_attention_mask=r_mask)
+        out = model.generate(g_ids, **kw)[:, g_ids.shape[1]:]
+        for r, v, seq in zip(recs, views, out):
+            text = tok.decode(seq, skip_special_tokens=True).strip()
+            pred = classify_response(text)
+            rows.append({"user": r.user_id, "record": r.record_id, "reply": text,
+                         **{t: float(pred[t] == r.persona.traits[t]) for t in GEN_TRAITS},
+                         "rouge_l": rouge_l(text, r.response)})
+            g_tokens += len(v.reasoner_prompt_ids if variant == "b" else v.generator_prompt_ids)
+            full_tokens += len(v.reasoner_prompt_ids)
+            new_tokens += int((seq != pad).sum())
+        log(f"variant {variant}: generated {len(rows)}/{len(records)}")
+    seconds = time.time() - t0
+    return rows, {"generator_prompt_tokens": g_tokens / len(rows), "full_view_tokens": full_tokens / len(rows),
+                  "seconds": seconds, "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds}
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r)
+        mask[i, L - len(r):] = 1
+    return ids, mask
+
+
+def for_decoding(model, variant: str):
+    """The model with its LoRA merged (decoding pays no adapter ops)."""
+    if variant in ("a", "b"):
+        return model.merge_and_unload().eval()
+    if variant in ("c", "e"):
+        from flythinker.training import merge_lora
+
+        merge_lora(model)
+    return model.eval()
+
+
+def summarise(rows: list[dict], traits, base: list[dict] | None = None) -> dict:
+    out = {t: bootstrap(rows, lambda r, t=t: r[t]) for t in traits}
+    if base is not None:
+        by_rec = {b.get("record", i): b for i, b in enumerate(base)}
+        other = [by_rec[r.get("record", i)] for i, r in enumerate(rows)]
+        out.update({f"{t}_minus": bootstrap(rows, lambda r, t=t: r[t], other) for t in traits})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", default="c,a,e,b")
+    p.add_argument("--train-users", type=int, default=320)
+    p.add_argument("--train-per-user", type=int, default=2)
+    p.add_argument("--pref-users", type=int, default=100)
+    p.add_argument("--pref-per-user", type=int, default=3)
+    p.add_argument("--gen-users", type=int, default=100)
+    p.add_argument("--curve-users", type=int, default=24)
+    p.add_argument("--curve-every", type=int, default=20)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--e-steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--fusion-lr", type=float, default=3e-3)
+    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--max-reasoner-tokens", type=int, default=160)
+    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--gen-batch", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--run-dir", default=str(ROOT / ".cache" / "personalization_smollm2"))
+    p.add_argument("--out", default=str(RESULTS / "personalization_smollm2.json"))
+    p.add_argument("--ship", action="store_true", help="write variant c as the shipped pair")
+    p.add_argument("--ship-dir", default=None, help="write the shipped pair's pair.json + deltas here instead of "
+                   "flythinker/pretrained (implies --ship)")
+    p.add_argument("--plot-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def _means(summary: dict) -> str:
+    return json.dumps({k: round(v["mean"], 3) for k, v in summary.items()})
+
+
+def evaluate(name: str, entry: dict, args, test_pref, test_gen, result: dict) -> None:
+    """Likelihood preference, then greedy generation (LoRA merged first) of one variant into result["variants"]."""
+    model, tok = entry.get("model"), entry.get("tok")
+    slot = result["variants"][name]
+    t = time.time()
+    pref = preference_rows(model, tok, test_pref, name, args)
+    slot.update(preference=summarise(pref, PREF_TRAITS), preference_rows=pref, preference_seconds=time.time() - t)
+    log(f"variant {name}: preference {_means(slot['preference'])}")
+    model = for_decoding(model, name) if name != "shipped" else model
+    gen, acct = generate_rows(model, tok, test_gen, name, args)
+    slot.update(generation=summarise(gen, GEN_TRAITS + ("rouge_l",)), generation_rows=gen,
+                generation_accounting=acct)
+    log(f"variant {name}: generation {_means(slot['generation'])}")
+
+
+def compare(result: dict) -> None:
+    """Paired differences between variants (same records) with their bootstrap intervals."""
+    v = result["variants"]
+    diffs = {}
+    for x, y in (("c", "a"), ("c", "b"), ("c", "shipped"), ("a", "shipped"), ("b", "a")):
+        if x in v and y in v and "generation_rows" in v[x] and "generation_rows" in v[y]:
+            diffs[f"{x}-{y}"] = {
+                "generation": summarise(v[x]["generation_rows"], GEN_TRAITS + ("rouge_l",), v[y]["generation_rows"]),
+                "preference": summarise(v[x]["preference_rows"], PREF_TRAITS, v[y]["preference_rows"])}
+    result["differences"] = {k: {kind: {t: s for t, s in d.items() if t.endswith("_minus")} for kind, d in dd.items()}
+                             for k, dd in diffs.items()}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.plot_only:
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return
+    torch.set_num_threads(args.threads)
+    from flythinker.hub import atomic_write_json, load_pretrained
+    from flythinker.persona import make_persona_empathy
+
+    t_all, load0 = time.time(), os.getloadavg()
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = make_persona_empathy()
+    train = select(data["train"], args.train_per_user, args.train_users)
+    curve = select(data["validation"], 1, args.curve_users)
+    test_pref = select(data["test"], args.pref_per_user, args.pref_users)
+    test_gen = select(data["test"], 1, args.gen_users)
+    result = {"args": vars(args), "loadavg_start": load0, "torch": torch.__version__, "variants": {},
+              "data": {"train_records": len(train), "train_users": len({r.user_id for r in train}),
+                       "pref_records": len(test_pref), "pref_users": len({r.user_id for r in test_pref}),
+                       "gen_records": len(test_gen), "gen_users": len({r.user_id for r in test_gen})}}
+
+    def save() -> None:
+        result["wall_s"] = time.time() - t_all
+        result["loadavg_now"] = os.getloadavg()
+        atomic_write_json(out, result)
+
+    base, tok = load_pretrained("smollm2-135m-instruct")
+    result["variants"]["shipped"] = {}
+    evaluate("shipped", {"model": base.eval(), "tok": tok}, args, test_pref, test_gen, result)
+    save()
+    del base
+    for name in args.variants.split(","):
+        entry = train_variant(name, args, train, run_dir, curve if name in ("a", "b", "c") else None)
+        result["variants"][name] = {k: v for k, v in entry.items() if k not in ("model", "tok")}
+        if name == "e":
+            a = result["variants"].get("a")
+            if a is not None:
+                n = len(entry["losses"])
+                diff = max(abs(x - y) for x, y in zip(entry["losses"], a["losses"][:n]))
+                result["variants"]["e"]["max_abs_loss_diff_vs_a"] = diff
+                log(f"variant e (lambda 0) vs a over {n} steps: max |loss diff| {diff:.2e}")
+            save()
+            continue
+        if name == "c" and (args.ship or args.ship_dir):
+            ship(entry["model"], result, args)
+        evaluate(name, entry, args, test_pref, test_gen, result)
+        compare(result)
+        save()
+        del entry
+    save()
+    plot(result, out.with_suffix(".png"))
+    log(f"done in {time.time() - t_all:.0f} s")
+
+
+def ship(model, result: dict, args) -> None:
+    """Variant c's trained tensors as the shipped pair: the generator's LoRA factors and the fusion, fp16."""
+    from safetensors.torch import save
+
+    from flythinker.hub import atomic_write_bytes, atomic_write_json
+    from flythinker.training import trainable_state_dict
+
+    folder = Path(args.ship_dir) if args.ship_dir else ROOT / "flythinker" / "pretrained" / SHIPPED
+    tensors = {}
+    for k, v in trainable_state_dict(model).items():
+        if ".lora_A." in k or ".lora_B." in k:  # generator.<module>.lora_A.default.weight -> <module>.lora_A
+            mod, ab = k.split(".lora_")
+            tensors[f"{mod}.lora_{ab.split('.')[0]}"] = v
+    tensors.update(model.fusion_state_dict())
+    tensors = {k: v.detach().to(torch.float16 if v.dim() == 2 else torch.float32).contiguous()
+               for k, v in tensors.items()}
+    atomic_write_bytes(folder / "deltas.safetensors", save(tensors))
+    info = {"base": "smollm2-135m-instruct",
+            "fusion": {"fusion_lambda": args.lam, "projection": "zero", "latent_norm": "standardize"},
+            "context": "split", "max_reasoner_tokens": args.max_reasoner_tokens,
+            "lora": {"scaling": 2.0, "rank": args.rank, "targets": LORA_TARGETS, "part": "generator"},
+            "trained": (f"generator LoRA rank {args.rank} on {len(LORA_TARGETS)} linear maps of every layer + "
+                        "zero-initialised projection on standardised latents; reasoner frozen (SmolLM2 as shipped)"),
+            "recipe": ("python -m benchmarks.personalization_smollm2 --variants c --ship "
+                       f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --fusion-lr {args.fusion_lr} "
+                       f"--lam {args.lam}"),
+            "measured": {"benchmark": "benchmarks/results/personalization_smollm2.json",
+                         "train_seconds": result["variants"].get("c", {}).get("seconds")}}
+    atomic_write_json(folder / "pair.json", info)
+    log(f"shipped {len(tensors)} tensors to {folder}")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Generation accuracy per trait with 95% CIs per variant, and accuracy against training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("shipped", "a", "b", "c") if "generation" in result["variants"].get(n, {})]
+    labels = {"shipped": "generator as shipped", "a": "a: SFT, query only", "b": "b: SFT, history in context",
+              "c": "c: flythinker split"}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    w = 0.8 / max(1, len(names))
+    keys = GEN_TRAITS + ("rouge_l",)
+    for i, n in enumerate(names):
+        s = result["variants"][n]["generation"]
+        means = [s[k]["mean"] for k in keys]
+        err = [[m - s[k]["ci95"][0] for m, k in zip(means, keys)], [s[k]["ci95"][1] - m for m, k in zip(means, keys)]]
+        ax.bar([j + i * w for j in range(len(keys))], means, w, yerr=err, capsize=3, label=labels[n])
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], keys)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"greedy replies, {result['data']['gen_users']} held-out users (95% CI)")
+    ax.legend(fontsize=7, loc="upper left")
+    for n in ("a", "b", "c"):
+        c = result["variants"].get(n, {}).get("curve")
+        if c:
+            ax2.plot([p["step"] for p in c], [p["strategy"] for p in c], marker="o", label=f"{labels[n]}: strategy")
+            ax2.plot([p["step"] for p in c], [p["register"] for p in c], marker="x", ls=":",
+                     label=f"{labels[n]}: register")
+    ax2.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel(f"likelihood preference, {result['args']['curve_users']} validation users")
+    ax2.legend(fontsize=6)
+    fig.suptitle("SmolLM2-135M-Instruct: generator LoRA alone vs flythinker (frozen reasoner, standardised fusion)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
