@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREF_TRAITS = ("strategy", "register")
 GEN_TRAITS = ("strategy", "length", "register")
+PAIRS = ("c", "c2", "e")  # the variants that are FlyThinker pairs
 SHIPPED = "smollm2-135m-persona-empathy"
 
 
@@ -62,7 +63,7 @@ def select(records, per_user: int, users: int):
 
 
 def features(views, variant: str) -> list[dict]:
-    if variant in ("c", "e"):
+    if variant in PAIRS:
         return [v.example("split") for v in views]
     return [v.example("shared" if variant == "b" else "generator") for v in views]
 
@@ -90,6 +91,15 @@ def load_variant_model(variant: str, args):
     torch.manual_seed(args.seed)
     apply_lora(model, "generator", r=args.rank, alpha=2 * args.rank, target_modules=LORA_TARGETS)
     set_trainable(model, ("generator", "projection"))
+    if variant == "c2":  # stage 2 of c2: a's trained generator LoRA, frozen; only the fusion trains
+        from safetensors.torch import load_file
+
+        a_path = Path(args.run_dir) / "a.safetensors"
+        if not a_path.exists():
+            raise SystemExit("variant c2 starts from variant a's generator: train a first (--variants a,c2)")
+        state = {"generator." + k.removeprefix("base_model.model."): v for k, v in load_file(a_path).items()}
+        load_state(model, state)
+        set_trainable(model, ("projection",))
     return model, tok
 
 
@@ -130,10 +140,11 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
     feats = features(views, variant)
     collator = FlyThinkerCollator(tokenizer=tok, add_eos=True)
     entry: dict = {"variant": variant, "records": len(feats), "users": len({r.user_id for r in data})}
-    if variant in ("c", "e"):
+    if variant in PAIRS:
         t = time.time()
         order = batch_indices(len(feats), args.calibration_batches, args.batch, seed=args.seed + 1)
-        entry["calibration"] = calibrate_latent_norm(model, (collator([feats[i] for i in b]) for b in order))
+        entry["calibration"] = calibrate_latent_norm(model, (collator([feats[i] for i in b]) for b in order),
+                                                     positions=args.calibrate_on)
         entry["calibration"]["seconds"] = time.time() - t
         log(f"variant {variant}: calibrated latent statistics {entry['calibration']}")
     curve: list[dict] = []
@@ -148,10 +159,10 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
             log(f"variant {variant}: curve {curve[-1]}")
             model.train()
 
-    steps = args.e_steps if variant == "e" else args.steps
+    steps = {"e": args.e_steps, "c2": args.fusion_steps}.get(variant, args.steps)
     torch.manual_seed(args.seed)
     res = train_loop(model, feats, collator, steps=steps, batch_size=args.batch, lr=args.lr,
-                     fusion_lr=args.fusion_lr if variant in ("c", "e") else None, warmup_steps=args.warmup,
+                     fusion_lr=args.fusion_lr if variant in PAIRS else None, warmup_steps=args.warmup,
                      seed=args.seed, progress=progress)
     entry.update(losses=res.losses, seconds=res.seconds, steps=steps, curve=curve)
     atomic_write_bytes(path, save(trained_state(model)))  # safetensors bytes, written atomically
@@ -186,7 +197,7 @@ def generate_rows(model, tok, records, variant: str, args) -> tuple[list[dict], 
         g = [v.reasoner_prompt_ids if variant == "b" else v.generator_prompt_ids for v in views]
         g_ids, g_mask = left_pad(g, pad)
         kw = dict(attention_mask=g_mask, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
-        if variant in ("c", "e"):
+        if variant in PAIRS:
             r_ids, r_mask = left_pad([v.reasoner_prompt_ids for v in views], pad)
             kw.update(reasoner_input_ids=r_ids, reasoner_attention_mask=r_mask)
         out = model.generate(g_ids, **kw)[:, g_ids.shape[1]:]
@@ -219,7 +230,7 @@ def for_decoding(model, variant: str):
     """The model with its LoRA merged (decoding pays no adapter ops)."""
     if variant in ("a", "b"):
         return model.merge_and_unload().eval()
-    if variant in ("c", "e"):
+    if variant in PAIRS:
         from flythinker.training import merge_lora
 
         merge_lora(model)
@@ -248,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curve-every", type=int, default=20)
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--e-steps", type=int, default=10)
+    p.add_argument("--fusion-steps", type=int, default=80, help="c2: fusion-only steps on top of a's generator")
+    p.add_argument("--ship-variant", default="c", choices=("c", "c2"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
@@ -255,6 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fusion-lr", type=float, default=3e-3)
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--calibrate-on", default="boundary", choices=("fused", "boundary"),
+                   help="latents the standardisation statistics come from (flythinker.latent_norm)")
     p.add_argument("--max-reasoner-tokens", type=int, default=160)
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--gen-batch", type=int, default=10)
@@ -329,13 +344,21 @@ def main(argv=None) -> None:
         result["loadavg_now"] = os.getloadavg()
         atomic_write_json(out, result)
 
-    base, tok = load_pretrained("smollm2-135m-instruct")
-    result["variants"]["shipped"] = {}
-    evaluate("shipped", {"model": base.eval(), "tok": tok}, args, test_pref, test_gen, result)
-    save()
-    del base
+    done = evaluated_before(out, result)  # an interrupted run keeps the evaluations it finished
+    if "shipped" in done:
+        result["variants"]["shipped"] = done["shipped"]
+    else:
+        base, tok = load_pretrained("smollm2-135m-instruct")
+        result["variants"]["shipped"] = {}
+        evaluate("shipped", {"model": base.eval(), "tok": tok}, args, test_pref, test_gen, result)
+        save()
+        del base
     for name in args.variants.split(","):
-        entry = train_variant(name, args, train, run_dir, curve if name in ("a", "b", "c") else None)
+        if name in done and name != "e":
+            result["variants"][name] = done[name]
+            log(f"variant {name}: evaluated in an earlier run ({out}), kept")
+            continue
+        entry = train_variant(name, args, train, run_dir, curve if name in ("a", "b", "c", "c2") else None)
         result["variants"][name] = {k: v for k, v in entry.items() if k not in ("model", "tok")}
         if name == "e":
             a = result["variants"].get("a")
@@ -346,7 +369,7 @@ def main(argv=None) -> None:
                 log(f"variant e (lambda 0) vs a over {n} steps: max |loss diff| {diff:.2e}")
             save()
             continue
-        if name == "c" and (args.ship or args.ship_dir):
+        if name == args.ship_variant and (args.ship or args.ship_dir):
             ship(entry["model"], result, args)
         evaluate(name, entry, args, test_pref, test_gen, result)
         compare(result)
@@ -357,16 +380,28 @@ def main(argv=None) -> None:
     log(f"done in {time.time() - t_all:.0f} s")
 
 
+def evaluated_before(out: Path, result: dict) -> dict:
+    """Variants fully evaluated in an earlier run that wrote `out` on the same data selection (else {})."""
+    if not out.exists():
+        return {}
+    try:
+        old = json.loads(out.read_text())
+    except ValueError:
+        return {}
+    if old.get("data") != result["data"]:
+        return {}
+    return {k: v for k, v in old.get("variants", {}).items() if "generation" in v}
+
+
 def ship(model, result: dict, args) -> None:
     """Variant c's trained tensors as the shipped pair: the generator's LoRA factors and the fusion, fp16."""
     from safetensors.torch import save
 
     from flythinker.hub import atomic_write_bytes, atomic_write_json
-    from flythinker.training import trainable_state_dict
 
     folder = Path(args.ship_dir) if args.ship_dir else ROOT / "flythinker" / "pretrained" / SHIPPED
     tensors = {}
-    for k, v in trainable_state_dict(model).items():
+    for k, v in model.state_dict().items():  # frozen (c2) or trained (c): the generator's LoRA factors
         if ".lora_A." in k or ".lora_B." in k:  # generator.<module>.lora_A.default.weight -> <module>.lora_A
             mod, ab = k.split(".lora_")
             tensors[f"{mod}.lora_{ab.split('.')[0]}"] = v
@@ -379,12 +414,16 @@ def ship(model, result: dict, args) -> None:
             "context": "split", "max_reasoner_tokens": args.max_reasoner_tokens,
             "lora": {"scaling": 2.0, "rank": args.rank, "targets": LORA_TARGETS, "part": "generator"},
             "trained": (f"generator LoRA rank {args.rank} on {len(LORA_TARGETS)} linear maps of every layer + "
-                        "zero-initialised projection on standardised latents; reasoner frozen (SmolLM2 as shipped)"),
-            "recipe": ("python -m benchmarks.personalization_smollm2 --variants c --ship "
-                       f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --fusion-lr {args.fusion_lr} "
-                       f"--lam {args.lam}"),
+                        "zero-initialised projection on standardised latents; reasoner frozen (SmolLM2 as shipped)"
+                        + ("; two stages: the generator LoRA as variant a, then the fusion alone"
+                           if args.ship_variant == "c2" else "")),
+            "recipe": (f"python -m benchmarks.personalization_smollm2 --variants "
+                       f"{'a,c2' if args.ship_variant == 'c2' else 'c'} --ship-variant {args.ship_variant} --ship "
+                       f"--train-users {args.train_users} --steps {args.steps} --fusion-steps {args.fusion_steps} "
+                       f"--batch {args.batch} --lr {args.lr} --fusion-lr {args.fusion_lr} --lam {args.lam}"),
             "measured": {"benchmark": "benchmarks/results/personalization_smollm2.json",
-                         "train_seconds": result["variants"].get("c", {}).get("seconds")}}
+                         "train_seconds": {v: result["variants"][v].get("seconds") for v in ("a", args.ship_variant)
+                                           if v in result["variants"]}}}
     atomic_write_json(folder / "pair.json", info)
     log(f"shipped {len(tensors)} tensors to {folder}")
 

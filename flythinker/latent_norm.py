@@ -62,26 +62,37 @@ class _Captured(Exception):
 class _Capture:
     """Installed as `model._latent_capture`: `fuse` hands it the latents it is about to fuse."""
 
-    def __init__(self, stats: LatentStats) -> None:
-        self.stats = stats
+    def __init__(self, stats: LatentStats, positions: str) -> None:
+        self.stats, self.positions = stats, positions
 
     def __call__(self, latent: torch.Tensor, mask: torch.Tensor | None, prev: torch.Tensor | None) -> None:
-        slots = latent[:, :-1]  # slot T-1 would feed position T: never fused
-        if mask is not None:
-            slots = slots[mask[:, :-1].bool()]
-        rows = [slots.reshape(-1, latent.shape[-1])]
+        B, T, H = latent.shape
+        live = torch.ones(B, T, dtype=torch.bool, device=latent.device) if mask is None else mask.bool().clone()
+        live[:, -1] = False  # slot T-1 would feed position T: never fused
+        has_prev = prev.ne(0).any(-1) if prev is not None else torch.zeros(B, dtype=torch.bool)
+        if self.positions == "boundary":  # each row's first fused latent: prev if it has one, else its first slot
+            first = torch.zeros_like(live)
+            first[torch.arange(B), live.int().argmax(1)] = True
+            live = live & first & ~has_prev[:, None].to(live.device)
+        rows = [latent[live]]
         if prev is not None:
-            rows.append(prev[prev.ne(0).any(-1)])
+            rows.append(prev[has_prev])
         self.stats.add(torch.cat(rows))
         raise _Captured
 
 
 @torch.no_grad()
 def calibrate_latent_norm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
-                          min_std: float = 1e-3) -> dict[str, float]:
+                          positions: str = "fused", min_std: float = 1e-3) -> dict[str, float]:
     """Set a `latent_norm="standardize"` pair's `latent_mean` / `latent_inv_std` `[H_r]` from the latents it fuses
     on `batches` (training batches as the pair's forward takes them: `input_ids`, `attention_mask`, `labels`, and
     `reasoner_*` in split context). Only the reasoner runs: the capture stops each forward at the fusion.
+
+    `positions`: `"fused"` (every latent the pair fuses) or `"boundary"` (each row's first fused latent: in split
+    context the one the generator's last prompt position receives, the latent that must set the reply's opening).
+    Measured on SmolLM2 (docs/fusion.md): with statistics over every fused position the boundary latents are
+    still 96% their common offset after standardising (the later positions, which read the reply itself, dominate
+    the statistics); with boundary statistics the boundary latent is all user-dependent variation.
 
     Calibrate once, before training the projection, on the same views the pair is trained on: the statistics are
     frozen afterwards (buffers, saved with the model), and the projection learns in their coordinates. With a
@@ -91,10 +102,12 @@ def calibrate_latent_norm(model: nn.Module, batches: Iterable[Mapping[str, torch
     if getattr(model.config, "latent_norm", "none") != "standardize":
         raise ValueError(f"calibrate_latent_norm needs a pair with latent_norm='standardize', got "
                          f"{getattr(model.config, 'latent_norm', None)!r}")
+    if positions not in ("fused", "boundary"):
+        raise ValueError(f"positions must be 'fused' or 'boundary', got {positions!r}")
     stats = LatentStats(model.config.reasoner.hidden_size)
     was_training = model.training
     model.eval()
-    model._latent_capture = _Capture(stats)
+    model._latent_capture = _Capture(stats, positions)
     try:
         for batch in batches:
             try:

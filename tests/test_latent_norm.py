@@ -191,3 +191,34 @@ def test_shipped_loader_merges_lora_factors_and_loads_the_fusion(tmp_path):
                           {"scaling": 1.0})
     with pytest.raises(ValueError, match="do not fit"):
         FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=bad)
+
+
+def test_boundary_calibration_uses_each_rows_first_fused_latent():
+    """positions="boundary": the latent each row's generator receives first (split context: at its last prompt
+    position), not the later response positions."""
+    model = tiny_pair(fusion_lambda=1.0, projection="zero", latent_norm="standardize")
+    batches = _split_batches()
+    firsts = []
+    real_fuse = model.fuse
+
+    def spy(input_ids, latent, mask, prev, check_inputs=True):
+        live = mask.bool().clone()
+        live[:, -1] = False
+        for b in range(latent.shape[0]):
+            has_prev = prev is not None and bool(prev[b].ne(0).any())
+            firsts.append(prev[b] if has_prev else latent[b, int(live[b].int().argmax())])
+        return real_fuse(input_ids, latent, mask, prev, check_inputs=check_inputs)
+
+    model.fuse = spy
+    with torch.no_grad():
+        for b in batches:
+            model(**b, use_cache=False)
+    del model.fuse
+    rows = torch.stack(firsts)
+    info = calibrate_latent_norm(model, batches, positions="boundary")
+    assert info["latents"] == rows.shape[0] == 2 * len(batches)
+    torch.testing.assert_close(model.latent_mean, rows.mean(0))
+    everything = tiny_pair(fusion_lambda=1.0, projection="zero", latent_norm="standardize")
+    assert calibrate_latent_norm(everything, batches)["latents"] > info["latents"]
+    with pytest.raises(ValueError, match="positions must be"):
+        calibrate_latent_norm(model, batches, positions="last")
