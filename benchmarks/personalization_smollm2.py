@@ -119,6 +119,14 @@ def load_state(model, state: dict[str, torch.Tensor]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training
+class _Stop(Exception):
+    """Raised from the progress callback to end a run early (variant e), carrying the losses so far."""
+
+    def __init__(self, losses: list[float]) -> None:
+        super().__init__()
+        self.losses = losses
+
+
 def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dict:
     """Train one variant (or load it from the run folder); returns its entry {losses, seconds, curve, ...}."""
     from safetensors.torch import load_file, save
@@ -127,7 +135,7 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
     from flythinker.latent_norm import calibrate_latent_norm
     from flythinker.persona import build_views
     from flythinker.training import FlyThinkerCollator
-    from flythinker.training.loop import batch_indices, train_loop
+    from flythinker.training.loop import LoopResult, batch_indices, train_loop
 
     path, meta_path = run_dir / f"{variant}.safetensors", run_dir / f"{variant}.json"
     model, tok = load_variant_model(variant, args)
@@ -159,11 +167,24 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
             log(f"variant {variant}: curve {curve[-1]}")
             model.train()
 
-    steps = {"e": args.e_steps, "c2": args.fusion_steps}.get(variant, args.steps)
+    # e runs a's whole schedule (same warm-up and decay) and stops after --e-steps: its losses must equal a's
+    steps = {"c2": args.fusion_steps}.get(variant, args.steps)
+    stop_at = args.e_steps if variant == "e" else None
+
+    def progress_or_stop(step: int, losses: list[float]) -> None:
+        progress(step, losses)
+        if stop_at is not None and step + 1 == stop_at:
+            raise _Stop(losses)
+
     torch.manual_seed(args.seed)
-    res = train_loop(model, feats, collator, steps=steps, batch_size=args.batch, lr=args.lr,
-                     fusion_lr=args.fusion_lr if variant in PAIRS else None, warmup_steps=args.warmup,
-                     seed=args.seed, progress=progress)
+    t = time.time()
+    try:
+        res = train_loop(model, feats, collator, steps=steps, batch_size=args.batch, lr=args.lr,
+                         fusion_lr=args.fusion_lr if variant in PAIRS else None, warmup_steps=args.warmup,
+                         seed=args.seed, progress=progress_or_stop)
+    except _Stop as stop:
+        res = LoopResult(list(stop.losses), time.time() - t)
+        steps = stop_at
     entry.update(losses=res.losses, seconds=res.seconds, steps=steps, curve=curve)
     atomic_write_bytes(path, save(trained_state(model)))  # safetensors bytes, written atomically
     atomic_write_json(meta_path, entry)
