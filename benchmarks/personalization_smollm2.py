@@ -328,7 +328,7 @@ def compare(result: dict) -> None:
     """Paired differences between variants (same records) with their bootstrap intervals."""
     v = result["variants"]
     diffs = {}
-    for x, y in (("c", "a"), ("c", "b"), ("c", "shipped"), ("a", "shipped"), ("b", "a")):
+    for x, y in (("c", "a"), ("c2", "a"), ("c", "b"), ("c2", "b"), ("c2", "shipped"), ("a", "shipped"), ("b", "a")):
         if x in v and y in v and "generation_rows" in v[x] and "generation_rows" in v[y]:
             diffs[f"{x}-{y}"] = {
                 "generation": summarise(v[x]["generation_rows"], GEN_TRAITS + ("rouge_l",), v[y]["generation_rows"]),
@@ -340,8 +340,13 @@ def compare(result: dict) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
-    if args.plot_only:
-        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+    if args.plot_only:  # recompute the paired differences and redraw the PNG from --out
+        from flythinker.hub import atomic_write_json
+
+        result = json.loads(out.read_text())
+        compare(result)
+        atomic_write_json(out, result)
+        plot(result, out.with_suffix(".png"))
         return
     torch.set_num_threads(args.threads)
     from flythinker.hub import atomic_write_json, load_pretrained
@@ -396,6 +401,7 @@ def main(argv=None) -> None:
         compare(result)
         save()
         del entry
+    compare(result)
     save()
     plot(result, out.with_suffix(".png"))
     log(f"done in {time.time() - t_all:.0f} s")
@@ -456,9 +462,9 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("shipped", "a", "b", "c") if "generation" in result["variants"].get(n, {})]
+    names = [n for n in ("shipped", "a", "b", "c", "c2") if "generation" in result["variants"].get(n, {})]
     labels = {"shipped": "generator as shipped", "a": "a: SFT, query only", "b": "b: SFT, history in context",
-              "c": "c: flythinker split"}
+              "c": "c: flythinker split, joint", "c2": "c2: flythinker split, a + fusion (shipped)"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     w = 0.8 / max(1, len(names))
     keys = GEN_TRAITS + ("rouge_l",)
@@ -472,7 +478,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"greedy replies, {result['data']['gen_users']} held-out users (95% CI)")
     ax.legend(fontsize=7, loc="upper left")
-    for n in ("a", "b", "c"):
+    for n in ("a", "b", "c", "c2"):
         c = result["variants"].get(n, {}).get("curve")
         if c:
             ax2.plot([p["step"] for p in c], [p["strategy"] for p in c], marker="o", label=f"{labels[n]}: strategy")
