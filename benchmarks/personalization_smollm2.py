@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...py` from the repo root
 
-from benchmarks.personalization_fusion import bootstrap  # noqa: E402  (user-clustered bootstrap)
+from benchmarks.personalization_fusion import bootstrap, left_pad  # noqa: E402  (user-clustered bootstrap)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,16 +235,6 @@ def generate_rows(model, tok, records, variant: str, args) -> tuple[list[dict], 
     seconds = time.time() - t0
     return rows, {"generator_prompt_tokens": g_tokens / len(rows), "full_view_tokens": full_tokens / len(rows),
                   "seconds": seconds, "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds}
-
-
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r)
-        mask[i, L - len(r):] = 1
-    return ids, mask
 
 
 def for_decoding(model, variant: str):
