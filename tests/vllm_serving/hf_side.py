@@ -31,7 +31,7 @@ CORPUS = ("I failed my exam today and I feel bad . Can you help me plan the next
 
 
 def make(out: Path, gen_family: str, rsn_family: str, lam: float, projection: str, norm_target: str,
-         seed: int) -> None:
+         seed: int, latent_norm: str = "none") -> None:
     from model_helpers import tiny_lm
 
     from flythinker import FlyThinkerForCausalLM
@@ -49,7 +49,12 @@ def make(out: Path, gen_family: str, rsn_family: str, lam: float, projection: st
     except ValueError:
         nt = norm_target
     pair = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=lam, projection=projection, norm_target=nt,
-                                           parallel="off")
+                                           parallel="off", latent_norm=latent_norm)
+    if latent_norm == "standardize":  # non-trivial statistics (saved as latent_mean / latent_inv_std)
+        g = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            pair.latent_mean.copy_(torch.randn(pair.latent_mean.shape, generator=g) * 0.5)
+            pair.latent_inv_std.copy_(torch.rand(pair.latent_inv_std.shape, generator=g) + 0.5)
     if pair.latent_proj is not None:  # a non-trivial learned map (the init is the "pad" map)
         with torch.no_grad():
             pair.latent_proj.weight.add_(torch.randn(pair.latent_proj.weight.shape,
@@ -87,6 +92,8 @@ SUITE = {
     "mixed": dict(gen_family="llama", rsn_family="qwen2", lam=0.5, projection="pad", norm_target="vocab_mean"),
     "zero": dict(gen_family="llama", rsn_family="llama", lam=0.0, projection="pad", norm_target="vocab_mean"),
     "linear": dict(gen_family="qwen2", rsn_family="llama", lam=0.5, projection="linear", norm_target="token"),
+    "standardized": dict(gen_family="llama", rsn_family="qwen2", lam=1.0, projection="linear",
+                         norm_target="vocab_mean", latent_norm="standardize"),
 }
 MAX_NEW_TOKENS = 24
 

@@ -70,6 +70,15 @@ def test_linear_projection_token_norm_matches_hf(suite):
     assert got != refs["linear/generator"]["tokens"]
 
 
+def test_standardized_latents_match_hf(suite):
+    """latent_norm="standardize": the saved latent statistics are loaded and applied before the fusion."""
+    out, refs = suite
+    with engine(out / "standardized" / "pair", max_num_batched_tokens=32) as llm:
+        got = run_all(llm, refs["prompts"], refs["max_new_tokens"])
+    assert got == refs["standardized"]["tokens"]
+    assert got != refs["standardized/generator"]["tokens"]
+
+
 def test_split_context_matches_hf(suite):
     """Split context through the request: prompt = reasoner view ++ generator view, the view's length in
     extra_args (the OpenAI server's vllm_xargs). Four split requests (reasoner views of 12-45 tokens, generator
