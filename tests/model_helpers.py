@@ -61,6 +61,16 @@ def left_pad(rows: list[torch.Tensor], pad_id: int = PAD) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def split_inputs(batch: int, split: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(ids, mask, extra forward kwargs) for up to 3 left-padded rows of 9/13/5 tokens; with `split`, reasoner
+    views of 20/7/15 tokens as `reasoner_input_ids` / `reasoner_attention_mask`."""
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (9, 13, 5)[:batch]])
+    if not split:
+        return ids, mask, {}
+    rids, rmask = left_pad([random_ids(1, n, seed=n + 50)[0] for n in (20, 7, 15)[:batch]])
+    return ids, mask, {"reasoner_input_ids": rids, "reasoner_attention_mask": rmask}
+
+
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
     """One intra-op thread while a test module runs (restored after). Tiny matmuls on 2 shared, oversubscribed cores

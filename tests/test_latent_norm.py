@@ -45,27 +45,38 @@ def test_latent_stats_match_torch():
     torch.testing.assert_close(1 / inv, x.std(0), rtol=1e-5, atol=1e-5)
 
 
+def _observed_fused(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every latent the forward fuses, each row's first fused one) over `batches`, read from `fuse`'s arguments
+    independently of flythinker.latent_norm's capture."""
+    every, firsts = [], []
+    real_fuse = model.fuse
+
+    def spy(input_ids, latent, mask, prev, check_inputs=True):
+        live = mask.bool().clone()
+        live[:, -1] = False  # slot T-1 feeds no position
+        every.append(latent[live])
+        for b in range(latent.shape[0]):
+            has_prev = prev is not None and bool(prev[b].ne(0).any())
+            if has_prev:
+                every.append(prev[b:b + 1])
+            firsts.append(prev[b] if has_prev else latent[b, int(live[b].int().argmax())])
+        return real_fuse(input_ids, latent, mask, prev, check_inputs=check_inputs)
+
+    model.fuse = spy
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch, use_cache=False)
+    finally:
+        del model.fuse
+    return torch.cat(every), torch.stack(firsts)
+
+
 def test_calibration_uses_exactly_the_fused_latents():
     """The statistics equal those of the latents the split forward fuses (captured independently here)."""
     model = tiny_pair(fusion_lambda=1.0, projection="zero", latent_norm="standardize")
     batches = _split_batches()
-    seen = []
-    real_fuse = model.fuse
-
-    def spy(input_ids, latent, mask, prev, check_inputs=True):
-        flat = latent[:, :-1].reshape(-1, latent.shape[-1])
-        slots = latent[:, :-1][mask[:, :-1].bool()] if mask is not None else flat
-        seen.append(slots)
-        if prev is not None:
-            seen.append(prev[prev.ne(0).any(-1)])
-        return real_fuse(input_ids, latent, mask, prev, check_inputs=check_inputs)
-
-    model.fuse = spy
-    with torch.no_grad():
-        for b in batches:
-            model(**b, use_cache=False)
-    del model.fuse
-    rows = torch.cat(seen)
+    rows, _ = _observed_fused(model, batches)
     info = calibrate_latent_norm(model, batches)
     assert info["latents"] == rows.shape[0] > 2
     torch.testing.assert_close(model.latent_mean, rows.mean(0))
@@ -198,23 +209,7 @@ def test_boundary_calibration_uses_each_rows_first_fused_latent():
     position), not the later response positions."""
     model = tiny_pair(fusion_lambda=1.0, projection="zero", latent_norm="standardize")
     batches = _split_batches()
-    firsts = []
-    real_fuse = model.fuse
-
-    def spy(input_ids, latent, mask, prev, check_inputs=True):
-        live = mask.bool().clone()
-        live[:, -1] = False
-        for b in range(latent.shape[0]):
-            has_prev = prev is not None and bool(prev[b].ne(0).any())
-            firsts.append(prev[b] if has_prev else latent[b, int(live[b].int().argmax())])
-        return real_fuse(input_ids, latent, mask, prev, check_inputs=check_inputs)
-
-    model.fuse = spy
-    with torch.no_grad():
-        for b in batches:
-            model(**b, use_cache=False)
-    del model.fuse
-    rows = torch.stack(firsts)
+    _, rows = _observed_fused(model, batches)
     info = calibrate_latent_norm(model, batches, positions="boundary")
     assert info["latents"] == rows.shape[0] == 2 * len(batches)
     torch.testing.assert_close(model.latent_mean, rows.mean(0))

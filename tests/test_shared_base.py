@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from model_helpers import left_pad, random_ids, single_thread, tiny_lm  # noqa: F401
+from model_helpers import left_pad, random_ids, single_thread, split_inputs, tiny_lm  # noqa: F401
 from safetensors import safe_open
 
 import flythinker
@@ -47,14 +47,6 @@ def pairs():
     return shared, two
 
 
-def _inputs(batch, split):
-    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (9, 13, 5)[:batch]])
-    if not split:
-        return ids, mask, {}
-    rids, rmask = left_pad([random_ids(1, n, seed=n + 50)[0] for n in (20, 7, 15)[:batch]])
-    return ids, mask, {"reasoner_input_ids": rids, "reasoner_attention_mask": rmask}
-
-
 def test_base_held_once(pairs):
     shared, two = pairs
     for (gn, gm), (rn, rm) in zip(adapters(shared.generator).items(), adapters(shared.reasoner).items(), strict=True):
@@ -75,7 +67,7 @@ def test_base_held_once(pairs):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_batched_step_matches_two_copy(pairs, split, batch):
     shared, two = pairs
-    ids, mask, kw = _inputs(batch, split)
+    ids, mask, kw = split_inputs(batch, split)
     seen = []
     lora = next(iter(adapters(shared.generator).values()))
     hook = lora.register_forward_pre_hook(lambda m, a: seen.append(m._ctx.split))
@@ -111,7 +103,7 @@ def test_batched_step_logits_match(pairs):
     from flythinker import decode
 
     shared, two = pairs
-    ids, mask, kw = _inputs(3, True)
+    ids, mask, kw = split_inputs(3, True)
     n = 6
     outs = []
     for m in (shared, two):
@@ -142,7 +134,7 @@ def test_save_load_stores_base_once(pairs, tmp_path):
     assert parameter_bytes(loaded) == parameter_bytes(shared)
     for gm, rm in zip(adapters(loaded.generator).values(), adapters(loaded.reasoner).values(), strict=True):
         assert gm.base.weight is rm.base.weight
-    ids, mask, kw = _inputs(3, True)
+    ids, mask, kw = split_inputs(3, True)
     a = shared.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
     loaded.config.parallel = "off"
     b = loaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
@@ -181,7 +173,7 @@ def test_rank_zero_is_the_base_paired_with_itself():
     shared = FlyThinkerForCausalLM.from_shared_base(base, r=0, parallel="off").eval()
     assert not adapters(shared.generator) and 2 * parameter_bytes(shared) == parameter_bytes(two)
     for split in (False, True):
-        ids, mask, kw = _inputs(3, split)
+        ids, mask, kw = split_inputs(3, split)
         a = shared.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
         assert shared.last_generate_path.endswith("shared-base batched step")
         assert torch.equal(a, two.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
@@ -222,7 +214,7 @@ def test_bad_input():
 
 def test_fast_generate_uses_shared_step(pairs):
     shared, two = pairs
-    ids, mask, kw = _inputs(3, True)
+    ids, mask, kw = split_inputs(3, True)
     a = flythinker.fast_generate(shared, ids, attention_mask=mask, max_new_tokens=7, **kw)
     b = flythinker.fast_generate(two, ids, attention_mask=mask, max_new_tokens=7, **kw)
     assert torch.equal(a, b)
@@ -246,7 +238,7 @@ def test_share_pair_detects_one_base_with_peft_adapters():
         for n, p in two.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    ids, mask, kw = _inputs(3, True)
+    ids, mask, kw = split_inputs(3, True)
     ref = two.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, fast_path=False, **kw)
     before = parameter_bytes(two)
     shared = share_pair(two)

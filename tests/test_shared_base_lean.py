@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from model_helpers import left_pad, random_ids, single_thread, tiny_lm  # noqa: F401
+from model_helpers import left_pad, random_ids, single_thread, split_inputs, tiny_lm  # noqa: F401
 
 from benchmarks.opcount import pair_step_ops, total
 from flythinker import FlyThinkerForCausalLM, decode
@@ -53,14 +53,6 @@ def pairs():
     g = to_peft(shared.generator, copy.deepcopy(clean), SPEC).base_model.model
     r = to_peft(shared.reasoner, clean, SPEC).base_model.model
     return shared, FlyThinkerForCausalLM.from_pair(g, r, fusion_lambda=0.5, parallel="off").eval()
-
-
-def _inputs(batch, split):
-    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (9, 13, 5)[:batch]])
-    if not split:
-        return ids, mask, {}
-    rids, rmask = left_pad([random_ids(1, n, seed=n + 50)[0] for n in (20, 7, 15)[:batch]])
-    return ids, mask, {"reasoner_input_ids": rids, "reasoner_attention_mask": rmask}
 
 
 @pytest.fixture
@@ -108,7 +100,7 @@ def _assert_same(shared, two, ids, mask, kw):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_lean_step_matches_two_copy(pairs, lean_calls, split, batch):
     shared, two = pairs
-    _assert_same(shared, two, *_inputs(batch, split))
+    _assert_same(shared, two, *split_inputs(batch, split))
     n_lin = len(adapters(shared.generator))
     assert lean_calls and len(lean_calls) % n_lin == 0 and set(lean_calls) == {2 * batch}
 
@@ -119,7 +111,7 @@ def test_cache_follows_adapter_changes(pairs, lean_calls, change, batch):
     """Decode (the cache is built), change both halves' adapters, decode again: the two-copy pair's tokens with
     the new adapters, not the old ones (the change moves the tokens, so a stale cache would fail)."""
     shared, two = pairs
-    ids, mask, kw = _inputs(batch, True)
+    ids, mask, kw = split_inputs(batch, True)
     before = _assert_same(shared, two, ids, mask, kw)
     if change == "in_place":
         _randomise(shared, 7, scale=0.5, a_too=True)
@@ -197,7 +189,7 @@ def test_op_count_per_token(pairs):
                                                    parallel="off").eval()
     n_lin = len(adapters(shared.generator))
     for batch, most in ((1, 2.0), (3, 3.5)):
-        ids, mask, _ = _inputs(batch, False)
+        ids, mask, _ = split_inputs(batch, False)
         ops, base = pair_step_ops(shared, ids, mask), pair_step_ops(plain, ids, mask)
         extra = total(ops) - total(base)
         assert 0 < extra <= most * n_lin, (extra, n_lin, ops - base)

@@ -61,22 +61,15 @@ def test_lambda_zero_equals_generator_alone(suite):
     assert refs["mixed"]["tokens"] != alone
 
 
-def test_linear_projection_token_norm_matches_hf(suite):
-    """projection="linear" (a learned latent_proj, loaded from the checkpoint) and norm_target="token"."""
+@pytest.mark.parametrize("name", ["linear", "standardized"])
+def test_learned_projection_checkpoints_match_hf(suite, name):
+    """"linear": a learned latent_proj, loaded from the checkpoint, with norm_target="token". "standardized":
+    latent_norm="standardize", its saved latent statistics loaded and applied before the fusion."""
     out, refs = suite
-    with engine(out / "linear" / "pair", max_num_batched_tokens=32) as llm:
+    with engine(out / name / "pair", max_num_batched_tokens=32) as llm:
         got = run_all(llm, refs["prompts"], refs["max_new_tokens"])
-    assert got == refs["linear"]["tokens"]
-    assert got != refs["linear/generator"]["tokens"]
-
-
-def test_standardized_latents_match_hf(suite):
-    """latent_norm="standardize": the saved latent statistics are loaded and applied before the fusion."""
-    out, refs = suite
-    with engine(out / "standardized" / "pair", max_num_batched_tokens=32) as llm:
-        got = run_all(llm, refs["prompts"], refs["max_new_tokens"])
-    assert got == refs["standardized"]["tokens"]
-    assert got != refs["standardized/generator"]["tokens"]
+    assert got == refs[name]["tokens"]
+    assert got != refs[f"{name}/generator"]["tokens"]
 
 
 def test_split_context_matches_hf(suite):
