@@ -200,7 +200,8 @@ def preference_rows(model, tok, records, variant: str, args) -> list[dict]:
     view = "full" if variant == "b" else "query"
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows = preference(inner, tok, records, PREF_TRAITS, max_reasoner_tokens=args.max_reasoner_tokens, view=view)
-    return [{"user": r.user_id, **{t: float(row[t]) for t in PREF_TRAITS}} for r, row in zip(records, rows)]
+    return [{"user": r.user_id, "record": r.record_id, **{t: float(row[t]) for t in PREF_TRAITS}}
+            for r, row in zip(records, rows)]
 
 
 @torch.no_grad()
@@ -250,9 +251,9 @@ def for_decoding(model, variant: str):
 
 def summarise(rows: list[dict], traits, base: list[dict] | None = None) -> dict:
     out = {t: bootstrap(rows, lambda r, t=t: r[t]) for t in traits}
-    if base is not None:
-        by_rec = {b.get("record", i): b for i, b in enumerate(base)}
-        other = [by_rec[r.get("record", i)] for i, r in enumerate(rows)]
+    if base is not None:  # paired: the same records, matched by id
+        by_rec = {b["record"]: b for b in base}
+        other = [by_rec[r["record"]] for r in rows]
         out.update({f"{t}_minus": bootstrap(rows, lambda r, t=t: r[t], other) for t in traits})
     return out
 

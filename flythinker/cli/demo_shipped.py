@@ -78,9 +78,7 @@ def run_shipped(args: argparse.Namespace, compare, pick_test_users) -> int:
     print(f"flythinker demo: the shipped pair {SHIPPED} ({info['base']} as generator and reasoner, trained: "
           f"{info['trained']}), {torch.get_num_threads()} CPU threads", flush=True)
     folder = _retrained_folder(info) if args.retrain else None
-    model = FlyThinkerForCausalLM._from_shipped(SHIPPED, folder=folder) if folder else \
-        FlyThinkerForCausalLM.from_pretrained(SHIPPED)
-    model.eval()
+    model = FlyThinkerForCausalLM._from_shipped(SHIPPED, folder=folder)  # folder None: the packaged pair
     tok = load_tokenizer(SHIPPED)
     base, _ = load_pretrained(info["base"])  # the generator as shipped
     base.eval()
