@@ -97,6 +97,7 @@ def train_loop(
     order: str = "shuffle",
     seed: int = 0,
     progress: Callable[[int, list[float]], None] | None = None,
+    loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> LoopResult:
     """Train `model` for `steps` optimizer steps on batches of `features`; returns the loss history.
 
@@ -114,6 +115,8 @@ def train_loop(
         order / seed: the data order (:func:`batch_indices`); the same seed gives the same batches.
         progress: called after every step with (step index, losses so far); it may switch the model to eval
             mode and back (e.g. for an evaluation curve).
+        loss_fn: ``(model, batch) -> scalar loss`` to train on instead of ``model(**batch).loss`` (e.g. a
+            per-token weighting of the response).
 
     The model is in train mode during the loop and left in eval mode. Dropout, if the model has any, draws from
     torch's global RNG: seed it before the call for reproducible runs.
@@ -134,7 +137,7 @@ def train_loop(
     model.train()
     for step, idx in enumerate(batches):
         batch = collate([features[i] for i in idx])
-        loss = model(**batch, use_cache=False).loss
+        loss = model(**batch, use_cache=False).loss if loss_fn is None else loss_fn(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
