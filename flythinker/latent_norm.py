@@ -18,7 +18,7 @@ The all-zero rule keeps the library's convention that a zeroed latent row means 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -60,10 +60,11 @@ class _Captured(Exception):
 
 
 class _Capture:
-    """Installed as `model._latent_capture`: `fuse` hands it the latents it is about to fuse."""
+    """Installed as `model._latent_capture`: `fuse` hands it the latents it is about to fuse; `sink` gets the
+    selected rows `[N, H_r]` of each batch."""
 
-    def __init__(self, stats: LatentStats, positions: str) -> None:
-        self.stats, self.positions = stats, positions
+    def __init__(self, sink: Callable[[torch.Tensor], None], positions: str) -> None:
+        self.sink, self.positions = sink, positions
 
     def __call__(self, latent: torch.Tensor, mask: torch.Tensor | None, prev: torch.Tensor | None) -> None:
         B, T, H = latent.shape
@@ -77,8 +78,39 @@ class _Capture:
         rows = [latent[live]]
         if prev is not None:
             rows.append(prev[has_prev])
-        self.stats.add(torch.cat(rows))
+        self.sink(torch.cat(rows).detach())
         raise _Captured
+
+
+def _run_capture(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], positions: str,
+                 sink: Callable[[torch.Tensor], None], caller: str) -> None:
+    """Run the pair's forward on each batch up to its fusion, handing the selected latents to `sink`."""
+    if positions not in ("fused", "boundary"):
+        raise ValueError(f"positions must be 'fused' or 'boundary', got {positions!r}")
+    was_training = model.training
+    model.eval()
+    model._latent_capture = _Capture(sink, positions)
+    try:
+        for batch in batches:
+            try:
+                model(**batch, use_cache=False)
+            except _Captured:
+                continue
+            raise RuntimeError(f"{caller}: the forward fused no latent (is fusion_lambda 0, or are the batches "
+                               "missing the response?)")
+    finally:
+        model._latent_capture = None
+        model.train(was_training)
+
+
+@torch.no_grad()
+def capture_latents(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
+                    positions: str = "boundary") -> torch.Tensor:
+    """The raw reasoner latents `[N, H_r]` (before any standardisation) that the pair fuses on `batches`, at
+    `positions` as in :func:`calibrate_latent_norm`. Only the reasoner runs."""
+    rows: list[torch.Tensor] = []
+    _run_capture(model, batches, positions, lambda r: rows.append(r.float().cpu()), "capture_latents")
+    return torch.cat(rows)
 
 
 @torch.no_grad()
@@ -102,23 +134,8 @@ def calibrate_latent_norm(model: nn.Module, batches: Iterable[Mapping[str, torch
     if getattr(model.config, "latent_norm", "none") != "standardize":
         raise ValueError(f"calibrate_latent_norm needs a pair with latent_norm='standardize', got "
                          f"{getattr(model.config, 'latent_norm', None)!r}")
-    if positions not in ("fused", "boundary"):
-        raise ValueError(f"positions must be 'fused' or 'boundary', got {positions!r}")
     stats = LatentStats(model.config.reasoner.hidden_size)
-    was_training = model.training
-    model.eval()
-    model._latent_capture = _Capture(stats, positions)
-    try:
-        for batch in batches:
-            try:
-                model(**batch, use_cache=False)
-            except _Captured:
-                continue
-            raise RuntimeError("calibrate_latent_norm: the forward fused no latent (is fusion_lambda 0, or are "
-                               "the batches missing the response?)")
-    finally:
-        model._latent_capture = None
-        model.train(was_training)
+    _run_capture(model, batches, positions, stats.add, "calibrate_latent_norm")
     mean, inv_std = stats.result(min_std)
     with torch.no_grad():
         model.latent_mean.copy_(mean.to(model.latent_mean))
@@ -126,4 +143,4 @@ def calibrate_latent_norm(model: nn.Module, batches: Iterable[Mapping[str, torch
     return {"latents": stats.n, "mean_norm": float(mean.norm()), "median_std": float((1 / inv_std).median())}
 
 
-__all__ = ["BUFFERS", "LatentStats", "calibrate_latent_norm", "standardize_latent"]
+__all__ = ["BUFFERS", "LatentStats", "calibrate_latent_norm", "capture_latents", "standardize_latent"]
