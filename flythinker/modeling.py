@@ -199,7 +199,8 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         latent statistics) replace it; `<module>.lora_A` / `<module>.lora_B` pairs are LoRA factors, merged into
         `<module>.weight` as `W + scaling * B @ A` (pair.json's `lora.scaling`), so the loaded pair decodes with
         plain linear layers. `folder`: read pair.json and the deltas from there instead (a retrained copy of the
-        pair, `flythinker demo --retrain`). `dtype=` is the only option."""
+        pair, `flythinker demo --retrain`). pair.json's optional `reasoner_layers: k` makes the reasoner the base's
+        first k layers and final norm (flythinker.truncate.truncated_reasoner). `dtype=` is the only option."""
         import json
 
         from safetensors.torch import load_file
@@ -214,7 +215,14 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         info = pair_info(name) if folder is None else json.loads((Path(folder) / "pair.json").read_text())
         deltas = deltas_path(name) if folder is None else Path(folder) / "deltas.safetensors"
         base = str(resolve(info["base"]))
-        model = cls.from_pair(base, base, dtype=dtype, **info["fusion"])
+        k = info.get("reasoner_layers")  # a reasoner made of the base's first k layers (flythinker.truncate)
+        if k is None:
+            model = cls.from_pair(base, base, dtype=dtype, **info["fusion"])
+        else:
+            from flythinker.truncate import truncated_reasoner
+
+            gen = _load_lm("generator", base, dtype, None)
+            model = cls.from_pair(gen, truncated_reasoner(gen, k), **info["fusion"])
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in load_file(deltas).items():

@@ -159,7 +159,7 @@ def test_bad_latent_norm_and_uncalibratable_pairs_are_refused():
     assert "latent_norm" in FlyThinkerConfig().to_dict()
 
 
-def _shipped_folder(tmp_path, base, tensors: dict, lora: dict | None):
+def _shipped_folder(tmp_path, base, tensors: dict, lora: dict | None, **extra):
     import json
 
     from safetensors.torch import save_file
@@ -172,6 +172,7 @@ def _shipped_folder(tmp_path, base, tensors: dict, lora: dict | None):
             "fusion": {"fusion_lambda": 1.0, "projection": "zero", "latent_norm": "standardize"}}
     if lora is not None:
         info["lora"] = lora
+    info.update(extra)
     (folder / "pair.json").write_text(json.dumps(info))
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "deltas.safetensors")
     return folder
@@ -202,6 +203,28 @@ def test_shipped_loader_merges_lora_factors_and_loads_the_fusion(tmp_path):
                           {"scaling": 1.0})
     with pytest.raises(ValueError, match="do not fit"):
         FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=bad)
+
+
+@torch.no_grad()
+def test_shipped_pair_with_a_truncated_reasoner(tmp_path):
+    """pair.json's `reasoner_layers: k`: the reasoner is the base's first k layers + final norm (its latents are
+    layer k's output through the norm), untouched by the generator's merged LoRA."""
+    from model_helpers import random_ids, tiny_lm
+
+    base = tiny_lm(hidden_size=32, num_hidden_layers=3)
+    A, B = torch.randn(4, 32), torch.randn(32, 4)
+    key = "generator.model.layers.0.self_attn.q_proj"
+    folder = _shipped_folder(tmp_path, base, {f"{key}.lora_A": A, f"{key}.lora_B": B}, {"scaling": 2.0},
+                             reasoner_layers=1)
+    model = FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=folder)
+    assert len(model.reasoner.model.layers) == 1 and len(model.generator.model.layers) == 3
+    assert model.config.reasoner.num_hidden_layers == 1
+    w0 = base.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(model.generator.model.layers[0].self_attn.q_proj.weight, w0 + 2.0 * B @ A)
+    torch.testing.assert_close(model.reasoner.model.layers[0].self_attn.q_proj.weight, w0)
+    ids = random_ids(2, 6)
+    hs = base.model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(model.reasoner_forward(ids, None, None, None, False), base.model.norm(hs[1]))
 
 
 def test_boundary_calibration_uses_each_rows_first_fused_latent():
