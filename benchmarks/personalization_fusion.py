@@ -79,12 +79,15 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def precompute(base, tok, records, k: int, budget: int, with_candidates: bool, batch: int = 8) -> list[dict]:
+def precompute(base, tok, records, k: int, budget: int, with_candidates: bool, batch: int = 8,
+               generator=None) -> list[dict]:
     """Per batch: generator prefix cache, reasoner latents [B, C, k+1, H] and the reasoner's own NLL per candidate
-    over the reply's first k+1 tokens (variant b), suffix ids [B, C, k+1] and targets [B, C, k+1]."""
+    over the reply's first k+1 tokens (variant b), suffix ids [B, C, k+1] and targets [B, C, k+1]. `base` is the
+    reasoner (SmolLM2 as shipped); `generator` (default: `base`) the generator whose prefix cache is kept."""
     out = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     dec, head = base.get_decoder(), base.get_output_embeddings()
+    g_dec = (generator if generator is not None else base).get_decoder()
     for i in range(0, len(records), batch):
         recs = records[i:i + batch]
         views = [build_views(r, tok, mode="split", max_reasoner_tokens=budget, warn=False) for r in recs]
@@ -93,7 +96,7 @@ def precompute(base, tok, records, k: int, budget: int, with_candidates: bool, b
         C = len(texts[0])
         # generator prefix: prompt minus its last position (never fused)
         g_ids, g_mask = left_pad([v.generator_prompt_ids[:-1] for v in views], pad)
-        g_out = dec(input_ids=g_ids, attention_mask=g_mask, position_ids=positions(g_mask), use_cache=True)
+        g_out = g_dec(input_ids=g_ids, attention_mask=g_mask, position_ids=positions(g_mask), use_cache=True)
         # reasoner prefix: its whole prompt; then each candidate's first k reply tokens
         r_ids, r_mask = left_pad([v.reasoner_prompt_ids for v in views], pad)
         r_out = dec(input_ids=r_ids, attention_mask=r_mask, position_ids=positions(r_mask), use_cache=True)
@@ -137,12 +140,18 @@ def suffix_nll(pair, item: dict, c: int) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), item["target"][:, c], reduction="none").sum(1)
 
 
-def train_fusion(pair, items: list[dict], steps: int, lr: float, rank: int, seed: int) -> dict:
-    """Adam on the projection only (rank>0: P = A @ B with A zero-initialised, B random)."""
+def train_fusion(pair, items: list[dict], steps: int, lr: float, rank: int, seed: int,
+                 precondition: torch.Tensor | None = None) -> dict:
+    """Adam on the projection only (rank>0: P = A @ B with A zero-initialised, B random). `precondition` M
+    `[H_r, H_r]`: Adam trains P' in P = P' @ M (zero-initialised), so that gradient steps see whitened inputs
+    (flythinker.training.whitened_projection, by hand here); the projection the pair keeps is P itself."""
     torch.manual_seed(seed)
     W = pair.latent_proj.weight
     H_g, H_r = W.shape
-    if rank:
+    if precondition is not None:
+        Wp = torch.zeros(H_g, H_r, requires_grad=True)
+        params = [Wp]
+    elif rank:
         A = torch.zeros(H_g, rank, requires_grad=True)
         Bm = (torch.randn(rank, H_r) / H_r ** 0.5).requires_grad_(True)
         params = [A, Bm]
@@ -157,22 +166,26 @@ def train_fusion(pair, items: list[dict], steps: int, lr: float, rank: int, seed
         if step % len(items) == 0:
             rng.shuffle(order)
         item = items[order[step % len(items)]]
-        if rank:
+        if rank or precondition is not None:
             with torch.no_grad():
-                W.copy_(A @ Bm)
+                W.copy_(Wp @ precondition if precondition is not None else A @ Bm)
             W.requires_grad_(True)
             W.grad = None
         nll = suffix_nll(pair, item, 0)
         loss = nll.sum() / item["target"][:, 0].numel()
         loss.backward()
-        if rank:
+        if precondition is not None:
+            Wp.grad = W.grad @ precondition.T
+        elif rank:
             g = W.grad
             A.grad, Bm.grad = g @ Bm.T, A.T @ g
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
     with torch.no_grad():
-        if rank:
+        if precondition is not None:
+            W.copy_(Wp @ precondition)
+        elif rank:
             W.copy_(A @ Bm)
     W.requires_grad_(False)
     return {"losses": losses, "train_s": time.time() - t0, "proj_norm": float(W.norm())}
@@ -281,17 +294,45 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merged_generator(base, path: str, rank: int):
+    """A copy of `base` with the LoRA adapters saved by benchmarks/personalization_smollm2.py (variant a: rank
+    `rank`, alpha 2 * rank, on its seven linear maps) merged in: that variant's fine-tuned generator."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from benchmarks.personalization_smollm2 import LORA_TARGETS
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
+    _, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if unexpected:
+        raise ValueError(f"{path} has keys a rank-{rank} LoRA of SmolLM2 lacks: {unexpected[:3]}")
+    gen = model.merge_and_unload().eval()
+    for q in gen.parameters():
+        q.requires_grad_(False)
+    return gen
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--train", type=int, default=96)
+    p.add_argument("--train", type=int, default=96, help="training users")
+    p.add_argument("--train-per-user", type=int, default=1)
+    p.add_argument("--generator-lora", default=None,
+                   help="the generator: SmolLM2 with this LoRA merged (personalization_smollm2's a.safetensors); "
+                        "default SmolLM2 as shipped")
+    p.add_argument("--rank", type=int, default=8, help="the rank of --generator-lora")
     p.add_argument("--val", type=int, default=0)
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--k", type=int, default=12, help="reply tokens scored/trained after the boundary")
     p.add_argument("--max-reasoner-tokens", type=int, default=160)
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--configs", default="0:3e-3:48,0:1e-2:48,8:1e-2:48",
-                   help="rank:lr:steps[:std] of each fusion config (rank 0 = full matrix; :std = standardised "
-                        "latents, latent_norm='standardize')")
+                   help="rank:lr:steps[:std][:white] of each fusion config (rank 0 = full matrix; :std = standardised "
+                        "latents, latent_norm='standardize'; :white = Adam steps on whitened projection inputs, "
+                        "P = P' @ M with M the inverse square root of their second moment on the training boundary "
+                        "latents)")
+    p.add_argument("--calibrate-on", default="fused", choices=("fused", "boundary"),
+                   help=":std statistics from every fused latent (the pilot's first runs) or the boundary only")
+    p.add_argument("--shrink", type=float, default=0.1, help=":white: ridge, a fraction of the mean eigenvalue")
     p.add_argument("--save", default=None, help="write the first config's projection (fp16 safetensors) here")
     p.add_argument("--out", default=str(RESULTS / "personalization_fusion.json"))
     p.add_argument("--threads", type=int, default=2)
@@ -304,6 +345,7 @@ def main() -> None:
     from flythinker import FlyThinkerForCausalLM
     from flythinker.hub import atomic_write_json, load_pretrained
     from flythinker.latent_norm import LatentStats
+    from flythinker.training.whitened_projection import projection_inputs, whitening_matrix
 
     t_all, load0 = time.time(), os.getloadavg()
     base, tok = load_pretrained("smollm2-135m-instruct")
@@ -320,27 +362,37 @@ def main() -> None:
         atomic_write_json(out, result)
 
     t = time.time()
-    train_items = precompute(base, tok, first["train"][: args.train], args.k, args.max_reasoner_tokens, False)
+    gen = merged_generator(base, args.generator_lora, args.rank) if args.generator_lora else base
+    if args.train_per_user > 1:
+        from benchmarks.personalization_smollm2 import select
+
+        train_records = select(data["train"], args.train_per_user, args.train)
+    else:
+        train_records = first["train"][: args.train]
+    train_items = precompute(base, tok, train_records, args.k, args.max_reasoner_tokens, False, generator=gen)
     result["precompute_train_s"] = time.time() - t
-    # one frozen SmolLM2 serves as both models: the pair holds the same module twice (no copy, nothing trained)
-    plain = FlyThinkerForCausalLM.from_pair(base, base, fusion_lambda=args.lam, projection="zero").eval()
-    # configs ending in ":std" fuse standardised latents (latent_norm="standardize"), calibrated on every latent
-    # the training records fuse (the boundary and the k reply positions)
-    std = FlyThinkerForCausalLM.from_pair(base, base, fusion_lambda=args.lam, projection="zero",
+    # frozen SmolLM2 as the reasoner; the generator is the same module (no copy, nothing trained) or the merged one
+    plain = FlyThinkerForCausalLM.from_pair(gen, base, fusion_lambda=args.lam, projection="zero").eval()
+    # configs with ":std" fuse standardised latents (latent_norm="standardize"), calibrated on every latent the
+    # training records fuse (the boundary and the k reply positions) or, --calibrate-on boundary, the boundary only
+    std = FlyThinkerForCausalLM.from_pair(gen, base, fusion_lambda=args.lam, projection="zero",
                                           latent_norm="standardize").eval()
     stats = LatentStats(base.config.hidden_size)
-    for it in train_items:
-        stats.add(it["latents"][:, 0])
+    for it in train_items:  # latents [B, 1, k+1, H]: slot 0 is the boundary
+        stats.add(it["latents"][:, 0, :1] if args.calibrate_on == "boundary" else it["latents"][:, 0])
     mean, inv_std = stats.result(1e-3)
     std.latent_mean.copy_(mean)
     std.latent_inv_std.copy_(inv_std)
-    pairs = {cfg: std if cfg.endswith(":std") else plain for cfg in args.configs.split(",")}
+    pairs = {cfg: std if "std" in cfg.split(":")[3:] else plain for cfg in args.configs.split(",")}
     trained = {}
+    boundary = torch.cat([it["latents"][:, 0, 0] for it in train_items])  # [N, H_r]: the boundary latents
     for cfg, pair in pairs.items():  # train every config first: the projection is shipped before scoring
         rank, lr, steps = cfg.split(":")[:3]
+        white = (whitening_matrix(projection_inputs(pair, boundary), args.shrink)
+                 if "white" in cfg.split(":")[3:] else None)
         with torch.no_grad():
             pair.latent_proj.weight.zero_()
-        tr = train_fusion(pair, train_items, int(steps), float(lr), int(rank), 0)
+        tr = train_fusion(pair, train_items, int(steps), float(lr), int(rank), 0, precondition=white)
         trained[cfg] = pair.latent_proj.weight.detach().clone()
         result["configs"][cfg] = {"train": tr}
         log(f"config {cfg}: loss {sum(tr['losses'][:4]) / 4:.2f}->{sum(tr['losses'][-4:]) / 4:.2f} "
@@ -353,9 +405,10 @@ def main() -> None:
                       metadata={"config": cfg, "fusion_lambda": str(args.lam)})
         save()
     t = time.time()
-    val_items = precompute(base, tok, first["validation"][: args.val], args.k, args.max_reasoner_tokens, True) \
-        if args.val else []
-    test_items = precompute(base, tok, first["test"][: args.test], args.k, args.max_reasoner_tokens, True)
+    val_items = precompute(base, tok, first["validation"][: args.val], args.k, args.max_reasoner_tokens, True,
+                           generator=gen) if args.val else []
+    test_items = precompute(base, tok, first["test"][: args.test], args.k, args.max_reasoner_tokens, True,
+                            generator=gen)
     result["precompute_eval_s"] = time.time() - t
     result["probe_boundary_latent"] = probes(train_items, test_items)
     log(f"probe {result['probe_boundary_latent']}")

@@ -1,0 +1,153 @@
+"""Linear probes on the reasoner's latents: does frozen SmolLM2 encode a persona-empathy user's trait where the
+generator reads it?
+
+    .venv/bin/python -m benchmarks.latent_probe_smollm2 [--train-users 480 --test-users 200]
+
+In split context the generator's last prompt position, the one that predicts the first response token (which sets
+the strategy: "I am truly sorry ..." vs "Here is a practical plan ."), receives the reasoner's latent from the
+reasoner's *second-to-last* prompt position (DESIGN.md §2, the one-position lag): the `assistant` of
+`<|im_start|>assistant\\n`. This script fits an L2 logistic-regression probe per trait on the reasoner's final
+hidden state (what `fuse` receives) at that position; for comparison, at the last prompt position (`\\n`), averaged
+over the prompt, and for reasoners truncated to their first k layers (a cheaper reasoner). It fits on one record of
+each of `--train-users` training users and scores on one record of each of `--test-users` held-out users (95%
+bootstrap CI over users). A probe at chance where the generator reads says that the reasoner, frozen, does not carry
+the trait there: no fusion can pass on what is not in its input. Beside each probe, the nearest-centroid rule
+`sign(d . (z - midpoint))`, d the difference of the class means, on standardised latents and on whitened ones: the
+rule the first gradient steps of a zero-initialised projection find (their gradient is a sum of outer products
+with the latents). A probe far above its standardised centroid says the trait lies along a low-variance direction
+that plain gradient steps pick up slowly. Results: benchmarks/results/latent_probe_smollm2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRAITS = ("strategy", "length", "register")
+
+
+@torch.no_grad()
+def latents(model, tok, records, max_tokens: int, layers: list[int]) -> dict[str, torch.Tensor]:
+    """Per record, the reasoner's final hidden state at the fused boundary slot (Q-2), at the last prompt
+    position (Q-1), its mean over the prompt, and at Q-2 the latent of the reasoner truncated to its first k layers
+    (`flythinker.truncate.truncated_reasoner`: layer k's output through the final norm) for k in `layers`: each
+    `[N, H]`."""
+    from flythinker.persona import build_views
+
+    out: dict[str, list[torch.Tensor]] = {"fused_boundary": [], "last_prompt": [], "prompt_mean": []}
+    out.update({f"first{k}_layers_boundary": [] for k in layers})
+    for r in records:
+        ids = build_views(r, tok, mode="split", max_reasoner_tokens=max_tokens, warn=False).reasoner_prompt_ids
+        hs = model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states  # [emb, 1..30]
+        last = hs[-1][0]  # [Q, H]: the final (normed) hidden state, what the fusion receives
+        out["fused_boundary"].append(last[-2])
+        out["last_prompt"].append(last[-1])
+        out["prompt_mean"].append(last.mean(0))
+        for k in layers:
+            out[f"first{k}_layers_boundary"].append(model.model.norm(hs[k][0, -2]))
+    return {k: torch.stack(v).float() for k, v in out.items()}
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, inv_std, weights) of a standardised L2 logistic regression: x `[N, H]`, y `[N]` in {0, 1}."""
+    mean, inv = x.mean(0), 1.0 / x.std(0).clamp_min(1e-6)
+    z = torch.cat([(x - mean) * inv, torch.ones(len(x), 1)], 1)
+    w = torch.zeros(z.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w, y) + l2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return mean, inv, w.detach()
+
+
+def whitening(x: torch.Tensor, shrink: float) -> torch.Tensor:
+    """`(C + shrink * tr(C)/H * I)^(-1/2)` of the second moment C of rows x `[N, H]`: `[H, H]`, symmetric."""
+    c = x.T @ x / len(x)
+    evals, evecs = torch.linalg.eigh(c.double())
+    evals = evals.clamp_min(0) + shrink * evals.clamp_min(0).mean()
+    return (evecs @ torch.diag(evals.rsqrt()) @ evecs.T).float()
+
+
+def centroid_accuracy(x_tr, y_tr, x_te, y_te) -> float:
+    """Held-out accuracy of the nearest-centroid rule `sign(d . (x - midpoint))`, d = mean(x|1) - mean(x|0): the
+    direction the first gradient steps of a zero-initialised linear map find."""
+    m1, m0 = x_tr[y_tr == 1].mean(0), x_tr[y_tr == 0].mean(0)
+    pred = ((x_te - (m1 + m0) / 2) @ (m1 - m0) > 0).float()
+    return float((pred == y_te).float().mean())
+
+
+def accuracy_ci(hits: list[float], seed: int = 0, n: int = 2000) -> dict:
+    rng = random.Random(seed)
+    boots = sorted(sum(rng.choices(hits, k=len(hits))) / len(hits) for _ in range(n))
+    return {"mean": sum(hits) / len(hits), "ci95": [boots[int(0.025 * n)], boots[int(0.975 * n)]]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--train-users", type=int, default=480)
+    p.add_argument("--test-users", type=int, default=200)
+    p.add_argument("--max-reasoner-tokens", type=int, default=160)
+    p.add_argument("--layers", default="2,4,6,8,15", help="truncated reasoners to probe (first k layers)")
+    p.add_argument("--l2", type=float, default=1e-2)
+    p.add_argument("--shrink", type=float, default=0.1, help="whitening: ridge as a fraction of the mean eigenvalue")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS / "latent_probe_smollm2.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from benchmarks.personalization_smollm2 import select
+    from flythinker.hub import atomic_write_json, load_pretrained
+    from flythinker.persona import make_persona_empathy
+    from flythinker.persona.empathy_dataset import TRAITS as VALUES
+
+    t0, load0 = time.time(), os.getloadavg()
+    model, tok = load_pretrained("smollm2-135m-instruct")
+    model.eval()
+    data = make_persona_empathy()
+    train, test = select(data["train"], 1, args.train_users), select(data["test"], 1, args.test_users)
+    layers = [int(k) for k in args.layers.split(",") if k]
+    xs_train = latents(model, tok, train, args.max_reasoner_tokens, layers)
+    xs_test = latents(model, tok, test, args.max_reasoner_tokens, layers)
+    result = {"args": vars(args), "loadavg_start": load0, "train_records": len(train), "test_records": len(test),
+              "probes": {}}
+    for where in xs_train:
+        result["probes"][where] = {}
+        for trait in TRAITS:
+            one = VALUES[trait][1]  # label 1: the trait's second value ("steps", "detailed", "casual")
+            y_tr = torch.tensor([float(r.persona.traits[trait] == one) for r in train])
+            y_te = [float(r.persona.traits[trait] == one) for r in test]
+            mean, inv, w = fit_probe(xs_train[where], y_tr, args.l2)
+            z = torch.cat([(xs_test[where] - mean) * inv, torch.ones(len(test), 1)], 1)
+            pred = ((z @ w) > 0).float().tolist()
+            result["probes"][where][trait] = accuracy_ci([float(a == b) for a, b in zip(pred, y_te)])
+            # the first gradient steps' rule, on standardised latents and on whitened ones
+            yt = torch.tensor(y_te)
+            z_tr, z_te = (xs_train[where] - mean) * inv, (xs_test[where] - mean) * inv
+            m = whitening(z_tr, args.shrink)
+            result["probes"][where][trait].update(
+                centroid_standardized=centroid_accuracy(z_tr, y_tr, z_te, yt),
+                centroid_whitened=centroid_accuracy(z_tr @ m, y_tr, z_te @ m, yt))
+        print(where, json.dumps({t: [round(v[k], 3) for k in ("mean", "centroid_standardized", "centroid_whitened")]
+                                 for t, v in result["probes"][where].items()}), flush=True)
+    result["wall_s"] = time.time() - t0
+    result["loadavg_end"] = os.getloadavg()
+    atomic_write_json(Path(args.out), result)
+    print(f"done in {result['wall_s']:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
