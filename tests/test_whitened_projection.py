@@ -33,7 +33,10 @@ def test_whitening_matrix_whitens_and_refuses_bad_input():
     torch.manual_seed(0)
     x = torch.randn(400, 8) @ torch.randn(8, 8)
     m = whitening_matrix(x, shrink=1e-6)
-    torch.testing.assert_close((x @ m).T @ (x @ m) / 400, torch.eye(8), atol=1e-3, rtol=0)
+    c = x.T @ x / 400
+    scale = torch.linalg.eigvalsh(c).mean()  # relative to the mean eigenvalue: an average direction keeps its scale
+    torch.testing.assert_close((x @ m).T @ (x @ m) / 400, scale * torch.eye(8), atol=1e-3 * scale, rtol=0)
+    torch.testing.assert_close(whitening_matrix(x * 10, 1e-6), m, rtol=1e-3, atol=1e-3)  # scale-free
     torch.testing.assert_close(m, m.T)
     ridge = whitening_matrix(x, shrink=1.0)  # a ridge shrinks the amplification of the weakest direction
     assert torch.linalg.matrix_norm(ridge, 2) < torch.linalg.matrix_norm(m, 2)
