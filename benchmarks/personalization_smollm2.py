@@ -1,7 +1,9 @@
 """Personalisation on the real SmolLM2-135M-Instruct pair: variants with one LoRA budget, data order and step count.
 
-    .venv/bin/python -m benchmarks.personalization_smollm2 [--steps 80 --batch 8 --variants c,a,e,b]
-        [--run-dir .cache/personalization_smollm2] [--ship]
+    .venv/bin/python -m benchmarks.personalization_smollm2 [--variants a,c3] [--steps 120 --fusion-steps 120]
+        [--run-dir .cache/personalization_smollm2] [--ship --ship-variant c3]
+
+The defaults are the shipped pair's recipe (variants a then c3; about 45 min on an idle 2-core CPU).
 
 Variants (persona-empathy, held-out users; the generator's LoRA is rank 8 on all seven linear maps of every layer):
   shipped  the generator as shipped (no training);
@@ -10,6 +12,13 @@ Variants (persona-empathy, held-out users; the generator's LoRA is rank 8 on all
   c        flythinker split context: the reasoner (SmolLM2, frozen) reads history + query, the generator the query;
            trained: the generator's LoRA + the fusion (zero-initialised projection on standardised latents,
            `latent_norm="standardize"`, calibrated on the training batches), at lambda `--lam`;
+  c2       two stages: a's trained generator LoRA, frozen, then the fusion alone for `--fusion-steps` steps;
+  c3       c2 on a loss that weighs the first `--opening-tokens` response tokens `--opening-weight`x, where the
+           strategy is decided (flythinker.training.opening_loss; benchmarks/latent_probe_smollm2.py says why);
+  c4       c3 with whitened gradient steps for the projection (flythinker.training.whitened_projection: P = P' @ M,
+           M from `--whiten-batches` batches of boundary latents, folded after training);
+  c5       c3 with a reasoner made of SmolLM2's first `--reasoner-layers` layers (flythinker.truncate): per token it
+           costs k/30 of the generator;
   e        c trained at lambda 0: must equal a (its losses are compared step by step; only `--e-steps` steps run).
 Measured per variant:
   likelihood preference on >= 300 records of >= 100 test users: the reference reply's opening NLL against the same
@@ -21,7 +30,8 @@ Measured per variant:
   accuracy against training steps (likelihood preference on validation users every `--curve-every` steps).
 Every trained variant is saved to the run folder (safetensors, atomically) and skipped on a rerun: an interrupted
 run resumes where it stopped. Results: benchmarks/results/personalization_smollm2.json + .png.
-`--ship` writes variant c's tensors as the shipped pair flythinker/pretrained/smollm2-135m-persona-empathy.
+`--ship` writes variant `--ship-variant`'s tensors as the shipped pair
+flythinker/pretrained/smollm2-135m-persona-empathy.
 """
 
 from __future__ import annotations
@@ -44,7 +54,15 @@ ROOT = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREF_TRAITS = ("strategy", "register")
 GEN_TRAITS = ("strategy", "length", "register")
-PAIRS = ("c", "c2", "e")  # the variants that are FlyThinker pairs
+# The two-stage pairs: variant a's trained generator LoRA, frozen, then the fusion alone, with these options:
+#   opening    the loss weighs the reply's opening (flythinker.training.opening_loss)
+#   whiten     the projection's gradient steps see whitened inputs (flythinker.training.whitened_projection)
+#   truncated  the reasoner is SmolLM2's first --reasoner-layers layers (flythinker.truncate)
+STAGED = {"c2": frozenset(), "c3": frozenset({"opening"}), "c4": frozenset({"opening", "whiten"}),
+          "c5": frozenset({"opening", "truncated"})}
+PAIRS = ("c", *STAGED, "e")  # the variants that are FlyThinker pairs
+RUN_ONLY_ARGS = ("variants", "out", "plot_only", "ship", "ship_dir", "ship_variant")  # not part of a recipe
+CURVED = ("a", "b", "c", *STAGED)  # the variants whose accuracy is tracked against training steps
 SHIPPED = "smollm2-135m-persona-empathy"
 
 
@@ -53,6 +71,11 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
+def uses(variant: str, option: str) -> bool:
+    """Whether a two-stage variant trains its fusion with `option` (see STAGED)."""
+    return option in STAGED.get(variant, ())
+
+
 def select(records, per_user: int, users: int):
     """The first `per_user` queries of each of the first `users` users (records are grouped by user)."""
     by_user: dict[str, list] = {}
@@ -85,18 +108,24 @@ def load_variant_model(variant: str, args):
         model = get_peft_model(gen, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LORA_TARGETS))
         return model, tok
     rsn, _ = load_pretrained("smollm2-135m-instruct")
+    if uses(variant, "truncated"):  # a reasoner of SmolLM2's first k layers: per token it costs k/30 of the generator
+        from flythinker.truncate import truncated_reasoner
+
+        rsn = truncated_reasoner(rsn, args.reasoner_layers)
     lam = 0.0 if variant == "e" else args.lam
     model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=lam, projection="zero",
-                                            latent_norm="standardize", parallel="off")
+                                            latent_norm="standardize", parallel="off",
+                                            loss_impl="naive" if uses(variant, "opening") else "fused")
     torch.manual_seed(args.seed)
     apply_lora(model, "generator", r=args.rank, alpha=2 * args.rank, target_modules=LORA_TARGETS)
     set_trainable(model, ("generator", "projection"))
-    if variant == "c2":  # stage 2 of c2: a's trained generator LoRA, frozen; only the fusion trains
+    if variant in STAGED:  # stage 2: a's trained generator LoRA, frozen; only the fusion trains
         from safetensors.torch import load_file
 
         a_path = Path(args.run_dir) / "a.safetensors"
         if not a_path.exists():
-            raise SystemExit("variant c2 starts from variant a's generator: train a first (--variants a,c2)")
+            raise SystemExit(f"variant {variant} starts from variant a's generator: train a first "
+                             f"(--variants a,{variant})")
         state = {"generator." + k.removeprefix("base_model.model."): v for k, v in load_file(a_path).items()}
         load_state(model, state)
         set_trainable(model, ("projection",))
@@ -132,10 +161,12 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
     from safetensors.torch import load_file, save
 
     from flythinker.hub import atomic_write_bytes, atomic_write_json
-    from flythinker.latent_norm import calibrate_latent_norm
+    from flythinker.latent_norm import calibrate_latent_norm, capture_latents
     from flythinker.persona import build_views
     from flythinker.training import FlyThinkerCollator
     from flythinker.training.loop import LoopResult, batch_indices, train_loop
+    from flythinker.training.opening_loss import opening_weighted_loss
+    from flythinker.training.whitened_projection import fold_projection, projection_inputs, whiten_projection
 
     path, meta_path = run_dir / f"{variant}.safetensors", run_dir / f"{variant}.json"
     model, tok = load_variant_model(variant, args)
@@ -147,7 +178,8 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
              for r in data]
     feats = features(views, variant)
     collator = FlyThinkerCollator(tokenizer=tok, add_eos=True)
-    entry: dict = {"variant": variant, "records": len(feats), "users": len({r.user_id for r in data})}
+    entry: dict = {"variant": variant, "records": len(feats), "users": len({r.user_id for r in data}),
+                   "args": {k: v for k, v in vars(args).items() if k not in RUN_ONLY_ARGS}}
     if variant in PAIRS:
         t = time.time()
         order = batch_indices(len(feats), args.calibration_batches, args.batch, seed=args.seed + 1)
@@ -155,6 +187,14 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
                                                      positions=args.calibrate_on)
         entry["calibration"]["seconds"] = time.time() - t
         log(f"variant {variant}: calibrated latent statistics {entry['calibration']}")
+    if uses(variant, "whiten"):
+        t = time.time()
+        order = batch_indices(len(feats), args.whiten_batches, args.batch, seed=args.seed + 2)
+        inputs = projection_inputs(model, capture_latents(model, (collator([feats[i] for i in b]) for b in order),
+                                                          positions="boundary"))
+        whiten_projection(model, inputs, args.shrink)
+        entry["whitening"] = {"latents": len(inputs), "shrink": args.shrink, "seconds": time.time() - t}
+        log(f"variant {variant}: projection steps whitened on {entry['whitening']}")
     curve: list[dict] = []
 
     def progress(step: int, losses: list[float]) -> None:
@@ -168,7 +208,7 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
             model.train()
 
     # e runs a's whole schedule (same warm-up and decay) and stops after --e-steps: its losses must equal a's
-    steps = {"c2": args.fusion_steps}.get(variant, args.steps)
+    steps = args.fusion_steps if variant in STAGED else args.steps
     stop_at = args.e_steps if variant == "e" else None
 
     def progress_or_stop(step: int, losses: list[float]) -> None:
@@ -176,15 +216,18 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
         if stop_at is not None and step + 1 == stop_at:
             raise _Stop(losses)
 
+    loss_fn = (opening_weighted_loss(args.opening_tokens, args.opening_weight) if uses(variant, "opening")
+               else None)
     torch.manual_seed(args.seed)
     t = time.time()
     try:
         res = train_loop(model, feats, collator, steps=steps, batch_size=args.batch, lr=args.lr,
                          fusion_lr=args.fusion_lr if variant in PAIRS else None, warmup_steps=args.warmup,
-                         seed=args.seed, progress=progress_or_stop)
+                         seed=args.seed, progress=progress_or_stop, loss_fn=loss_fn)
     except _Stop as stop:
         res = LoopResult(list(stop.losses), time.time() - t)
         steps = stop_at
+    fold_projection(model)  # a plain projection again (no-op unless whitened)
     entry.update(losses=res.losses, seconds=res.seconds, steps=steps, curve=curve)
     atomic_write_bytes(path, save(trained_state(model)))  # safetensors bytes, written atomically
     atomic_write_json(meta_path, entry)
@@ -261,18 +304,24 @@ def summarise(rows: list[dict], traits, base: list[dict] | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default="c,a,e,b")
-    p.add_argument("--train-users", type=int, default=320)
+    p.add_argument("--variants", default="a,c3", help="comma-separated; the default is the shipped pair's recipe")
+    p.add_argument("--train-users", type=int, default=480)
     p.add_argument("--train-per-user", type=int, default=2)
     p.add_argument("--pref-users", type=int, default=100)
     p.add_argument("--pref-per-user", type=int, default=3)
     p.add_argument("--gen-users", type=int, default=100)
     p.add_argument("--curve-users", type=int, default=24)
     p.add_argument("--curve-every", type=int, default=20)
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--e-steps", type=int, default=10)
-    p.add_argument("--fusion-steps", type=int, default=80, help="c2: fusion-only steps on top of a's generator")
-    p.add_argument("--ship-variant", default="c", choices=("c", "c2"))
+    p.add_argument("--fusion-steps", type=int, default=120, help="c2/c3: fusion-only steps on a's generator")
+    p.add_argument("--opening-tokens", type=int, default=4, help="c3: the response tokens the loss weights up")
+    p.add_argument("--opening-weight", type=float, default=10.0,
+                   help="c3: their weight (flythinker.training.opening_loss)")
+    p.add_argument("--whiten-batches", type=int, default=60, help="c4: batches of boundary latents for M")
+    p.add_argument("--shrink", type=float, default=0.1, help="c4: M's ridge, a fraction of the mean eigenvalue")
+    p.add_argument("--reasoner-layers", type=int, default=8, help="c5: the reasoner's layers (SmolLM2's first k)")
+    p.add_argument("--ship-variant", default="c", choices=("c", *STAGED))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
@@ -289,7 +338,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--run-dir", default=str(ROOT / ".cache" / "personalization_smollm2"))
     p.add_argument("--out", default=str(RESULTS / "personalization_smollm2.json"))
-    p.add_argument("--ship", action="store_true", help="write variant c as the shipped pair")
+    p.add_argument("--ship", action="store_true", help="write variant --ship-variant as the shipped pair")
     p.add_argument("--ship-dir", default=None, help="write the shipped pair's pair.json + deltas here instead of "
                    "flythinker/pretrained (implies --ship)")
     p.add_argument("--plot-only", action="store_true")
@@ -319,7 +368,9 @@ def compare(result: dict) -> None:
     """Paired differences between variants (same records) with their bootstrap intervals."""
     v = result["variants"]
     diffs = {}
-    for x, y in (("c", "a"), ("c2", "a"), ("c", "b"), ("c2", "b"), ("c2", "shipped"), ("a", "shipped"), ("b", "a")):
+    pairs = [(x, y) for x in ("c", *STAGED) for y in ("a", "b", "shipped")]
+    pairs += [("c3", "c2"), ("c4", "c3"), ("c5", "c3"), ("a", "shipped"), ("b", "a")]
+    for x, y in pairs:
         if x in v and y in v and "generation_rows" in v[x] and "generation_rows" in v[y]:
             diffs[f"{x}-{y}"] = {
                 "generation": summarise(v[x]["generation_rows"], GEN_TRAITS + ("rouge_l",), v[y]["generation_rows"]),
@@ -361,7 +412,9 @@ def main(argv=None) -> None:
         result["loadavg_now"] = os.getloadavg()
         atomic_write_json(out, result)
 
-    done = evaluated_before(out, result)  # an interrupted run keeps the evaluations it finished
+    earlier = earlier_variants(out, result)  # a rerun keeps what earlier runs measured (not only what it names)
+    done = {k: v for k, v in earlier.items() if "generation" in v}  # fully evaluated: not redone
+    result["variants"].update(earlier)
     if "shipped" in done:
         result["variants"]["shipped"] = done["shipped"]
     else:
@@ -370,12 +423,15 @@ def main(argv=None) -> None:
         evaluate("shipped", {"model": base.eval(), "tok": tok}, args, test_pref, test_gen, result)
         save()
         del base
-    for name in args.variants.split(","):
+    names = args.variants.split(",")
+    for name in names:
         if name in done and name != "e":
             result["variants"][name] = done[name]
             log(f"variant {name}: evaluated in an earlier run ({out}), kept")
+            if name == "a" and set(STAGED) & set(names) and not (run_dir / "a.safetensors").exists():
+                train_variant(name, args, train, run_dir, None)  # a staged variant starts from a's weights
             continue
-        entry = train_variant(name, args, train, run_dir, curve if name in ("a", "b", "c", "c2") else None)
+        entry = train_variant(name, args, train, run_dir, curve if name in CURVED else None)
         result["variants"][name] = {k: v for k, v in entry.items() if k not in ("model", "tok")}
         if name == "e":
             a = result["variants"].get("a")
@@ -398,8 +454,8 @@ def main(argv=None) -> None:
     log(f"done in {time.time() - t_all:.0f} s")
 
 
-def evaluated_before(out: Path, result: dict) -> dict:
-    """Variants fully evaluated in an earlier run that wrote `out` on the same data selection (else {})."""
+def earlier_variants(out: Path, result: dict) -> dict:
+    """Every variant entry an earlier run wrote to `out` on the same data selection (else {})."""
     if not out.exists():
         return {}
     try:
@@ -408,18 +464,19 @@ def evaluated_before(out: Path, result: dict) -> dict:
         return {}
     if old.get("data") != result["data"]:
         return {}
-    return {k: v for k, v in old.get("variants", {}).items() if "generation" in v}
+    return old.get("variants", {})
 
 
 def ship(model, result: dict, args) -> None:
-    """Variant c's trained tensors as the shipped pair: the generator's LoRA factors and the fusion, fp16."""
+    """The shipped variant's trained tensors as the shipped pair: the generator's LoRA factors and the fusion, fp16."""
     from safetensors.torch import save
 
     from flythinker.hub import atomic_write_bytes, atomic_write_json
 
     folder = Path(args.ship_dir) if args.ship_dir else ROOT / "flythinker" / "pretrained" / SHIPPED
+    staged = args.ship_variant in STAGED
     tensors = {}
-    for k, v in model.state_dict().items():  # frozen (c2) or trained (c): the generator's LoRA factors
+    for k, v in model.state_dict().items():  # frozen (c2, c3) or trained (c): the generator's LoRA factors
         if ".lora_A." in k or ".lora_B." in k:  # generator.<module>.lora_A.default.weight -> <module>.lora_A
             mod, ab = k.split(".lora_")
             tensors[f"{mod}.lora_{ab.split('.')[0]}"] = v
@@ -434,14 +491,30 @@ def ship(model, result: dict, args) -> None:
             "trained": (f"generator LoRA rank {args.rank} on {len(LORA_TARGETS)} linear maps of every layer + "
                         "zero-initialised projection on standardised latents; reasoner frozen (SmolLM2 as shipped)"
                         + ("; two stages: the generator LoRA as variant a, then the fusion alone"
-                           if args.ship_variant == "c2" else "")),
+                           if staged else "")
+                        + (f", on a loss that weighs the first {args.opening_tokens} response tokens "
+                           f"{args.opening_weight:g}x (flythinker.training.opening_loss)"
+                           if uses(args.ship_variant, "opening") else "")
+                        + ("; its projection trained on whitened inputs (flythinker.training.whitened_projection)"
+                           if uses(args.ship_variant, "whiten") else "")
+                        + (f"; the reasoner is SmolLM2's first {args.reasoner_layers} layers and final norm"
+                           if uses(args.ship_variant, "truncated") else "")),
             "recipe": (f"python -m benchmarks.personalization_smollm2 --variants "
-                       f"{'a,c2' if args.ship_variant == 'c2' else 'c'} --ship-variant {args.ship_variant} --ship "
+                       f"{'a,' if staged else ''}{args.ship_variant} --ship-variant {args.ship_variant} --ship "
                        f"--train-users {args.train_users} --steps {args.steps} --fusion-steps {args.fusion_steps} "
-                       f"--batch {args.batch} --lr {args.lr} --fusion-lr {args.fusion_lr} --lam {args.lam}"),
+                       f"--batch {args.batch} --lr {args.lr} --fusion-lr {args.fusion_lr} --lam {args.lam} "
+                       f"--calibrate-on {args.calibrate_on}"
+                       + (f" --opening-tokens {args.opening_tokens} --opening-weight {args.opening_weight:g}"
+                          if uses(args.ship_variant, "opening") else "")
+                       + (f" --whiten-batches {args.whiten_batches} --shrink {args.shrink:g}"
+                          if uses(args.ship_variant, "whiten") else "")
+                       + (f" --reasoner-layers {args.reasoner_layers}"
+                          if uses(args.ship_variant, "truncated") else "")),
             "measured": {"benchmark": "benchmarks/results/personalization_smollm2.json",
                          "train_seconds": {v: result["variants"][v].get("seconds") for v in ("a", args.ship_variant)
                                            if v in result["variants"]}}}
+    if uses(args.ship_variant, "truncated"):
+        info["reasoner_layers"] = args.reasoner_layers
     atomic_write_json(folder / "pair.json", info)
     log(f"shipped {len(tensors)} tensors to {folder}")
 
@@ -453,9 +526,11 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("shipped", "a", "b", "c", "c2") if "generation" in result["variants"].get(n, {})]
+    names = [n for n in ("shipped",) + CURVED if "generation" in result["variants"].get(n, {})]
     labels = {"shipped": "generator as shipped", "a": "a: SFT, query only", "b": "b: SFT, history in context",
-              "c": "c: flythinker split, joint", "c2": "c2: flythinker split, a + fusion (shipped)"}
+              "c": "c: flythinker split, joint", "c2": "c2: flythinker split, a + fusion",
+              "c3": "c3: c2 on the opening-weighted loss (shipped)", "c4": "c4: c3 with whitened projection steps",
+              "c5": "c5: c3 with a truncated reasoner"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     w = 0.8 / max(1, len(names))
     keys = GEN_TRAITS + ("rouge_l",)
@@ -469,7 +544,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"greedy replies, {result['data']['gen_users']} held-out users (95% CI)")
     ax.legend(fontsize=7, loc="upper left")
-    for n in ("a", "b", "c", "c2"):
+    for n in CURVED:
         c = result["variants"].get(n, {}).get("curve")
         if c:
             ax2.plot([p["step"] for p in c], [p["strategy"] for p in c], marker="o", label=f"{labels[n]}: strategy")
