@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.personalization_smollm2 [--variants a,c3] [--steps 120 --fusion-steps 120]
         [--run-dir .cache/personalization_smollm2] [--ship --ship-variant c3]
 
-The defaults are the shipped pair's recipe (variants a then c3; about 45 min on an idle 2-core CPU).
+The defaults are the shipped pair's recipe: variants a then c3, each scored, and the generator as shipped (about 55 min
+on an idle 2-core CPU).
 
 Variants (persona-empathy, held-out users; the generator's LoRA is rank 8 on all seven linear maps of every layer):
   shipped  the generator as shipped (no training);
