@@ -75,14 +75,6 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor
     return mean, inv, w.detach()
 
 
-def whitening(x: torch.Tensor, shrink: float) -> torch.Tensor:
-    """`(C + shrink * tr(C)/H * I)^(-1/2)` of the second moment C of rows x `[N, H]`: `[H, H]`, symmetric."""
-    c = x.T @ x / len(x)
-    evals, evecs = torch.linalg.eigh(c.double())
-    evals = evals.clamp_min(0) + shrink * evals.clamp_min(0).mean()
-    return (evecs @ torch.diag(evals.rsqrt()) @ evecs.T).float()
-
-
 def centroid_accuracy(x_tr, y_tr, x_te, y_te) -> float:
     """Held-out accuracy of the nearest-centroid rule `sign(d . (x - midpoint))`, d = mean(x|1) - mean(x|0): the
     direction the first gradient steps of a zero-initialised linear map find."""
@@ -113,6 +105,7 @@ def main(argv=None) -> None:
     from flythinker.hub import atomic_write_json, load_pretrained
     from flythinker.persona import make_persona_empathy
     from flythinker.persona.empathy_dataset import TRAITS as VALUES
+    from flythinker.training.whitened_projection import whitening_matrix
 
     t0, load0 = time.time(), os.getloadavg()
     model, tok = load_pretrained("smollm2-135m-instruct")
@@ -137,7 +130,7 @@ def main(argv=None) -> None:
             # the first gradient steps' rule, on standardised latents and on whitened ones
             yt = torch.tensor(y_te)
             z_tr, z_te = (xs_train[where] - mean) * inv, (xs_test[where] - mean) * inv
-            m = whitening(z_tr, args.shrink)
+            m = whitening_matrix(z_tr, args.shrink)  # its scale does not change the centroid rule
             result["probes"][where][trait].update(
                 centroid_standardized=centroid_accuracy(z_tr, y_tr, z_te, yt),
                 centroid_whitened=centroid_accuracy(z_tr @ m, y_tr, z_te @ m, yt))

@@ -140,17 +140,15 @@ def suffix_nll(pair, item: dict, c: int) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), item["target"][:, c], reduction="none").sum(1)
 
 
-def train_fusion(pair, items: list[dict], steps: int, lr: float, rank: int, seed: int,
-                 precondition: torch.Tensor | None = None) -> dict:
-    """Adam on the projection only (rank>0: P = A @ B with A zero-initialised, B random). `precondition` M
-    `[H_r, H_r]`: Adam trains P' in P = P' @ M (zero-initialised), so that gradient steps see whitened inputs
-    (flythinker.training.whitened_projection, by hand here); the projection the pair keeps is P itself."""
+def train_fusion(pair, items: list[dict], steps: int, lr: float, rank: int, seed: int, whitened: bool = False) -> dict:
+    """Adam on the projection only (rank>0: P = A @ B with A zero-initialised, B random). `whitened`: the projection
+    was reparametrised as P = P' @ M (flythinker.training.whitened_projection.whiten_projection); Adam trains P', and
+    the projection is folded back to a plain P at the end."""
     torch.manual_seed(seed)
     W = pair.latent_proj.weight
     H_g, H_r = W.shape
-    if precondition is not None:
-        Wp = torch.zeros(H_g, H_r, requires_grad=True)
-        params = [Wp]
+    if whitened:
+        params = [pair.latent_proj.parametrizations.weight.original.requires_grad_(True)]
     elif rank:
         A = torch.zeros(H_g, rank, requires_grad=True)
         Bm = (torch.randn(rank, H_r) / H_r ** 0.5).requires_grad_(True)
@@ -166,26 +164,27 @@ def train_fusion(pair, items: list[dict], steps: int, lr: float, rank: int, seed
         if step % len(items) == 0:
             rng.shuffle(order)
         item = items[order[step % len(items)]]
-        if rank or precondition is not None:
+        if rank and not whitened:
             with torch.no_grad():
-                W.copy_(Wp @ precondition if precondition is not None else A @ Bm)
+                W.copy_(A @ Bm)
             W.requires_grad_(True)
             W.grad = None
         nll = suffix_nll(pair, item, 0)
         loss = nll.sum() / item["target"][:, 0].numel()
         loss.backward()
-        if precondition is not None:
-            Wp.grad = W.grad @ precondition.T
-        elif rank:
+        if rank and not whitened:
             g = W.grad
             A.grad, Bm.grad = g @ Bm.T, A.T @ g
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
-    with torch.no_grad():
-        if precondition is not None:
-            W.copy_(Wp @ precondition)
-        elif rank:
+    if whitened:
+        from flythinker.training.whitened_projection import fold_projection
+
+        fold_projection(pair)
+        W = pair.latent_proj.weight
+    elif rank:
+        with torch.no_grad():
             W.copy_(A @ Bm)
     W.requires_grad_(False)
     return {"losses": losses, "train_s": time.time() - t0, "proj_norm": float(W.norm())}
@@ -300,12 +299,10 @@ def merged_generator(base, path: str, rank: int):
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    from benchmarks.personalization_smollm2 import LORA_TARGETS
+    from benchmarks.personalization_smollm2 import LORA_TARGETS, load_state
 
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
-    _, unexpected = model.load_state_dict(load_file(path), strict=False)
-    if unexpected:
-        raise ValueError(f"{path} has keys a rank-{rank} LoRA of SmolLM2 lacks: {unexpected[:3]}")
+    load_state(model, load_file(path))  # refuses keys the model lacks
     gen = model.merge_and_unload().eval()
     for q in gen.parameters():
         q.requires_grad_(False)
@@ -345,7 +342,7 @@ def main() -> None:
     from flythinker import FlyThinkerForCausalLM
     from flythinker.hub import atomic_write_json, load_pretrained
     from flythinker.latent_norm import LatentStats
-    from flythinker.training.whitened_projection import projection_inputs, whitening_matrix
+    from flythinker.training.whitened_projection import projection_inputs, whiten_projection
 
     t_all, load0 = time.time(), os.getloadavg()
     base, tok = load_pretrained("smollm2-135m-instruct")
@@ -388,11 +385,12 @@ def main() -> None:
     boundary = torch.cat([it["latents"][:, 0, 0] for it in train_items])  # [N, H_r]: the boundary latents
     for cfg, pair in pairs.items():  # train every config first: the projection is shipped before scoring
         rank, lr, steps = cfg.split(":")[:3]
-        white = (whitening_matrix(projection_inputs(pair, boundary), args.shrink)
-                 if "white" in cfg.split(":")[3:] else None)
+        white = "white" in cfg.split(":")[3:]
         with torch.no_grad():
             pair.latent_proj.weight.zero_()
-        tr = train_fusion(pair, train_items, int(steps), float(lr), int(rank), 0, precondition=white)
+        if white:
+            whiten_projection(pair, projection_inputs(pair, boundary), args.shrink)
+        tr = train_fusion(pair, train_items, int(steps), float(lr), int(rank), 0, whitened=white)
         trained[cfg] = pair.latent_proj.weight.detach().clone()
         result["configs"][cfg] = {"train": tr}
         log(f"config {cfg}: loss {sum(tr['losses'][:4]) / 4:.2f}->{sum(tr['losses'][-4:]) / 4:.2f} "
