@@ -468,6 +468,17 @@ def earlier_variants(out: Path, result: dict) -> dict:
     return old.get("variants", {})
 
 
+def stage_options(args) -> dict[str, tuple[str, str]]:
+    """Per two-stage option (STAGED), in recipe order: (its words in pair.json's "trained", its recipe flags)."""
+    return {"opening": (f", on a loss that weighs the first {args.opening_tokens} response tokens "
+                        f"{args.opening_weight:g}x (flythinker.training.opening_loss)",
+                        f" --opening-tokens {args.opening_tokens} --opening-weight {args.opening_weight:g}"),
+            "whiten": ("; its projection trained on whitened inputs (flythinker.training.whitened_projection)",
+                       f" --whiten-batches {args.whiten_batches} --shrink {args.shrink:g}"),
+            "truncated": (f"; the reasoner is SmolLM2's first {args.reasoner_layers} layers and final norm",
+                          f" --reasoner-layers {args.reasoner_layers}")}
+
+
 def ship(model, result: dict, args) -> None:
     """The shipped variant's trained tensors as the shipped pair: the generator's LoRA factors and the fusion, fp16."""
     from safetensors.torch import save
@@ -476,6 +487,7 @@ def ship(model, result: dict, args) -> None:
 
     folder = Path(args.ship_dir) if args.ship_dir else ROOT / "flythinker" / "pretrained" / SHIPPED
     staged = args.ship_variant in STAGED
+    options = [described for option, described in stage_options(args).items() if uses(args.ship_variant, option)]
     tensors = {}
     for k, v in model.state_dict().items():  # frozen (c2, c3) or trained (c): the generator's LoRA factors
         if ".lora_A." in k or ".lora_B." in k:  # generator.<module>.lora_A.default.weight -> <module>.lora_A
@@ -493,24 +505,12 @@ def ship(model, result: dict, args) -> None:
                         "zero-initialised projection on standardised latents; reasoner frozen (SmolLM2 as shipped)"
                         + ("; two stages: the generator LoRA as variant a, then the fusion alone"
                            if staged else "")
-                        + (f", on a loss that weighs the first {args.opening_tokens} response tokens "
-                           f"{args.opening_weight:g}x (flythinker.training.opening_loss)"
-                           if uses(args.ship_variant, "opening") else "")
-                        + ("; its projection trained on whitened inputs (flythinker.training.whitened_projection)"
-                           if uses(args.ship_variant, "whiten") else "")
-                        + (f"; the reasoner is SmolLM2's first {args.reasoner_layers} layers and final norm"
-                           if uses(args.ship_variant, "truncated") else "")),
+                        + "".join(text for text, _ in options)),
             "recipe": (f"python -m benchmarks.personalization_smollm2 --variants "
                        f"{'a,' if staged else ''}{args.ship_variant} --ship-variant {args.ship_variant} --ship "
                        f"--train-users {args.train_users} --steps {args.steps} --fusion-steps {args.fusion_steps} "
                        f"--batch {args.batch} --lr {args.lr} --fusion-lr {args.fusion_lr} --lam {args.lam} "
-                       f"--calibrate-on {args.calibrate_on}"
-                       + (f" --opening-tokens {args.opening_tokens} --opening-weight {args.opening_weight:g}"
-                          if uses(args.ship_variant, "opening") else "")
-                       + (f" --whiten-batches {args.whiten_batches} --shrink {args.shrink:g}"
-                          if uses(args.ship_variant, "whiten") else "")
-                       + (f" --reasoner-layers {args.reasoner_layers}"
-                          if uses(args.ship_variant, "truncated") else "")),
+                       f"--calibrate-on {args.calibrate_on}" + "".join(flags for _, flags in options)),
             "measured": {"benchmark": "benchmarks/results/personalization_smollm2.json",
                          "train_seconds": {v: result["variants"][v].get("seconds") for v in ("a", args.ship_variant)
                                            if v in result["variants"]}}}
