@@ -20,6 +20,8 @@ Variants (persona-empathy, held-out users; the generator's LoRA is rank 8 on all
            M from `--whiten-batches` batches of boundary latents, folded after training);
   c5       c3 with a reasoner made of SmolLM2's first `--reasoner-layers` layers (flythinker.truncate): per token it
            costs k/30 of the generator;
+  c6       c3 with the generator's LoRA trained too in stage 2 (from a's weights, at `--stage2-lora-lr`);
+  c7       c3 for 2 x `--fusion-steps` stage-2 steps (a second pass over the same batches);
   e        c trained at lambda 0: must equal a (its losses are compared step by step; only `--e-steps` steps run).
 Measured per variant:
   likelihood preference on >= 300 records of >= 100 test users: the reference reply's opening NLL against the same
@@ -42,6 +44,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -55,12 +58,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREF_TRAITS = ("strategy", "register")
 GEN_TRAITS = ("strategy", "length", "register")
-# The two-stage pairs: variant a's trained generator LoRA, frozen, then the fusion alone, with these options:
+# The two-stage pairs: variant a's trained generator LoRA, frozen, then the fusion alone (joint: and the LoRA), with
+# these options:
 #   opening    the loss weighs the reply's opening (flythinker.training.opening_loss)
 #   whiten     the projection's gradient steps see whitened inputs (flythinker.training.whitened_projection)
 #   truncated  the reasoner is SmolLM2's first --reasoner-layers layers (flythinker.truncate)
+#   joint      stage 2 also trains the generator's LoRA (from a's weights, at --stage2-lora-lr)
+#   long       stage 2 runs 2 x --fusion-steps steps (two passes over the training batches)
 STAGED = {"c2": frozenset(), "c3": frozenset({"opening"}), "c4": frozenset({"opening", "whiten"}),
-          "c5": frozenset({"opening", "truncated"})}
+          "c5": frozenset({"opening", "truncated"}), "c6": frozenset({"opening", "joint"}),
+          "c7": frozenset({"opening", "long"})}
 PAIRS = ("c", *STAGED, "e")  # the variants that are FlyThinker pairs
 RUN_ONLY_ARGS = ("variants", "out", "plot_only", "ship", "ship_dir", "ship_variant")  # not part of a recipe
 CURVED = ("a", "b", "c", *STAGED)  # the variants whose accuracy is tracked against training steps
@@ -129,7 +136,7 @@ def load_variant_model(variant: str, args):
                              f"(--variants a,{variant})")
         state = {"generator." + k.removeprefix("base_model.model."): v for k, v in load_file(a_path).items()}
         load_state(model, state)
-        set_trainable(model, ("projection",))
+        set_trainable(model, ("generator", "projection") if uses(variant, "joint") else ("projection",))
     return model, tok
 
 
@@ -149,6 +156,16 @@ def load_state(model, state: dict[str, torch.Tensor]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training
+_LATENT_STORES: dict = {}  # reasoner digest -> ReasonerLatentCache, shared by this run's staged variants
+
+
+def latent_store(model):
+    """This run's store of `model`'s frozen-reasoner latents (one per distinct reasoner)."""
+    from flythinker.training.reasoner_cache import ReasonerLatentCache, reasoner_digest
+
+    return _LATENT_STORES.setdefault(reasoner_digest(model.reasoner), ReasonerLatentCache())
+
+
 class _Stop(Exception):
     """Raised from the progress callback to end a run early (variant e), carrying the losses so far."""
 
@@ -167,6 +184,7 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
     from flythinker.training import FlyThinkerCollator
     from flythinker.training.loop import LoopResult, batch_indices, train_loop
     from flythinker.training.opening_loss import opening_weighted_loss
+    from flythinker.training.reasoner_cache import cached_reasoner_latents
     from flythinker.training.whitened_projection import fold_projection, projection_inputs, whiten_projection
 
     path, meta_path = run_dir / f"{variant}.safetensors", run_dir / f"{variant}.json"
@@ -209,7 +227,7 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
             model.train()
 
     # e runs a's whole schedule (same warm-up and decay) and stops after --e-steps: its losses must equal a's
-    steps = args.fusion_steps if variant in STAGED else args.steps
+    steps = (args.fusion_steps * (2 if uses(variant, "long") else 1)) if variant in STAGED else args.steps
     stop_at = args.e_steps if variant == "e" else None
 
     def progress_or_stop(step: int, losses: list[float]) -> None:
@@ -221,13 +239,20 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
                else None)
     torch.manual_seed(args.seed)
     t = time.time()
+    lr = args.stage2_lora_lr if uses(variant, "joint") else args.lr  # generator parameters' lr (stage 2: none)
+    # the reasoner is frozen in every staged variant: its latents are computed once per batch (a second pass, or
+    # another staged variant of this run with the same reasoner, reads them; flythinker.training.reasoner_cache)
+    cache = cached_reasoner_latents(model, latent_store(model)) if variant in STAGED else nullcontext()
     try:
-        res = train_loop(model, feats, collator, steps=steps, batch_size=args.batch, lr=args.lr,
-                         fusion_lr=args.fusion_lr if variant in PAIRS else None, warmup_steps=args.warmup,
-                         seed=args.seed, progress=progress_or_stop, loss_fn=loss_fn)
+        with cache as store:
+            res = train_loop(model, feats, collator, steps=steps, batch_size=args.batch, lr=lr,
+                             fusion_lr=args.fusion_lr if variant in PAIRS else None, warmup_steps=args.warmup,
+                             seed=args.seed, progress=progress_or_stop, loss_fn=loss_fn)
     except _Stop as stop:
         res = LoopResult(list(stop.losses), time.time() - t)
         steps = stop_at
+    if variant in STAGED:
+        entry["reasoner_cache"] = {"misses": store.misses, "hits": store.hits, "bytes": store.nbytes}
     fold_projection(model)  # a plain projection again (no-op unless whitened)
     entry.update(losses=res.losses, seconds=res.seconds, steps=steps, curve=curve)
     atomic_write_bytes(path, save(trained_state(model)))  # safetensors bytes, written atomically
@@ -328,6 +353,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--fusion-lr", type=float, default=3e-3)
+    p.add_argument("--stage2-lora-lr", type=float, default=3e-4, help="c6: the generator LoRA's lr in stage 2")
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--calibrate-on", default="boundary", choices=("fused", "boundary"),
@@ -476,7 +502,10 @@ def stage_options(args) -> dict[str, tuple[str, str]]:
             "whiten": ("; its projection trained on whitened inputs (flythinker.training.whitened_projection)",
                        f" --whiten-batches {args.whiten_batches} --shrink {args.shrink:g}"),
             "truncated": (f"; the reasoner is SmolLM2's first {args.reasoner_layers} layers and final norm",
-                          f" --reasoner-layers {args.reasoner_layers}")}
+                          f" --reasoner-layers {args.reasoner_layers}"),
+            "joint": (f"; stage 2 also trains the generator LoRA (lr {args.stage2_lora_lr:g})",
+                      f" --stage2-lora-lr {args.stage2_lora_lr:g}"),
+            "long": (f"; stage 2 runs {2 * args.fusion_steps} steps (two passes)", "")}
 
 
 def ship(model, result: dict, args) -> None:
@@ -503,8 +532,8 @@ def ship(model, result: dict, args) -> None:
             "lora": {"scaling": 2.0, "rank": args.rank, "targets": LORA_TARGETS, "part": "generator"},
             "trained": (f"generator LoRA rank {args.rank} on {len(LORA_TARGETS)} linear maps of every layer + "
                         "zero-initialised projection on standardised latents; reasoner frozen (SmolLM2 as shipped)"
-                        + ("; two stages: the generator LoRA as variant a, then the fusion alone"
-                           if staged else "")
+                        + ("; two stages: the generator LoRA as variant a, then the fusion"
+                           + ("" if uses(args.ship_variant, "joint") else " alone") if staged else "")
                         + "".join(text for text, _ in options)),
             "recipe": (f"python -m benchmarks.personalization_smollm2 --variants "
                        f"{'a,' if staged else ''}{args.ship_variant} --ship-variant {args.ship_variant} --ship "
