@@ -274,6 +274,7 @@ def test_demo_tiny_trains_caches_and_compares(capsys, tmp_path, tiny_demo_model)
     assert rc == 0, err
     assert "Trained in" in out and "generator alone" in out and "flythinker" in out
     assert "strategy metric" in out and "tok/s" in out and "fine-tuned, no latents" in out
+    assert "first token" in out and "flythinker's speed against the generator alone:" in out
     entries = [p for p in (tmp_path / "cache" / "demo").iterdir()]
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
     assert (entries[0] / "reasoner" / "adapter_model.safetensors").is_file()
@@ -373,3 +374,24 @@ def test_bench_runs_a_suite_script(capsys, tmp_path):
 
 def test_module_files_are_paths():
     assert Path(__file__).is_file()
+
+
+def test_generate_text_times_the_first_token(pair):
+    """The demo's speed columns: the first new token's time (prefill) is inside the call and the decode rate counts
+    the tokens after it; beam search (no streamer allowed) reports no first-token time."""
+    import torch
+
+    from flythinker.cli.common import Prompts, generate_text
+    from flythinker.modeling import FlyThinkerForCausalLM
+    from flythinker.training.toy import char_tokenizer
+
+    tok = char_tokenizer()
+    model = FlyThinkerForCausalLM.from_pair(*pair, fusion_lambda=0.5).eval()
+    prompts = Prompts(torch.tensor([tok("say:")["input_ids"]]), torch.tensor([tok("key=1:")["input_ids"]]))
+    kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    reply = generate_text(model, prompts, tok, kw, stream=False)
+    assert reply.tokens == 6 and 0 < reply.first_token_s < reply.seconds
+    assert reply.decode_tokens_per_s == pytest.approx(5 / (reply.seconds - reply.first_token_s))
+    assert reply.tokens_per_s == pytest.approx(6 / reply.seconds)
+    beams = generate_text(model, prompts, tok, dict(kw, num_beams=2), stream=False)
+    assert beams.first_token_s is None and beams.decode_tokens_per_s is None and beams.tokens == 6

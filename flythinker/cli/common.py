@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -258,10 +258,52 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
+class Reply(NamedTuple):
+    """One generated reply: its text, new tokens, wall seconds of the generate call, and the seconds to its first
+    new token (the prefill: for a split pair, the reasoner reading the history; None with beam search)."""
+
+    text: str
+    tokens: int
+    seconds: float
+    first_token_s: float | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """End to end: new tokens over the whole call, prefill included."""
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """After the first token: the decode loop's rate (None without a first-token time or with one token)."""
+        if self.first_token_s is None or self.tokens < 2:
+            return None
+        return (self.tokens - 1) / max(self.seconds - self.first_token_s, 1e-9)
+
+
+class _TimingStreamer:
+    """A transformers streamer that notes when the first new token arrives (the first `put` is the prompt) and
+    passes every call on to `inner` (the printing TextStreamer, or None)."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner, self.start, self.first, self._puts = inner, time.perf_counter(), None, 0
+
+    def put(self, value: Any) -> None:
+        self._puts += 1
+        if self._puts == 2:
+            self.first = time.perf_counter() - self.start
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
 def generate_text(model, prompts: Prompts, tokenizer, gen_kwargs: dict, *, stream: bool,
-                  out=None) -> tuple[str, int, float]:
+                  out=None) -> Reply:
     """Generate one reply to `prompts` with `model` (a FlyThinker pair, which also reads `prompts.reasoner`,
-    or a plain HF model), streamed to stdout when `stream`; returns (text, new tokens, seconds)."""
+    or a plain HF model), streamed to stdout when `stream`; returns the :class:`Reply` (text, new tokens, seconds,
+    seconds to the first token)."""
     import torch
     from transformers import TextStreamer
 
@@ -278,15 +320,17 @@ def generate_text(model, prompts: Prompts, tokenizer, gen_kwargs: dict, *, strea
         r = prompts.reasoner.to(device)
         kw.update(reasoner_input_ids=r, reasoner_attention_mask=torch.ones_like(r))
     streamer = None
-    if stream and kw.get("num_beams", 1) == 1:
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints to stdout
-        kw["streamer"] = streamer
+    if kw.get("num_beams", 1) == 1:  # transformers refuses a streamer with beam search
+        printer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        streamer = kw["streamer"] = _TimingStreamer(printer)  # prints to stdout when streamed
     start = time.perf_counter()
+    if streamer is not None:
+        streamer.start = start
     with torch.inference_mode():
         seq = model.generate(ids, **kw)
     seconds = time.perf_counter() - start
     new = seq[0, ids.shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True)
-    if streamer is None:
+    if streamer is None or streamer.inner is None:
         print(text, file=out, flush=True)
-    return text, int(new.numel()), seconds
+    return Reply(text, int(new.numel()), seconds, None if streamer is None else streamer.first)

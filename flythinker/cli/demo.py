@@ -253,15 +253,41 @@ def _verdict(text: str, traits: dict) -> tuple[str, int]:
 
 def _print_summary(totals: dict, n: int, n_traits: int, out) -> dict:
     print("\n=== summary over", n, "test users ===", file=out)
-    print(f"{'':24s} {'strategy metric':>16s} {'tokens/s':>9s}", file=out)
+    print(f"{'':24s} {'strategy metric':>16s} {'tokens/s':>9s} {'first token':>12s} {'decode tokens/s':>16s}",
+          file=out)
     summary = {}
-    for label, (hits, toks, sec) in totals.items():
-        acc = hits / (n_traits * n)
-        summary[label] = {"strategy_accuracy": acc, "tokens_per_s": toks / max(sec, 1e-9)}
-        print(f"{label:24s} {acc:15.0%} {toks / max(sec, 1e-9):9.1f}", file=out)
+    for label, t in totals.items():
+        acc = t["hits"] / (n_traits * n)
+        row = {"strategy_accuracy": acc, "tokens_per_s": t["tokens"] / max(t["seconds"], 1e-9),
+               "first_token_s": t["first"] / n if t["timed"] == n else None,
+               "decode_tokens_per_s": t["decode_tokens"] / t["decode_s"] if t["decode_s"] > 0 else None}
+        summary[label] = row
+        first = f"{row['first_token_s']:.2f} s" if row["first_token_s"] is not None else "-"
+        dec = f"{row['decode_tokens_per_s']:.1f}" if row["decode_tokens_per_s"] is not None else "-"
+        print(f"{label:24s} {acc:15.0%} {row['tokens_per_s']:9.1f} {first:>12s} {dec:>16s}", file=out)
+    fly, alone = summary.get("flythinker"), summary.get("generator alone")
+    if fly and alone:
+        ratios = [f"{fly['tokens_per_s'] / alone['tokens_per_s']:.2f}x end to end"]
+        if fly["decode_tokens_per_s"] and alone["decode_tokens_per_s"]:
+            ratios.append(f"{fly['decode_tokens_per_s'] / alone['decode_tokens_per_s']:.2f}x after the first token")
+        print(f"flythinker's speed against the generator alone: {', '.join(ratios)}", file=out)
     print("(strategy metric: share of the users' hidden traits - opening strategy, length, register - that the "
-          "reply matches; 50% is chance)", file=out, flush=True)
+          "reply matches; 50% is chance. tokens/s counts the whole call; first token: the prefill, where a split "
+          "pair's reasoner reads the history; decode tokens/s: the tokens after the first over their time)",
+          file=out, flush=True)
     return summary
+
+
+def _add(total: dict, reply, hits: int) -> None:
+    total["hits"] += hits
+    total["tokens"] += reply.tokens
+    total["seconds"] += reply.seconds
+    if reply.first_token_s is not None:
+        total["first"] += reply.first_token_s
+        total["timed"] += 1
+        if reply.tokens > 1:
+            total["decode_tokens"] += reply.tokens - 1
+            total["decode_s"] += reply.seconds - reply.first_token_s
 
 
 def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_tokens: int, out=None,
@@ -278,7 +304,8 @@ def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_toke
         entries.append(("fine-tuned, no latents", model.generator,
                         " (the pair's fine-tuned generator without the reasoner: reads the query only)"))
     entries.append(("flythinker", model, None))
-    totals = {label: [0, 0, 0.0] for label, *_ in entries}  # hits, tokens, seconds
+    totals = {label: dict(hits=0, tokens=0, seconds=0.0, first=0.0, timed=0, decode_tokens=0, decode_s=0.0)
+              for label, *_ in entries}
     rows = []
     for record, views in zip(records, split_views(records, tokenizer, max_reasoner_tokens), strict=True):
         traits = record.persona.traits
@@ -291,12 +318,15 @@ def compare(base, model, tokenizer, records, gen_kwargs: dict, max_reasoner_toke
             note = note or (f" (fine-tuned pair: generator reads the query, reasoner "
                             f"{len(views.reasoner_prompt_ids)} tokens of history + query)")
             print(f"--- {label}{note}:", file=out, flush=True)
-            text, n, sec = generate_text(m, prompts, tokenizer, gen_kwargs, stream=out is sys.stdout, out=out)
-            verdict, hits = _verdict(text, traits)
-            for i, v in enumerate((hits, n, sec)):
-                totals[label][i] += v
-            print(f"    [{n} tokens, {n / max(sec, 1e-9):.1f} tok/s | {verdict}]", file=out, flush=True)
-            row[label] = {"hits": hits, "tokens": n, "seconds": sec}
+            reply = generate_text(m, prompts, tokenizer, gen_kwargs, stream=out is sys.stdout, out=out)
+            verdict, hits = _verdict(reply.text, traits)
+            _add(totals[label], reply, hits)
+            timing = (f", first token {reply.first_token_s:.2f} s, then {reply.decode_tokens_per_s:.1f} tok/s"
+                      if reply.decode_tokens_per_s is not None else "")
+            print(f"    [{reply.tokens} tokens, {reply.tokens_per_s:.1f} tok/s{timing} | {verdict}]", file=out,
+                  flush=True)
+            row[label] = {"hits": hits, "tokens": reply.tokens, "seconds": reply.seconds,
+                          "first_token_s": reply.first_token_s}
         rows.append(row)
     return {"rows": rows, "summary": _print_summary(totals, len(records), len(TRAITS), out)}
 
