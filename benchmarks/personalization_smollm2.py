@@ -242,17 +242,19 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
     lr = args.stage2_lora_lr if uses(variant, "joint") else args.lr  # generator parameters' lr (stage 2: none)
     # the reasoner is frozen in every staged variant: its latents are computed once per batch (a second pass, or
     # another staged variant of this run with the same reasoner, reads them; flythinker.training.reasoner_cache)
-    cache = cached_reasoner_latents(model, latent_store(model)) if variant in STAGED else nullcontext()
+    store = latent_store(model) if variant in STAGED else None
+    seen = {"misses": store.misses, "hits": store.hits} if store is not None else {}
     try:
-        with cache as store:
+        with cached_reasoner_latents(model, store) if store is not None else nullcontext():
             res = train_loop(model, feats, collator, steps=steps, batch_size=args.batch, lr=lr,
                              fusion_lr=args.fusion_lr if variant in PAIRS else None, warmup_steps=args.warmup,
                              seed=args.seed, progress=progress_or_stop, loss_fn=loss_fn)
     except _Stop as stop:
         res = LoopResult(list(stop.losses), time.time() - t)
         steps = stop_at
-    if variant in STAGED:
-        entry["reasoner_cache"] = {"misses": store.misses, "hits": store.hits, "bytes": store.nbytes}
+    if store is not None:  # this variant's reasoner batches: run (misses) and read from the store (hits)
+        entry["reasoner_cache"] = {"misses": store.misses - seen["misses"], "hits": store.hits - seen["hits"],
+                                   "stored_bytes": store.nbytes}
     fold_projection(model)  # a plain projection again (no-op unless whitened)
     entry.update(losses=res.losses, seconds=res.seconds, steps=steps, curve=curve)
     atomic_write_bytes(path, save(trained_state(model)))  # safetensors bytes, written atomically
@@ -396,7 +398,7 @@ def compare(result: dict) -> None:
     v = result["variants"]
     diffs = {}
     pairs = [(x, y) for x in ("c", *STAGED) for y in ("a", "b", "shipped")]
-    pairs += [("c3", "c2"), ("c4", "c3"), ("c5", "c3"), ("a", "shipped"), ("b", "a")]
+    pairs += [("c3", "c2"), ("c4", "c3"), ("c5", "c3"), ("c6", "c3"), ("c7", "c3"), ("a", "shipped"), ("b", "a")]
     for x, y in pairs:
         if x in v and y in v and "generation_rows" in v[x] and "generation_rows" in v[y]:
             diffs[f"{x}-{y}"] = {
@@ -457,6 +459,8 @@ def main(argv=None) -> None:
             log(f"variant {name}: evaluated in an earlier run ({out}), kept")
             if name == "a" and set(STAGED) & set(names) and not (run_dir / "a.safetensors").exists():
                 train_variant(name, args, train, run_dir, None)  # a staged variant starts from a's weights
+            if name == args.ship_variant and (args.ship or args.ship_dir):  # its weights are in the run folder
+                ship(train_variant(name, args, train, run_dir, None)["model"], result, args)
             continue
         entry = train_variant(name, args, train, run_dir, curve if name in CURVED else None)
         result["variants"][name] = {k: v for k, v in entry.items() if k not in ("model", "tok")}
