@@ -6,7 +6,7 @@ at its lambda opens its greedy reply the way the user wants more often than the 
 STRATEGY_GAIN. Measured on the shipped pair: 77.5% against 60%, +17.5 points, below the issue's +20 on this sample
 (over the benchmark's 100 users the gain is +23 [+10, +35], README, Results); the bar here is +10 points (4 records
 of 40), which a pair whose reasoner carries nothing (a gain of 0) fails. The same check by likelihood preference (the
-opening's summed NLL, bar +20) is benchmarks/shipped_pair_check.py: the shipped pair does not pass that one, so it is
+opening's summed NLL, bar +20) is tests/test_shipped_pair_likelihood.py (the (c6) pair passes it; the earlier (c3) did not, so it was
 not part of `make test`.
 """
 

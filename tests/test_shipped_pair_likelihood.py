@@ -1,7 +1,5 @@
-"""Issue 16 CI check by likelihood preference, NOT in tests/: the shipped pair fails it. Measured on the pair shipped
-now (c3, README, Results): strategy 45% at lambda 1 against 30% at lambda 0, +15 points (bar +20), register 80% vs 50%
-(112 s). tests/test_shipped_pair.py checks the strategy in generated replies instead (+17.5 points on the same records).
-Run: .venv/bin/pytest -q benchmarks/shipped_pair_check.py. Move to tests/ once a shipped pair passes.
+"""Issue 16's CI check by likelihood preference. Measured on the pair shipped now (c6, README, Results): strategy
+67.5% at lambda 1 against 40% at lambda 0, +27.5 points (bar +20), register 97.5% vs 55% (166 s).
 
 The shipped personalised pair `smollm2-135m-persona-empathy` (flythinker/pretrained): it loads offline by name,
 and on held-out persona-empathy users its reasoner measurably carries the user's strategy.
