@@ -3,11 +3,12 @@ its trained tensors (the generator's merged LoRA, the fusion), and `flythinker d
 
 Issue 16's strategy check, in generated replies (the metric of the issue's targets): on 40 held-out records the pair
 at its lambda opens its greedy reply the way the user wants more often than the same weights at lambda 0, by at least
-STRATEGY_GAIN. Measured on the shipped pair: 77.5% against 60%, +17.5 points, below the issue's +20 on this sample
-(over the benchmark's 100 users the gain is +23 [+10, +35], README, Results); the bar here is +10 points (4 records
+STRATEGY_GAIN. Measured on the pair shipped before (c3): 77.5% against 60%, +17.5 points, below the issue's +20 on
+this sample (over the benchmark's 100 users: +23 [+10, +35]); not yet measured here on the shipped c6 (+24 [+12, +36]
+over the benchmark's 100 users, README, Results); the bar here is +10 points (4 records
 of 40), which a pair whose reasoner carries nothing (a gain of 0) fails. The same check by likelihood preference (the
-opening's summed NLL, bar +20) is tests/test_shipped_pair_likelihood.py (the (c6) pair passes it; the earlier (c3) did not, so it was
-not part of `make test`.
+opening's summed NLL, bar +20) is tests/test_shipped_pair_likelihood.py: the (c6) pair passes it; the earlier (c3)
+did not, so it was not part of `make test` before.
 """
 
 from __future__ import annotations

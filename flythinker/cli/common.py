@@ -284,8 +284,8 @@ class _TimingStreamer:
     """A transformers streamer that notes when the first new token arrives (the first `put` is the prompt) and
     passes every call on to `inner` (the printing TextStreamer, or None)."""
 
-    def __init__(self, inner: Any = None) -> None:
-        self.inner, self.start, self.first, self._puts = inner, time.perf_counter(), None, 0
+    def __init__(self, inner: Any, start: float) -> None:
+        self.inner, self.start, self.first, self._puts = inner, start, None, 0
 
     def put(self, value: Any) -> None:
         self._puts += 1
@@ -320,12 +320,10 @@ def generate_text(model, prompts: Prompts, tokenizer, gen_kwargs: dict, *, strea
         r = prompts.reasoner.to(device)
         kw.update(reasoner_input_ids=r, reasoner_attention_mask=torch.ones_like(r))
     streamer = None
+    start = time.perf_counter()
     if kw.get("num_beams", 1) == 1:  # transformers refuses a streamer with beam search
         printer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        streamer = kw["streamer"] = _TimingStreamer(printer)  # prints to stdout when streamed
-    start = time.perf_counter()
-    if streamer is not None:
-        streamer.start = start
+        streamer = kw["streamer"] = _TimingStreamer(printer, start)  # prints to stdout when streamed
     with torch.inference_mode():
         seq = model.generate(ids, **kw)
     seconds = time.perf_counter() - start

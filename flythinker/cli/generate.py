@@ -211,12 +211,11 @@ def run(args: argparse.Namespace) -> int:
     if not pair and prompts.reasoner is not None and not args.generator_only:
         print("flythinker: note: this model is a plain generator; --reasoner-prompt is ignored", file=sys.stderr)
     reply = generate_text(model, prompts, tokenizer, gen_kwargs, stream=not args.no_stream)
-    n_new, seconds = reply.tokens, reply.seconds
     g_len = prompts.generator.shape[1]
     r_len = prompts.reasoner.shape[1] if prompts.reasoner is not None else g_len
     who = f"flythinker, {prompts.description}" if pair else "generator alone"
     first = f", first token {reply.first_token_s:.2f} s" if reply.first_token_s is not None else ""
-    print(f"[{who}] {n_new} new tokens in {seconds:.2f} s ({n_new / max(seconds, 1e-9):.1f} tok/s{first}); prompt "
+    print(f"[{who}] {reply.tokens} new tokens in {reply.seconds:.2f} s ({reply.tokens_per_s:.1f} tok/s{first}); prompt "
           f"tokens: generator {g_len}" + (f", reasoner {r_len}" if pair else "")
           + (f"; decode path: {getattr(model, 'last_generate_path', '?')}" if pair else ""), file=sys.stderr)
     return 0
