@@ -1,10 +1,10 @@
 """Personalisation on the real SmolLM2-135M-Instruct pair: variants with one LoRA budget, data order and step count.
 
-    .venv/bin/python -m benchmarks.personalization_smollm2 [--variants a,c3] [--steps 120 --fusion-steps 120]
-        [--run-dir .cache/personalization_smollm2] [--ship --ship-variant c3]
+    .venv/bin/python -m benchmarks.personalization_smollm2 [--variants a,c6] [--steps 120 --fusion-steps 120]
+        [--run-dir .cache/personalization_smollm2] [--ship --ship-variant c6]
 
-The defaults are the shipped pair's recipe: variants a then c3, each scored, and the generator as shipped (about 55 min
-on an idle 2-core CPU).
+The defaults are the shipped pair's recipe: variants a then c6, each scored, and the generator as shipped (about 60 min
+on an idle 2-core CPU: a 726 s and c6 1771 s of training, the rest scoring).
 
 Variants (persona-empathy, held-out users; the generator's LoRA is rank 8 on all seven linear maps of every layer):
   shipped  the generator as shipped (no training);
@@ -13,6 +13,9 @@ Variants (persona-empathy, held-out users; the generator's LoRA is rank 8 on all
   c        flythinker split context: the reasoner (SmolLM2, frozen) reads history + query, the generator the query;
            trained: the generator's LoRA + the fusion (zero-initialised projection on standardised latents,
            `latent_norm="standardize"`, calibrated on the training batches), at lambda `--lam`;
+  d        flythinker shared context: both models read history + query, trained like c (the generator's LoRA + the
+           fusion from step 0); the latent is fused from the reply boundary on (`fuse_prompt=False`: the boundary
+           latent is the one the split pairs fuse too);
   c2       two stages: a's trained generator LoRA, frozen, then the fusion alone for `--fusion-steps` steps;
   c3       c2 on a loss that weighs the first `--opening-tokens` response tokens `--opening-weight`x, where the
            strategy is decided (flythinker.training.opening_loss; benchmarks/latent_probe_smollm2.py says why);
@@ -68,9 +71,10 @@ GEN_TRAITS = ("strategy", "length", "register")
 STAGED = {"c2": frozenset(), "c3": frozenset({"opening"}), "c4": frozenset({"opening", "whiten"}),
           "c5": frozenset({"opening", "truncated"}), "c6": frozenset({"opening", "joint"}),
           "c7": frozenset({"opening", "long"})}
-PAIRS = ("c", *STAGED, "e")  # the variants that are FlyThinker pairs
+PAIRS = ("c", "d", *STAGED, "e")  # the variants that are FlyThinker pairs
+FULL_VIEW = ("b", "d")  # the variants whose generator reads the full view (history + query)
 RUN_ONLY_ARGS = ("variants", "out", "plot_only", "ship", "ship_dir", "ship_variant")  # not part of a recipe
-CURVED = ("a", "b", "c", *STAGED)  # the variants whose accuracy is tracked against training steps
+CURVED = ("a", "b", "c", "d", *STAGED)  # the variants whose accuracy is tracked against training steps
 SHIPPED = "smollm2-135m-persona-empathy"
 
 
@@ -94,14 +98,14 @@ def select(records, per_user: int, users: int):
 
 
 def features(views, variant: str) -> list[dict]:
-    if variant in PAIRS:
-        return [v.example("split") for v in views]
-    return [v.example("shared" if variant == "b" else "generator") for v in views]
+    if variant in FULL_VIEW:
+        return [v.example("shared") for v in views]
+    return [v.example("split" if variant in PAIRS else "generator") for v in views]
 
 
 # ---------------------------------------------------------------------------------------------- models
 def load_variant_model(variant: str, args):
-    """(model, tokenizer): a plain SmolLM2 with LoRA (a, b) or a split pair with generator LoRA (c, e)."""
+    """(model, tokenizer): a plain SmolLM2 with LoRA (a, b) or a pair with generator LoRA (c, d, e, staged)."""
     from peft import LoraConfig, get_peft_model
 
     from flythinker import FlyThinkerForCausalLM
@@ -121,9 +125,10 @@ def load_variant_model(variant: str, args):
 
         rsn = truncated_reasoner(rsn, args.reasoner_layers)
     lam = 0.0 if variant == "e" else args.lam
+    shared = {"fuse_prompt": False} if variant == "d" else {}
     model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=lam, projection="zero",
                                             latent_norm="standardize", parallel="off",
-                                            loss_impl="naive" if uses(variant, "opening") else "fused")
+                                            loss_impl="naive" if uses(variant, "opening") else "fused", **shared)
     torch.manual_seed(args.seed)
     apply_lora(model, "generator", r=args.rank, alpha=2 * args.rank, target_modules=LORA_TARGETS)
     set_trainable(model, ("generator", "projection"))
@@ -268,7 +273,7 @@ def train_variant(variant: str, args, data, run_dir: Path, curve_records) -> dic
 def preference_rows(model, tok, records, variant: str, args) -> list[dict]:
     from flythinker.persona.preference import preference
 
-    view = "full" if variant == "b" else "query"
+    view = "full" if variant in FULL_VIEW else "query"
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows = preference(inner, tok, records, PREF_TRAITS, max_reasoner_tokens=args.max_reasoner_tokens, view=view)
     return [{"user": r.user_id, "record": r.record_id, **{t: float(row[t]) for t in PREF_TRAITS}}
@@ -287,10 +292,10 @@ def generate_rows(model, tok, records, variant: str, args) -> tuple[list[dict], 
         recs = records[i:i + args.gen_batch]
         views = [build_views(r, tok, mode="split", max_reasoner_tokens=args.max_reasoner_tokens, warn=False)
                  for r in recs]
-        g = [v.reasoner_prompt_ids if variant == "b" else v.generator_prompt_ids for v in views]
+        g = [v.reasoner_prompt_ids if variant in FULL_VIEW else v.generator_prompt_ids for v in views]
         g_ids, g_mask = left_pad(g, pad)
         kw = dict(attention_mask=g_mask, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
-        if variant in PAIRS:
+        if variant in PAIRS and variant not in FULL_VIEW:  # split context: the reasoner reads its own view
             r_ids, r_mask = left_pad([v.reasoner_prompt_ids for v in views], pad)
             kw.update(reasoner_input_ids=r_ids, reasoner_attention_mask=r_mask)
         out = model.generate(g_ids, **kw)[:, g_ids.shape[1]:]
@@ -300,7 +305,7 @@ def generate_rows(model, tok, records, variant: str, args) -> tuple[list[dict], 
             rows.append({"user": r.user_id, "record": r.record_id, "reply": text,
                          **{t: float(pred[t] == r.persona.traits[t]) for t in GEN_TRAITS},
                          "rouge_l": rouge_l(text, r.response)})
-            g_tokens += len(v.reasoner_prompt_ids if variant == "b" else v.generator_prompt_ids)
+            g_tokens += len(v.reasoner_prompt_ids if variant in FULL_VIEW else v.generator_prompt_ids)
             full_tokens += len(v.reasoner_prompt_ids)
             new_tokens += int((seq != pad).sum())
         log(f"variant {variant}: generated {len(rows)}/{len(records)}")
@@ -332,7 +337,7 @@ def summarise(rows: list[dict], traits, base: list[dict] | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default="a,c3", help="comma-separated; the default is the shipped pair's recipe")
+    p.add_argument("--variants", default="a,c6", help="comma-separated; the default is the shipped pair's recipe")
     p.add_argument("--train-users", type=int, default=480)
     p.add_argument("--train-per-user", type=int, default=2)
     p.add_argument("--pref-users", type=int, default=100)
@@ -349,7 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--whiten-batches", type=int, default=60, help="c4: batches of boundary latents for M")
     p.add_argument("--shrink", type=float, default=0.1, help="c4: M's ridge, a fraction of the mean eigenvalue")
     p.add_argument("--reasoner-layers", type=int, default=8, help="c5: the reasoner's layers (SmolLM2's first k)")
-    p.add_argument("--ship-variant", default="c", choices=("c", *STAGED))
+    p.add_argument("--ship-variant", default="c6", choices=("c", *STAGED))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
@@ -397,7 +402,7 @@ def compare(result: dict) -> None:
     """Paired differences between variants (same records) with their bootstrap intervals."""
     v = result["variants"]
     diffs = {}
-    pairs = [(x, y) for x in ("c", *STAGED) for y in ("a", "b", "shipped")]
+    pairs = [(x, y) for x in ("c", "d", *STAGED) for y in ("a", "b", "shipped")]
     pairs += [("c3", "c2"), ("c4", "c3"), ("c5", "c3"), ("c6", "c3"), ("c7", "c3"), ("a", "shipped"), ("b", "a")]
     for x, y in pairs:
         if x in v and y in v and "generation_rows" in v[x] and "generation_rows" in v[y]:
@@ -562,9 +567,10 @@ def plot(result: dict, path: Path) -> None:
 
     names = [n for n in ("shipped",) + CURVED if "generation" in result["variants"].get(n, {})]
     labels = {"shipped": "generator as shipped", "a": "a: SFT, query only", "b": "b: SFT, history in context",
-              "c": "c: flythinker split, joint", "c2": "c2: flythinker split, a + fusion",
-              "c3": "c3: c2 on the opening-weighted loss (shipped)", "c4": "c4: c3 with whitened projection steps",
-              "c5": "c5: c3 with a truncated reasoner"}
+              "c": "c: flythinker split, joint", "d": "d: flythinker shared context, joint",
+              "c2": "c2: flythinker split, a + fusion", "c3": "c3: c2 on the opening-weighted loss",
+              "c4": "c4: c3 with whitened projection steps", "c5": "c5: c3 with a truncated reasoner",
+              "c6": "c6: c3, generator LoRA too in stage 2 (shipped)", "c7": "c7: c3 with 2x stage-2 steps"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     w = 0.8 / max(1, len(names))
     keys = GEN_TRAITS + ("rouge_l",)
@@ -572,7 +578,7 @@ def plot(result: dict, path: Path) -> None:
         s = result["variants"][n]["generation"]
         means = [s[k]["mean"] for k in keys]
         err = [[m - s[k]["ci95"][0] for m, k in zip(means, keys)], [s[k]["ci95"][1] - m for m, k in zip(means, keys)]]
-        ax.bar([j + i * w for j in range(len(keys))], means, w, yerr=err, capsize=3, label=labels[n])
+        ax.bar([j + i * w for j in range(len(keys))], means, w, yerr=err, capsize=3, label=labels.get(n, n))
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], keys)
     ax.set_ylim(0, 1.05)
@@ -581,13 +587,11 @@ def plot(result: dict, path: Path) -> None:
     for n in CURVED:
         c = result["variants"].get(n, {}).get("curve")
         if c:
-            ax2.plot([p["step"] for p in c], [p["strategy"] for p in c], marker="o", label=f"{labels[n]}: strategy")
-            ax2.plot([p["step"] for p in c], [p["register"] for p in c], marker="x", ls=":",
-                     label=f"{labels[n]}: register")
+            ax2.plot([p["step"] for p in c], [p["strategy"] for p in c], marker="o", label=labels.get(n, n))
     ax2.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax2.set_ylim(0, 1.05)
     ax2.set_xlabel("training step")
-    ax2.set_ylabel(f"likelihood preference, {result['args']['curve_users']} validation users")
+    ax2.set_ylabel(f"strategy preference (likelihood), {result['args']['curve_users']} validation users")
     ax2.legend(fontsize=6)
     fig.suptitle("SmolLM2-135M-Instruct: generator LoRA alone vs flythinker (frozen reasoner, standardised fusion)")
     fig.tight_layout()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,56 +193,13 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def _from_shipped(cls, name: str, folder: str | os.PathLike | None = None, **kwargs: Any
                       ) -> FlyThinkerForCausalLM:
-        """A pair shipped in flythinker/pretrained: its offline base model as generator and reasoner, its fusion
-        options, and its trained tensors copied in. Tensors named like a parameter or buffer (the projection, the
-        latent statistics) replace it; `<module>.lora_A` / `<module>.lora_B` pairs are LoRA factors, merged into
-        `<module>.weight` as `W + scaling * B @ A` (pair.json's `lora.scaling`), so the loaded pair decodes with
-        plain linear layers. `folder`: read pair.json and the deltas from there instead (a retrained copy of the
-        pair, `flythinker demo --retrain`). pair.json's optional `reasoner_layers: k` makes the reasoner the base's
-        first k layers and final norm (flythinker.truncate.truncated_reasoner). `dtype=` is the only option."""
-        import json
+        """A pair shipped in flythinker/pretrained, built from its offline base model and its trained deltas
+        (`flythinker.pretrained.loading.load_shipped`: `dtype=`, and `shared_base=False` for two independent copies
+        with the LoRA merged instead of one shared base with adapters). `folder`: read pair.json and the deltas from
+        there instead (a retrained copy of the pair, `flythinker demo --retrain`)."""
+        from flythinker.pretrained.loading import load_shipped
 
-        from safetensors.torch import load_file
-
-        from flythinker.hub import resolve
-        from flythinker.pretrained import deltas_path, pair_info
-
-        dtype = kwargs.pop("dtype", None)
-        kwargs.pop("use_safetensors", None)
-        if kwargs:
-            raise TypeError(f"shipped pair {name!r} is loaded with dtype= only, got {sorted(kwargs)}")
-        info = pair_info(name) if folder is None else json.loads((Path(folder) / "pair.json").read_text())
-        deltas = deltas_path(name) if folder is None else Path(folder) / "deltas.safetensors"
-        base = str(resolve(info["base"]))
-        k = info.get("reasoner_layers")  # a reasoner made of the base's first k layers (flythinker.truncate)
-        if k is None:
-            model = cls.from_pair(base, base, dtype=dtype, **info["fusion"])
-        else:
-            from flythinker.truncate import truncated_reasoner
-
-            gen = _load_lm("generator", base, dtype, None)
-            model = cls.from_pair(gen, truncated_reasoner(gen, k), **info["fusion"])
-        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        factors: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in load_file(deltas).items():
-            if key.endswith((".lora_A", ".lora_B")):
-                factors.setdefault(key[: -len(".lora_A")], {})[key[-1]] = value
-                continue
-            if key not in tensors or tuple(tensors[key].shape) != tuple(value.shape):
-                raise ValueError(f"shipped pair {name!r}: delta {key} {tuple(value.shape)} matches no parameter")
-            with torch.no_grad():
-                tensors[key].copy_(value.to(tensors[key].dtype))
-        if factors and "scaling" not in info.get("lora", {}):
-            raise ValueError(f"shipped pair {name!r} has LoRA factors but its pair.json gives no lora.scaling")
-        scaling = float(info["lora"]["scaling"]) if factors else 0.0
-        for module, ab in factors.items():
-            w = tensors.get(f"{module}.weight")
-            if set(ab) != {"A", "B"} or w is None or (ab["B"].shape[0], ab["A"].shape[1]) != tuple(w.shape):
-                raise ValueError(f"shipped pair {name!r}: LoRA factors of {module} ({sorted(ab)}) do not fit a "
-                                 "weight of this pair")
-            with torch.no_grad():
-                w += (scaling * (ab["B"].float() @ ab["A"].float())).to(w.dtype)
-        return model.eval()
+        return load_shipped(cls, name, folder, **kwargs)
 
     @classmethod
     def from_shared_base(cls, base: PreTrainedModel | str, *, r: int = 8, lora_alpha: float = 16,

@@ -51,5 +51,8 @@ def test_preference_untrained_zero_pair_scores_like_its_generator(data):
     rows = preference(pair, tok, recs, ("strategy", "register"), max_reasoner_tokens=400)
     assert rows == preference(gen, tok, recs, ("strategy", "register"), max_reasoner_tokens=400)
     assert set(accuracy(rows)) == {"strategy", "register"} and len(rows) == 4
+    # view="full": the pair in shared context (both models read history + query), as its generator on that view
+    full = preference(pair, tok, recs, ("strategy", "register"), max_reasoner_tokens=400, view="full")
+    assert full == preference(gen, tok, recs, ("strategy", "register"), max_reasoner_tokens=400, view="full")
     with pytest.raises(ValueError, match="view"):
         preference(gen, tok, recs, view="history")

@@ -1,14 +1,13 @@
 """The shipped personalised pair `smollm2-135m-persona-empathy` (flythinker/pretrained): it loads offline by name with
-its trained tensors (the generator's merged LoRA, the fusion), and `flythinker demo` runs on it.
+its trained tensors (one shared base; the generator's LoRA as its adapter, the fusion), decodes the same tokens as
+its two-copy layout, and `flythinker demo` runs on it.
 
 Issue 16's strategy check, in generated replies (the metric of the issue's targets): on 40 held-out records the pair
 at its lambda opens its greedy reply the way the user wants more often than the same weights at lambda 0, by at least
-STRATEGY_GAIN. Measured on the pair shipped before (c3): 77.5% against 60%, +17.5 points, below the issue's +20 on
-this sample (over the benchmark's 100 users: +23 [+10, +35]); not yet measured here on the shipped c6 (+24 [+12, +36]
-over the benchmark's 100 users, README, Results); the bar here is +10 points (4 records
-of 40), which a pair whose reasoner carries nothing (a gain of 0) fails. The same check by likelihood preference (the
-opening's summed NLL, bar +20) is tests/test_shipped_pair_likelihood.py: the (c6) pair passes it; the earlier (c3)
-did not, so it was not part of `make test` before.
+STRATEGY_GAIN, the issue's +20 points. Measured on the shipped (c6) pair: 82.5% against 50%, +32.5 points (over the
+benchmark's 100 users: +24 [+12, +36], README, Results); the pair shipped before it (c3) scored +17.5 here. A pair
+whose reasoner carries nothing (a gain of 0) fails. The same check by likelihood preference (the opening's summed
+NLL, bar +20) is tests/test_shipped_pair_likelihood.py.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from flythinker.pretrained import pair_info
 pytestmark = pytest.mark.integration
 NAME = "smollm2-135m-persona-empathy"
 N_RECORDS = 40
-STRATEGY_GAIN = 0.10  # see the module docstring: measured +0.175 on these records
+STRATEGY_GAIN = 0.20  # see the module docstring: measured +0.325 on these records
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +34,10 @@ def shipped():
     return FlyThinkerForCausalLM.from_pretrained(NAME).eval(), load_tokenizer(NAME)
 
 
+@torch.no_grad()
 def test_shipped_pair_loads_by_name_with_its_trained_tensors(shipped):
     from flythinker.hub import load_pretrained
+    from flythinker.shared_base import adapters, is_shared_base
 
     model, _ = shipped
     info = pair_info(NAME)
@@ -44,34 +45,64 @@ def test_shipped_pair_loads_by_name_with_its_trained_tensors(shipped):
         assert getattr(model.config, key) == value
     assert model.latent_proj.weight.abs().max() > 0  # the trained projection, not a fresh zero one
     assert not torch.equal(model.latent_mean, torch.zeros_like(model.latent_mean))  # calibrated statistics
+    # one base held once; the generator's adapters are the shipped LoRA, the reasoner's are zero (SmolLM2 as shipped)
+    assert is_shared_base(model)
+    assert all(a.lora_B.abs().max() > 0 for a in adapters(model.generator).values())
+    assert all(not a.lora_B.any() for a in adapters(model.reasoner).values())
     base, _ = load_pretrained(info["base"])
-    q = "model.layers.0.self_attn.q_proj.weight"
-    # the generator carries the merged LoRA; the reasoner is SmolLM2 as shipped
-    assert not torch.equal(model.generator.state_dict()[q], base.state_dict()[q])
-    assert torch.equal(model.reasoner.state_dict()[q], base.state_dict()[q])
-    k = info.get("reasoner_layers", base.config.num_hidden_layers)  # a truncated reasoner: the base's first k layers
-    assert len(model.reasoner.model.layers) == k and len(model.generator.model.layers) == base.config.num_hidden_layers
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 2056, 30]])
+    want = base(ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(model.reasoner(ids, output_hidden_states=True).hidden_states[-1], want, atol=1e-5)
+    assert not torch.allclose(model.generator(ids).logits, base(ids).logits, atol=1e-2)
+    assert len(model.reasoner.model.layers) == len(model.generator.model.layers) == base.config.num_hidden_layers
+
+
+def _records(tok, info, n: int):
+    """n held-out records (q3: neither the benchmark's preference (q0-q2) nor its generation (q0) scored them; users
+    never trained on), in batches of 10: (records, generator ids, mask, reasoner ids, mask), left-padded."""
+    from model_helpers import left_pad
+
+    from flythinker.persona import build_views, make_persona_empathy
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    records = [r for r in make_persona_empathy()["test"] if r.record_id.endswith("-q3")][:n]
+    assert len({r.user_id for r in records}) == n
+    for i in range(0, n, 10):
+        recs = records[i:i + 10]
+        views = [build_views(r, tok, mode="split", max_reasoner_tokens=info["max_reasoner_tokens"], warn=False)
+                 for r in recs]
+        yield (recs, *left_pad([torch.tensor(v.generator_prompt_ids) for v in views], pad),
+               *left_pad([torch.tensor(v.reasoner_prompt_ids) for v in views], pad))
+
+
+@torch.no_grad()
+def test_shipped_pair_layouts_decode_the_same_tokens(shipped):
+    """The shared-base layout (the default: batched decoding through one base) and the two-copy layout (the LoRA
+    merged into an independent generator) are one set of weights: the same greedy tokens."""
+    from flythinker.shared_base import is_shared_base
+
+    model, tok = shipped
+    two = FlyThinkerForCausalLM.from_pretrained(NAME, shared_base=False).eval()
+    assert not is_shared_base(two)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for _recs, g_ids, g_mask, r_ids, r_mask in _records(tok, pair_info(NAME), 10):
+        kw = dict(attention_mask=g_mask, reasoner_input_ids=r_ids, reasoner_attention_mask=r_mask, max_new_tokens=24,
+                  do_sample=False, pad_token_id=pad)
+        shared = model.generate(g_ids, **kw)
+        assert model.last_generate_path.endswith("shared-base batched step")
+        assert torch.equal(shared, two.generate(g_ids, **kw))
+    with pytest.raises(TypeError, match="dtype= / shared_base= only"):
+        FlyThinkerForCausalLM.from_pretrained(NAME, revision="main")
 
 
 @torch.no_grad()
 def test_shipped_pair_personalises_the_strategy_of_its_replies(shipped):
-    from model_helpers import left_pad
-
-    from flythinker.persona import build_views, classify_response, make_persona_empathy
+    from flythinker.persona import classify_response
 
     model, tok = shipped
-    info = pair_info(NAME)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    # q3: records neither the benchmark's preference (q0-q2) nor its generation (q0) scored; users never trained on
-    records = [r for r in make_persona_empathy()["test"] if r.record_id.endswith("-q3")][:N_RECORDS]
-    assert len({r.user_id for r in records}) == N_RECORDS
     hits = {"pair": 0, "lambda 0": 0}
-    for i in range(0, N_RECORDS, 10):
-        recs = records[i:i + 10]
-        views = [build_views(r, tok, mode="split", max_reasoner_tokens=info["max_reasoner_tokens"], warn=False)
-                 for r in recs]
-        g_ids, g_mask = left_pad([torch.tensor(v.generator_prompt_ids) for v in views], pad)
-        r_ids, r_mask = left_pad([torch.tensor(v.reasoner_prompt_ids) for v in views], pad)
+    for recs, g_ids, g_mask, r_ids, r_mask in _records(tok, pair_info(NAME), N_RECORDS):
         kw = dict(attention_mask=g_mask, max_new_tokens=24, do_sample=False, pad_token_id=pad)
         outs = {"pair": model.generate(g_ids, reasoner_input_ids=r_ids, reasoner_attention_mask=r_mask, **kw),
                 # the same weights at lambda 0 are exactly the pair's generator (tests/test_fusion_zero.py)

@@ -60,8 +60,9 @@ def preference(model, tok, records, traits: Sequence[str] = ("strategy",), *, op
                max_reasoner_tokens: int | None = None, view: str = "query") -> list[dict[str, bool]]:
     """Per record, ``{trait: True if the model prefers the reply for the user's traits}``.
 
-    ``model``: a FlyThinker pair (split context: the reasoner reads history + query, the generator the query) or a
-    plain causal LM reading ``view`` (``"query"``: the generator's short view; ``"full"``: history + query).
+    ``model``: a FlyThinker pair or a plain causal LM. ``view``: what the generator reads, ``"query"`` (its short
+    view; a pair's reasoner then reads history + query: split context) or ``"full"`` (history + query; a pair's
+    reasoner reads the same: shared context).
     """
     from flythinker.modeling import FlyThinkerForCausalLM
 
@@ -75,7 +76,7 @@ def preference(model, tok, records, traits: Sequence[str] = ("strategy",), *, op
             v = build_views(dataclasses.replace(r, response=text), tok, mode="split",
                             max_reasoner_tokens=max_reasoner_tokens, warn=False)
             resp = v.response_ids[:opening]
-            if pair:
+            if pair and view == "query":
                 feats.append(dict(generator_prompt=v.generator_prompt_ids, reasoner_prompt=v.reasoner_prompt_ids,
                                   response=resp))
             else:
