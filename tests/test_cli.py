@@ -395,3 +395,16 @@ def test_generate_text_times_the_first_token(pair):
     assert reply.tokens_per_s == pytest.approx(6 / reply.seconds)
     beams = generate_text(model, prompts, tok, dict(kw, num_beams=2), stream=False)
     assert beams.first_token_s is None and beams.decode_tokens_per_s is None and beams.tokens == 6
+
+
+def test_serve_refuses_a_shared_base_checkpoint_in_one_line(capsys, tmp_path):
+    """vLLM's flythinker model loads two plain halves: a shared-base folder is named as such before vLLM starts."""
+    from flythinker import FlyThinkerForCausalLM
+    from flythinker.training.toy import char_tokenizer
+
+    base = save_tiny_model(tmp_path / "base", seed=0, hidden_size=64)
+    model = FlyThinkerForCausalLM.from_shared_base(str(base), r=4, fusion_lambda=0.5)
+    model.save_pretrained(tmp_path / "shared")
+    char_tokenizer().save_pretrained(tmp_path / "shared")
+    rc, _, err = run(capsys, "serve", tmp_path / "shared")
+    assert_user_error(rc, err, "shared-base pair", "shared_base=False")

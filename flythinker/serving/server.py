@@ -45,12 +45,17 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     if not cfg.is_file():
         raise ServeError(f"{folder} is not a model folder (no config.json)")
     try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
+        config = json.loads(cfg.read_text())
     except json.JSONDecodeError as exc:
         raise ServeError(f"{cfg} is not valid JSON ({exc})") from None
+    model_type = config.get("model_type")
     if model_type != "flythinker":
         raise ServeError(f"{folder} holds a {model_type!r} model, not a flythinker pair (save one with "
                          "FlyThinkerForCausalLM.save_pretrained; a plain model can be served with `vllm serve`)")
+    if config.get("shared_base"):  # base weights once + per-half adapters: the vLLM model loads two plain halves
+        raise ServeError(f"{folder} is a shared-base pair (one base, two LoRA adapters); vLLM serving takes a "
+                         "two-copy pair: save one with the adapters merged into each half (for a shipped pair: "
+                         "FlyThinkerForCausalLM.from_pretrained(name, shared_base=False).save_pretrained(folder))")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ServeError(f"{folder} has no tokenizer: save the pair's tokenizer into it (tokenizer.save_pretrained)")
     return folder
