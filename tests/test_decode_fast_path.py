@@ -79,3 +79,14 @@ def test_right_padded_prompt_falls_back(pair):
     assert pair.last_generate_path == "transformers generate"
     assert torch.equal(a, pair.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                                         fast_path=False))
+
+
+def test_left_pad_batches_lists_and_tensors_and_refuses_empty_rows():
+    from flythinker.decode import left_pad as pad_rows
+
+    ids, mask = pad_rows([[5, 6, 7], torch.tensor([8])], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+    for bad in ([], [[1], []]):
+        with pytest.raises(ValueError, match="at least one"):
+            pad_rows(bad, pad_id=0)

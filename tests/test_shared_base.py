@@ -256,3 +256,24 @@ def test_share_pair_refuses_different_bases():
     assert share_pair(pair) is None
     plain = share_pair(_two_copy(tiny_lm(hidden_size=48)))
     assert plain is not None and not adapters(plain.generator)  # no adapters: r = 0
+
+
+def test_a_zero_adapter_is_skipped_exactly_and_rechecked_when_it_changes():
+    """An adapter whose B is zero adds nothing outside autograd (its matmuls are skipped); writing B in place, or
+    asking for gradients, brings it back."""
+    lin = torch.nn.Linear(6, 5)
+    from flythinker.shared_base import _StepContext
+
+    a = SharedLoRALinear(lin, r=2, alpha=4, dropout=0.0, ctx=_StepContext())
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert a.adds_nothing() and torch.equal(a(x), lin(x))
+        a.lora_B.fill_(0.5)  # in place: the version counter moves
+        assert not a.adds_nothing()
+        want = lin(x) + (x @ a.lora_A.t()) @ a.lora_B.t() * 2.0
+        assert torch.allclose(a(x), want, atol=1e-6)
+        a.lora_B.zero_()
+        assert a.adds_nothing()
+    assert not a.adds_nothing()  # grad mode, B trainable: the zero B still gets its gradient
+    a(x).sum().backward()
+    assert a.lora_B.grad is not None and a.lora_B.grad.abs().sum() > 0

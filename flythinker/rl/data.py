@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from flythinker.decode import left_pad
 from flythinker.persona.metrics import classify_response
 from flythinker.persona.records import PersonaRecord
 from flythinker.persona.views import build_views
@@ -41,20 +42,6 @@ def grpo_rows(records: Sequence[PersonaRecord], tokenizer, mode: str = "split", 
             row["reasoner_prompt_ids"] = list(v.reasoner_prompt_ids)
         rows.append(row)
     return rows
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into ``(ids [B, L], mask [B, L])``; an empty row is an error."""
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every prompt needs at least one token")
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, L - len(r):] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -127,5 +114,5 @@ def strategy_report(responses: Sequence[str], rows: Sequence[dict]) -> dict[str,
     return rep
 
 
-__all__ = ["bootstrap_ci", "generate_responses", "grpo_rows", "left_pad", "paired_bootstrap_diff",
+__all__ = ["bootstrap_ci", "generate_responses", "grpo_rows", "paired_bootstrap_diff",
            "strategy_report", "trait_hits"]

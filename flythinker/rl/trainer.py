@@ -38,8 +38,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("flythinker.rl needs TRL: pip install 'flythinker[rl]' (trl==1.16.0)") from e
 
 from flythinker.configuration import IGNORE_INDEX
+from flythinker.decode import left_pad
 from flythinker.modeling import FlyThinkerForCausalLM
-from flythinker.rl.data import left_pad
 
 REASONER_COLUMN = "reasoner_prompt_ids"
 PROMPT_IDS_COLUMN = "prompt_ids"

@@ -68,16 +68,15 @@ def generate(ckpt: Path, requests: dict, generator_only: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from flythinker import FlyThinkerForCausalLM
+    from flythinker.decode import left_pad
 
     model = (AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32) if generator_only
              else FlyThinkerForCausalLM.from_pretrained(ckpt, dtype=torch.float32)).eval()
     n = int(requests["max_new_tokens"])
-    rows = [torch.tensor(p) for p in requests["prompts"]]
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad(requests["prompts"], 0)
     kw = {}
     if requests.get("reasoner_prompts"):
-        kw["reasoner_input_ids"], kw["reasoner_attention_mask"] = _left_pad(
-            [torch.tensor(p) for p in requests["reasoner_prompts"]])
+        kw["reasoner_input_ids"], kw["reasoner_attention_mask"] = left_pad(requests["reasoner_prompts"], 0)
     t0 = time.perf_counter()
     with torch.no_grad():
         # min_new_tokens = max_new_tokens masks EOS: the vLLM side uses min_tokens = max_tokens (same masking)
@@ -128,16 +127,6 @@ def suite(out: Path) -> None:
     refs["split/shared"] = generate(out / "mixed" / "pair", {"max_new_tokens": MAX_NEW_TOKENS, "prompts": gen_views},
                                     generator_only=False)
     (out / "refs.json").write_text(json.dumps(refs))
-
-
-def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = r
-        mask[i, L - len(r):] = 1
-    return ids, mask
 
 
 def main(argv: list[str] | None = None) -> None:
