@@ -179,9 +179,13 @@ def _shipped_folder(tmp_path, base, tensors: dict, lora: dict | None, **extra):
 
 
 @torch.no_grad()
-def test_shipped_loader_merges_lora_factors_and_loads_the_fusion(tmp_path):
-    """A shipped pair's deltas: LoRA factors merged into the generator (W + s * B @ A), the fusion tensors copied."""
+def test_shipped_loader_applies_lora_factors_and_loads_the_fusion(tmp_path):
+    """A shipped pair's deltas, in both layouts: by default one shared base with the factors as the generator's
+    adapter (the reasoner's adapter zero), with `shared_base=False` two copies with the factors merged
+    (W + s * B @ A); the fusion tensors copied either way."""
     from model_helpers import tiny_lm
+
+    from flythinker.shared_base import is_shared_base
 
     base = tiny_lm(hidden_size=32)
     A, B = torch.randn(4, 32), torch.randn(32, 4)
@@ -189,20 +193,28 @@ def test_shipped_loader_merges_lora_factors_and_loads_the_fusion(tmp_path):
     stats = {"latent_proj.weight": torch.randn(32, 32), "latent_mean": torch.randn(32),
              "latent_inv_std": torch.rand(32) + 0.5}
     folder = _shipped_folder(tmp_path, base, {f"{key}.lora_A": A, f"{key}.lora_B": B, **stats}, {"scaling": 2.0})
-    model = FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=folder)
-    w0 = base.model.layers[0].self_attn.q_proj.weight
-    torch.testing.assert_close(model.generator.model.layers[0].self_attn.q_proj.weight, w0 + 2.0 * B @ A)
-    torch.testing.assert_close(model.reasoner.model.layers[0].self_attn.q_proj.weight, w0)  # the reasoner: as is
-    for k, v in stats.items():
-        torch.testing.assert_close(model.fusion_state_dict()[k], v)
+    q0 = base.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    shared = FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=folder)
+    two = FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=folder, shared_base=False)
+    assert is_shared_base(shared) and not is_shared_base(two)
+    torch.testing.assert_close(two.generator.model.layers[0].self_attn.q_proj.weight, q0.weight + 2.0 * B @ A)
+    torch.testing.assert_close(two.reasoner.model.layers[0].self_attn.q_proj.weight, q0.weight)  # as is
+    for model in (shared, two):
+        torch.testing.assert_close(model.generator.model.layers[0].self_attn.q_proj(x),
+                                   q0(x) + 2.0 * x @ A.t() @ B.t(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.reasoner.model.layers[0].self_attn.q_proj(x), q0(x))
+        for k, v in stats.items():
+            torch.testing.assert_close(model.fusion_state_dict()[k], v)
     # factors without a scaling, or that fit no weight, are refused
     bad = _shipped_folder(tmp_path / "x", base, {f"{key}.lora_A": A, f"{key}.lora_B": B}, None)
     with pytest.raises(ValueError, match="no lora.scaling"):
         FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=bad)
     bad = _shipped_folder(tmp_path / "y", base, {f"{key}.lora_A": torch.randn(4, 7), f"{key}.lora_B": B},
                           {"scaling": 1.0})
-    with pytest.raises(ValueError, match="do not fit"):
-        FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=bad)
+    for layout in (True, False):
+        with pytest.raises(ValueError, match="do not fit"):
+            FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=bad, shared_base=layout)
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ def merge_factors(model: torch.nn.Module, factors: Factors, scaling: float, name
     for module, ab in factors.items():
         w = params.get(f"{module}.weight")
         if w is None or (ab["B"].shape[0], ab["A"].shape[1]) != tuple(w.shape):
-            raise ValueError(f"shipped pair {name!r}: LoRA factors of {module} fit no weight of this pair")
+            raise ValueError(f"shipped pair {name!r}: LoRA factors of {module} do not fit a weight of this pair")
         with torch.no_grad():
             w += (scaling * (ab["B"].float() @ ab["A"].float())).to(w.dtype)
 
@@ -84,7 +84,7 @@ def set_adapters(model: torch.nn.Module, factors: Factors, scaling: float, name:
         for module, ab in factors.items():
             a = slots.get(module)
             if a is None or a.lora_A.shape != ab["A"].shape or a.lora_B.shape != ab["B"].shape:
-                raise ValueError(f"shipped pair {name!r}: LoRA factors of {module} fit no adapter of this pair")
+                raise ValueError(f"shipped pair {name!r}: LoRA factors of {module} do not fit an adapter of this pair")
             a.lora_A.copy_(ab["A"].to(a.lora_A.dtype))
             a.lora_B.copy_(ab["B"].to(a.lora_B.dtype))
             a.scaling = scaling
