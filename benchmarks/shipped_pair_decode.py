@@ -80,19 +80,16 @@ def load(reasoner_layers: int):
 
 
 def prompts_for(users: int, tok, budget: int) -> list:
+    """The split-context prompts of the demo's test users (`flythinker.cli.demo.pick_test_users`)."""
     from flythinker.cli.common import Prompts
+    from flythinker.cli.demo import pick_test_users
     from flythinker.hub import cache_dir
-    from flythinker.persona import build_views, load_dataset
+    from flythinker.persona import build_views
 
-    seen, out = set(), []
-    for r in load_dataset("persona-empathy", "test", cache_dir=cache_dir() / "data"):
-        if r.user_id in seen:
-            continue
-        seen.add(r.user_id)
+    out = []
+    for r in pick_test_users(users, cache_dir() / "data"):
         v = build_views(r, tok, mode="split", max_reasoner_tokens=budget, warn=False)
         out.append(Prompts(torch.tensor([v.generator_prompt_ids]), torch.tensor([v.reasoner_prompt_ids])))
-        if len(out) == users:
-            break
     return out
 
 

@@ -73,21 +73,22 @@ def merge_factors(model: torch.nn.Module, factors: Factors, scaling: float, name
 
 
 def set_adapters(model: torch.nn.Module, factors: Factors, scaling: float, name: str) -> None:
-    """Shared-base layout: each module's factors become its half's adapter; every other adapter is zero."""
-    from flythinker.shared_base import adapters
+    """Shared-base layout: each module's factors become its half's adapter, every other adapter zero
+    (`flythinker.shared_base.load_peft_adapter`, per half)."""
+    from flythinker.shared_base import load_peft_adapter
 
-    slots = {f"{half}.{path}": a for half in ("generator", "reasoner")
-             for path, a in adapters(getattr(model, half)).items()}
-    with torch.no_grad():
-        for a in slots.values():
-            a.lora_B.zero_()
-        for module, ab in factors.items():
-            a = slots.get(module)
-            if a is None or a.lora_A.shape != ab["A"].shape or a.lora_B.shape != ab["B"].shape:
-                raise ValueError(f"shipped pair {name!r}: LoRA factors of {module} do not fit an adapter of this pair")
-            a.lora_A.copy_(ab["A"].to(a.lora_A.dtype))
-            a.lora_B.copy_(ab["B"].to(a.lora_B.dtype))
-            a.scaling = scaling
+    by_half: dict[str, dict] = {"generator": {}, "reasoner": {}}
+    for module, ab in factors.items():
+        half, _, path = module.partition(".")
+        if half not in by_half:
+            raise ValueError(f"shipped pair {name!r}: LoRA factors of {module} do not fit an adapter of this pair")
+        by_half[half][path] = (ab["A"], ab["B"], scaling)
+    for half, weights in by_half.items():
+        try:
+            load_peft_adapter(getattr(model, half), weights)
+        except ValueError as exc:
+            raise ValueError(f"shipped pair {name!r}: LoRA factors do not fit an adapter of this pair's {half} "
+                             f"({exc})") from None
 
 
 def _uses_shared_base(info: dict, factors: Factors, shared_base: bool | None) -> bool:
