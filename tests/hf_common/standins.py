@@ -126,8 +126,13 @@ class GenerationTesterMixin:
         emb = model.get_input_embeddings()(ids)
         same = model.generate(ids, inputs_embeds=emb, attention_mask=mask, do_sample=False, **kw)
         assert torch.equal(same, plain)
-        other = model.generate(ids, inputs_embeds=emb * 3.0, attention_mask=mask, do_sample=False, **kw)
-        assert other.shape == plain.shape and not torch.equal(other, plain)
+        # Compare the first step's logits, not the tokens: a tiny random pair's greedy tokens coincided for the two
+        # inputs in 7 of 40 draws of the tester's (unseeded) random ids; the logits were never within 1e-3.
+        dict_kw = {**kw, "return_dict_in_generate": True, "output_logits": True}
+        plain_d = model.generate(ids, attention_mask=mask, do_sample=False, **dict_kw)
+        other = model.generate(ids, inputs_embeds=emb * 3.0, attention_mask=mask, do_sample=False, **dict_kw)
+        assert other.sequences.shape == plain.shape
+        assert not torch.allclose(other.logits[0], plain_d.logits[0], atol=1e-3)
 
     @torch.no_grad()
     def test_generate_with_static_cache(self):
