@@ -78,6 +78,36 @@ def peak_bytes(reset_ok: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def sync(device) -> None:
+    """Wait for `device`'s queued work (CUDA); nothing on CPU."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def measured_step(step: Callable[[], object], device) -> tuple[object, dict]:
+    """Run `step()` once on `device` (a torch.device) and measure it: `(its result, {"peak_growth_mb": memory
+    growth over the step, "wall_s", "cpu_s"})`. Memory: CPU, peak RSS growth (VmHWM reset first, so it counts
+    everything the step allocates and touches); CUDA, `max_memory_allocated` growth."""
+    import time
+
+    import torch
+
+    sync(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base, reset_ok = rss_bytes(), reset_peak()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = step()
+    sync(device)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_bytes(reset_ok)
+    return out, {"peak_growth_mb": (peak - base) / 2**20, "wall_s": wall, "cpu_s": cpu}
+
+
 # ---- output ------------------------------------------------------------------------------------------------------
 def write_json(path: Path, report: dict, *, indent: int = 2) -> Path:
     """Write a result JSON atomically (a killed run never leaves a truncated file for the report)."""

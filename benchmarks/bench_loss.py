@@ -24,16 +24,13 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
 from benchmarks._common import (  # noqa: E402
     RESULTS,
-    peak_bytes,
+    measured_step,
     plot_naive_vs_fused,
-    reset_peak,
-    rss_bytes,
     run_worker,
     serve_worker,
     worker_parser,
@@ -45,7 +42,7 @@ TARGET_MEM, TARGET_TIME = 0.2, 1.0
 
 def worker(cfg: dict) -> dict:
     import torch
-    from flythinker.kernels import linear_cross_entropy
+    from flythinker.kernels import linear_cross_entropy, linear_cross_entropy_naive
 
     device = torch.device(cfg["device"])
     if device.type == "cpu":
@@ -60,36 +57,22 @@ def worker(cfg: dict) -> dict:
     labels[::7] = -100  # some prompt tokens
 
     def step():
-        loss = linear_cross_entropy(hidden, weight, labels, impl=cfg["impl"], chunk_size=cfg.get("chunk"))
+        if cfg["impl"] == "naive":  # the materialising twin (a function of its own, not a backend)
+            loss = linear_cross_entropy_naive(hidden, weight, labels)
+        else:
+            loss = linear_cross_entropy(hidden, weight, labels, backend=cfg["impl"], chunk_size=cfg.get("chunk"))
         loss.backward()
         return loss
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = rss_bytes()
-        reset_ok = reset_peak()
-    t0, c0 = time.perf_counter(), time.process_time()
-    loss = step()
-    sync()
-    warm_s, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_bytes(reset_ok)
+    loss, warm = measured_step(step, device)  # the warm-up step is the memory measurement
     times, cpu_times = [], []
     for _ in range(cfg["reps"]):
         hidden.grad = weight.grad = None
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    return {"peak_growth_mb": (peak - base) / 2**20, "warmup_s": warm_s, "warmup_cpu_s": warm_cpu,
+        _, t = measured_step(step, device)
+        times.append(t["wall_s"])
+        cpu_times.append(t["cpu_s"])
+    warm_s, warm_cpu = warm["wall_s"], warm["cpu_s"]
+    return {"peak_growth_mb": warm["peak_growth_mb"], "warmup_s": warm_s, "warmup_cpu_s": warm_cpu,
             "times_s": times, "cpu_times_s": cpu_times, "time_s": min(times) if times else warm_s,
             "cpu_s": min(cpu_times) if cpu_times else warm_cpu, "loss": float(loss)}
 

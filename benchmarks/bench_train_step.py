@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
 from benchmarks._common import (  # noqa: E402
     RESULTS,
-    peak_bytes,
+    measured_step,
     plot_naive_vs_fused,
-    reset_peak,
-    rss_bytes,
     run_worker,
     serve_worker,
     worker_parser,
@@ -77,25 +74,14 @@ def worker(cfg: dict) -> dict:
     param_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     grad_mb = sum(p.grad.numel() * p.grad.element_size() for p in params) / 2**20
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def step():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out
 
-    if device.type == "cuda":
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = rss_bytes()
-        reset_ok = reset_peak()
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    sync()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_bytes(reset_ok)
-    return {"activation_mb": (peak - base) / 2**20, "param_mb": param_mb, "grad_mb": grad_mb, "wall_s": wall,
-            "cpu_s": cpu, "loss": float(out.loss), "logits_returned": out.logits is not None}
+    out, m = measured_step(step, device)
+    return {"activation_mb": m["peak_growth_mb"], "param_mb": param_mb, "grad_mb": grad_mb, "wall_s": m["wall_s"],
+            "cpu_s": m["cpu_s"], "loss": float(out.loss), "logits_returned": out.logits is not None}
 
 
 def run_case(cfg: dict, mmap_threshold: int = 0) -> dict:
