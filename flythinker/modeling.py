@@ -216,6 +216,14 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
                                 lora_dropout=lora_dropout, generator_adapter=generator_adapter,
                                 reasoner_adapter=reasoner_adapter, **fusion)
 
+    def to_two_copies(self) -> FlyThinkerForCausalLM:
+        """The two-copy equivalent of this shared-base pair (`flythinker.shared_base.unshare_pair`): two independent
+        copies of the base, each half's adapter merged into its weights, the same fusion. What `flythinker serve`
+        (vLLM) loads: `pair.to_two_copies().save_pretrained(folder)`. This pair is not modified."""
+        from flythinker.shared_base import unshare_pair
+
+        return unshare_pair(self)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.generator.get_input_embeddings()
 

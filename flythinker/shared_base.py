@@ -444,6 +444,51 @@ def share_pair(pair: nn.Module) -> nn.Module | None:
     return model.train(pair.training)
 
 
+def _merged_half(model: nn.Module, half: str) -> PreTrainedModel:
+    """An independent plain copy of one half of shared-base pair `model`: the base's weights cloned, each adapted
+    linear's weight replaced by `W + scaling * B @ A` (computed in fp32), no adapter modules."""
+    from transformers import AutoModelForCausalLM
+
+    part = getattr(model, half)
+    mine = adapters(part)
+    state = {}
+    for name, p in model.generator.named_parameters(remove_duplicate=False):  # the base, registered once
+        if ".lora_" in name:
+            continue
+        for path in mine:  # `<path>.base.weight` -> `<path>.weight`
+            if name.startswith(f"{path}.base."):
+                name = f"{path}.{name[len(path) + 6:]}"
+                break
+        state[name] = p.detach().clone()
+    with torch.no_grad():
+        for path, m in mine.items():
+            w = state[f"{path}.weight"]
+            w += (m.scaling * (m.lora_B.float() @ m.lora_A.float())).to(w.dtype)
+    ref = next(iter(state.values()))
+    plain = AutoModelForCausalLM.from_config(copy.deepcopy(part.config), dtype=ref.dtype).to(ref.device)
+    plain.load_state_dict(state, strict=True)  # every parameter, tied ones under each name
+    plain.tie_weights()
+    if getattr(part, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(part.generation_config)
+    return plain
+
+
+def unshare_pair(model: nn.Module) -> nn.Module:
+    """The two-copy equivalent of shared-base pair `model` (the inverse of `share_pair`): two independent plain
+    copies of the base, each with its own half's adapter merged into its weights, the same fusion config and
+    tensors. It computes what `model` computes (up to the rounding of the merged weights) with plain linear
+    layers: the layout vLLM serving loads (`flythinker serve`), or for training the halves apart. Costs a second
+    copy of the base in memory; `model` is not modified."""
+    if not is_shared_base(model):
+        raise ValueError("unshare_pair takes a shared-base pair (FlyThinkerForCausalLM.from_shared_base or a saved "
+                         "one); this pair already holds two models")
+    fusion = {k: getattr(model.config, k) for k in FUSION_FIELDS}
+    pair = type(model).from_pair(_merged_half(model, "generator"), _merged_half(model, "reasoner"), **fusion)
+    pair.load_fusion_state_dict(model.fusion_state_dict())
+    pair.generation_config = copy.deepcopy(model.generation_config)
+    return pair.train(model.training)
+
+
 def to_peft(half: nn.Module, base_copy: PreTrainedModel, spec: SharedBaseSpec):
     """A peft `PeftModel` over `base_copy` (an independent copy of the base) carrying this half's adapter, e.g.
     to build the two-copy pair with the same adapters."""
@@ -543,4 +588,4 @@ class SharedStep:
 
 __all__ = ["LORA_TARGETS", "SharedBaseSpec", "SharedLoRALinear", "SharedStep", "adapters", "build_halves",
            "from_shared_base", "is_shared_base", "load_peft_adapter", "parameter_bytes", "retie", "same_base",
-           "share_pair", "to_peft"]
+           "share_pair", "to_peft", "unshare_pair"]

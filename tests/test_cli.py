@@ -407,4 +407,10 @@ def test_serve_refuses_a_shared_base_checkpoint_in_one_line(capsys, tmp_path):
     model.save_pretrained(tmp_path / "shared")
     char_tokenizer().save_pretrained(tmp_path / "shared")
     rc, _, err = run(capsys, "serve", tmp_path / "shared")
-    assert_user_error(rc, err, "shared-base pair", "shared_base=False")
+    assert_user_error(rc, err, "shared-base pair", "to_two_copies()")
+    # the conversion the message names gives a folder serve accepts (vLLM itself: tests/vllm_serving)
+    from flythinker.serving.server import check_checkpoint
+
+    FlyThinkerForCausalLM.from_pretrained(tmp_path / "shared").to_two_copies().save_pretrained(tmp_path / "two")
+    char_tokenizer().save_pretrained(tmp_path / "two")
+    assert check_checkpoint(tmp_path / "two") == tmp_path / "two"

@@ -277,3 +277,47 @@ def test_a_zero_adapter_is_skipped_exactly_and_rechecked_when_it_changes():
     assert not a.adds_nothing()  # grad mode, B trainable: the zero B still gets its gradient
     a(x).sum().backward()
     assert a.lora_B.grad is not None and a.lora_B.grad.abs().sum() > 0
+
+
+def test_to_two_copies_computes_the_same_and_saves_a_plain_pair(tmp_path):
+    """A trained shared-base pair (both adapters, a learned projection, latent statistics) unshared: two plain
+    models with the adapters merged, the same logits and greedy tokens as the shared-base pair, the base twice in
+    memory, saved as a checkpoint with no shared_base (what `flythinker serve` takes); the source is untouched."""
+    from torch import nn
+
+    shared = FlyThinkerForCausalLM.from_shared_base(tiny_lm(hidden_size=48), r=R, lora_alpha=8, fusion_lambda=0.8,
+                                                    projection="zero", latent_norm="standardize",
+                                                    parallel="off").eval()
+    _randomise_adapters(shared, seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        shared.latent_proj.weight.copy_(torch.randn(shared.latent_proj.weight.shape, generator=g) * 0.2)
+        shared.latent_mean.copy_(torch.randn(shared.latent_mean.shape, generator=g) * 0.3)
+        shared.latent_inv_std.copy_(torch.rand(shared.latent_inv_std.shape, generator=g) + 0.5)
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    two = shared.to_two_copies().eval()
+    assert not is_shared_base(two) and not adapters(two.generator) and not adapters(two.reasoner)
+    assert isinstance(two.generator.get_decoder().layers[0].self_attn.q_proj, nn.Linear)
+    assert two.config.fusion_lambda == 0.8 and two.config.projection == "zero"
+    for k, v in shared.fusion_state_dict().items():
+        assert torch.equal(two.fusion_state_dict()[k], v)
+    assert all(torch.equal(v, before[k]) for k, v in shared.state_dict().items())  # the source is not modified
+    n_adapter = sum(a.lora_A.numel() + a.lora_B.numel() for h in (shared.generator, shared.reasoner)
+                    for a in adapters(h).values()) * 4
+    base = parameter_bytes(shared) - n_adapter - sum(v.numel() * 4 for k, v in shared.fusion_state_dict().items()
+                                                     if k == "latent_proj.weight")
+    assert parameter_bytes(two.generator) == parameter_bytes(two.reasoner) == base
+    assert two.generator.get_input_embeddings().weight is not two.reasoner.get_input_embeddings().weight
+    ids, mask, kw = split_inputs(3, True)
+    with torch.no_grad():
+        torch.testing.assert_close(two(ids, attention_mask=mask, **kw).logits,
+                                   shared(ids, attention_mask=mask, **kw).logits, rtol=1e-5, atol=1e-5)
+    ref = shared.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw)
+    assert torch.equal(two.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw), ref)
+    two.save_pretrained(tmp_path)
+    loaded = FlyThinkerForCausalLM.from_pretrained(tmp_path).eval()
+    assert "shared_base" not in (tmp_path / "config.json").read_text()
+    loaded.config.parallel = "off"
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw), ref)
+    with pytest.raises(ValueError, match="already holds two models"):
+        two.to_two_copies()

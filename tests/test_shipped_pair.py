@@ -78,12 +78,14 @@ def _records(tok, info, n: int):
 @torch.no_grad()
 def test_shipped_pair_layouts_decode_the_same_tokens(shipped):
     """The shared-base layout (the default: batched decoding through one base) and the two-copy layout (the LoRA
-    merged into an independent generator) are one set of weights: the same greedy tokens."""
+    merged into an independent generator, as loaded or as `to_two_copies()` converts the loaded pair: the layout
+    vLLM serves) are one set of weights: the same greedy tokens."""
     from flythinker.shared_base import is_shared_base
 
     model, tok = shipped
     two = FlyThinkerForCausalLM.from_pretrained(NAME, shared_base=False).eval()
-    assert not is_shared_base(two)
+    converted = model.to_two_copies().eval()
+    assert not is_shared_base(two) and not is_shared_base(converted)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for _recs, g_ids, g_mask, r_ids, r_mask in _records(tok, pair_info(NAME), 10):
         kw = dict(attention_mask=g_mask, reasoner_input_ids=r_ids, reasoner_attention_mask=r_mask, max_new_tokens=24,
@@ -91,6 +93,7 @@ def test_shipped_pair_layouts_decode_the_same_tokens(shipped):
         shared = model.generate(g_ids, **kw)
         assert model.last_generate_path.endswith("shared-base batched step")
         assert torch.equal(shared, two.generate(g_ids, **kw))
+        assert torch.equal(shared, converted.generate(g_ids, **kw))
     with pytest.raises(TypeError, match="dtype= / shared_base= only"):
         FlyThinkerForCausalLM.from_pretrained(NAME, revision="main")
 

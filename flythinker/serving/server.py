@@ -54,8 +54,9 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
                          "FlyThinkerForCausalLM.save_pretrained; a plain model can be served with `vllm serve`)")
     if config.get("shared_base"):  # base weights once + per-half adapters: the vLLM model loads two plain halves
         raise ServeError(f"{folder} is a shared-base pair (one base, two LoRA adapters); vLLM serving takes a "
-                         "two-copy pair: save one with the adapters merged into each half (for a shipped pair: "
-                         "FlyThinkerForCausalLM.from_pretrained(name, shared_base=False).save_pretrained(folder))")
+                         "two-copy pair: save one with each half's adapter merged, "
+                         "FlyThinkerForCausalLM.from_pretrained(folder).to_two_copies().save_pretrained(out) "
+                         "(and the tokenizer beside it)")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ServeError(f"{folder} has no tokenizer: save the pair's tokenizer into it (tokenizer.save_pretrained)")
     return folder

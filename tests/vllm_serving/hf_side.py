@@ -9,7 +9,8 @@ outputs here, in a subprocess, and compare vLLM against them.
     python hf_side.py generate CKPT REQUESTS.json OUT.json [--generator-only]
         REQUESTS.json: {"max_new_tokens": n, "prompts": [[ids...], ...], "reasoner_prompts": [[ids...], ...]?}
         OUT.json: {"tokens": [[new ids...], ...], "seconds": wall time of generate}
-    python hf_side.py suite OUT      -> every checkpoint of SUITE under OUT/<name> and OUT/refs.json (one process)
+    python hf_side.py suite OUT      -> every checkpoint of SUITE under OUT/<name>, a shared-base pair and its
+                                        two-copy conversion under OUT/unshared, and OUT/refs.json (one process)
 """
 
 from __future__ import annotations
@@ -60,6 +61,33 @@ def make(out: Path, gen_family: str, rsn_family: str, lam: float, projection: st
             pair.latent_proj.weight.add_(torch.randn(pair.latent_proj.weight.shape,
                                                      generator=torch.Generator().manual_seed(seed)) * 0.1)
     for sub, model in (("pair", pair), ("generator", gen)):
+        model.save_pretrained(out / sub)
+        tok.save_pretrained(out / sub)
+
+
+def make_unshared(out: Path, seed: int) -> None:
+    """A trained-looking shared-base pair (one tiny Llama base, random adapters on both halves, a learned "zero"
+    projection) as a user would save it: OUT/shared (the shared-base checkpoint, the HF reference), OUT/pair (its
+    `to_two_copies()`, what vLLM serves) and OUT/generator (that pair's merged generator alone)."""
+    from model_helpers import tiny_lm
+
+    from flythinker import FlyThinkerForCausalLM
+    from flythinker.persona.wordlevel import word_tokenizer
+    from flythinker.shared_base import adapters
+
+    tok = word_tokenizer([CORPUS])
+    base = tiny_lm("llama", seed=seed, hidden_size=128, vocab_size=len(tok), num_attention_heads=4,
+                   num_key_value_heads=2)
+    shared = FlyThinkerForCausalLM.from_shared_base(base, r=4, lora_alpha=8, fusion_lambda=0.8, projection="zero",
+                                                    parallel="off")
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for half in (shared.generator, shared.reasoner):
+            for a in adapters(half).values():
+                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.3)
+        shared.latent_proj.weight.copy_(torch.randn(shared.latent_proj.weight.shape, generator=g) * 0.2)
+    two = shared.to_two_copies()
+    for sub, model in (("shared", shared), ("pair", two), ("generator", two.generator)):
         model.save_pretrained(out / sub)
         tok.save_pretrained(out / sub)
 
@@ -117,6 +145,10 @@ def suite(out: Path) -> None:
     for name in SUITE:
         refs[name] = generate(out / name / "pair", req, generator_only=False)
         refs[name + "/generator"] = generate(out / name / "generator", req, generator_only=True)
+    make_unshared(out / "unshared", seed=0)  # the reference: the shared-base checkpoint itself
+    refs["unshared"] = generate(out / "unshared" / "shared", req, generator_only=False)
+    refs["unshared/pair"] = generate(out / "unshared" / "pair", req, generator_only=False)
+    refs["unshared/generator"] = generate(out / "unshared" / "generator", req, generator_only=True)
     # split context on the "mixed" pair: short generator views, reasoner views mostly longer (one shorter)
     g = torch.Generator().manual_seed(99)
     gen_views = [torch.randint(6, vocab, (n,), generator=g).tolist() for n in (8, 15, 5, 11)]

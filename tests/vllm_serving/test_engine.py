@@ -72,6 +72,17 @@ def test_learned_projection_checkpoints_match_hf(suite, name):
     assert got != refs[f"{name}/generator"]["tokens"]
 
 
+def test_a_shared_base_pair_serves_after_to_two_copies(suite):
+    """A shared-base pair (one base, an adapter per half, a learned projection) cannot be served as it is
+    (`flythinker serve` refuses it); its `to_two_copies()` checkpoint serves the shared-base pair's own HF tokens."""
+    out, refs = suite
+    assert refs["unshared/pair"]["tokens"] == refs["unshared"]["tokens"]  # the conversion, on the HF side
+    with engine(out / "unshared" / "pair") as llm:
+        got = run_all(llm, refs["prompts"], refs["max_new_tokens"])
+    assert got == refs["unshared"]["tokens"]
+    assert got != refs["unshared/generator"]["tokens"]  # the reasoner's latents take part
+
+
 def test_split_context_matches_hf(suite):
     """Split context through the request: prompt = reasoner view ++ generator view, the view's length in
     extra_args (the OpenAI server's vllm_xargs). Four split requests (reasoner views of 12-45 tokens, generator
