@@ -178,6 +178,10 @@ def test_rank_zero_is_the_base_paired_with_itself():
         assert shared.last_generate_path.endswith("shared-base batched step")
         assert torch.equal(a, two.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                            fast_path=False, **kw))
+    unshared = shared.to_two_copies().eval()  # and back: the base twice, nothing merged
+    assert parameter_bytes(unshared) == parameter_bytes(two)
+    for (k, v), (k2, v2) in zip(unshared.state_dict().items(), two.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
 
 
 def test_training_holds_one_copy_and_trains_both_adapters(pairs):
