@@ -1,6 +1,7 @@
 """latent_fuse benchmark: C++ CPU op vs eager twin vs torch.compile'd twin, and bandwidth vs torch.clone.
 
     .venv/bin/python benchmarks/bench_latent_fuse.py          # writes benchmarks/results/latent_fuse.{json,png}
+    .venv/bin/python benchmarks/bench_latent_fuse.py --quick  # 3 rounds, no torch.compile (--rounds N, --out F)
     .venv/bin/python -m pytest benchmarks/bench_latent_fuse.py  # pytest-benchmark suite (same workloads)
 
 Sizes: B*T = 8192 rows, H_g = 2048, H_r = 1536, fp32, "pad" projection, cached vocab-mean target (a float, as
@@ -30,6 +31,7 @@ from flythinker.kernels.latent_fuse_naive import latent_fuse_naive, vocab_mean_n
 
 ROWS, H_G, H_R, VOCAB, BATCH = 8192, 2048, 1536, 16384, 8
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(RESULTS.parents[1]))  # the repo root (benchmarks._common), also when run as a script
 
 
 def make_inputs(device="cpu", dtype=torch.float32, grad_weight=False, rows=ROWS, h_g=H_G, h_r=H_R, vocab=VOCAB):
@@ -208,13 +210,20 @@ def test_gpu_triton():
     assert res["ms"]["fwd/triton"] > 0
 
 
-def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 7
-    res = {"cpu": run_cpu(rounds)}
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from benchmarks._common import write_json
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per candidate (median kept)")
+    p.add_argument("--quick", action="store_true", help="3 rounds, no torch.compile'd twin (`flythinker bench`)")
+    p.add_argument("--out", type=Path, default=RESULTS / "latent_fuse.json")
+    args = p.parse_args(argv)
+    res = {"cpu": run_cpu(3 if args.quick else args.rounds, compiled=not args.quick)}
     res["gpu"] = run_gpu()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latent_fuse.json").write_text(json.dumps(res, indent=1))
-    plot(res["cpu"], RESULTS / "latent_fuse.png")
+    write_json(args.out, res, indent=1)
+    plot(res["cpu"], args.out.with_suffix(".png"))
     for key in ("latent_grad", "weight_grad"):
         for phase in ("fwd", "fwdbwd"):
             if phase in res["cpu"][key]:
