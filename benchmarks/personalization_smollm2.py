@@ -283,23 +283,20 @@ def preference_rows(model, tok, records, variant: str, args) -> list[dict]:
 @torch.no_grad()
 def generate_rows(model, tok, records, variant: str, args) -> tuple[list[dict], dict]:
     """Greedy replies in batches (left-padded); per record the metric's hits and ROUGE-L; plus prompt accounting."""
-    from flythinker.decode import left_pad
-    from flythinker.persona import build_views
+    from flythinker.persona import build_views, generate_inputs
     from flythinker.persona.metrics import classify_response, rouge_l
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # split context: the reasoner reads its own view; a full-view variant's model reads the long view itself
+    context = "shared" if variant in FULL_VIEW else "split" if variant in PAIRS else "generator"
     rows, g_tokens, full_tokens, new_tokens, t0 = [], 0, 0, 0, time.time()
     for i in range(0, len(records), args.gen_batch):
         recs = records[i:i + args.gen_batch]
         views = [build_views(r, tok, mode="split", max_reasoner_tokens=args.max_reasoner_tokens, warn=False)
                  for r in recs]
-        g = [v.reasoner_prompt_ids if variant in FULL_VIEW else v.generator_prompt_ids for v in views]
-        g_ids, g_mask = left_pad(g, pad)
-        kw = dict(attention_mask=g_mask, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
-        if variant in PAIRS and variant not in FULL_VIEW:  # split context: the reasoner reads its own view
-            r_ids, r_mask = left_pad([v.reasoner_prompt_ids for v in views], pad)
-            kw.update(reasoner_input_ids=r_ids, reasoner_attention_mask=r_mask)
-        out = model.generate(g_ids, **kw)[:, g_ids.shape[1]:]
+        inputs = generate_inputs(views, pad, context)
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=pad)[:, inputs["input_ids"].shape[1]:]
         for r, v, seq in zip(recs, views, out):
             text = tok.decode(seq, skip_special_tokens=True).strip()
             pred = classify_response(text)

@@ -3,6 +3,7 @@
 import warnings
 
 import pytest
+import torch
 
 from flythinker.persona import (
     FALLBACK_TEMPLATE,
@@ -221,3 +222,26 @@ def test_views_as_training_examples(tok):
         split.example("both")
     with pytest.raises(ValueError, match="no response"):
         build_views(_record(response=None), tok).example()
+
+
+def test_generate_inputs_left_pads_each_context(tok):
+    from flythinker.persona import generate_inputs
+
+    views = [build_views(_record(), tok, mode="split", system_prompt=s) for s in ("a", "a much longer system text")]
+    split = generate_inputs(views, pad_id=0)
+    for key, rows in (("input_ids", [v.generator_prompt_ids for v in views]),
+                      ("reasoner_input_ids", [v.reasoner_prompt_ids for v in views])):
+        ids = split[key]
+        mask = split["attention_mask" if key == "input_ids" else "reasoner_attention_mask"]
+        assert ids.shape == (2, max(map(len, rows))) and mask.sum(1).tolist() == [len(r) for r in rows]
+        for row, m, want in zip(ids, mask, rows):  # left padding: the prompt ends at the last position
+            assert row[m.bool()].tolist() == want and bool(m[-1]) and (row[~m.bool()] == 0).all()
+    shared = generate_inputs(views, pad_id=0, context="shared")
+    assert set(shared) == {"input_ids", "attention_mask"} and torch.equal(shared["input_ids"],
+                                                                          split["reasoner_input_ids"])
+    alone = generate_inputs(views, pad_id=0, context="generator")
+    assert set(alone) == {"input_ids", "attention_mask"} and torch.equal(alone["input_ids"], split["input_ids"])
+    with pytest.raises(ValueError, match="context must be"):
+        generate_inputs(views, pad_id=0, context="full")
+    with pytest.raises(ValueError, match="at least one"):
+        generate_inputs([], pad_id=0)

@@ -59,10 +59,8 @@ def test_shipped_pair_loads_by_name_with_its_trained_tensors(shipped):
 
 def _records(tok, info, n: int):
     """n held-out records (q3: neither the benchmark's preference (q0-q2) nor its generation (q0) scored them; users
-    never trained on), in batches of 10: (records, generator ids, mask, reasoner ids, mask), left-padded."""
-    from model_helpers import left_pad
-
-    from flythinker.persona import build_views, make_persona_empathy
+    never trained on), in batches of 10: (records, split-context generate inputs), left-padded."""
+    from flythinker.persona import build_views, generate_inputs, make_persona_empathy
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     records = [r for r in make_persona_empathy()["test"] if r.record_id.endswith("-q3")][:n]
@@ -71,8 +69,7 @@ def _records(tok, info, n: int):
         recs = records[i:i + 10]
         views = [build_views(r, tok, mode="split", max_reasoner_tokens=info["max_reasoner_tokens"], warn=False)
                  for r in recs]
-        yield (recs, *left_pad([torch.tensor(v.generator_prompt_ids) for v in views], pad),
-               *left_pad([torch.tensor(v.reasoner_prompt_ids) for v in views], pad))
+        yield recs, generate_inputs(views, pad)
 
 
 @torch.no_grad()
@@ -87,13 +84,12 @@ def test_shipped_pair_layouts_decode_the_same_tokens(shipped):
     converted = model.to_two_copies().eval()
     assert not is_shared_base(two) and not is_shared_base(converted)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    for _recs, g_ids, g_mask, r_ids, r_mask in _records(tok, pair_info(NAME), 10):
-        kw = dict(attention_mask=g_mask, reasoner_input_ids=r_ids, reasoner_attention_mask=r_mask, max_new_tokens=24,
-                  do_sample=False, pad_token_id=pad)
-        shared = model.generate(g_ids, **kw)
+    for _recs, inputs in _records(tok, pair_info(NAME), 10):
+        kw = dict(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=pad)
+        shared = model.generate(**kw)
         assert model.last_generate_path.endswith("shared-base batched step")
-        assert torch.equal(shared, two.generate(g_ids, **kw))
-        assert torch.equal(shared, converted.generate(g_ids, **kw))
+        assert torch.equal(shared, two.generate(**kw))
+        assert torch.equal(shared, converted.generate(**kw))
     with pytest.raises(TypeError, match="dtype= / shared_base= only"):
         FlyThinkerForCausalLM.from_pretrained(NAME, revision="main")
 
@@ -105,11 +101,11 @@ def test_shipped_pair_personalises_the_strategy_of_its_replies(shipped):
     model, tok = shipped
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     hits = {"pair": 0, "lambda 0": 0}
-    for recs, g_ids, g_mask, r_ids, r_mask in _records(tok, pair_info(NAME), N_RECORDS):
-        kw = dict(attention_mask=g_mask, max_new_tokens=24, do_sample=False, pad_token_id=pad)
-        outs = {"pair": model.generate(g_ids, reasoner_input_ids=r_ids, reasoner_attention_mask=r_mask, **kw),
+    for recs, inputs in _records(tok, pair_info(NAME), N_RECORDS):
+        g_ids, kw = inputs["input_ids"], dict(max_new_tokens=24, do_sample=False, pad_token_id=pad)
+        outs = {"pair": model.generate(**inputs, **kw),
                 # the same weights at lambda 0 are exactly the pair's generator (tests/test_fusion_zero.py)
-                "lambda 0": model.generator.generate(g_ids, **kw)}
+                "lambda 0": model.generator.generate(g_ids, attention_mask=inputs["attention_mask"], **kw)}
         for label, out in outs.items():
             for r, seq in zip(recs, out[:, g_ids.shape[1]:]):
                 opening = classify_response(tok.decode(seq, skip_special_tokens=True))["strategy"]

@@ -73,6 +73,30 @@ class Views:
         raise ValueError(f"context must be 'split', 'shared' or 'generator', got {context!r}")
 
 
+def generate_inputs(views: list[Views], pad_id: int, context: str = "split") -> dict:
+    """A batch of records' views as `FlyThinkerForCausalLM.generate` keyword inputs, left-padded with `pad_id`
+    (the one place views become generation inputs, as :meth:`Views.example` is for training).
+
+    ``context``: ``"split"`` -> ``input_ids`` / ``attention_mask`` `[B, P]` from the generator views and
+    ``reasoner_input_ids`` / ``reasoner_attention_mask`` `[B, Q]` from the reasoner views; ``"shared"`` -> the
+    long (reasoner) views as ``input_ids`` (what both models, or a generator given the full view, read);
+    ``"generator"`` -> the generator views alone (a generator without its reasoner).
+    """
+    from flythinker.decode import left_pad
+
+    if not views:
+        raise ValueError("generate_inputs needs at least one record's views")
+    if context not in ("split", "shared", "generator"):
+        raise ValueError(f"context must be 'split', 'shared' or 'generator', got {context!r}")
+    rows = [v.reasoner_prompt_ids if context == "shared" else v.generator_prompt_ids for v in views]
+    ids, mask = left_pad(rows, pad_id)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if context == "split":
+        out["reasoner_input_ids"], out["reasoner_attention_mask"] = left_pad(
+            [v.reasoner_prompt_ids for v in views], pad_id)
+    return out
+
+
 def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     """Render messages with the tokenizer's chat template, or :data:`FALLBACK_TEMPLATE` if it has none."""
     if getattr(tokenizer, "chat_template", None):
