@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -217,4 +216,11 @@ def write_report(results_dir: Path, runs: list[dict[str, Any]] | None = None) ->
 
 
 if __name__ == "__main__":
-    print(f"wrote {write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)}")
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build REPORT.md (tables + plots) from the result JSON of a folder")
+    ap.add_argument("results_dir", nargs="?", type=Path, default=RESULTS, help="default: benchmarks/results")
+    results_dir = ap.parse_args().results_dir
+    if not results_dir.is_dir():  # never create a folder named by a typo
+        ap.error(f"{results_dir} is not a folder")
+    print(f"wrote {write_report(results_dir)}")
