@@ -1,10 +1,12 @@
 """Personalisation on the real SmolLM2-135M-Instruct pair: variants with one LoRA budget, data order and step count.
 
-    .venv/bin/python -m benchmarks.personalization_smollm2 [--variants a,c6] [--steps 120 --fusion-steps 120]
+    .venv/bin/python -m benchmarks.personalization_smollm2 [--variants a,c6] [--steps 120 --fusion-steps 240]
         [--run-dir .cache/personalization_smollm2] [--ship --ship-variant c6]
 
-The defaults are the shipped pair's recipe: variants a then c6, each scored, and the generator as shipped (about 60 min
-on an idle 2-core CPU: a 726 s and c6 1771 s of training, the rest scoring).
+The defaults are the shipped pair's recipe: variants a then c6 (240 stage-2 steps), each scored, and the generator as
+shipped (42 min on this 2-core CPU, partly shared with a CI run: a 1136 s and c6 1050 s of training, the rest scoring;
+benchmarks/results/personalization_smollm2_long.json). The variants in personalization_smollm2.json ran 120 stage-2
+steps (`--fusion-steps 120`).
 
 Variants (persona-empathy, held-out users; the generator's LoRA is rank 8 on all seven linear maps of every layer):
   shipped  the generator as shipped (no training);
@@ -345,7 +347,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curve-every", type=int, default=20)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--e-steps", type=int, default=10)
-    p.add_argument("--fusion-steps", type=int, default=120, help="c2/c3: fusion-only steps on a's generator")
+    p.add_argument("--fusion-steps", type=int, default=240,
+                   help="staged variants (c2-c7): stage-2 steps on a's generator (the shipped c6: 240; the variants "
+                        "in personalization_smollm2.json ran 120)")
     p.add_argument("--opening-tokens", type=int, default=4, help="c3: the response tokens the loss weights up")
     p.add_argument("--opening-weight", type=float, default=10.0,
                    help="c3: their weight (flythinker.training.opening_loss)")
@@ -515,6 +519,11 @@ def stage_options(args) -> dict[str, tuple[str, str]]:
             "long": (f"; stage 2 runs {2 * args.fusion_steps} steps (two passes)", "")}
 
 
+def _repo_relative(path: str | os.PathLike) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def ship(model, result: dict, args) -> None:
     """The shipped variant's trained tensors as the shipped pair: the generator's LoRA factors and the fusion, fp16."""
     from safetensors.torch import save
@@ -547,7 +556,7 @@ def ship(model, result: dict, args) -> None:
                        f"--train-users {args.train_users} --steps {args.steps} --fusion-steps {args.fusion_steps} "
                        f"--batch {args.batch} --lr {args.lr} --fusion-lr {args.fusion_lr} --lam {args.lam} "
                        f"--calibrate-on {args.calibrate_on}" + "".join(flags for _, flags in options)),
-            "measured": {"benchmark": "benchmarks/results/personalization_smollm2.json",
+            "measured": {"benchmark": _repo_relative(args.out),
                          "train_seconds": {v: result["variants"][v].get("seconds") for v in ("a", args.ship_variant)
                                            if v in result["variants"]}}}
     if uses(args.ship_variant, "truncated"):

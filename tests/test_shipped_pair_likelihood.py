@@ -1,5 +1,6 @@
-"""Issue 16's CI check by likelihood preference. Measured on the pair shipped now (c6, README, Results): strategy
-67.5% at lambda 1 against 40% at lambda 0, +27.5 points (bar +20), register 97.5% vs 55% (166 s).
+"""Issue 16's CI check by likelihood preference. Measured on the pair shipped now ((c6), 240 stage-2 steps; README,
+Results): strategy 87.5% at lambda 1 against 42.5% at lambda 0, +45 points (bar +20), register 100% vs 57.5% (the
+120-step (c6) pair: +27.5).
 
 The shipped personalised pair `smollm2-135m-persona-empathy` (flythinker/pretrained): it loads offline by name,
 and on held-out persona-empathy users its reasoner measurably carries the user's strategy.
