@@ -299,13 +299,13 @@ def generate_rows(model, tok, records, variant: str, args) -> tuple[list[dict], 
         inputs = generate_inputs(views, pad, context)
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=pad)[:, inputs["input_ids"].shape[1]:]
+        g_tokens += int(inputs["attention_mask"].sum())  # what the generator read
         for r, v, seq in zip(recs, views, out):
             text = tok.decode(seq, skip_special_tokens=True).strip()
             pred = classify_response(text)
             rows.append({"user": r.user_id, "record": r.record_id, "reply": text,
                          **{t: float(pred[t] == r.persona.traits[t]) for t in GEN_TRAITS},
                          "rouge_l": rouge_l(text, r.response)})
-            g_tokens += len(v.reasoner_prompt_ids if variant in FULL_VIEW else v.generator_prompt_ids)
             full_tokens += len(v.reasoner_prompt_ids)
             new_tokens += int((seq != pad).sum())
         log(f"variant {variant}: generated {len(rows)}/{len(records)}")

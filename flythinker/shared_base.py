@@ -455,11 +455,8 @@ def _merged_half(model: nn.Module, half: str) -> PreTrainedModel:
     for name, p in model.generator.named_parameters(remove_duplicate=False):  # the base, registered once
         if ".lora_" in name:
             continue
-        for path in mine:  # `<path>.base.weight` -> `<path>.weight`
-            if name.startswith(f"{path}.base."):
-                name = f"{path}.{name[len(path) + 6:]}"
-                break
-        state[name] = p.detach().clone()
+        path, wrapped, leaf = name.rpartition(".base.")  # an adapted linear's `<path>.base.weight` -> `<path>.weight`
+        state[f"{path}.{leaf}" if wrapped and path in mine else name] = p.detach().clone()
     with torch.no_grad():
         for path, m in mine.items():
             w = state[f"{path}.weight"]

@@ -44,6 +44,20 @@ def tiny_pair(gen_family: str = "llama", rsn_family: str | None = None, *, seed:
     return FlyThinkerForCausalLM.from_pair(gen, rsn, **fusion).eval()
 
 
+def randomise_adapters(model, seed: int = 0, scale: float = 0.3, a_too: bool = False) -> None:
+    """New random adapters on both halves of a shared-base pair, in place (copy_: the parameter objects stay, their
+    versions move): B ~ N(0, scale^2), and A ~ N(0, 0.09) too with `a_too`."""
+    from flythinker.shared_base import adapters
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for half in (model.generator, model.reasoner):
+            for a in adapters(half).values():
+                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * scale)
+                if a_too:
+                    a.lora_A.copy_(torch.randn(a.lora_A.shape, generator=g) * 0.3)
+
+
 def random_ids(B: int, T: int, *, seed: int = 0, vocab_size: int = VOCAB, low: int = 3) -> torch.Tensor:
     """Random token ids `[B, T]` avoiding the special ids 0..2."""
     g = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from model_helpers import left_pad, random_ids, single_thread, split_inputs, tiny_lm  # noqa: F401
+from model_helpers import left_pad, random_ids, randomise_adapters, single_thread, split_inputs, tiny_lm  # noqa: F401
 from safetensors import safe_open
 
 import flythinker
@@ -26,21 +26,13 @@ R = 4
 SPEC = SharedBaseSpec(r=R, lora_alpha=8)
 
 
-def _randomise_adapters(model, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for half in (model.generator, model.reasoner):
-            for a in adapters(half).values():
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * scale)
-
-
 @pytest.fixture(scope="module")
 def pairs():
     """(shared-base pair, two-copy pair with the same adapters as peft LoRA on two independent base copies)."""
     base = tiny_lm(hidden_size=48)
     clean = copy.deepcopy(base)
     shared = FlyThinkerForCausalLM.from_shared_base(base, r=R, lora_alpha=8, fusion_lambda=0.5, parallel="off").eval()
-    _randomise_adapters(shared)
+    randomise_adapters(shared)
     g = to_peft(shared.generator, copy.deepcopy(clean), SPEC).base_model.model
     r = to_peft(shared.reasoner, clean, SPEC).base_model.model
     two = FlyThinkerForCausalLM.from_pair(g, r, fusion_lambda=0.5, parallel="off").eval()
@@ -292,7 +284,7 @@ def test_to_two_copies_computes_the_same_and_saves_a_plain_pair(tmp_path):
     shared = FlyThinkerForCausalLM.from_shared_base(tiny_lm(hidden_size=48), r=R, lora_alpha=8, fusion_lambda=0.8,
                                                     projection="zero", latent_norm="standardize",
                                                     parallel="off").eval()
-    _randomise_adapters(shared, seed=3)
+    randomise_adapters(shared, seed=3)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         shared.latent_proj.weight.copy_(torch.randn(shared.latent_proj.weight.shape, generator=g) * 0.2)

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from model_helpers import left_pad, random_ids, single_thread, split_inputs, tiny_lm  # noqa: F401
+from model_helpers import left_pad, random_ids, randomise_adapters, single_thread, split_inputs, tiny_lm  # noqa: F401
 
 from benchmarks.opcount import pair_step_ops, total
 from flythinker import FlyThinkerForCausalLM, decode
@@ -18,17 +18,6 @@ from flythinker.shared_base import SharedBaseSpec, SharedLoRALinear, adapters, t
 
 R = 4
 SPEC = SharedBaseSpec(r=R, lora_alpha=8)
-
-
-def _randomise(model, seed, scale=0.3, a_too=False):
-    """New random adapters in place (copy_: the parameter objects stay, their versions move)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for half in (model.generator, model.reasoner):
-            for a in adapters(half).values():
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * scale)
-                if a_too:
-                    a.lora_A.copy_(torch.randn(a.lora_A.shape, generator=g) * 0.3)
 
 
 def _sync(shared, two):
@@ -49,7 +38,7 @@ def pairs():
     base = tiny_lm(hidden_size=48)
     clean = copy.deepcopy(base)
     shared = FlyThinkerForCausalLM.from_shared_base(base, r=R, lora_alpha=8, fusion_lambda=0.5, parallel="off").eval()
-    _randomise(shared, 0)
+    randomise_adapters(shared, 0)
     g = to_peft(shared.generator, copy.deepcopy(clean), SPEC).base_model.model
     r = to_peft(shared.reasoner, clean, SPEC).base_model.model
     return shared, FlyThinkerForCausalLM.from_pair(g, r, fusion_lambda=0.5, parallel="off").eval()
@@ -114,7 +103,7 @@ def test_cache_follows_adapter_changes(pairs, lean_calls, change, batch):
     ids, mask, kw = split_inputs(batch, True)
     before = _assert_same(shared, two, ids, mask, kw)
     if change == "in_place":
-        _randomise(shared, 7, scale=0.5, a_too=True)
+        randomise_adapters(shared, 7, scale=0.5, a_too=True)
     elif change == "replaced":  # new parameter objects (version counters start over)
         g = torch.Generator().manual_seed(3)
         for half in (shared.generator, shared.reasoner):
@@ -136,7 +125,7 @@ def test_module_lean_equals_peft_formula(lean_calls):
     no_grad, and after `.double()` (same parameter objects and versions, new storage)."""
     shared = FlyThinkerForCausalLM.from_shared_base(tiny_lm("qwen2", hidden_size=48), r=R, lora_alpha=8,
                                                     parallel="off").eval()
-    _randomise(shared, 1, a_too=True)
+    randomise_adapters(shared, 1, a_too=True)
     mods = list(adapters(shared.generator).values())
     assert any(m.base.bias is not None for m in mods)
     ctx, B = mods[0]._ctx, 2
@@ -155,7 +144,7 @@ def test_module_lean_equals_peft_formula(lean_calls):
 
     check(mode=torch.inference_mode)
     check()
-    _randomise(shared, 2, a_too=True)
+    randomise_adapters(shared, 2, a_too=True)
     check()
     shared.double()
     check(torch.float64)
@@ -167,7 +156,7 @@ def test_training_keeps_peft_formula_and_gradients(lean_calls):
     adapters get gradients; the lean path never runs."""
     shared = FlyThinkerForCausalLM.from_shared_base(tiny_lm(hidden_size=48), r=R, lora_alpha=8, lora_dropout=0.1,
                                                     parallel="off").train()
-    _randomise(shared, 0)
+    randomise_adapters(shared, 0)
     m = next(iter(adapters(shared.generator).values()))
     x = torch.randn(4, 1, m.lora_A.shape[1])
     with m._ctx.batched(2):

@@ -69,22 +69,19 @@ def make_unshared(out: Path, seed: int) -> None:
     """A trained-looking shared-base pair (one tiny Llama base, random adapters on both halves, a learned "zero"
     projection) as a user would save it: OUT/shared (the shared-base checkpoint, the HF reference), OUT/pair (its
     `to_two_copies()`, what vLLM serves) and OUT/generator (that pair's merged generator alone)."""
-    from model_helpers import tiny_lm
+    from model_helpers import randomise_adapters, tiny_lm
 
     from flythinker import FlyThinkerForCausalLM
     from flythinker.persona.wordlevel import word_tokenizer
-    from flythinker.shared_base import adapters
 
     tok = word_tokenizer([CORPUS])
     base = tiny_lm("llama", seed=seed, hidden_size=128, vocab_size=len(tok), num_attention_heads=4,
                    num_key_value_heads=2)
     shared = FlyThinkerForCausalLM.from_shared_base(base, r=4, lora_alpha=8, fusion_lambda=0.8, projection="zero",
                                                     parallel="off")
-    g = torch.Generator().manual_seed(seed + 3)
+    randomise_adapters(shared, seed=seed + 3)
+    g = torch.Generator().manual_seed(seed + 4)
     with torch.no_grad():
-        for half in (shared.generator, shared.reasoner):
-            for a in adapters(half).values():
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.3)
         shared.latent_proj.weight.copy_(torch.randn(shared.latent_proj.weight.shape, generator=g) * 0.2)
     two = shared.to_two_copies()
     for sub, model in (("shared", shared), ("pair", two), ("generator", two.generator)):
