@@ -17,6 +17,8 @@ What is stored beyond the two `DynamicCache`s:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import DynamicCache, PreTrainedConfig
 from transformers.cache_utils import Cache
@@ -175,9 +177,22 @@ class FlyThinkerCache(Cache):
             self.reasoner_next_position = self.reasoner_next_position - self._rmask[:, keep:self._rlen].long().sum(-1)
             self._rlen = keep
 
-    def activate_past_recording(self) -> None:
-        self.generator.activate_past_recording()
-        self.reasoner.activate_past_recording()
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """Record past states on both parts so assisted / prompt-lookup decoding can roll back (`crop`).
+
+        Keyword arguments (transformers >= 5.25: `recurrent_states_to_keep`) go to both sub-caches unchanged.
+        """
+        self.generator.activate_past_recording(**kwargs)
+        self.reasoner.activate_past_recording(**kwargs)
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """Recurrent states kept for rollback (0 for attention-only models): the larger of the two parts', since
+        `layer_idx` numbers the generator's layers (the reasoner is asked for its maximum)."""
+        return max(self.generator.get_recurrent_states_to_keep(layer_idx),
+                   self.reasoner.get_recurrent_states_to_keep(None))
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return self.generator.is_recording_past(layer_idx)
 
     @property
     def batch_size(self) -> int:
