@@ -11,10 +11,12 @@ What the subclass changes, and why:
 - **Exact prompt ids.** With a ``prompt_ids`` column the trainer uses those ids (e.g. from
   :func:`flythinker.persona.build_views`) instead of re-tokenising the ``prompt`` text.
 - **Log-probs through the fusion.** TRL 1.16 patches the model with a "fused LM head" that calls
-  ``model.base_model(...).last_hidden_state`` and the LM head itself. For this pair ``base_model`` is the pair
-  (``base_model_prefix = ""``), whose output has no ``last_hidden_state``; and reading a sub-model's hidden states
-  would skip the latent fusion. So the log-probs come from the pair's own forward (``logits_to_keep`` positions,
-  then a log-softmax at the sampling temperature); the patched head is never used.
+  ``model.base_model(...).last_hidden_state`` and the LM head itself. ``base_model`` is the fused pair
+  (``FlyThinkerModel``), so in shared context that head sees the fused states; but the patched head hands the
+  backbone no labels, and a split-context forward needs them to find the response start (without them only the
+  last prompt position is fused). So the log-probs come from the pair's own forward (``logits_to_keep``
+  positions, then a log-softmax at the sampling temperature), one path for both contexts; the patched head is
+  never used.
 - **Refused** with a clear error: ``use_liger_kernel`` (its kernels patch modules by model type and would bypass or
   break the fusion), ``use_vllm`` and transformers continuous batching (neither knows the reasoner), tools and
   ``rollout_func`` (their prompts would not carry reasoner ids).
@@ -39,7 +41,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from flythinker.configuration import IGNORE_INDEX
 from flythinker.decode import left_pad
-from flythinker.modeling import FlyThinkerForCausalLM
+from flythinker.modeling import LIGER_REFUSAL, FlyThinkerForCausalLM
 
 REASONER_COLUMN = "reasoner_prompt_ids"
 PROMPT_IDS_COLUMN = "prompt_ids"
@@ -136,8 +138,7 @@ class FlyThinkerGRPOTrainer(GRPOTrainer):
     @staticmethod
     def _check_args(args: GRPOConfig, kwargs: dict) -> None:
         refusals = {
-            "use_liger_kernel": "TRL's Liger path patches modules by model type and computes the loss from a "
-                                "sub-model's hidden states, which would bypass the reasoner-latent fusion",
+            "use_liger_kernel": LIGER_REFUSAL.split(": ", 1)[1],
             "use_vllm": "vLLM generation does not know the reasoner (no latent fusion)",
             "use_transformers_continuous_batching": "continuous batching does not pass the reasoner prompt",
         }
