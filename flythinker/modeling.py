@@ -23,6 +23,7 @@ The overlapped prefill schedules live in flythinker.prefill; the lean static-cac
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,7 @@ from flythinker.alignment import (
     split_latents,
 )
 from flythinker.cache import FlyThinkerCache
-from flythinker.configuration import IGNORE_INDEX, FlyThinkerConfig, fusion_kwargs_check
+from flythinker.configuration import IGNORE_INDEX, LOSS_IMPLS, PARALLEL_MODES, FlyThinkerConfig, fusion_kwargs_check
 from flythinker.kernels import latent_fuse, linear_cross_entropy, vocab_mean_norm
 from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
 from flythinker.latent_norm import BUFFERS as LATENT_NORM_BUFFERS
@@ -79,6 +80,8 @@ class StepInputs:
     gen_kwargs: dict[str, Any]  # output_attentions / output_hidden_states for the generator
     inputs_embeds: torch.Tensor | None = None  # [B, T, H_g] the generator's given embeddings (latents added)
     continues: torch.Tensor | None = None  # [B, T] bool: position t continues t-1's sequence (None: all do)
+    fusion_lambda: float | None = None  # this call's lambda (None: config.fusion_lambda)
+    parallel: str | None = None  # this call's overlap mode (None: config.parallel)
 
     @property
     def prefill(self) -> bool:
@@ -221,11 +224,12 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
     def reasoner_device(self) -> torch.device:
         return self.reasoner.get_input_embeddings().weight.device
 
-    def reasoner_worker(self) -> ReasonerWorker:
-        """This thread's worker for config.parallel: "off" runs the two halves one after the other; "threads" (CPU)
-        the reasoner on a persistent worker thread, one core each; "streams" (CUDA) the reasoner on side streams
-        (also when it lives on another device). See flythinker.workers."""
-        return worker_for(self, self.config.parallel, self.generator_device, self.reasoner_device)
+    def reasoner_worker(self, parallel: str | None = None) -> ReasonerWorker:
+        """This thread's worker for `parallel` (None: config.parallel): "off" runs the two halves one after the
+        other; "threads" (CPU) the reasoner on a persistent worker thread, one core each; "streams" (CUDA) the
+        reasoner on side streams (also when it lives on another device). See flythinker.workers."""
+        return worker_for(self, check_parallel_mode(parallel) or self.config.parallel, self.generator_device,
+                          self.reasoner_device)
 
     # ------------------------------------------------------------------ the building blocks of a step
     def reasoner_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -253,10 +257,11 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         return self.generator.get_input_embeddings()(input_ids)
 
     def fuse(self, input_ids: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
-             prev: torch.Tensor | None, check_inputs: bool = True) -> torch.Tensor:
+             prev: torch.Tensor | None, check_inputs: bool = True, lam: float | None = None) -> torch.Tensor:
         """Generator input embeddings `[B, T, H_g]`: E[x_t] + lam * (latent of slot t-1, rescaled, projected).
         latent `[B, T, H_r]` (slot t is fused into position t + 1 where `mask [B, T]` allows), prev `[B, H_r]`
-        (fused into position 0). `check_inputs=False` skips latent_fuse's value checks (one host sync)."""
+        (fused into position 0). `check_inputs=False` skips latent_fuse's value checks (one host sync). `lam`: this
+        call's fusion weight (None: config.fusion_lambda)."""
         E = self.generator.get_input_embeddings()
         cfg = self.config
         if self._latent_capture is not None:
@@ -271,7 +276,7 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         # while torch.compile/export traces: the PyTorch twin (traceable; the compiler fuses it), not the custom op
         # (its CPU path reads a tensor norm target with float(), a data-dependent host sync export refuses)
         backend = "torch" if torch.compiler.is_compiling() else None
-        emb = latent_fuse(input_ids, E.weight, latent, mask, lam=float(cfg.fusion_lambda),
+        emb = latent_fuse(input_ids, E.weight, latent, mask, lam=float(cfg.fusion_lambda if lam is None else lam),
                           norm_target=self._norm_target(), projection=proj, prev_latent=prev,
                           eps=float(cfg.latent_eps), detach_norm=cfg.detach_norm, check_inputs=check_inputs,
                           backend=backend)
@@ -300,11 +305,11 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
             with torch.no_grad():
                 mine[key].copy_(value.to(mine[key].dtype))
 
-    def fuse_pending(self, input_ids: torch.Tensor, pending: torch.Tensor, check_inputs: bool = True
-                     ) -> torch.Tensor:
+    def fuse_pending(self, input_ids: torch.Tensor, pending: torch.Tensor, check_inputs: bool = True,
+                     lam: float | None = None) -> torch.Tensor:
         """Embeddings `[B, 1, H_g]` of one new token `input_ids [B, 1]` fused with the pending latent `[B, H_r]`."""
         no_slot = pending.new_zeros(pending.shape[0], 1, pending.shape[-1])  # slot 0 would feed position 1: none
-        return self.fuse(input_ids, no_slot, None, pending, check_inputs=check_inputs)
+        return self.fuse(input_ids, no_slot, None, pending, check_inputs=check_inputs, lam=lam)
 
     def _norm_target(self) -> str | float | torch.Tensor:
         """norm_target for latent_fuse. "vocab_mean" at inference is a cached 0-dim tensor on the table's device
@@ -342,6 +347,8 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         reasoner_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        fusion_lambda: float | None = None,
+        parallel: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast | tuple:
         """The fused pair's forward: the generator's final hidden state `[B, T, H_g]` (no LM head).
@@ -359,6 +366,10 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
                 on an empty cache only).
             labels: `[B, T]` unshifted (IGNORE_INDEX = ignore); used only to place the fusion (the response
                 start: split context, `fuse_prompt=False`), no loss is computed here.
+            fusion_lambda: this call's fusion weight (None: the saved `config.fusion_lambda`); the config is not
+                changed.
+            parallel: how this call runs the two halves ("off", "auto", "threads", "streams"; None: the saved
+                `config.parallel`); the same numbers either way.
 
         Returns:
             `BaseModelOutputWithPast`: `last_hidden_state [B, T, H_g]`, the cache (latents appended), and the
@@ -370,6 +381,8 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         step = self._normalise(input_ids, attention_mask, position_ids, self._step_cache(cache, past_key_values,
                                                                                           use_cache), kwargs)
         self._check_step_inputs(step, inputs_embeds, reasoner_input_ids)
+        step.fusion_lambda = check_fusion_lambda(fusion_lambda)
+        step.parallel = check_parallel_mode(parallel)
         if step.prefill and reasoner_input_ids is not None:
             g_out, latents = self._split_prefill(step, reasoner_input_ids, reasoner_attention_mask, labels)
         elif not step.prefill and step.input_ids.shape[1] == 1:
@@ -475,7 +488,7 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
             n_fused = (torch.ones_like(step.local_mask[:, 0], dtype=torch.long) if labels is None
                        else _split_fused_count(step.local_mask, labels))
             latent, lmask, prev = split_latents(h, *split_alignment(step.local_mask, r_mask, n_fused))
-            g_out = self._generator(step, self.fuse(step.input_ids, latent, lmask, prev))
+            g_out = self._generator(step, self.fuse(step.input_ids, latent, lmask, prev, lam=step.fusion_lambda))
         return g_out, _emitted_latents(h, r_mask, last_only=True)
 
     def _shared_forward(self, step: StepInputs, labels: torch.Tensor | None
@@ -497,7 +510,8 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
             h, g_out = shared_prefill(self, worker, step, src_mask)
         else:
             h = self.reasoner_forward(step.input_ids, *self._reasoner_view(step), step.cache, step.use_cache)
-            g_out = self._generator(step, self.fuse(step.input_ids, h, src_mask, self._pending_latent(step)))
+            g_out = self._generator(step, self.fuse(step.input_ids, h, src_mask, self._pending_latent(step),
+                                                      lam=step.fusion_lambda))
         return g_out, _emitted_latents(h, step.local_mask)
 
     def _decode_step(self, step: StepInputs) -> tuple[BaseModelOutputWithPast, torch.Tensor]:
@@ -507,8 +521,8 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         r_mask, r_pos = self._reasoner_view(step)
         # value checks cost a host sync per step on CUDA (it would stall the overlap): CPU only there
         emb = self.fuse_pending(step.input_ids, self._pending_latent(step),
-                                check_inputs=step.input_ids.device.type == "cpu")
-        g_out, h = self.reasoner_worker().run_pair(
+                                check_inputs=step.input_ids.device.type == "cpu", lam=step.fusion_lambda)
+        g_out, h = self.reasoner_worker(step.parallel).run_pair(
             lambda: self._generator(step, emb),
             lambda: self.reasoner_forward(step.input_ids, r_mask, r_pos, step.cache, True))
         return g_out, _emitted_latents(h, step.local_mask)
@@ -535,13 +549,13 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         training, no cache, a 1-token prompt, or extra generator outputs requested; "auto" on CPU with one row)."""
         B, T = step.input_ids.shape
         if (not step.prefill or T < 2 or step.cache is None or labels is not None or step.gen_kwargs
-                or step.inputs_embeds is not None or self.config.parallel == "off"
+                or step.inputs_embeds is not None or (step.parallel or self.config.parallel) == "off"
                 or (self.training and torch.is_grad_enabled())):
             return None
-        worker = self.reasoner_worker()
+        worker = self.reasoner_worker(step.parallel)
         if isinstance(worker, InlineWorker):
             return None
-        if self.config.parallel == "auto" and B == 1 and not isinstance(worker, StreamWorker):
+        if (step.parallel or self.config.parallel) == "auto" and B == 1 and not isinstance(worker, StreamWorker):
             # Prefill is compute-bound: on CPU, chunks at one thread per model lost to two threads per model run
             # one after the other at batch 1 (SmolLM2 pair, 256 tokens: 1662 vs 1307 ms) and won at batch 4
             # (5161 vs 6094 ms; benchmarks/results/decode.json). "threads" still forces the overlap.
@@ -619,14 +633,15 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
             return cls._from_shipped(pretrained_model_name_or_path.lower(), **kwargs)
         want_info = bool(kwargs.pop("output_loading_info", False))
         strict = not want_info if strict is None else strict
-        hf_load = super().from_pretrained
+        hf_load, raw = super().from_pretrained, {}
 
-        def load(*a: Any, **kw: Any) -> tuple[FlyThinkerForCausalLM, dict]:
-            model, info = hf_load(*a, **kw)
-            return model, _checkpoint_names(info)
+        def load(*a: Any, **kw: Any) -> tuple[FlyThinkerForCausalLM, dict]:  # errors name checkpoint tensors
+            model, raw["info"] = hf_load(*a, **kw)
+            return model, _checkpoint_names(raw["info"])
 
-        model, info = load_strict(load, pretrained_model_name_or_path, *args, strict=strict,
-                                  output_loading_info=True, **kwargs)
+        model, _ = load_strict(load, pretrained_model_name_or_path, *args, strict=strict,
+                               output_loading_info=True, **kwargs)
+        info = raw["info"]  # transformers' report, in the model's parameter names
         retie(model)  # a shared-base pair: the loader may have replaced the base parameter objects
         return (model, info) if want_info else model
 
@@ -720,8 +735,8 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         """The shared vocabulary's size (rows of the generator's input embedding)."""
         return self.model.vocab_size
 
-    def reasoner_worker(self) -> ReasonerWorker:
-        return self.model.reasoner_worker()
+    def reasoner_worker(self, parallel: str | None = None) -> ReasonerWorker:
+        return self.model.reasoner_worker(parallel)
 
     def reasoner_forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.model.reasoner_forward(*args, **kwargs)
@@ -787,11 +802,12 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None,
                  num_items_in_batch: torch.Tensor | int | None = None,
-                 shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+                 shift_labels: torch.Tensor | None = None, loss_impl: str | None = None) -> torch.Tensor:
         """Causal LM loss of the generator on `hidden [B, T, H_g]` and unshifted `labels [B, T]` (shift inside,
         ignore_index IGNORE_INDEX): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation);
-        an all-ignored batch gives 0, not NaN. config.loss_impl "fused": `linear_cross_entropy` on the final hidden
-        states and the LM head weight, never materialising the [B, T, V] logits; "naive": logits + cross_entropy.
+        an all-ignored batch gives 0, not NaN. `loss_impl` (None: config.loss_impl) "fused": `linear_cross_entropy`
+        on the final hidden states and the LM head weight, never materialising the [B, T, V] logits; "naive":
+        logits + cross_entropy.
         """
         B, T, H = hidden.shape
         # shift by padding: position t predicts labels[t + 1], the last position gets IGNORE_INDEX. `hidden` stays
@@ -807,7 +823,7 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         # the fused op needs a plain bias-free Linear head; anything else (a peft LoRA-wrapped head, a bias)
         # falls back to the logits path so that its own forward runs
         plain_head = isinstance(head, nn.Linear) and head.bias is None and type(head).forward is nn.Linear.forward
-        if self.config.loss_impl == "fused" and plain_head:
+        if (loss_impl or self.config.loss_impl) == "fused" and plain_head:
             return linear_cross_entropy(hidden.reshape(B * T, H), head.weight, shift_labels,
                                         ignore_index=IGNORE_INDEX, num_items_in_batch=num_items_in_batch, softcap=cap)
         logits = self.logits_from_hidden(hidden).float()  # [B, T, V]
@@ -832,6 +848,9 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
         return_dict: bool | None = None,
         shift_labels: torch.LongTensor | None = None,
+        fusion_lambda: float | None = None,
+        loss_impl: str | None = None,
+        parallel: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast | tuple:
         """Fused forward: `FlyThinkerModel.forward`, then the generator's LM head and the loss.
@@ -845,24 +864,31 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         `shift_labels [B, T]`: labels already shifted (position t predicts shift_labels[t]; sequence parallelism),
         used instead of shifting `labels`. Packed rows (no attention_mask, position_ids restarting at each sequence,
         as DataCollatorWithFlattening makes them): no latent crosses a sequence boundary.
+        Per call, without touching the saved config: `fusion_lambda` (the fusion weight), `loss_impl` ("fused":
+        no logits when labels are given; "naive": logits + cross-entropy) and `parallel` (how the two halves run);
+        None = the config's.
         """
+        if loss_impl is not None and loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS} (or None: config.loss_impl), got {loss_impl!r}")
         if labels is None and shift_labels is not None and input_ids is not None:
             labels = _unshift(shift_labels, input_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          reasoner_input_ids=reasoner_input_ids, reasoner_attention_mask=reasoner_attention_mask,
-                         labels=labels, **kwargs)
-        return self._output(out, out.cache, labels, logits_to_keep, num_items_in_batch, return_dict, shift_labels)
+                         labels=labels, fusion_lambda=fusion_lambda, parallel=parallel, **kwargs)
+        return self._output(out, out.cache, labels, logits_to_keep, num_items_in_batch, return_dict, shift_labels,
+                            loss_impl or self.config.loss_impl)
 
     def _output(self, g_out: BaseModelOutputWithPast, cache: FlyThinkerCache | None, labels: torch.Tensor | None,
                 logits_to_keep: int | torch.Tensor, num_items_in_batch: torch.Tensor | int | None,
-                return_dict: bool | None, shift_labels: torch.Tensor | None = None) -> CausalLMOutputWithPast | tuple:
+                return_dict: bool | None, shift_labels: torch.Tensor | None = None, loss_impl: str = "fused"
+                ) -> CausalLMOutputWithPast | tuple:
         """Loss (with labels) and logits (unless the fused loss made them unnecessary) from the generator output."""
         hidden = g_out.last_hidden_state  # [B, T, H_g]
-        loss = (self._lm_loss(hidden, labels, num_items_in_batch, shift_labels)
+        loss = (self._lm_loss(hidden, labels, num_items_in_batch, shift_labels, loss_impl)
                 if labels is not None or shift_labels is not None else None)
         logits = None
-        if labels is None or self.config.loss_impl != "fused":
+        if labels is None or loss_impl != "fused":
             logits = self.logits_from_hidden(hidden, logits_to_keep)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache,
                                      hidden_states=getattr(g_out, "hidden_states", None),
@@ -898,19 +924,24 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
             inputs["input_ids"] = input_ids[:, -inputs["inputs_embeds"].shape[1]:].clone()
         return inputs
 
-    def generate(self, *args: Any, fast_path: bool = True, **kwargs: Any):
-        """`GenerationMixin.generate`, except that a call the lean static-cache loop reproduces token for token
-        (greedy, no beams / processors / extra outputs: flythinker.decode.generate_fast_path) runs that loop, with
-        the shared-base batched step for a shared-base pair. `fast_path=False` forces transformers' loop.
-        `self.last_generate_path` and a DEBUG log of `flythinker.decode` name the path that ran."""
-        if fast_path:
-            from flythinker.decode import generate_fast_path
+    def generate(self, *args: Any, fast_path: bool | str = "auto", **kwargs: Any):
+        """`GenerationMixin.generate`, with the decode loop an explicit choice.
 
-            out = generate_fast_path(self, args, kwargs)
-            if out is not None:
-                return out
-        self.last_generate_path = "transformers generate"
-        return super().generate(*args, **kwargs)
+        Args:
+            fast_path: "auto" (default): flythinker's lean static-cache loop (`flythinker.decode`) when it gives
+                this call's tokens exactly (greedy or one seeded FusedSamplingLogitsProcessor; no beams, other
+                processors, stopping criteria or extra outputs; the shared-base batched step for a shared-base
+                pair), else transformers' loop. True: the lean loop, or a ValueError naming why it does not
+                apply. False: transformers' loop. `flythinker.decode.generate_path(model, *args, **kwargs)` names
+                the loop a call takes without running it.
+            fusion_lambda, parallel (in kwargs): this call's fusion weight and overlap mode (None: the saved
+                config's), in both loops; the config is not changed.
+        """
+        from flythinker.decode import generate_fast_path
+
+        kwargs["fast_path"] = fast_path
+        out = generate_fast_path(self, args, kwargs)  # removes fast_path from kwargs
+        return out if out is not None else super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
                                       batch_size: int, max_cache_length: int) -> None:
@@ -933,6 +964,22 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
             model_kwargs["cache"].activate_past_recording()
 
 
+
+
+def check_fusion_lambda(lam: float | None) -> float | None:
+    """A per-call fusion weight: None (the config's) or a finite real number; anything else raises."""
+    if lam is None:
+        return None
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"fusion_lambda must be a finite number (or None: config.fusion_lambda), got {lam!r}")
+    return float(lam)
+
+
+def check_parallel_mode(mode: str | None) -> str | None:
+    """A per-call overlap mode: None (the config's) or one of PARALLEL_MODES; anything else raises."""
+    if mode is not None and mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES} (or None: config.parallel), got {mode!r}")
+    return mode
 
 
 def _checkpoint_names(info: dict) -> dict:
@@ -1024,8 +1071,8 @@ LIGER_REFUSAL = ("use_liger_kernel=True is not supported for a FlyThinker pair: 
 # Checkpoints keep the flat layout of the pair's parts (`generator.*`, `reasoner.*`, `latent_proj.weight`,
 # `latent_mean`, `latent_inv_std`): renamed under `model.` on load, and back on save (transformers reverts a
 # registered conversion in `save_pretrained`), so folders written before and after the base/head split are one format.
-CHECKPOINT_CONVERSION = [WeightRenaming(source_patterns=rf"^{part}", target_patterns=f"model.{part}")
-                         for part in ("generator", "reasoner", "latent_proj", "latent_mean", "latent_inv_std")]
+CHECKPOINT_CONVERSION = [WeightRenaming(source_patterns=r"^(generator|reasoner|latent_proj|latent_mean|latent_inv_std)",
+                                        target_patterns=r"model.\1")]
 register_checkpoint_conversion_mapping("FlyThinkerForCausalLM", CHECKPOINT_CONVERSION, overwrite=True)
 AutoConfig.register("flythinker", FlyThinkerConfig, exist_ok=True)
 AutoModelForCausalLM.register(FlyThinkerConfig, FlyThinkerForCausalLM, exist_ok=True)

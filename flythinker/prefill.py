@@ -61,7 +61,7 @@ def shared_prefill(model: FlyThinkerModel, worker: ReasonerWorker, step: StepInp
 
     def fused_span(a: int, b: int, h: torch.Tensor) -> torch.Tensor:  # [B, b - a, H_g]; h covers positions < b
         prev = None if a == 0 else h[:, a - 1] * src_mask[:, a - 1, None].to(h.dtype)
-        return model.fuse(ids[:, a:b], h[:, a:b], src_mask[:, a:b], prev)
+        return model.fuse(ids[:, a:b], h[:, a:b], src_mask[:, a:b], prev, lam=step.fusion_lambda)
 
     early = src_mask[:, : max(T - 2, 0)]
     if not bool(early.any()):  # only the last position is fused
@@ -97,7 +97,7 @@ def split_prefill(model: FlyThinkerModel, worker: ReasonerWorker, step: StepInpu
                             lambda: model.reasoner_forward(r_ids, r_mask, r_pos, step.cache, True))
     n_fused = torch.ones(B, dtype=torch.long, device=ids.device)
     latent, lmask, prev = split_latents(h, *split_alignment(step.local_mask, r_mask, n_fused))
-    g1 = _generator_span(model, step, T - 1, T, model.fuse(ids, latent, lmask, prev)[:, -1:])
+    g1 = _generator_span(model, step, T - 1, T, model.fuse(ids, latent, lmask, prev, lam=step.fusion_lambda)[:, -1:])
     return h, cat_outputs([g0, g1])
 
 

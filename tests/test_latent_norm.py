@@ -51,7 +51,7 @@ def _observed_fused(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
     every, firsts = [], []
     real_fuse = model.model.fuse  # the fused pair's own fuse (what its forward calls)
 
-    def spy(input_ids, latent, mask, prev, check_inputs=True):
+    def spy(input_ids, latent, mask, prev, check_inputs=True, lam=None):
         live = mask.bool().clone()
         live[:, -1] = False  # slot T-1 feeds no position
         every.append(latent[live])
@@ -60,7 +60,7 @@ def _observed_fused(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
             if has_prev:
                 every.append(prev[b:b + 1])
             firsts.append(prev[b] if has_prev else latent[b, int(live[b].int().argmax())])
-        return real_fuse(input_ids, latent, mask, prev, check_inputs=check_inputs)
+        return real_fuse(input_ids, latent, mask, prev, check_inputs=check_inputs, lam=lam)
 
     model.model.fuse = spy
     try:

@@ -71,8 +71,8 @@ def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     here): one forward of the pair's training path, where the labels mark the response start (DESIGN.md 2:
     generator position P-1+k receives reasoner position Q-2+k), i.e. the same fused inputs as the decode steps
     that sampled the completion. That path needs labels, and with ``loss_impl="fused"`` it returns no logits, so
-    the pair's ``loss_impl`` is "naive" for the duration of the call (the one labelled token per row makes its
-    loss nearly free; the logits cost one LM-head pass over the whole row).
+    the call asks for ``loss_impl="naive"`` (the one labelled token per row makes its loss nearly free; the logits
+    cost one LM-head pass over the whole row).
     """
     K = int(logits_to_keep)
     P = input_ids.shape[1] - K
@@ -89,14 +89,9 @@ def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
         r_mask = torch.cat([reasoner_attention_mask.to(attention_mask.dtype), attention_mask[:, P:]], dim=1)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:, P] = torch.where(attention_mask[:, P].bool(), input_ids[:, P], IGNORE_INDEX)
-        saved = pair.config.loss_impl
-        pair.config.loss_impl = "naive"
-        try:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, reasoner_input_ids=r_ids,
-                           reasoner_attention_mask=r_mask, labels=labels, logits_to_keep=K + 1,
-                           use_cache=False).logits[:, :-1]
-        finally:
-            pair.config.loss_impl = saved
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, reasoner_input_ids=r_ids,
+                       reasoner_attention_mask=r_mask, labels=labels, logits_to_keep=K + 1, use_cache=False,
+                       loss_impl="naive").logits[:, :-1]
     logits = logits.float() / temperature
     logp = F.log_softmax(logits, dim=-1)
     tok = torch.gather(logp, -1, input_ids[:, P:, None]).squeeze(-1)
