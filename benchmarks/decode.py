@@ -97,12 +97,11 @@ def run_config(name: str, gen, pair, ids: torch.Tensor, new: int, mode: str, com
             with intra_op_threads(threads):
                 out = gen.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, streamer=st)
         elif name in ("b", "c"):
-            pair.config.parallel = "off" if name == "b" else mode
-            out = pair.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, streamer=st)
+            out = pair.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, streamer=st,
+                                parallel="off" if name == "b" else mode)
         else:
-            pair.config.parallel = mode
             out = flythinker.fast_generate(pair, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[],
-                                           streamer=st, compile=compile_step)
+                                           streamer=st, compile=compile_step, parallel=mode)
     if ids.is_cuda:
         torch.cuda.synchronize()
     assert out.shape[1] == ids.shape[1] + new, out.shape

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
 from benchmarks._common import RESULTS, peak_bytes, reset_peak, write_json  # noqa: E402
+from flythinker.decode import generate_path  # noqa: E402
 
 TARGETS = {"shared_over_gen_token": 1.10, "shared_params_over_twocopy": 0.55, "trunc8_parallel_over_gen_token": 1.05,
            "split8_over_gen_ttft": 0.5, "twocopy_parallel_over_gen_call": 1.15}
@@ -216,7 +217,8 @@ def section_shared(reps: int) -> dict:
         ids2 = prompt(tok, 2 * B, 128)
         inputs["gen_merged_lean_2B"] = {"ids": ids2, "attention_mask": torch.ones_like(ids2)}
         row = interleave(variants, inputs, reps, f"shared B={B}")
-        row["paths"] = {"shared": pair.last_generate_path, "twocopy_peft": two.last_generate_path}
+        row["paths"] = {n: generate_path(m, ids, attention_mask=mask)
+                        for n, m in (("shared", pair), ("twocopy_peft", two))}
         row["same_tokens_shared_twocopy"] = bool(torch.equal(row["shared"]["tokens"], row["twocopy_peft"]["tokens"]))
         timed_rows = {k: v for k, v in row.items() if isinstance(v, dict) and "token_ms" in v}
         row["ratios"] = ratios(timed_rows, "gen_merged")
@@ -263,10 +265,9 @@ def section_twocopy(reps: int, batches: tuple[int, ...] = (1, 4)) -> dict:
         ids = prompt(tok, B, 256)
         mask = torch.ones_like(ids)
 
-        def run(mode, fast=True):
+        def run(mode, fast="auto"):
             def fn(i, **kw):
-                pair.config.parallel = mode
-                return pair.generate(i, fast_path=fast, **kw)
+                return pair.generate(i, fast_path=fast, parallel=mode, **kw)
             return fn
 
         variants = {"gen": gen.generate, "pair_parallel": run("auto"), "pair_sequential": run("off"),
@@ -296,8 +297,7 @@ def section_truncated(reps: int) -> dict:
 
     def run(p, mode):
         def fn(i, **kw):
-            p.config.parallel = mode
-            return p.generate(i, **kw)
+            return p.generate(i, parallel=mode, **kw)
         return fn
 
     variants = {"gen": gen.generate}

@@ -113,15 +113,16 @@ def precompute(base, tok, records, k: int, budget: int, with_candidates: bool, b
     return out
 
 
-def suffix_nll(pair, item: dict, c: int) -> torch.Tensor:
-    """Summed NLL [B] of candidate c's first k+1 reply tokens under the fused generator (grad flows to the fusion)."""
+def suffix_nll(pair, item: dict, c: int, lam: float | None = None) -> torch.Tensor:
+    """Summed NLL [B] of candidate c's first k+1 reply tokens under the fused generator (grad flows to the fusion);
+    `lam`: the fusion weight of this call (None: the pair's config)."""
     ids, lat = item["suffix"][:, c], item["latents"][:, c]  # [B, k+1], [B, k+1, H]
     B, S = ids.shape
     # slot t is fused into position t+1; prev (the boundary latent) into position 0
     slots = torch.cat([lat[:, 1:], lat.new_zeros(B, 1, lat.shape[-1])], 1)
     mask = torch.ones(B, S, dtype=torch.long)
     mask[:, -1] = 0
-    emb = pair.fuse(ids, slots, mask, lat[:, 0])
+    emb = pair.fuse(ids, slots, mask, lat[:, 0], lam=lam)
     g_mask = item["g_mask"]
     attn = torch.cat([g_mask, torch.ones(B, S, dtype=torch.long)], 1)
     pos = g_mask.sum(1, keepdim=True) + torch.arange(S)[None]
@@ -186,17 +187,11 @@ def preference(pair, items: list[dict], lam: float | None) -> list[dict]:
     """Per record: {trait: 1.0 if the reply for the user's traits has the lower opening NLL}; lam=None: variant b
     (the reasoner's own LM head, i.e. the generator reading the history)."""
     rows = []
-    if lam is not None:
-        saved, pair.config.fusion_lambda = pair.config.fusion_lambda, lam
-    try:
-        for item in items:
-            C = item["suffix"].shape[1]
-            nll = item["nll_b"] if lam is None else torch.stack([suffix_nll(pair, item, c) for c in range(C)], 1)
-            for b, r in enumerate(item["records"]):
-                rows.append({"user": r.user_id, **{t: float(nll[b, 0] < nll[b, 1 + j]) for j, t in enumerate(SCORED)}})
-    finally:
-        if lam is not None:
-            pair.config.fusion_lambda = saved
+    for item in items:
+        C = item["suffix"].shape[1]
+        nll = item["nll_b"] if lam is None else torch.stack([suffix_nll(pair, item, c, lam) for c in range(C)], 1)
+        for b, r in enumerate(item["records"]):
+            rows.append({"user": r.user_id, **{t: float(nll[b, 0] < nll[b, 1 + j]) for j, t in enumerate(SCORED)}})
     return rows
 
 

@@ -147,17 +147,23 @@ def load_variant_model(variant: str, args):
     return model, tok
 
 
+def named(model) -> torch.nn.Module:
+    """The module whose tensor names are the checkpoint's: a pair's fused `.model` (`generator.*`, `latent_proj.*`;
+    the pair itself names them `model.generator.*`), a plain LM itself."""
+    return model.model if hasattr(model, "fusion_state_dict") else model
+
+
 def trained_state(model) -> dict[str, torch.Tensor]:
     from flythinker.training import trainable_state_dict
 
-    state = trainable_state_dict(model)
+    state = trainable_state_dict(named(model))
     if hasattr(model, "fusion_state_dict"):
         state.update(model.fusion_state_dict())
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
 def load_state(model, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = named(model).load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"saved state has keys the model lacks: {unexpected[:5]}")
 
@@ -534,7 +540,7 @@ def ship(model, result: dict, args) -> None:
     staged = args.ship_variant in STAGED
     options = [described for option, described in stage_options(args).items() if uses(args.ship_variant, option)]
     tensors = {}
-    for k, v in model.state_dict().items():  # frozen (c2, c3) or trained (c): the generator's LoRA factors
+    for k, v in named(model).state_dict().items():  # frozen (c2, c3) or trained (c): the generator's LoRA factors
         if ".lora_A." in k or ".lora_B." in k:  # generator.<module>.lora_A.default.weight -> <module>.lora_A
             mod, ab = k.split(".lora_")
             tensors[f"{mod}.lora_{ab.split('.')[0]}"] = v

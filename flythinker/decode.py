@@ -5,13 +5,15 @@ overlapped with the generator's, sampling through `flythinker.kernels.sample`, n
     decode_one_token fuse the pending latent into the new token, run both halves -> next logits, next latent
     decode_n_tokens  pick, handle eos, feed back; stop once every row is finished
     fast_generate    the public entry: checks, then prefill + decode_n_tokens
-    generate_fast_path  what `FlyThinkerForCausalLM.generate()` calls first: runs fast_generate when the call is
-                     one it reproduces token for token (greedy / one seeded FusedSamplingLogitsProcessor; no beams,
-                     other processors, stopping criteria, extra outputs), else None (transformers' loop runs)
+    generate_fast_path  what `FlyThinkerForCausalLM.generate()` calls first: with fast_path="auto" (default) runs
+                     fast_generate when the call is one it reproduces token for token (greedy / one seeded
+                     FusedSamplingLogitsProcessor; no beams, other processors, stopping criteria, extra outputs),
+                     else None (transformers' loop runs); fast_path=True insists, False skips it
 
 The one-token step is the two-copy one (the generator's half beside the reasoner's, config.parallel) or, for a
 shared-base pair (flythinker.shared_base), one forward of 2B rows through the shared base with per-row adapters
-(`decode_path` names which; `model.last_generate_path` and a DEBUG log say which ran).
+(`decode_path` names which; `generate_path(model, *args, **kwargs)` names the loop a generate() call takes, and a
+DEBUG log says which ran).
 
 It gives the same tokens as `model.generate` with the same settings: greedy, or seeded sampling with the same
 `FusedSamplingLogitsProcessor(seed=...)` draws (`flythinker.sampling`); finished rows are padded exactly like HF
@@ -64,10 +66,12 @@ class DecodeState:
     P: int  # generator prompt length
     Q: int  # reasoner prompt length (P in shared context)
     shared: SharedStep | None = None  # shared-base pair: both halves' rows in one batched forward
+    fusion_lambda: float | None = None  # this call's lambda (None: config.fusion_lambda)
 
 
 def prefill(model: FlyThinkerForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor,
-            rsn_ids: torch.Tensor | None, rsn_mask: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+            rsn_ids: torch.Tensor | None, rsn_mask: torch.Tensor, fusion_lambda: float | None = None,
+            parallel: str | None = None) -> tuple[torch.Tensor, DecodeState]:
     """Run the prompt `input_ids [B, P]` through the model into static caches sized for `mask [B, P + N]`.
     Split context: `rsn_ids [B, Q]` with `rsn_mask [B, Q + N]`. Returns the first logits `[B, V]` and the state."""
     P, N = input_ids.shape[1], mask.shape[1] - input_ids.shape[1]
@@ -75,24 +79,26 @@ def prefill(model: FlyThinkerForCausalLM, input_ids: torch.Tensor, mask: torch.T
     cache = FlyThinkerCache(generator=StaticCache(config=model.config.generator, max_cache_len=P + N),
                             reasoner=StaticCache(config=model.config.reasoner, max_cache_len=Q + N))
     out = model(input_ids=input_ids, attention_mask=mask[:, :P], cache=cache, use_cache=True, logits_to_keep=1,
-                reasoner_input_ids=rsn_ids, reasoner_attention_mask=None if rsn_ids is None else rsn_mask[:, :Q])
+                reasoner_input_ids=rsn_ids, reasoner_attention_mask=None if rsn_ids is None else rsn_mask[:, :Q],
+                fusion_lambda=fusion_lambda, parallel=parallel)
     gen_pos = mask[:, :P].sum(1, keepdim=True) - 1  # [B, 1]: the last prompt token is real (left padding)
     # the reasoner's prompt may be right-padded: the cache knows its next position
     rsn_pos = gen_pos if rsn_ids is None else cache.reasoner_next_position[:, None] - 1
     shared = (SharedStep(model, cache.generator, cache.reasoner, mask, rsn_mask, P, Q, N)
               if is_shared_base(model) else None)
-    worker = model.reasoner_worker() if shared is None else InlineWorker()
-    state = DecodeState(cache, mask, rsn_mask, gen_pos, rsn_pos, cache.pending, worker, P, Q, shared)
+    worker = model.reasoner_worker(parallel) if shared is None else InlineWorker()
+    state = DecodeState(cache, mask, rsn_mask, gen_pos, rsn_pos, cache.pending, worker, P, Q, shared, fusion_lambda)
     return out.logits[:, -1].float(), state
 
 
-def decode_path(model: FlyThinkerForCausalLM) -> str:
+def decode_path(model: FlyThinkerForCausalLM, parallel: str | None = None) -> str:
     """Which one-token step `fast_generate` runs for `model`: "shared-base batched" (one forward of 2B rows through
-    the shared base), or the two-copy step in the worker's mode ("sequential" / "threads" / "streams")."""
+    the shared base), or the two-copy step in the worker's mode ("sequential" / "threads" / "streams") for
+    `parallel` (None: config.parallel)."""
     if is_shared_base(model):
         return "shared-base batched"
-    return {"InlineWorker": "sequential", "ThreadWorker": "threads", "StreamWorker": "streams"}.get(
-        type(model.reasoner_worker()).__name__, type(model.reasoner_worker()).__name__)
+    name = type(model.reasoner_worker(parallel)).__name__
+    return {"InlineWorker": "sequential", "ThreadWorker": "threads", "StreamWorker": "streams"}.get(name, name)
 
 
 def generator_step(model: FlyThinkerForCausalLM, cache: FlyThinkerCache) -> GeneratorStep:
@@ -113,7 +119,7 @@ def decode_one_token(model: FlyThinkerForCausalLM, state: DecodeState, tok: torc
     state.gen_pos, state.rsn_pos = state.gen_pos + 1, state.rsn_pos + 1
     state.mask[:, state.P + s] = 1
     state.rsn_mask[:, state.Q + s] = 1  # the same tensor as mask in shared context
-    embeds = model.fuse_pending(t, state.pending, check_inputs=False)  # [B, 1, H_g]
+    embeds = model.fuse_pending(t, state.pending, check_inputs=False, lam=state.fusion_lambda)  # [B, 1, H_g]
     if state.shared is not None:
         logits, state.pending = state.shared(embeds, t, state.gen_pos, state.rsn_pos, s)
         return logits
@@ -221,6 +227,8 @@ def fast_generate(
     reasoner_attention_mask: torch.Tensor | None = None,
     compile: bool = False,
     check_every: int | None = None,
+    fusion_lambda: float | None = None,
+    parallel: str | None = None,
 ) -> torch.Tensor:
     """Generate with a `FlyThinkerForCausalLM`: returns `[B, P + n]` ids (prompt then n <= max_new_tokens tokens).
 
@@ -228,6 +236,8 @@ def fast_generate(
     Sampling (do_sample=True): temperature / top_k / top_p / min_p as `flythinker.kernels.sample`, drawn with
     `generator` or a fresh one seeded by `seed`. eos/pad default to the model's generation_config.
     check_every: steps between the all-finished checks (the only host sync; default 1 on CPU, 8 on GPU).
+    fusion_lambda / parallel: this call's fusion weight / overlap mode (None: the saved config's; the config is
+    not changed).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
@@ -251,7 +261,7 @@ def fast_generate(
 
     mask, rsn_mask = _loop_masks(input_ids, attention_mask, reasoner_input_ids, reasoner_attention_mask,
                                  max_new_tokens)
-    logits, state = prefill(model, input_ids, mask, reasoner_input_ids, rsn_mask)
+    logits, state = prefill(model, input_ids, mask, reasoner_input_ids, rsn_mask, fusion_lambda, parallel)
     gen_step = generator_step(model, state.cache)
     if compile:
         gen_step = torch.compile(gen_step, dynamic=False)
@@ -269,7 +279,7 @@ def fast_generate(
 # ...) goes to transformers' loop
 _FAST_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "num_beams",
                 "eos_token_id", "pad_token_id", "streamer", "reasoner_input_ids", "reasoner_attention_mask",
-                "generation_config", "logits_processor", "use_cache"}
+                "generation_config", "logits_processor", "use_cache", "fusion_lambda", "parallel"}
 # generation-config fields (as diffs from the defaults) that leave greedy decoding what the fast loop does
 _FAST_CONFIG = {"bos_token_id", "eos_token_id", "pad_token_id", "max_new_tokens", "max_length", "do_sample",
                 "num_beams", "use_cache", "temperature", "top_k", "top_p", "min_p", "transformers_version",
@@ -328,26 +338,55 @@ def _fast_path_plan(model: FlyThinkerForCausalLM, args: tuple, kwargs: dict) -> 
     plan = dict(attention_mask=mask, max_new_tokens=int(n), streamer=kwargs.get("streamer"),
                 eos_token_id=[] if eos is None else eos, pad_token_id=gc.pad_token_id,
                 reasoner_input_ids=kwargs.get("reasoner_input_ids"),
-                reasoner_attention_mask=kwargs.get("reasoner_attention_mask"), **sampler)
+                reasoner_attention_mask=kwargs.get("reasoner_attention_mask"),
+                fusion_lambda=kwargs.get("fusion_lambda"), parallel=kwargs.get("parallel"), **sampler)
     return plan, ""
 
 
-def generate_fast_path(model: FlyThinkerForCausalLM, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """Run `model.generate(*args, **kwargs)` on the lean loop when it gives the same tokens (greedy, or one seeded
-    FusedSamplingLogitsProcessor; no beams, other processors, stopping criteria or extra outputs), with the
-    shared-base batched step for a shared-base pair. Returns the ids `[B, P + n]`, or None: use transformers'
-    loop. Sets `model.last_generate_path` and logs it at DEBUG level."""
+FAST_PATH_CHOICES = ("auto", True, False)
+TRANSFORMERS_LOOP = "transformers generate"
+
+
+def _plan(model: FlyThinkerForCausalLM, args: tuple, kwargs: dict) -> tuple[dict | None, str]:
+    """(fast_generate kwargs or None, the path's name) for `model.generate(*args, **kwargs)`, `fast_path` read from
+    kwargs (and removed): "auto" (default) the lean loop when it reproduces the call, True the lean loop or a
+    ValueError naming why not, False transformers' loop."""
+    choice = kwargs.pop("fast_path", "auto")
+    if not any(choice is c for c in FAST_PATH_CHOICES):
+        raise ValueError(f"fast_path must be 'auto', True or False, got {choice!r}")
+    if choice is False:
+        return None, TRANSFORMERS_LOOP
     plan, why = _fast_path_plan(model, args, kwargs)
     if plan is None:
-        model.last_generate_path = "transformers generate"
+        if choice is True:
+            raise ValueError(f"fast_path=True: the lean loop does not reproduce this call ({why}); use "
+                             "fast_path='auto' or False for transformers' loop")
         logger.debug("generate: transformers' loop (%s)", why)
+        return None, TRANSFORMERS_LOOP
+    return plan, f"fast static-cache loop, {decode_path(model, kwargs.get('parallel'))} step"
+
+
+def generate_path(model: FlyThinkerForCausalLM, *args: Any, **kwargs: Any) -> str:
+    """The loop `model.generate(*args, **kwargs)` runs, named without running it: "transformers generate" or
+    "fast static-cache loop, <step> step" (`decode_path`). Raises like generate for `fast_path=True` on a call
+    the lean loop does not reproduce."""
+    return _plan(model, args, dict(kwargs))[1]
+
+
+def generate_fast_path(model: FlyThinkerForCausalLM, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Run `model.generate(*args, **kwargs)` on the lean loop when `fast_path` (in kwargs, removed here) chooses it:
+    "auto" when it gives the same tokens (greedy, or one seeded FusedSamplingLogitsProcessor; no beams, other
+    processors, stopping criteria or extra outputs), with the shared-base batched step for a shared-base pair.
+    Returns the ids `[B, P + n]`, or None: use transformers' loop. `generate_path` names the choice beforehand;
+    a DEBUG log of this module names it as it runs."""
+    plan, path = _plan(model, args, kwargs)
+    if plan is None:
         return None
     ids = args[0] if args else kwargs["input_ids"]
-    model.last_generate_path = f"fast static-cache loop, {decode_path(model)} step"
-    logger.debug("generate: %s", model.last_generate_path)
+    logger.debug("generate: %s", path)
     out = fast_generate(model, ids, **plan)
     return out.clone()  # a normal tensor, not an inference-mode one (as transformers' generate returns)
 
 
 __all__ = ["DecodeState", "decode_n_tokens", "decode_one_token", "decode_path", "fast_generate",
-           "generate_fast_path", "generator_step", "left_pad", "prefill"]
+           "generate_fast_path", "generate_path", "generator_step", "left_pad", "prefill"]

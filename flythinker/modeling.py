@@ -1,4 +1,9 @@
-"""FlyThinkerForCausalLM: a drop-in HF causal LM whose generator reads the reasoner's latent thoughts.
+"""FlyThinker as a transformers composite model (the shape of LLaVA's LlavaModel / LlavaForConditionalGeneration):
+
+- `FlyThinkerModel`: the fused pair up to the generator's final hidden state (`last_hidden_state` with the
+  reasoner's latents fused in): what `base_model` / `get_decoder()` return, and what tools that take hidden
+  states from the base model (TRL's fused LM head) read;
+- `FlyThinkerForCausalLM`: a drop-in HF causal LM, `.model` plus the generator's LM head, the loss and `generate`.
 
 Per step (DESIGN.md 1): the reasoner's base model turns tokens into latents h [B, T, H_r] (its LM head never runs),
 `latent_fuse` adds h_{t-1} to the generator's embedding of x_t, and the generator's base model + LM head produce the
@@ -6,8 +11,8 @@ logits. Thanks to the one-position lag, a one-token decode step needs only the *
 step, so the generator and the reasoner of that step are independent and can run concurrently (config.parallel,
 flythinker.workers); the sequential path is the default and the oracle.
 
-`forward` normalises its inputs (`StepInputs`), then takes one of three paths, each returning the generator's
-output and the latents to append to the cache:
+`FlyThinkerModel.forward` normalises its inputs (`StepInputs`), then takes one of three paths, each returning the
+generator's output and the latents to append to the cache:
 - `_split_prefill`: split context on an empty cache (the reasoner reads its own prompt);
 - `_decode_step`: one new token per row on a filled cache (the two halves run side by side);
 - `_shared_forward`: everything else (both models read the same tokens: shared-context prefill / training, or a
@@ -18,6 +23,7 @@ The overlapped prefill schedules live in flythinker.prefill; the lean static-cac
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +31,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel, StaticCache
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedModel,
+    StaticCache,
+)
 from transformers.cache_utils import Cache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
@@ -41,7 +57,7 @@ from flythinker.alignment import (
     split_latents,
 )
 from flythinker.cache import FlyThinkerCache
-from flythinker.configuration import IGNORE_INDEX, FlyThinkerConfig, fusion_kwargs_check
+from flythinker.configuration import IGNORE_INDEX, LOSS_IMPLS, PARALLEL_MODES, FlyThinkerConfig, fusion_kwargs_check
 from flythinker.kernels import latent_fuse, linear_cross_entropy, vocab_mean_norm
 from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
 from flythinker.latent_norm import BUFFERS as LATENT_NORM_BUFFERS
@@ -64,6 +80,8 @@ class StepInputs:
     gen_kwargs: dict[str, Any]  # output_attentions / output_hidden_states for the generator
     inputs_embeds: torch.Tensor | None = None  # [B, T, H_g] the generator's given embeddings (latents added)
     continues: torch.Tensor | None = None  # [B, T] bool: position t continues t-1's sequence (None: all do)
+    fusion_lambda: float | None = None  # this call's lambda (None: config.fusion_lambda)
+    parallel: str | None = None  # this call's overlap mode (None: config.parallel)
 
     @property
     def prefill(self) -> bool:
@@ -74,12 +92,13 @@ class StepInputs:
         return self.cache is not None
 
 
-class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
-    """Generator + reasoner pair. `.generator` and `.reasoner` are full HF causal LMs (save/load/peft work on them);
-    only the reasoner's base model runs."""
+
+class FlyThinkerPreTrainedModel(PreTrainedModel):
+    """What `FlyThinkerModel` and `FlyThinkerForCausalLM` share: the config class, the attention/compile flags,
+    the fusion projection's initialisation and the reasoner head's freezing after weight tying."""
 
     config_class = FlyThinkerConfig
-    base_model_prefix = ""
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -88,6 +107,31 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _no_split_modules: list[str] = []
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is not None and module is getattr(self, "latent_proj", None):
+            with torch.no_grad():
+                module.weight.zero_()
+                if self.config.projection == "zero":
+                    return
+                n = min(module.weight.shape)
+                module.weight[:n, :n] = torch.eye(n, dtype=module.weight.dtype, device=module.weight.device)
+        else:
+            super()._init_weights(module)
+
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' tying, then the reasoner's unused head frozen again: loading (which ends here) builds
+        new Parameters, trainable by default."""
+        super().tie_weights(*args, **kwargs)
+        self._freeze_reasoner_head()
+
+
+class FlyThinkerModel(FlyThinkerPreTrainedModel):
+    """The fused pair up to the generator's final hidden state: `.generator` and `.reasoner` are full HF causal LMs
+    (save/load/peft work on them), but only their base models run here; `forward` returns the generator's last
+    hidden state `[B, T, H_g]` computed from the fused embeddings (no LM head). `FlyThinkerForCausalLM` adds the
+    generator's LM head and the loss."""
 
     def __init__(self, config: FlyThinkerConfig, generator: PreTrainedModel | None = None,
                  reasoner: PreTrainedModel | None = None):
@@ -116,114 +160,6 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
         self._freeze_reasoner_head()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if module is self.latent_proj:
-            with torch.no_grad():
-                module.weight.zero_()
-                if self.config.projection == "zero":
-                    return
-                n = min(module.weight.shape)
-                module.weight[:n, :n] = torch.eye(n, dtype=module.weight.dtype, device=module.weight.device)
-        else:
-            super()._init_weights(module)
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_pair(cls, generator: PreTrainedModel | str, reasoner: PreTrainedModel | str, *,
-                  dtype: torch.dtype | str | None = None, attn_implementation: str | dict | None = None,
-                  reasoner_device: torch.device | str | None = None, **fusion: Any) -> FlyThinkerForCausalLM:
-        """Pair two causal LMs sharing one vocabulary (model objects or local paths), e.g.
-        `from_pair(gen, rsn, fusion_lambda=0.5, norm_target="vocab_mean", projection="pad")`.
-
-        Model objects are used as they are (not copied). `reasoner_device` places the reasoner on another device.
-        """
-        fusion_kwargs_check(fusion)
-        gen, rsn = (_load_lm(name, m, dtype, attn_implementation)
-                    for name, m in (("generator", generator), ("reasoner", reasoner)))
-        for m in (gen, rsn):
-            for mod in m.modules():  # already initialised: post_init must not re-initialise them
-                mod._is_hf_initialized = True
-        # The config's attn/experts setters recurse into the sub-configs (the models' own config objects): hand
-        # each sub-config its current value back instead of letting a top-level None overwrite it.
-        impl = {k: {"": getattr(m.config, a, None), "generator": getattr(gen.config, a, None),
-                    "reasoner": getattr(rsn.config, a, None)}
-                for k, a, m in (("attn_implementation", "_attn_implementation", gen),
-                                ("experts_implementation", "_experts_implementation", gen))}
-        config = FlyThinkerConfig(generator=gen.config, reasoner=rsn.config, **impl, **fusion)
-        model = cls(config, generator=gen, reasoner=rsn)
-        if model.latent_proj is not None:
-            model.latent_proj.to(device=gen.device, dtype=gen.dtype)
-        for name in LATENT_NORM_BUFFERS:  # fp32 statistics, on the generator's device (where the fusion runs)
-            if hasattr(model, name):
-                setattr(model, name, getattr(model, name).to(gen.device))
-        if getattr(gen, "generation_config", None) is not None:
-            model.generation_config = copy.deepcopy(gen.generation_config)
-        if attn_implementation is not None and not all(isinstance(m, (str, bytes)) for m in (generator, reasoner)):
-            model.set_attn_implementation(attn_implementation)
-        if reasoner_device is not None:
-            model.reasoner.to(reasoner_device)
-        return model
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any,
-                        strict: bool | None = None, **kwargs: Any) -> FlyThinkerForCausalLM:
-        """`PreTrainedModel.from_pretrained` of a local folder, safetensors only (flythinker never unpickles a
-        checkpoint: a folder with only `pytorch_model.bin` is refused), strict (`flythinker.checkpoint`): a
-        missing path, a half-written or corrupt folder, tensors that do not match config.json (missing or
-        extra) and a `projection=` override of a saved projection raise CheckpointError naming the problem.
-        `strict=False` loads mismatched tensors anyway (missing ones randomly initialised); so does a call with
-        `output_loading_info=True` unless `strict=True` (the caller gets the report to judge)."""
-        from flythinker.checkpoint import load_strict
-        from flythinker.shared_base import retie
-
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
-        kwargs["use_safetensors"] = True
-        from flythinker.pretrained import is_shipped
-
-        if is_shipped(pretrained_model_name_or_path):  # a trained pair shipped as deltas in the package
-            return cls._from_shipped(pretrained_model_name_or_path.lower(), **kwargs)
-        want_info = bool(kwargs.pop("output_loading_info", False))
-        strict = not want_info if strict is None else strict
-        model, info = load_strict(super().from_pretrained, pretrained_model_name_or_path, *args, strict=strict,
-                                  output_loading_info=True, **kwargs)
-        retie(model)  # a shared-base pair: the loader may have replaced the base parameter objects
-        return (model, info) if want_info else model
-
-    @classmethod
-    def _from_shipped(cls, name: str, folder: str | os.PathLike | None = None, **kwargs: Any
-                      ) -> FlyThinkerForCausalLM:
-        """A pair shipped in flythinker/pretrained, built from its offline base model and its trained deltas
-        (`flythinker.pretrained.loading.load_shipped`: `dtype=`, and `shared_base=False` for two independent copies
-        with the LoRA merged instead of one shared base with adapters). `folder`: read pair.json and the deltas from
-        there instead (a retrained copy of the pair, `flythinker demo --retrain`)."""
-        from flythinker.pretrained.loading import load_shipped
-
-        return load_shipped(cls, name, folder, **kwargs)
-
-    @classmethod
-    def from_shared_base(cls, base: PreTrainedModel | str, *, r: int = 8, lora_alpha: float = 16,
-                         target_modules: list[str] | None = None, lora_dropout: float = 0.0,
-                         generator_adapter: Any = None, reasoner_adapter: Any = None, **fusion: Any
-                         ) -> FlyThinkerForCausalLM:
-        """A pair of one base model with two LoRA adapters, the base weights held once (flythinker.shared_base):
-        `base` becomes the generator (a model object is modified in place), the reasoner shares its weights.
-        Adapters: fresh rank-`r` ones (B = 0: both halves start as the base), or a peft `PeftModel` / adapter
-        folder each. Decoding runs both halves' rows as one batched forward through the base."""
-        from flythinker.shared_base import from_shared_base
-
-        return from_shared_base(cls, base, r=r, lora_alpha=lora_alpha, target_modules=target_modules,
-                                lora_dropout=lora_dropout, generator_adapter=generator_adapter,
-                                reasoner_adapter=reasoner_adapter, **fusion)
-
-    def to_two_copies(self) -> FlyThinkerForCausalLM:
-        """The two-copy equivalent of this shared-base pair (`flythinker.shared_base.unshare_pair`): two independent
-        copies of the base, each half's adapter merged into its weights, the same fusion. What `flythinker serve`
-        (vLLM) loads: `pair.to_two_copies().save_pretrained(folder)`. This pair is not modified."""
-        from flythinker.shared_base import unshare_pair
-
-        return unshare_pair(self)
-
     def get_input_embeddings(self) -> nn.Module:
         return self.generator.get_input_embeddings()
 
@@ -236,8 +172,10 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.generator.set_output_embeddings(value)
 
-    def get_decoder(self) -> nn.Module:
-        return self.generator.get_decoder()
+    def get_decoder(self) -> FlyThinkerModel:
+        """This fused stack itself: its outputs are the generator's hidden states with the latents fused (the
+        generator's own decoder, `self.generator.get_decoder()`, would give unfused ones)."""
+        return self
 
     @property
     def vocab_size(self) -> int:
@@ -263,12 +201,6 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         self._freeze_reasoner_head()
         return emb
 
-    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
-        """transformers' tying, then the reasoner's unused head frozen again: loading (which ends here) builds
-        new Parameters, trainable by default."""
-        super().tie_weights(*args, **kwargs)
-        self._freeze_reasoner_head()
-
     def _freeze_reasoner_head(self) -> None:
         """The reasoner's LM head never runs (only its base model does): as a trainable parameter it would never get
         a gradient (plain DDP, transformers' gradient checks). Frozen, unless it is a parameter that does run (tied
@@ -282,6 +214,7 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             if id(p) not in running:
                 p.requires_grad_(False)
 
+
     # ------------------------------------------------------------------ devices and workers
     @property
     def generator_device(self) -> torch.device:
@@ -291,11 +224,12 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
     def reasoner_device(self) -> torch.device:
         return self.reasoner.get_input_embeddings().weight.device
 
-    def reasoner_worker(self) -> ReasonerWorker:
-        """This thread's worker for config.parallel: "off" runs the two halves one after the other; "threads" (CPU)
-        the reasoner on a persistent worker thread, one core each; "streams" (CUDA) the reasoner on side streams
-        (also when it lives on another device). See flythinker.workers."""
-        return worker_for(self, self.config.parallel, self.generator_device, self.reasoner_device)
+    def reasoner_worker(self, parallel: str | None = None) -> ReasonerWorker:
+        """This thread's worker for `parallel` (None: config.parallel): "off" runs the two halves one after the
+        other; "threads" (CPU) the reasoner on a persistent worker thread, one core each; "streams" (CUDA) the
+        reasoner on side streams (also when it lives on another device). See flythinker.workers."""
+        return worker_for(self, check_parallel_mode(parallel) or self.config.parallel, self.generator_device,
+                          self.reasoner_device)
 
     # ------------------------------------------------------------------ the building blocks of a step
     def reasoner_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -323,10 +257,11 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         return self.generator.get_input_embeddings()(input_ids)
 
     def fuse(self, input_ids: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
-             prev: torch.Tensor | None, check_inputs: bool = True) -> torch.Tensor:
+             prev: torch.Tensor | None, check_inputs: bool = True, lam: float | None = None) -> torch.Tensor:
         """Generator input embeddings `[B, T, H_g]`: E[x_t] + lam * (latent of slot t-1, rescaled, projected).
         latent `[B, T, H_r]` (slot t is fused into position t + 1 where `mask [B, T]` allows), prev `[B, H_r]`
-        (fused into position 0). `check_inputs=False` skips latent_fuse's value checks (one host sync)."""
+        (fused into position 0). `check_inputs=False` skips latent_fuse's value checks (one host sync). `lam`: this
+        call's fusion weight (None: config.fusion_lambda)."""
         E = self.generator.get_input_embeddings()
         cfg = self.config
         if self._latent_capture is not None:
@@ -341,7 +276,7 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         # while torch.compile/export traces: the PyTorch twin (traceable; the compiler fuses it), not the custom op
         # (its CPU path reads a tensor norm target with float(), a data-dependent host sync export refuses)
         backend = "torch" if torch.compiler.is_compiling() else None
-        emb = latent_fuse(input_ids, E.weight, latent, mask, lam=float(cfg.fusion_lambda),
+        emb = latent_fuse(input_ids, E.weight, latent, mask, lam=float(cfg.fusion_lambda if lam is None else lam),
                           norm_target=self._norm_target(), projection=proj, prev_latent=prev,
                           eps=float(cfg.latent_eps), detach_norm=cfg.detach_norm, check_inputs=check_inputs,
                           backend=backend)
@@ -370,11 +305,11 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             with torch.no_grad():
                 mine[key].copy_(value.to(mine[key].dtype))
 
-    def fuse_pending(self, input_ids: torch.Tensor, pending: torch.Tensor, check_inputs: bool = True
-                     ) -> torch.Tensor:
+    def fuse_pending(self, input_ids: torch.Tensor, pending: torch.Tensor, check_inputs: bool = True,
+                     lam: float | None = None) -> torch.Tensor:
         """Embeddings `[B, 1, H_g]` of one new token `input_ids [B, 1]` fused with the pending latent `[B, H_r]`."""
         no_slot = pending.new_zeros(pending.shape[0], 1, pending.shape[-1])  # slot 0 would feed position 1: none
-        return self.fuse(input_ids, no_slot, None, pending, check_inputs=check_inputs)
+        return self.fuse(input_ids, no_slot, None, pending, check_inputs=check_inputs, lam=lam)
 
     def _norm_target(self) -> str | float | torch.Tensor:
         """norm_target for latent_fuse. "vocab_mean" at inference is a cached 0-dim tensor on the table's device
@@ -397,47 +332,6 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             self._vocab_mean = cached
         return cached[2]
 
-    # ------------------------------------------------------------------ logits and loss
-    def logits_from_hidden(self, hidden: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
-        """The generator's LM head (and logit soft-capping) on `hidden [B, T, H_g]`: logits `[B, T', V]`."""
-        if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-        else:
-            hidden = hidden[:, logits_to_keep]
-        logits = self.generator.get_output_embeddings()(hidden)
-        cap = getattr(self.config.generator, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None,
-                 num_items_in_batch: torch.Tensor | int | None = None,
-                 shift_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal LM loss of the generator on `hidden [B, T, H_g]` and unshifted `labels [B, T]` (shift inside,
-        ignore_index IGNORE_INDEX): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation);
-        an all-ignored batch gives 0, not NaN. config.loss_impl "fused": `linear_cross_entropy` on the final hidden
-        states and the LM head weight, never materialising the [B, T, V] logits; "naive": logits + cross_entropy.
-        """
-        B, T, H = hidden.shape
-        # shift by padding: position t predicts labels[t + 1], the last position gets IGNORE_INDEX. `hidden` stays
-        # a free [B*T, H] view (slicing hidden[:, :-1] would copy it) and the ignored row costs one row of work.
-        if shift_labels is not None:  # already shifted (sequence parallelism): position t predicts shift_labels[t]
-            if tuple(shift_labels.shape) != (B, T):
-                raise ValueError(f"shift_labels must be [B={B}, T={T}], got {tuple(shift_labels.shape)}")
-            shift_labels = shift_labels.to(hidden.device).reshape(-1)
-        else:
-            shift_labels = F.pad(labels.to(hidden.device), (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # [B*T]
-        head = self.generator.get_output_embeddings()
-        cap = getattr(self.config.generator, "final_logit_softcapping", None)
-        # the fused op needs a plain bias-free Linear head; anything else (a peft LoRA-wrapped head, a bias)
-        # falls back to the logits path so that its own forward runs
-        plain_head = isinstance(head, nn.Linear) and head.bias is None and type(head).forward is nn.Linear.forward
-        if self.config.loss_impl == "fused" and plain_head:
-            return linear_cross_entropy(hidden.reshape(B * T, H), head.weight, shift_labels,
-                                        ignore_index=IGNORE_INDEX, num_items_in_batch=num_items_in_batch, softcap=cap)
-        logits = self.logits_from_hidden(hidden).float()  # [B, T, V]
-        loss = F.cross_entropy(logits.reshape(B * T, -1), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss / loss_denominator(shift_labels, IGNORE_INDEX, num_items_in_batch)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -448,27 +342,38 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         cache: FlyThinkerCache | None = None,
         past_key_values: FlyThinkerCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         reasoner_input_ids: torch.LongTensor | None = None,
         reasoner_attention_mask: torch.Tensor | None = None,
-        num_items_in_batch: torch.Tensor | int | None = None,
+        labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
-        shift_labels: torch.LongTensor | None = None,
+        fusion_lambda: float | None = None,
+        parallel: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast | tuple:
-        """Fused forward.
+    ) -> BaseModelOutputWithPast | tuple:
+        """The fused pair's forward: the generator's final hidden state `[B, T, H_g]` (no LM head).
 
-        input_ids `[B, T]` (new tokens when `cache` holds a prefix), attention_mask `[B, past + T]` (2-D),
-        labels `[B, T]` (unshifted, IGNORE_INDEX = ignore). Split context: `reasoner_input_ids [B, Q]` (and its
-        mask) give the reasoner its own prompt; read only on an empty cache (later, both models consume the same new
-        tokens), and with labels the response is the part from the first labelled position on (DESIGN.md 2).
-        `past_key_values` is an alias of `cache` (transformers 5.x renamed it). `inputs_embeds [B, T, H_g]` with
-        `input_ids`: the reasoner reads the ids, the latents are added to these embeddings instead of E[x].
-        `shift_labels [B, T]`: labels already shifted (position t predicts shift_labels[t]; sequence parallelism),
-        used instead of shifting `labels`. Packed rows (no attention_mask, position_ids restarting at each sequence,
-        as DataCollatorWithFlattening makes them): no latent crosses a sequence boundary.
+        Args:
+            input_ids: `[B, T]` new tokens (the continuation when `cache` holds a prefix); both models read them.
+            attention_mask: `[B, past + T]` (2-D), or None (no padding; packed rows through `position_ids`).
+            position_ids: `[B, T]`; positions restarting inside a row without a mask mark packed sequences (as
+                DataCollatorWithFlattening makes them): no latent crosses a sequence boundary.
+            cache / past_key_values: a `FlyThinkerCache` (aliases; transformers 5.x renamed the argument).
+            inputs_embeds: `[B, T, H_g]` the generator's embeddings; the reasoner still reads `input_ids`, the
+                latents are added to these embeddings instead of E[x].
+            use_cache: None = the generator config's `use_cache` outside training.
+            reasoner_input_ids / reasoner_attention_mask: `[B, Q]` split context, the reasoner's own prompt (read
+                on an empty cache only).
+            labels: `[B, T]` unshifted (IGNORE_INDEX = ignore); used only to place the fusion (the response
+                start: split context, `fuse_prompt=False`), no loss is computed here.
+            fusion_lambda: this call's fusion weight (None: the saved `config.fusion_lambda`); the config is not
+                changed.
+            parallel: how this call runs the two halves ("off", "auto", "threads", "streams"; None: the saved
+                `config.parallel`); the same numbers either way.
+
+        Returns:
+            `BaseModelOutputWithPast`: `last_hidden_state [B, T, H_g]`, the cache (latents appended), and the
+            generator's `hidden_states` / `attentions` when asked for.
         """
         if reasoner_attention_mask is not None and reasoner_input_ids is None:
             raise ValueError("reasoner_attention_mask was given without reasoner_input_ids (it is the mask of the "
@@ -476,8 +381,8 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         step = self._normalise(input_ids, attention_mask, position_ids, self._step_cache(cache, past_key_values,
                                                                                           use_cache), kwargs)
         self._check_step_inputs(step, inputs_embeds, reasoner_input_ids)
-        if labels is None and shift_labels is not None:
-            labels = _unshift(shift_labels, step.input_ids)
+        step.fusion_lambda = check_fusion_lambda(fusion_lambda)
+        step.parallel = check_parallel_mode(parallel)
         if step.prefill and reasoner_input_ids is not None:
             g_out, latents = self._split_prefill(step, reasoner_input_ids, reasoner_attention_mask, labels)
         elif not step.prefill and step.input_ids.shape[1] == 1:
@@ -486,7 +391,10 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             g_out, latents = self._shared_forward(step, labels)
         if step.cache is not None:
             step.cache.append_latents(latents)
-        return self._output(g_out, step.cache, labels, logits_to_keep, num_items_in_batch, return_dict, shift_labels)
+        out = BaseModelOutputWithPast(last_hidden_state=g_out.last_hidden_state, cache=step.cache,
+                                      hidden_states=getattr(g_out, "hidden_states", None),
+                                      attentions=getattr(g_out, "attentions", None))
+        return out.to_tuple() if return_dict is False else out
 
     def _check_step_inputs(self, step: StepInputs, inputs_embeds: torch.Tensor | None,
                            reasoner_input_ids: torch.Tensor | None) -> None:
@@ -580,7 +488,7 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             n_fused = (torch.ones_like(step.local_mask[:, 0], dtype=torch.long) if labels is None
                        else _split_fused_count(step.local_mask, labels))
             latent, lmask, prev = split_latents(h, *split_alignment(step.local_mask, r_mask, n_fused))
-            g_out = self._generator(step, self.fuse(step.input_ids, latent, lmask, prev))
+            g_out = self._generator(step, self.fuse(step.input_ids, latent, lmask, prev, lam=step.fusion_lambda))
         return g_out, _emitted_latents(h, r_mask, last_only=True)
 
     def _shared_forward(self, step: StepInputs, labels: torch.Tensor | None
@@ -602,7 +510,8 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             h, g_out = shared_prefill(self, worker, step, src_mask)
         else:
             h = self.reasoner_forward(step.input_ids, *self._reasoner_view(step), step.cache, step.use_cache)
-            g_out = self._generator(step, self.fuse(step.input_ids, h, src_mask, self._pending_latent(step)))
+            g_out = self._generator(step, self.fuse(step.input_ids, h, src_mask, self._pending_latent(step),
+                                                      lam=step.fusion_lambda))
         return g_out, _emitted_latents(h, step.local_mask)
 
     def _decode_step(self, step: StepInputs) -> tuple[BaseModelOutputWithPast, torch.Tensor]:
@@ -612,8 +521,8 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         r_mask, r_pos = self._reasoner_view(step)
         # value checks cost a host sync per step on CUDA (it would stall the overlap): CPU only there
         emb = self.fuse_pending(step.input_ids, self._pending_latent(step),
-                                check_inputs=step.input_ids.device.type == "cpu")
-        g_out, h = self.reasoner_worker().run_pair(
+                                check_inputs=step.input_ids.device.type == "cpu", lam=step.fusion_lambda)
+        g_out, h = self.reasoner_worker(step.parallel).run_pair(
             lambda: self._generator(step, emb),
             lambda: self.reasoner_forward(step.input_ids, r_mask, r_pos, step.cache, True))
         return g_out, _emitted_latents(h, step.local_mask)
@@ -640,33 +549,352 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         training, no cache, a 1-token prompt, or extra generator outputs requested; "auto" on CPU with one row)."""
         B, T = step.input_ids.shape
         if (not step.prefill or T < 2 or step.cache is None or labels is not None or step.gen_kwargs
-                or step.inputs_embeds is not None or self.config.parallel == "off"
+                or step.inputs_embeds is not None or (step.parallel or self.config.parallel) == "off"
                 or (self.training and torch.is_grad_enabled())):
             return None
-        worker = self.reasoner_worker()
+        worker = self.reasoner_worker(step.parallel)
         if isinstance(worker, InlineWorker):
             return None
-        if self.config.parallel == "auto" and B == 1 and not isinstance(worker, StreamWorker):
+        if (step.parallel or self.config.parallel) == "auto" and B == 1 and not isinstance(worker, StreamWorker):
             # Prefill is compute-bound: on CPU, chunks at one thread per model lost to two threads per model run
             # one after the other at batch 1 (SmolLM2 pair, 256 tokens: 1662 vs 1307 ms) and won at batch 4
             # (5161 vs 6094 ms; benchmarks/results/decode.json). "threads" still forces the overlap.
             return None
         return worker
 
+
+class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
+    """A drop-in HF causal LM: `.model` (a `FlyThinkerModel`, the fused pair) plus the generator's LM head and the
+    loss. `.generator`, `.reasoner` and the fusion's building blocks are reachable here too (they live on
+    `.model`). State-dict keys sit under `model.`; checkpoints keep the flat layout (`generator.*`, `reasoner.*`,
+    `latent_proj.weight`, ...), renamed on load and back on save (`CHECKPOINT_CONVERSION`)."""
+
+    def __init__(self, config: FlyThinkerConfig, generator: PreTrainedModel | None = None,
+                 reasoner: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.model = FlyThinkerModel(config, generator=generator, reasoner=reasoner)
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pair(cls, generator: PreTrainedModel | str, reasoner: PreTrainedModel | str, *,
+                  dtype: torch.dtype | str | None = None, attn_implementation: str | dict | None = None,
+                  reasoner_device: torch.device | str | None = None, **fusion: Any) -> FlyThinkerForCausalLM:
+        """Pair two causal LMs sharing one vocabulary (model objects or local paths), e.g.
+        `from_pair(gen, rsn, fusion_lambda=0.5, norm_target="vocab_mean", projection="pad")`.
+
+        Model objects are used as they are (not copied). `reasoner_device` places the reasoner on another device.
+        """
+        fusion_kwargs_check(fusion)
+        gen, rsn = (_load_lm(name, m, dtype, attn_implementation)
+                    for name, m in (("generator", generator), ("reasoner", reasoner)))
+        for m in (gen, rsn):
+            for mod in m.modules():  # already initialised: post_init must not re-initialise them
+                mod._is_hf_initialized = True
+        # The config's attn/experts setters recurse into the sub-configs (the models' own config objects): hand
+        # each sub-config its current value back instead of letting a top-level None overwrite it.
+        impl = {k: {"": getattr(m.config, a, None), "generator": getattr(gen.config, a, None),
+                    "reasoner": getattr(rsn.config, a, None)}
+                for k, a, m in (("attn_implementation", "_attn_implementation", gen),
+                                ("experts_implementation", "_experts_implementation", gen))}
+        config = FlyThinkerConfig(generator=gen.config, reasoner=rsn.config, **impl, **fusion)
+        model = cls(config, generator=gen, reasoner=rsn)
+        if model.latent_proj is not None:
+            model.latent_proj.to(device=gen.device, dtype=gen.dtype)
+        for name in LATENT_NORM_BUFFERS:  # fp32 statistics, on the generator's device (where the fusion runs)
+            if hasattr(model.model, name):
+                setattr(model.model, name, getattr(model.model, name).to(gen.device))
+        if getattr(gen, "generation_config", None) is not None:
+            model.generation_config = copy.deepcopy(gen.generation_config)
+        if attn_implementation is not None and not all(isinstance(m, (str, bytes)) for m in (generator, reasoner)):
+            model.set_attn_implementation(attn_implementation)
+        if reasoner_device is not None:
+            model.reasoner.to(reasoner_device)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any,
+                        strict: bool | None = None, **kwargs: Any) -> FlyThinkerForCausalLM:
+        """`PreTrainedModel.from_pretrained` of a local folder, safetensors only (flythinker never unpickles a
+        checkpoint: a folder with only `pytorch_model.bin` is refused), strict (`flythinker.checkpoint`): a
+        missing path, a half-written or corrupt folder, tensors that do not match config.json (missing or
+        extra) and a `projection=` override of a saved projection raise CheckpointError naming the problem.
+        `strict=False` loads mismatched tensors anyway (missing ones randomly initialised); so does a call with
+        `output_loading_info=True` unless `strict=True` (the caller gets the report to judge)."""
+        from flythinker.checkpoint import load_strict
+        from flythinker.shared_base import retie
+
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
+        kwargs["use_safetensors"] = True
+        from flythinker.pretrained import is_shipped
+
+        if is_shipped(pretrained_model_name_or_path):  # a trained pair shipped as deltas in the package
+            return cls._from_shipped(pretrained_model_name_or_path.lower(), **kwargs)
+        want_info = bool(kwargs.pop("output_loading_info", False))
+        strict = not want_info if strict is None else strict
+        hf_load, raw = super().from_pretrained, {}
+
+        def load(*a: Any, **kw: Any) -> tuple[FlyThinkerForCausalLM, dict]:  # errors name checkpoint tensors
+            model, raw["info"] = hf_load(*a, **kw)
+            return model, _checkpoint_names(raw["info"])
+
+        model, _ = load_strict(load, pretrained_model_name_or_path, *args, strict=strict,
+                               output_loading_info=True, **kwargs)
+        info = raw["info"]  # transformers' report, in the model's parameter names
+        retie(model)  # a shared-base pair: the loader may have replaced the base parameter objects
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _from_shipped(cls, name: str, folder: str | os.PathLike | None = None, **kwargs: Any
+                      ) -> FlyThinkerForCausalLM:
+        """A pair shipped in flythinker/pretrained, built from its offline base model and its trained deltas
+        (`flythinker.pretrained.loading.load_shipped`: `dtype=`, and `shared_base=False` for two independent copies
+        with the LoRA merged instead of one shared base with adapters). `folder`: read pair.json and the deltas from
+        there instead (a retrained copy of the pair, `flythinker demo --retrain`)."""
+        from flythinker.pretrained.loading import load_shipped
+
+        return load_shipped(cls, name, folder, **kwargs)
+
+    @classmethod
+    def from_shared_base(cls, base: PreTrainedModel | str, *, r: int = 8, lora_alpha: float = 16,
+                         target_modules: list[str] | None = None, lora_dropout: float = 0.0,
+                         generator_adapter: Any = None, reasoner_adapter: Any = None, **fusion: Any
+                         ) -> FlyThinkerForCausalLM:
+        """A pair of one base model with two LoRA adapters, the base weights held once (flythinker.shared_base):
+        `base` becomes the generator (a model object is modified in place), the reasoner shares its weights.
+        Adapters: fresh rank-`r` ones (B = 0: both halves start as the base), or a peft `PeftModel` / adapter
+        folder each. Decoding runs both halves' rows as one batched forward through the base."""
+        from flythinker.shared_base import from_shared_base
+
+        return from_shared_base(cls, base, r=r, lora_alpha=lora_alpha, target_modules=target_modules,
+                                lora_dropout=lora_dropout, generator_adapter=generator_adapter,
+                                reasoner_adapter=reasoner_adapter, **fusion)
+
+    def to_two_copies(self) -> FlyThinkerForCausalLM:
+        """The two-copy equivalent of this shared-base pair (`flythinker.shared_base.unshare_pair`): two independent
+        copies of the base, each half's adapter merged into its weights, the same fusion. What `flythinker serve`
+        (vLLM) loads: `pair.to_two_copies().save_pretrained(folder)`. This pair is not modified."""
+        from flythinker.shared_base import unshare_pair
+
+        return unshare_pair(self)
+
+
+    # ------------------------------------------------------------------ the fused pair's parts (they live on .model)
+    @property
+    def generator(self) -> PreTrainedModel:
+        """The generator, a full HF causal LM (its LM head is this model's)."""
+        return self.model.generator
+
+    @property
+    def reasoner(self) -> PreTrainedModel:
+        """The reasoner, a full HF causal LM (only its base model runs)."""
+        return self.model.reasoner
+
+    @property
+    def latent_proj(self) -> nn.Linear | None:
+        """The learned fusion projection `[H_g, H_r]` (projection "linear" / "zero"), else None."""
+        return self.model.latent_proj
+
+    @property
+    def latent_mean(self) -> torch.Tensor:
+        """latent_norm="standardize": the reasoner latents' mean `[H_r]` (AttributeError otherwise)."""
+        return self.model.latent_mean
+
+    @property
+    def latent_inv_std(self) -> torch.Tensor:
+        """latent_norm="standardize": the reasoner latents' inverse std `[H_r]` (AttributeError otherwise)."""
+        return self.model.latent_inv_std
+
+    @property
+    def _latent_capture(self) -> Any:
+        return self.model._latent_capture
+
+    @_latent_capture.setter
+    def _latent_capture(self, value: Any) -> None:
+        self.model._latent_capture = value
+
+    @property
+    def _vocab_mean(self) -> Any:
+        return self.model._vocab_mean
+
+    @_vocab_mean.setter
+    def _vocab_mean(self, value: Any) -> None:
+        self.model._vocab_mean = value
+
+    @property
+    def generator_device(self) -> torch.device:
+        return self.model.generator_device
+
+    @property
+    def reasoner_device(self) -> torch.device:
+        return self.model.reasoner_device
+
+    @property
+    def vocab_size(self) -> int:
+        """The shared vocabulary's size (rows of the generator's input embedding)."""
+        return self.model.vocab_size
+
+    def reasoner_worker(self, parallel: str | None = None) -> ReasonerWorker:
+        return self.model.reasoner_worker(parallel)
+
+    def reasoner_forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.reasoner_forward(*args, **kwargs)
+
+    def generator_forward(self, *args: Any, **kwargs: Any) -> BaseModelOutputWithPast:
+        return self.model.generator_forward(*args, **kwargs)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(input_ids)
+
+    def fuse(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.fuse(*args, **kwargs)
+
+    def fuse_pending(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.fuse_pending(*args, **kwargs)
+
+    def fusion_state_dict(self) -> dict[str, torch.Tensor]:
+        """`FlyThinkerModel.fusion_state_dict` (keyed as in the checkpoint: `latent_proj.weight`, ...)."""
+        return self.model.fusion_state_dict()
+
+    def load_fusion_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_fusion_state_dict(state)
+
+    def _norm_target(self) -> str | float | torch.Tensor:
+        return self.model._norm_target()
+
+    def _freeze_reasoner_head(self) -> None:
+        self.model._freeze_reasoner_head()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.set_output_embeddings(value)
+
+    def get_decoder(self) -> FlyThinkerModel:
+        """The fused pair (`.model`): its outputs are the generator's hidden states *with* the latents fused."""
+        return self.model
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """`FlyThinkerModel.resize_token_embeddings`: both models' embeddings and LM heads."""
+        return self.model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    # ------------------------------------------------------------------ logits and loss
+    def logits_from_hidden(self, hidden: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        """The generator's LM head (and logit soft-capping) on `hidden [B, T, H_g]`: logits `[B, T', V]`."""
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.generator.get_output_embeddings()(hidden)
+        cap = getattr(self.config.generator, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None,
+                 num_items_in_batch: torch.Tensor | int | None = None,
+                 shift_labels: torch.Tensor | None = None, loss_impl: str | None = None) -> torch.Tensor:
+        """Causal LM loss of the generator on `hidden [B, T, H_g]` and unshifted `labels [B, T]` (shift inside,
+        ignore_index IGNORE_INDEX): mean over labelled tokens, or sum / num_items_in_batch (gradient accumulation);
+        an all-ignored batch gives 0, not NaN. `loss_impl` (None: config.loss_impl) "fused": `linear_cross_entropy`
+        on the final hidden states and the LM head weight, never materialising the [B, T, V] logits; "naive":
+        logits + cross_entropy.
+        """
+        B, T, H = hidden.shape
+        # shift by padding: position t predicts labels[t + 1], the last position gets IGNORE_INDEX. `hidden` stays
+        # a free [B*T, H] view (slicing hidden[:, :-1] would copy it) and the ignored row costs one row of work.
+        if shift_labels is not None:  # already shifted (sequence parallelism): position t predicts shift_labels[t]
+            if tuple(shift_labels.shape) != (B, T):
+                raise ValueError(f"shift_labels must be [B={B}, T={T}], got {tuple(shift_labels.shape)}")
+            shift_labels = shift_labels.to(hidden.device).reshape(-1)
+        else:
+            shift_labels = F.pad(labels.to(hidden.device), (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)  # [B*T]
+        head = self.generator.get_output_embeddings()
+        cap = getattr(self.config.generator, "final_logit_softcapping", None)
+        # the fused op needs a plain bias-free Linear head; anything else (a peft LoRA-wrapped head, a bias)
+        # falls back to the logits path so that its own forward runs
+        plain_head = isinstance(head, nn.Linear) and head.bias is None and type(head).forward is nn.Linear.forward
+        if (loss_impl or self.config.loss_impl) == "fused" and plain_head:
+            return linear_cross_entropy(hidden.reshape(B * T, H), head.weight, shift_labels,
+                                        ignore_index=IGNORE_INDEX, num_items_in_batch=num_items_in_batch, softcap=cap)
+        logits = self.logits_from_hidden(hidden).float()  # [B, T, V]
+        loss = F.cross_entropy(logits.reshape(B * T, -1), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss / loss_denominator(shift_labels, IGNORE_INDEX, num_items_in_batch)
+
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: FlyThinkerCache | None = None,
+        past_key_values: FlyThinkerCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        reasoner_input_ids: torch.LongTensor | None = None,
+        reasoner_attention_mask: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        return_dict: bool | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        fusion_lambda: float | None = None,
+        loss_impl: str | None = None,
+        parallel: str | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast | tuple:
+        """Fused forward: `FlyThinkerModel.forward`, then the generator's LM head and the loss.
+
+        input_ids `[B, T]` (new tokens when `cache` holds a prefix), attention_mask `[B, past + T]` (2-D),
+        labels `[B, T]` (unshifted, IGNORE_INDEX = ignore). Split context: `reasoner_input_ids [B, Q]` (and its
+        mask) give the reasoner its own prompt; read only on an empty cache (later, both models consume the same new
+        tokens), and with labels the response is the part from the first labelled position on.
+        `past_key_values` is an alias of `cache` (transformers 5.x renamed it). `inputs_embeds [B, T, H_g]` with
+        `input_ids`: the reasoner reads the ids, the latents are added to these embeddings instead of E[x].
+        `shift_labels [B, T]`: labels already shifted (position t predicts shift_labels[t]; sequence parallelism),
+        used instead of shifting `labels`. Packed rows (no attention_mask, position_ids restarting at each sequence,
+        as DataCollatorWithFlattening makes them): no latent crosses a sequence boundary.
+        Per call, without touching the saved config: `fusion_lambda` (the fusion weight), `loss_impl` ("fused":
+        no logits when labels are given; "naive": logits + cross-entropy) and `parallel` (how the two halves run);
+        None = the config's.
+        """
+        if loss_impl is not None and loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS} (or None: config.loss_impl), got {loss_impl!r}")
+        if labels is None and shift_labels is not None and input_ids is not None:
+            labels = _unshift(shift_labels, input_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         reasoner_input_ids=reasoner_input_ids, reasoner_attention_mask=reasoner_attention_mask,
+                         labels=labels, fusion_lambda=fusion_lambda, parallel=parallel, **kwargs)
+        return self._output(out, out.cache, labels, logits_to_keep, num_items_in_batch, return_dict, shift_labels,
+                            loss_impl or self.config.loss_impl)
+
     def _output(self, g_out: BaseModelOutputWithPast, cache: FlyThinkerCache | None, labels: torch.Tensor | None,
                 logits_to_keep: int | torch.Tensor, num_items_in_batch: torch.Tensor | int | None,
-                return_dict: bool | None, shift_labels: torch.Tensor | None = None) -> CausalLMOutputWithPast | tuple:
+                return_dict: bool | None, shift_labels: torch.Tensor | None = None, loss_impl: str = "fused"
+                ) -> CausalLMOutputWithPast | tuple:
         """Loss (with labels) and logits (unless the fused loss made them unnecessary) from the generator output."""
         hidden = g_out.last_hidden_state  # [B, T, H_g]
-        loss = (self._lm_loss(hidden, labels, num_items_in_batch, shift_labels)
+        loss = (self._lm_loss(hidden, labels, num_items_in_batch, shift_labels, loss_impl)
                 if labels is not None or shift_labels is not None else None)
         logits = None
-        if labels is None or self.config.loss_impl != "fused":
+        if labels is None or loss_impl != "fused":
             logits = self.logits_from_hidden(hidden, logits_to_keep)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache,
                                      hidden_states=getattr(g_out, "hidden_states", None),
                                      attentions=getattr(g_out, "attentions", None))
         return out.to_tuple() if return_dict is False else out
+
 
     # ------------------------------------------------------------------ generate integration
     _CACHE_IMPLEMENTATIONS = (None, "dynamic", "static", "offloaded")
@@ -696,19 +924,24 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
             inputs["input_ids"] = input_ids[:, -inputs["inputs_embeds"].shape[1]:].clone()
         return inputs
 
-    def generate(self, *args: Any, fast_path: bool = True, **kwargs: Any):
-        """`GenerationMixin.generate`, except that a call the lean static-cache loop reproduces token for token
-        (greedy, no beams / processors / extra outputs: flythinker.decode.generate_fast_path) runs that loop, with
-        the shared-base batched step for a shared-base pair. `fast_path=False` forces transformers' loop.
-        `self.last_generate_path` and a DEBUG log of `flythinker.decode` name the path that ran."""
-        if fast_path:
-            from flythinker.decode import generate_fast_path
+    def generate(self, *args: Any, fast_path: bool | str = "auto", **kwargs: Any):
+        """`GenerationMixin.generate`, with the decode loop an explicit choice.
 
-            out = generate_fast_path(self, args, kwargs)
-            if out is not None:
-                return out
-        self.last_generate_path = "transformers generate"
-        return super().generate(*args, **kwargs)
+        Args:
+            fast_path: "auto" (default): flythinker's lean static-cache loop (`flythinker.decode`) when it gives
+                this call's tokens exactly (greedy or one seeded FusedSamplingLogitsProcessor; no beams, other
+                processors, stopping criteria or extra outputs; the shared-base batched step for a shared-base
+                pair), else transformers' loop. True: the lean loop, or a ValueError naming why it does not
+                apply. False: transformers' loop. `flythinker.decode.generate_path(model, *args, **kwargs)` names
+                the loop a call takes without running it.
+            fusion_lambda, parallel (in kwargs): this call's fusion weight and overlap mode (None: the saved
+                config's), in both loops; the config is not changed.
+        """
+        from flythinker.decode import generate_fast_path
+
+        kwargs["fast_path"] = fast_path
+        out = generate_fast_path(self, args, kwargs)  # removes fast_path from kwargs
+        return out if out is not None else super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
                                       batch_size: int, max_cache_length: int) -> None:
@@ -729,6 +962,35 @@ class FlyThinkerForCausalLM(PreTrainedModel, GenerationMixin):
         model_kwargs["cache"] = self._new_cache(generation_config, model_kwargs, max_cache_length)
         if generation_config.is_assistant:
             model_kwargs["cache"].activate_past_recording()
+
+
+
+
+def check_fusion_lambda(lam: float | None) -> float | None:
+    """A per-call fusion weight: None (the config's) or a finite real number; anything else raises."""
+    if lam is None:
+        return None
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"fusion_lambda must be a finite number (or None: config.fusion_lambda), got {lam!r}")
+    return float(lam)
+
+
+def check_parallel_mode(mode: str | None) -> str | None:
+    """A per-call overlap mode: None (the config's) or one of PARALLEL_MODES; anything else raises."""
+    if mode is not None and mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES} (or None: config.parallel), got {mode!r}")
+    return mode
+
+
+def _checkpoint_names(info: dict) -> dict:
+    """transformers' loading report with the tensor names of the checkpoint (`generator.*`, not `model.generator.*`),
+    the names a user finds in the folder."""
+    def rename(keys: Any) -> Any:
+        if isinstance(keys, (set, list)):
+            return type(keys)(k.removeprefix("model.") if isinstance(k, str) else k for k in keys)
+        return keys
+
+    return {k: rename(v) if k in ("missing_keys", "unexpected_keys") else v for k, v in info.items()}
 
 
 def _sub_cache(impl: str | None, config: Any, max_len: int, device: torch.device) -> Cache:
@@ -800,7 +1062,23 @@ def _emitted_latents(h: torch.Tensor, mask: torch.Tensor, last_only: bool = Fals
 # kwargs.annotation.__args__ to see which output variants (output_attentions, ...) forward takes
 FlyThinkerForCausalLM.forward.__annotations__["kwargs"] = Unpack[TransformersKwargs]
 
+# Why `use_liger_kernel` (transformers' Trainer, TRL) is refused for a pair: what Liger would need is missing.
+LIGER_REFUSAL = ("use_liger_kernel=True is not supported for a FlyThinker pair: Liger patches modules by model type "
+                 "and has no entry for model_type 'flythinker' (its kernels would reach neither the latent fusion nor "
+                 "the pair's loss); the pair's fused linear cross-entropy is built in (FlyThinkerConfig "
+                 "loss_impl='fused')")
+
+# Checkpoints keep the flat layout of the pair's parts (`generator.*`, `reasoner.*`, `latent_proj.weight`,
+# `latent_mean`, `latent_inv_std`): renamed under `model.` on load, and back on save (transformers reverts a
+# registered conversion in `save_pretrained`), so folders written before and after the base/head split are one format.
+CHECKPOINT_CONVERSION = [WeightRenaming(source_patterns=r"^(generator|reasoner|latent_proj|latent_mean|latent_inv_std)",
+                                        target_patterns=r"model.\1")]
+register_checkpoint_conversion_mapping("FlyThinkerForCausalLM", CHECKPOINT_CONVERSION, overwrite=True)
 AutoConfig.register("flythinker", FlyThinkerConfig, exist_ok=True)
 AutoModelForCausalLM.register(FlyThinkerConfig, FlyThinkerForCausalLM, exist_ok=True)
 
-__all__ = ["FlyThinkerForCausalLM"]
+FlyThinkerModel.forward.__annotations__["kwargs"] = Unpack[TransformersKwargs]
+AutoModel.register(FlyThinkerConfig, FlyThinkerModel, exist_ok=True)
+
+__all__ = ["CHECKPOINT_CONVERSION", "LIGER_REFUSAL", "FlyThinkerForCausalLM", "FlyThinkerModel",
+           "FlyThinkerPreTrainedModel"]

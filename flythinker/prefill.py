@@ -9,7 +9,7 @@ most of the two models' work is independent:
   minus its last position runs alongside the reasoner's whole prefill, then the last position with its latent.
 
 Both give the plain (sequential) prefill's logits, latents and caches (tests/test_concurrency.py). The model picks a
-schedule in `FlyThinkerForCausalLM._prefill_worker`; here only the order of the calls lives.
+schedule in `FlyThinkerModel._prefill_worker`; here only the order of the calls lives.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from flythinker.alignment import split_alignment, split_latents
 from flythinker.workers import ReasonerWorker
 
 if TYPE_CHECKING:
-    from flythinker.modeling import FlyThinkerForCausalLM, StepInputs
+    from flythinker.modeling import FlyThinkerModel, StepInputs
 
 
 def chunk_bounds(T: int, n_chunks: int) -> list[tuple[int, int]]:
@@ -41,14 +41,14 @@ def cat_outputs(outs: list[BaseModelOutputWithPast]) -> BaseModelOutputWithPast:
     return BaseModelOutputWithPast(last_hidden_state=hidden, cache=getattr(outs[-1], "cache", None))
 
 
-def _generator_span(model: FlyThinkerForCausalLM, step: StepInputs, a: int, b: int,
+def _generator_span(model: FlyThinkerModel, step: StepInputs, a: int, b: int,
                     embeds: torch.Tensor) -> BaseModelOutputWithPast:
     """The generator on prompt positions [a, b) (embeds `[B, b - a, H_g]`), attending to positions < b."""
     mask = None if step.attention_mask is None else step.attention_mask[:, :b]
     return model.generator_forward(embeds, mask, step.position_ids[:, a:b], step.cache, True)
 
 
-def shared_prefill(model: FlyThinkerForCausalLM, worker: ReasonerWorker, step: StepInputs,
+def shared_prefill(model: FlyThinkerModel, worker: ReasonerWorker, step: StepInputs,
                    src_mask: torch.Tensor, n_chunks: int = 4) -> tuple[torch.Tensor, BaseModelOutputWithPast]:
     """Shared-context prefill on an empty cache. `src_mask [B, T]`: which reasoner slots are fused (slot t into
     position t + 1). Returns `(h [B, T, H_r], generator output)`."""
@@ -61,7 +61,7 @@ def shared_prefill(model: FlyThinkerForCausalLM, worker: ReasonerWorker, step: S
 
     def fused_span(a: int, b: int, h: torch.Tensor) -> torch.Tensor:  # [B, b - a, H_g]; h covers positions < b
         prev = None if a == 0 else h[:, a - 1] * src_mask[:, a - 1, None].to(h.dtype)
-        return model.fuse(ids[:, a:b], h[:, a:b], src_mask[:, a:b], prev)
+        return model.fuse(ids[:, a:b], h[:, a:b], src_mask[:, a:b], prev, lam=step.fusion_lambda)
 
     early = src_mask[:, : max(T - 2, 0)]
     if not bool(early.any()):  # only the last position is fused
@@ -86,7 +86,7 @@ def shared_prefill(model: FlyThinkerForCausalLM, worker: ReasonerWorker, step: S
     return torch.cat(hs, dim=1), cat_outputs(outs)
 
 
-def split_prefill(model: FlyThinkerForCausalLM, worker: ReasonerWorker, step: StepInputs, r_ids: torch.Tensor,
+def split_prefill(model: FlyThinkerModel, worker: ReasonerWorker, step: StepInputs, r_ids: torch.Tensor,
                   r_mask: torch.Tensor, r_pos: torch.Tensor) -> tuple[torch.Tensor, BaseModelOutputWithPast]:
     """Split-context prefill for generation (only the generator's last prompt position is fused, DESIGN.md 2).
     Needs `step.local_mask[:, -1]` all ones (left padding). r_ids / r_mask / r_pos: the reasoner's prompt
@@ -97,7 +97,7 @@ def split_prefill(model: FlyThinkerForCausalLM, worker: ReasonerWorker, step: St
                             lambda: model.reasoner_forward(r_ids, r_mask, r_pos, step.cache, True))
     n_fused = torch.ones(B, dtype=torch.long, device=ids.device)
     latent, lmask, prev = split_latents(h, *split_alignment(step.local_mask, r_mask, n_fused))
-    g1 = _generator_span(model, step, T - 1, T, model.fuse(ids, latent, lmask, prev)[:, -1:])
+    g1 = _generator_span(model, step, T - 1, T, model.fuse(ids, latent, lmask, prev, lam=step.fusion_lambda)[:, -1:])
     return h, cat_outputs([g0, g1])
 
 

@@ -381,11 +381,14 @@ def worker_for(owner: object, mode: str, generator_device: torch.device,
 
 
 def shutdown(owner: object) -> None:
-    """Stop this thread's worker of `owner` now (it also stops when the owner is garbage-collected or the calling
-    thread ends)."""
-    entry = _workers().pop(owner, None)
-    if entry is not None:
-        entry[1].close()
+    """Stop this thread's worker of `owner` now, and for a module those of its submodules (a FlyThinker pair's
+    worker belongs to its fused `.model`); a worker also stops when its owner is garbage-collected or the calling
+    thread ends."""
+    owners = list(owner.modules()) if isinstance(owner, torch.nn.Module) else [owner]
+    for o in owners:
+        entry = _workers().pop(o, None)
+        if entry is not None:
+            entry[1].close()
 
 
 __all__ = [

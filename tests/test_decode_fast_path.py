@@ -11,6 +11,7 @@ from model_helpers import EOS, left_pad, random_ids, single_thread, tiny_pair  #
 from transformers.utils import logging as hf_logging
 
 from flythinker import workers
+from flythinker.decode import generate_path
 from flythinker.sampling import FusedSamplingLogitsProcessor
 
 
@@ -34,14 +35,16 @@ def _inputs(split):
 @pytest.mark.parametrize("mode", ["off", "threads"])
 def test_fast_path_is_token_identical(pair, split, mode):
     ids, mask, kw = _inputs(split)
-    pair.config.parallel = mode
+    kw["parallel"] = mode  # per call: the saved config stays "off"
     ref = pair.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, fast_path=False, **kw)
-    assert pair.last_generate_path == "transformers generate"
+    assert generate_path(pair, ids, attention_mask=mask, do_sample=False, fast_path=False) == "transformers generate"
     out = pair.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, **kw)
     want = "sequential" if mode == "off" else "threads"
-    assert pair.last_generate_path == f"fast static-cache loop, {want} step"
+    assert generate_path(pair, ids, attention_mask=mask, max_new_tokens=9, do_sample=False, **kw) == (
+        f"fast static-cache loop, {want} step")
+    assert torch.equal(pair.generate(ids, attention_mask=mask, max_new_tokens=9, fast_path=True, **kw), ref)
+    assert pair.config.parallel == "off"
     assert torch.equal(out, ref)
-    pair.config.parallel = "off"
 
 
 def test_fast_path_with_eos_and_seeded_fused_sampler(pair):
@@ -51,7 +54,8 @@ def test_fast_path_with_eos_and_seeded_fused_sampler(pair):
                         **FusedSamplingLogitsProcessor(temperature=1.5, top_k=20, seed=3).generate_kwargs())
     out = pair.generate(ids, attention_mask=mask, max_new_tokens=12, **gc,
                         **FusedSamplingLogitsProcessor(temperature=1.5, top_k=20, seed=3).generate_kwargs())
-    assert pair.last_generate_path.startswith("fast static-cache loop")
+    assert generate_path(pair, ids, attention_mask=mask, max_new_tokens=12, **gc, **FusedSamplingLogitsProcessor(
+        temperature=1.5, top_k=20, seed=3).generate_kwargs()).startswith("fast static-cache loop")
     assert torch.equal(out, ref)
     assert not out.is_inference()
 
@@ -68,15 +72,17 @@ def test_other_calls_fall_back(pair, extra, caplog):
             pair.generate(ids, attention_mask=mask, max_new_tokens=3, **extra)
     finally:
         hf_logging.set_verbosity_warning()
-    assert pair.last_generate_path == "transformers generate"
+    assert generate_path(pair, ids, attention_mask=mask, max_new_tokens=3, **extra) == "transformers generate"
     assert any("transformers' loop" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="fast_path=True: the lean loop does not reproduce this call"):
+        pair.generate(ids, attention_mask=mask, max_new_tokens=3, fast_path=True, **extra)
 
 
 def test_right_padded_prompt_falls_back(pair):
     ids, mask, _ = _inputs(False)
     ids, mask = ids.flip(1), mask.flip(1)  # right padding: the fast loop needs the last position real
     a = pair.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-    assert pair.last_generate_path == "transformers generate"
+    assert generate_path(pair, ids, attention_mask=mask, max_new_tokens=3) == "transformers generate"
     assert torch.equal(a, pair.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                                         fast_path=False))
 

@@ -18,6 +18,7 @@ from flythinker.persona import make_persona_empathy  # noqa: E402
 from flythinker.persona.wordlevel import word_tokenizer  # noqa: E402
 from flythinker.rl import LengthPenalty, TraitReward, combine_rewards, grpo_rows  # noqa: E402
 from flythinker.rl.trainer import FlyThinkerGRPOTrainer, GRPOConfig, completion_logps  # noqa: E402
+from flythinker.training.trainable import part_of  # noqa: E402
 
 
 def test_trait_reward_and_length_penalty():
@@ -111,7 +112,7 @@ def test_grpo_two_steps_split_context(tmp_path):
     assert len(logs) == 2 and all(0.0 <= h["reward"] <= 1.0 for h in logs)
     assert calls == [(4, True), (4, True)]  # the reward ran on every completion, with the dataset columns
     assert seen and all(seen)  # every log-prob forward had the reasoner prompts
-    changed = {n.split(".")[0] for n, p in pair.named_parameters() if not torch.equal(before[n], p.detach())}
+    changed = {part_of(n) for n, p in pair.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == {"generator", "reasoner"}
 
 

@@ -94,10 +94,6 @@ class FlyThinkerCommonTest(ModelTesterMixin, GenerationTesterMixin, unittest.Tes
         self.config_tester.run_common_tests()
 
     # ---------------------------------------------------------------- skipped: cannot apply to a two-model pair
-    @unittest.skip("a pair has no single base model: base_model_prefix is '' (two base models, the generator's and "
-                   "the reasoner's), so model.base_model is the pair itself by design")
-    def test_model_base_model_prefix(self):
-        pass
 
     @unittest.skip("feeds inputs_embeds WITHOUT input_ids: a pair's reasoner reads token ids (it has its own "
                    "embedding table), so embeddings alone cannot drive it (a clear ValueError); inputs_embeds together "

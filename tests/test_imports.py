@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 # Modules outside the layer rule, and why:
 LAUNCHERS = {"flythinker.training.train"}  # `-m flythinker.training.train`: a launcher alias that forwards to the CLI
@@ -44,14 +46,15 @@ def _known(name: str) -> str | None:
     return name or None
 
 
-def _imported(name: str, path: Path) -> set[str]:
+def _imported(name: str, path: Path, type_only: bool = False) -> set[str]:
+    """The modules `name` imports; `type_only`: also those inside `if TYPE_CHECKING:` blocks."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and _is_type_checking(child):
-                for stmt in child.orelse:
+                for stmt in (child.body + child.orelse) if type_only else child.orelse:
                     visit_one(stmt)
             else:
                 visit_one(child)
@@ -74,6 +77,7 @@ def _imported(name: str, path: Path) -> set[str]:
 
 
 GRAPH = {name: _imported(name, path) for name, path in MODULES.items() if path is not None}
+GRAPH_WITH_TYPES = {name: _imported(name, path, type_only=True) for name, path in MODULES.items() if path is not None}
 
 
 def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -118,3 +122,17 @@ def test_imports_point_one_way():
     wrong = sorted((a, b) for a, deps in GRAPH.items() for b in deps
                    if _layer(b) > _layer(a) and a not in LAUNCHERS and not (_layer(a) == 0 and b in KERNEL_ROOTS))
     assert wrong == [], "a lower layer imports a higher one (kernels=0 < library=1 < cli=2)"
+
+
+def test_type_only_imports_are_edges_too():
+    assert "flythinker.modeling" in GRAPH_WITH_TYPES["flythinker.decode"]  # inside `if TYPE_CHECKING:`
+    assert "flythinker.modeling" not in GRAPH["flythinker.decode"]
+
+
+@pytest.mark.xfail(strict=True, reason="the model still reaches its consumers: modeling imports flythinker.prefill "
+                   "(the overlapped prefill), flythinker.decode (generate's lean loop) and "
+                   "flythinker.pretrained.loading (shipped pairs), which import it back for their annotations")
+def test_no_import_circle_counting_type_only_imports():
+    # the package root is a lazy facade (its TYPE_CHECKING block re-exports the model for annotations)
+    graph = {a: deps - KERNEL_ROOTS for a, deps in GRAPH_WITH_TYPES.items() if a not in KERNEL_ROOTS}
+    assert _cycles(graph) == []

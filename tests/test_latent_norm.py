@@ -49,9 +49,9 @@ def _observed_fused(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
     """(every latent the forward fuses, each row's first fused one) over `batches`, read from `fuse`'s arguments
     independently of flythinker.latent_norm's capture."""
     every, firsts = [], []
-    real_fuse = model.fuse
+    real_fuse = model.model.fuse  # the fused pair's own fuse (what its forward calls)
 
-    def spy(input_ids, latent, mask, prev, check_inputs=True):
+    def spy(input_ids, latent, mask, prev, check_inputs=True, lam=None):
         live = mask.bool().clone()
         live[:, -1] = False  # slot T-1 feeds no position
         every.append(latent[live])
@@ -60,15 +60,15 @@ def _observed_fused(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
             if has_prev:
                 every.append(prev[b:b + 1])
             firsts.append(prev[b] if has_prev else latent[b, int(live[b].int().argmax())])
-        return real_fuse(input_ids, latent, mask, prev, check_inputs=check_inputs)
+        return real_fuse(input_ids, latent, mask, prev, check_inputs=check_inputs, lam=lam)
 
-    model.fuse = spy
+    model.model.fuse = spy
     try:
         with torch.no_grad():
             for batch in batches:
                 model(**batch, use_cache=False)
     finally:
-        del model.fuse
+        del model.model.fuse
     return torch.cat(every), torch.stack(firsts)
 
 

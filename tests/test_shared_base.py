@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import flythinker
 from flythinker import FlyThinkerForCausalLM
+from flythinker.decode import generate_path
 from flythinker.shared_base import (
     SharedBaseSpec,
     SharedLoRALinear,
@@ -67,7 +68,8 @@ def test_batched_step_matches_two_copy(pairs, split, batch):
         out = shared.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw)
     finally:
         hook.remove()
-    assert shared.last_generate_path == "fast static-cache loop, shared-base batched step"
+    assert generate_path(shared, ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw) == (
+        "fast static-cache loop, shared-base batched step")
     assert seen.count(batch) == 9  # 9 batched steps after the prefill, rows [:B] = the generator
     ref = two.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, fast_path=False, **kw)
     hf = shared.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, fast_path=False, **kw)
@@ -167,7 +169,7 @@ def test_rank_zero_is_the_base_paired_with_itself():
     for split in (False, True):
         ids, mask, kw = split_inputs(3, split)
         a = shared.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
-        assert shared.last_generate_path.endswith("shared-base batched step")
+        assert generate_path(shared, ids, attention_mask=mask, **kw).endswith("shared-base batched step")
         assert torch.equal(a, two.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                            fast_path=False, **kw))
     unshared = shared.to_two_copies().eval()  # and back: the base twice, nothing merged
@@ -241,7 +243,7 @@ def test_share_pair_detects_one_base_with_peft_adapters():
     assert shared is not None and is_shared_base(shared) and shared.config.fusion_lambda == 0.7
     assert parameter_bytes(shared) < 0.6 * before
     out = shared.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw)
-    assert shared.last_generate_path.endswith("shared-base batched step")
+    assert generate_path(shared, ids, attention_mask=mask, **kw).endswith("shared-base batched step")
     assert torch.equal(out, ref)
 
 

@@ -79,7 +79,7 @@ def _assert_same(shared, two, ids, mask, kw):
     for x, y in zip(a[::2], b[::2], strict=True):  # the logits: the same greedy token at every step
         assert torch.equal(x.argmax(-1), y.argmax(-1))
     out = shared.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kw)
-    assert shared.last_generate_path.endswith("shared-base batched step")
+    assert decode.generate_path(shared, ids, attention_mask=mask, **kw).endswith("shared-base batched step")
     ref = two.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, fast_path=False, **kw)
     assert torch.equal(out, ref)
     return out

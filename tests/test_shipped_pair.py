@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from flythinker import FlyThinkerForCausalLM
+from flythinker.decode import generate_path
 from flythinker.models import load_tokenizer
 from flythinker.pretrained import pair_info
 
@@ -88,7 +89,7 @@ def test_shipped_pair_layouts_decode_the_same_tokens(shipped):
     for _recs, inputs in _records(tok, pair_info(NAME), 10):
         kw = dict(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=pad)
         shared = model.generate(**kw)
-        assert model.last_generate_path.endswith("shared-base batched step")
+        assert generate_path(model, **kw).endswith("shared-base batched step")
         assert torch.equal(shared, two.generate(**kw))
         assert torch.equal(shared, converted.generate(**kw))
     with pytest.raises(TypeError, match="dtype= / shared_base= only"):

@@ -260,12 +260,14 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 class Reply(NamedTuple):
     """One generated reply: its text, new tokens, wall seconds of the generate call, and the seconds to its first
-    new token (the prefill: for a split pair, the reasoner reading the history; None with beam search)."""
+    new token (the prefill: for a split pair, the reasoner reading the history; None with beam search), and the
+    decode loop a pair's generate() ran (`flythinker.decode.generate_path`; None for a plain model)."""
 
     text: str
     tokens: int
     seconds: float
     first_token_s: float | None
+    decode_path: str | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -324,6 +326,11 @@ def generate_text(model, prompts: Prompts, tokenizer, gen_kwargs: dict, *, strea
     if kw.get("num_beams", 1) == 1:  # transformers refuses a streamer with beam search
         printer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         streamer = kw["streamer"] = _TimingStreamer(printer, start)  # prints to stdout when streamed
+    path = None
+    if isinstance(model, FlyThinkerForCausalLM):
+        from flythinker.decode import generate_path
+
+        path = generate_path(model, ids, **kw)
     with torch.inference_mode():
         seq = model.generate(ids, **kw)
     seconds = time.perf_counter() - start
@@ -331,4 +338,4 @@ def generate_text(model, prompts: Prompts, tokenizer, gen_kwargs: dict, *, strea
     text = tokenizer.decode(new, skip_special_tokens=True)
     if streamer is None or streamer.inner is None:
         print(text, file=out, flush=True)
-    return Reply(text, int(new.numel()), seconds, None if streamer is None else streamer.first)
+    return Reply(text, int(new.numel()), seconds, None if streamer is None else streamer.first, path)

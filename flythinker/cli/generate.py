@@ -217,5 +217,5 @@ def run(args: argparse.Namespace) -> int:
     first = f", first token {reply.first_token_s:.2f} s" if reply.first_token_s is not None else ""
     print(f"[{who}] {reply.tokens} new tokens in {reply.seconds:.2f} s ({reply.tokens_per_s:.1f} tok/s{first}); prompt "
           f"tokens: generator {g_len}" + (f", reasoner {r_len}" if pair else "")
-          + (f"; decode path: {getattr(model, 'last_generate_path', '?')}" if pair else ""), file=sys.stderr)
+          + (f"; decode path: {reply.decode_path}" if pair else ""), file=sys.stderr)
     return 0

@@ -44,11 +44,7 @@ def _row_nll(model, tok, feats: list[dict], pair: bool) -> torch.Tensor:
 
     batch = FlyThinkerCollator(tokenizer=tok, add_eos=False)(feats)
     if pair:
-        saved, model.config.loss_impl = model.config.loss_impl, "naive"  # per-row logits are needed
-        try:
-            logits = model(**batch, use_cache=False).logits
-        finally:
-            model.config.loss_impl = saved
+        logits = model(**batch, use_cache=False, loss_impl="naive").logits  # per-row logits are needed
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     lg, lb = logits[:, :-1].float(), batch["labels"][:, 1:]

@@ -120,7 +120,7 @@ def load_shipped(cls: type[FlyThinkerForCausalLM], name: str, folder: str | os.P
         r = next(iter(factors.values()))["A"].shape[0] if factors else 1
         targets = sorted({m.rsplit(".", 1)[-1] for m in factors}) or None
         model = cls.from_shared_base(gen, r=r, lora_alpha=scaling * r, target_modules=targets, **info["fusion"])
-        set_adapters(model, factors, scaling, name)
+        set_adapters(model.model, factors, scaling, name)
     else:
         k = info.get("reasoner_layers")
         if k is None:
@@ -130,8 +130,8 @@ def load_shipped(cls: type[FlyThinkerForCausalLM], name: str, folder: str | os.P
 
             rsn = truncated_reasoner(gen, k)
         model = cls.from_pair(gen, rsn, **info["fusion"])
-        merge_factors(model, factors, scaling, name)
-    copy_named(model, named, name)
+        merge_factors(model.model, factors, scaling, name)
+    copy_named(model.model, named, name)  # the deltas are keyed like the fused pair's (checkpoint) names
     return model.eval()
 
 

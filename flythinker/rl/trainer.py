@@ -11,10 +11,12 @@ What the subclass changes, and why:
 - **Exact prompt ids.** With a ``prompt_ids`` column the trainer uses those ids (e.g. from
   :func:`flythinker.persona.build_views`) instead of re-tokenising the ``prompt`` text.
 - **Log-probs through the fusion.** TRL 1.16 patches the model with a "fused LM head" that calls
-  ``model.base_model(...).last_hidden_state`` and the LM head itself. For this pair ``base_model`` is the pair
-  (``base_model_prefix = ""``), whose output has no ``last_hidden_state``; and reading a sub-model's hidden states
-  would skip the latent fusion. So the log-probs come from the pair's own forward (``logits_to_keep`` positions,
-  then a log-softmax at the sampling temperature); the patched head is never used.
+  ``model.base_model(...).last_hidden_state`` and the LM head itself. ``base_model`` is the fused pair
+  (``FlyThinkerModel``), so in shared context that head sees the fused states; but the patched head hands the
+  backbone no labels, and a split-context forward needs them to find the response start (without them only the
+  last prompt position is fused). So the log-probs come from the pair's own forward (``logits_to_keep``
+  positions, then a log-softmax at the sampling temperature), one path for both contexts; the patched head is
+  never used.
 - **Refused** with a clear error: ``use_liger_kernel`` (its kernels patch modules by model type and would bypass or
   break the fusion), ``use_vllm`` and transformers continuous batching (neither knows the reasoner), tools and
   ``rollout_func`` (their prompts would not carry reasoner ids).
@@ -39,7 +41,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from flythinker.configuration import IGNORE_INDEX
 from flythinker.decode import left_pad
-from flythinker.modeling import FlyThinkerForCausalLM
+from flythinker.modeling import LIGER_REFUSAL, FlyThinkerForCausalLM
 
 REASONER_COLUMN = "reasoner_prompt_ids"
 PROMPT_IDS_COLUMN = "prompt_ids"
@@ -69,8 +71,8 @@ def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     here): one forward of the pair's training path, where the labels mark the response start (DESIGN.md 2:
     generator position P-1+k receives reasoner position Q-2+k), i.e. the same fused inputs as the decode steps
     that sampled the completion. That path needs labels, and with ``loss_impl="fused"`` it returns no logits, so
-    the pair's ``loss_impl`` is "naive" for the duration of the call (the one labelled token per row makes its
-    loss nearly free; the logits cost one LM-head pass over the whole row).
+    the call asks for ``loss_impl="naive"`` (the one labelled token per row makes its loss nearly free; the logits
+    cost one LM-head pass over the whole row).
     """
     K = int(logits_to_keep)
     P = input_ids.shape[1] - K
@@ -87,14 +89,9 @@ def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
         r_mask = torch.cat([reasoner_attention_mask.to(attention_mask.dtype), attention_mask[:, P:]], dim=1)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:, P] = torch.where(attention_mask[:, P].bool(), input_ids[:, P], IGNORE_INDEX)
-        saved = pair.config.loss_impl
-        pair.config.loss_impl = "naive"
-        try:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, reasoner_input_ids=r_ids,
-                           reasoner_attention_mask=r_mask, labels=labels, logits_to_keep=K + 1,
-                           use_cache=False).logits[:, :-1]
-        finally:
-            pair.config.loss_impl = saved
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, reasoner_input_ids=r_ids,
+                       reasoner_attention_mask=r_mask, labels=labels, logits_to_keep=K + 1, use_cache=False,
+                       loss_impl="naive").logits[:, :-1]
     logits = logits.float() / temperature
     logp = F.log_softmax(logits, dim=-1)
     tok = torch.gather(logp, -1, input_ids[:, P:, None]).squeeze(-1)
@@ -136,8 +133,7 @@ class FlyThinkerGRPOTrainer(GRPOTrainer):
     @staticmethod
     def _check_args(args: GRPOConfig, kwargs: dict) -> None:
         refusals = {
-            "use_liger_kernel": "TRL's Liger path patches modules by model type and computes the loss from a "
-                                "sub-model's hidden states, which would bypass the reasoner-latent fusion",
+            "use_liger_kernel": LIGER_REFUSAL.split(": ", 1)[1],
             "use_vllm": "vLLM generation does not know the reasoner (no latent fusion)",
             "use_transformers_continuous_batching": "continuous batching does not pass the reasoner prompt",
         }

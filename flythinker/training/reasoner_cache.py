@@ -89,7 +89,8 @@ def cached_reasoner_latents(model: nn.Module, store: ReasonerLatentCache | None 
     if store.reasoner is not None and store.reasoner != digest:
         raise ValueError("cached_reasoner_latents: this store holds another reasoner's latents (its weights differ)")
     store.reasoner = digest
-    inner = model.reasoner_forward
+    fused = model.get_decoder()  # the fused pair (FlyThinkerModel), whose forward calls reasoner_forward
+    inner = fused.reasoner_forward
 
     def reasoner_forward(input_ids, attention_mask, position_ids, cache, use_cache):
         if cache is not None or use_cache:
@@ -106,11 +107,11 @@ def cached_reasoner_latents(model: nn.Module, store: ReasonerLatentCache | None 
         store.entries[key] = out.detach()
         return out.clone()
 
-    model.reasoner_forward = reasoner_forward  # an instance attribute: shadows the method until removed
+    fused.reasoner_forward = reasoner_forward  # an instance attribute: shadows the method until removed
     try:
         yield store
     finally:
-        del model.reasoner_forward
+        del fused.reasoner_forward
 
 
 __all__ = ["ReasonerLatentCache", "cached_reasoner_latents", "reasoner_digest"]

@@ -48,7 +48,9 @@ def parse_parts(train: str | Iterable[str]) -> frozenset[str]:
 
 
 def part_of(param_name: str) -> str:
-    """The part a parameter belongs to, from its qualified name in the FlyThinker model."""
+    """The part a parameter belongs to, from its qualified name in the FlyThinker model (`model.generator.*`,
+    or the checkpoint's `generator.*`)."""
+    param_name = param_name.removeprefix("model.")
     for part in ("generator", "reasoner"):
         if param_name.startswith(part + "."):
             return part

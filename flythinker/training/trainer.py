@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -39,6 +40,14 @@ class FlyThinkerTrainer(Trainer):
     which is what a resumed LoRA run loads back)."""
 
     _staging: Path | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "use_liger_kernel", False):
+            from flythinker.modeling import LIGER_REFUSAL
+
+            raise ValueError(LIGER_REFUSAL)
+        super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         """`Trainer.compute_loss`, refusing a batch longer than a model's `max_position_embeddings` (positions
@@ -318,6 +327,8 @@ def load_lora_checkpoint(model, folder: str | os.PathLike) -> None:
     state = {}
     for file in weight_files(folder):
         state.update(load_file(file, device="cpu"))
+    lora = model._flythinker_lora
+    model = getattr(model, "model", model) if hasattr(model, "reasoner") else model  # a pair: checkpoint names
     adapted = {n.rsplit(".base_layer", 1)[0] for n, _ in model.named_parameters() if ".base_layer." in n}
     plain = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in adapted}
     result = model.load_state_dict(plain, strict=False)
@@ -327,7 +338,7 @@ def load_lora_checkpoint(model, folder: str | os.PathLike) -> None:
                if ".lora_" not in k and ".base_layer." not in k and id(params.get(k)) not in loaded]
     if missing:
         raise CheckpointError(f"{folder}: missing {len(missing)} tensors, e.g. {missing[:3]}")
-    for part, wrapper in model._flythinker_lora.items():
+    for part, wrapper in lora.items():
         file = folder / "lora" / part / "adapter_model.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{folder}: no LoRA adapters for the {part} ({file} missing): cannot resume a "
