@@ -130,7 +130,7 @@ def test_perm_judge_reward_and_analysis_routing():
     assert "ANALYSIS-TEXT" in res_prompt and "RESPONSE-TEXT" not in res_prompt
     assert "RESPONSE-TEXT" in exp_prompt and "ANALYSIS-TEXT" not in exp_prompt
     by_prompt = next(c for c in fn.calls if "Total Score" in c)
-    assert "values honesty" not in by_prompt  # the bystander sees the exchange only
+    assert "values honesty" in by_prompt and "grieving" in by_prompt  # PERM's bystander sees persona + scenario
 
 
 def test_malformed_outputs_are_counted_not_replaced():
@@ -164,36 +164,44 @@ def test_policy_format_failure_counted():
     assert judge.report()["format_failures"] == 1
 
 
-def test_peregrm_dynamic_and_fixed_criteria_and_trials():
-    answers = iter(["Score: \\boxed{4}", "Score: \\boxed{2}"] * 100)
+def test_peregrm_one_call_trials_and_fixed_criteria():
+    answers = iter(["Specific Criteria: x\nAnalysis: y\nScores: \\boxed{4}", "Analysis: y\nScores: \\boxed{2}"] * 100)
     seen = []
 
     def fn(messages):
         user = messages[-1]["content"]
         seen.append(user)
-        if "Specific Criteria" in user:
-            return "Specific Criteria:\n1. CRIT-FOR-REX"
-        if "Total Score" in user:
-            return "Total Score: 50/100"
+        if "JSON object" in user:
+            return '{"a": 10, "b": 10, "c": 10, "d": 10, "e": 10}'
+        if "Before any reply is judged" in user:
+            return "Specific Criteria:\n1. CRIT-FOR-REX (100%): names the loss"
         return next(answers)
 
     judge = EmpathyJudge(get_rubric("peregrm"), CallableJudgeBackend(fn), trials=2, temperature=0.7)
     (r,) = judge.score(["I'm so sorry about Rex."], [CTX])
     assert r.scores["resonation"] == 3.0  # mean of the two trials (4, 2)
-    assert r.criteria["expression"] == "1. CRIT-FOR-REX"
-    assert any("CRIT-FOR-REX" in s and "Dimension: reception" in s for s in seen)
     assert r.reward == pytest.approx(0.6 + 0.5 * (0.5 - 1))
-    assert judge.report()["criteria_calls"] == 3
-    # fixed criteria from the context: no criteria calls
+    assert judge.report().get("criteria_calls", 0) == 0  # criteria, analysis and score in one call
+    one_call = next(s for s in seen if "Dimension: reception" in s)
+    assert "Specific Criteria" in one_call and "I'm so sorry about Rex." in one_call and "has a dog" in one_call
+    bystander = next(s for s in seen if "JSON object" in s)
+    assert "values honesty" not in bystander and CTX.query in bystander  # PereGRM's bystander: message + reply
+    # fixed criteria: written once per query and cached, or taken from the context
     fixed = EmpathyJudge(get_rubric("peregrm", dynamic_criteria=False), CallableJudgeBackend(fn))
+    fixed.score(["ok"], [CTX])
+    fixed.score(["ok again"], [CTX])
+    assert fixed.report()["criteria_calls"] == 3
+    assert any("CRIT-FOR-REX" in s and "Dimension: reception" in s for s in seen)
     ctx = JudgeContext(query=CTX.query, criteria={"resonation": "A", "expression": "B", "reception": "C"})
-    fixed.score(["ok"], [ctx])
-    assert fixed.report().get("criteria_calls", 0) == 0
+    given = EmpathyJudge(get_rubric("peregrm", dynamic_criteria=False), CallableJudgeBackend(fn))
+    given.score(["ok"], [ctx])
+    assert given.report().get("criteria_calls", 0) == 0
     with pytest.raises(ValueError, match="temperature"):
         EmpathyJudge(get_rubric("peregrm"), CallableJudgeBackend(fn), trials=4, temperature=0.0)
     # PereGRM's evaluation reports the arithmetic mean of the dimensions
     ev = EmpathyJudge(get_rubric("peregrm", dynamic_criteria=False, aggregation="mean"),
-                      CallableJudgeBackend(lambda m: "Total Score: 100/100" if "Total Score" in m[-1]["content"]
+                      CallableJudgeBackend(lambda m: '{"a": 20, "b": 20, "c": 20, "d": 20, "e": 20}'
+                                           if "JSON object" in m[-1]["content"]
                                            else "Score: \\boxed{1}" if "resonation" in m[-1]["content"]
                                            else "Score: \\boxed{4}"))
     (r,) = ev.score(["ok"], [ctx])
@@ -282,7 +290,7 @@ def test_tiny_lm_judge_generate_mode_counts_failures(tiny_judge):
             assert (v is None) == (d in r.failures)
     sampled = EmpathyJudge(get_rubric("peregrm"), tiny_judge, trials=2, temperature=1.0, max_new_tokens=4)
     sampled.score(["ok"], [CTX])
-    assert sampled.report()["score_calls"] == 8 and sampled.report()["criteria_calls"] == 3
+    assert sampled.report()["score_calls"] == 7 and "criteria_calls" not in sampled.report()  # bystander: once
 
 
 def test_expected_mode_needs_single_token_scores(tiny_judge):

@@ -47,9 +47,15 @@ def test_judge_command(tiny_folder, tmp_path, capsys):
     assert len(rows) == 3 and all(1 <= r["scores"]["expression"] <= 5 and r["reward"] is not None for r in rows)
     # generate mode with a random tiny judge: unparsed outputs are counted in the summary, not scored
     assert main(["judge", str(data), "--rubric", "peregrm", "--judge-model", str(folder), "--mode", "generate",
-                 "--max-new-tokens", "3", "--no-bystander", "--limit", "1"]) == 0
+                 "--max-new-tokens", "3", "--no-bystander", "--limit", "1", "--fixed-criteria"]) == 0
     text = capsys.readouterr().out
-    assert "parse_failures" in text and "criteria_calls 3" in text
+    assert "parse_failures" in text and "criteria_calls 3" in text and "items_without_reward 1" in text
+    # the authors' rules: every failed trial becomes PereGRM's 0.6 fallback (counted), so the item has a reward
+    assert main(["judge", str(data), "--rubric", "peregrm", "--judge-model", str(folder), "--mode", "generate",
+                 "--max-new-tokens", "3", "--trials", "1", "--no-bystander", "--limit", "1", "--rules",
+                 "authors"]) == 0
+    text = capsys.readouterr().out
+    assert "rules authors" in text and "fallbacks 3" in text and "items_without_reward 0" in text
 
 
 def test_judge_command_errors(tiny_folder, tmp_path, capsys):

@@ -32,9 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("generate", "expected"), default=None,
                    help="generate: parse the judge's text; expected: probability-weighted score tokens (hf only; "
                         "default for hf)")
-    p.add_argument("--trials", type=positive_int, default=1, help="samples per dimension (needs --temperature > 0)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-new-tokens", type=positive_int, default=192)
+    p.add_argument("--rules", choices=("authors", "strict"), default="strict",
+                   help="scoring rules: authors = each rubric's repository (first/last occurrence, accepted forms, "
+                        "batch-mean / fixed fallbacks, their judge sampling); strict = checked scale and "
+                        "denominators, failures counted and left without a reward (see docs/empathy.md)")
+    p.add_argument("--role", choices=("training", "evaluation"), default=None,
+                   help="which of the papers' judge settings apply by default (default: evaluation with "
+                        "--fixed-criteria, else training)")
+    p.add_argument("--trials", type=positive_int, default=None,
+                   help="samples per dimension (default: the rules' setting; > 1 needs --temperature > 0)")
+    p.add_argument("--temperature", type=float, default=None, help="default: the rules' setting for --role")
+    p.add_argument("--top-p", type=float, default=None, help="default: the rules' setting for --role")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="default: the rules' setting for --role")
     p.add_argument("--batch-size", type=positive_int, default=8, help="hf: prompts per forward")
     p.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request")
     p.add_argument("--max-retries", type=int, default=3, help="openai: retries per request")
@@ -105,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     items = items[: args.limit] if args.limit else items
-    if args.trials > 1 and args.temperature <= 0:
-        raise CLIError("--trials > 1 needs --temperature > 0")
+    if args.rules == "authors" and args.fallback_score is not None:
+        raise CLIError("--fallback-score needs --rules strict (authors substitutes failures as the authors do)")
     rubric = (get_rubric("perm", analysis=args.policy_format == "analysis_response", aggregation=args.aggregation,
                          bystander_coef=args.bystander_coef) if args.rubric == "perm"
               else get_rubric("peregrm", dynamic_criteria=not args.fixed_criteria, bystander_coef=args.bystander_coef,
@@ -114,9 +124,15 @@ def run(args: argparse.Namespace) -> int:
     backend, mode = _backend(args)
     fallback = None if args.fallback_score is None else {"dimension": args.fallback_score,
                                                         "bystander": min(100.0, 20 * args.fallback_score)}
-    judge = EmpathyJudge(rubric, backend, mode=mode, trials=args.trials, temperature=args.temperature,
-                         max_new_tokens=args.max_new_tokens, policy_format=args.policy_format, fallback=fallback,
-                         use_bystander=not args.no_bystander)
+    try:
+        judge = EmpathyJudge(rubric, backend, mode=mode, rules=args.rules,
+                             role=args.role or ("evaluation" if args.fixed_criteria else "training"),
+                             trials=args.trials,
+                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                             policy_format=args.policy_format, fallback=fallback,
+                             use_bystander=False if args.no_bystander else None)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
     from tqdm.auto import tqdm
 
     results = []
@@ -124,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     for s in tqdm(range(0, len(items), step), desc="judging", unit="batch", file=sys.stderr):
         chunk = items[s:s + step]
         results += judge.score([r for _, r in chunk], [c for c, _ in chunk])
-    print(f"{len(items)} responses judged with {rubric.name} ({backend.name}:{backend.model_name}, mode {mode})")
+    print(f"{len(items)} responses judged with {rubric.name} ({backend.name}:{backend.model_name}, mode {mode}, "
+          f"rules {args.rules})")
     _summary(results, rubric)
     rep = judge.report()
     print("judge outputs: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"

@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="NAME[:WEIGHT], repeatable (default: trait)")
     p.add_argument("--judge-model", default="smollm2-135m-instruct", help="judge rewards: local model or served name")
     p.add_argument("--judge-base-url", default=None, help="judge rewards: an OpenAI-compatible endpoint")
+    p.add_argument("--rules", choices=("authors", "strict"), default="strict",
+                   help="judge rewards: scoring rules (authors = the rubric's repository, with its judge sampling "
+                        "and substitutes; strict = checked scores, a failed completion gets its group's mean)")
     p.add_argument("--length-limit", type=positive_int, default=768)
     p.add_argument("--length-coef", type=positive_float, default=0.001)
     p.add_argument("--steps", type=positive_int, default=50)
@@ -84,7 +87,7 @@ def _reward_funcs(args: argparse.Namespace):
             backend = (OpenAIJudgeBackend(args.judge_model, base_url=args.judge_base_url) if args.judge_base_url
                        else HFJudgeBackend(args.judge_model))
             mode = "generate" if args.judge_base_url else "expected"
-            f = JudgeReward(EmpathyJudge(get_rubric(name), backend, mode=mode))
+            f = JudgeReward(EmpathyJudge(get_rubric(name), backend, mode=mode, rules=args.rules, role="training"))
         funcs.append(f)
         weights.append(w)
     return funcs, weights

@@ -10,7 +10,8 @@
 - ``parse``: the policy's "# Analysis / # Response" format; ``Score: N``, ``\\boxed{N}``, ``Total Score: N/100``.
 - ``aggregate``: mean / harmonic / geometric, the bystander term ``coef * (B/100 - 1)``, PERM's length penalty.
 - ``backends``: local HF LM (batched; expected-score mode), OpenAI-compatible HTTP (``openai`` client), a callable.
-- ``judge``: :class:`EmpathyJudge` (counted parse failures; fallback scores only when asked).
+- ``rules``: the scoring rules by name: ``authors`` (each rubric's repository) and ``strict`` (checked scales).
+- ``judge``: :class:`EmpathyJudge` (counted failures; what they become is the rules' choice).
 - ``server``: a small OpenAI-compatible server for a local HF model (``python -m flythinker.empathy.server``).
 """
 
@@ -18,14 +19,16 @@ from .aggregate import aggregate, bystander_term, combine, length_penalty
 from .backends import CallableJudgeBackend, HFJudgeBackend, JudgeBackend, OpenAIJudgeBackend
 from .judge import EmpathyJudge, JudgeResult
 from .parse import JudgeParseError, PolicyOutput, parse_criteria, parse_policy_output, parse_score, strip_think
-from .prompts import JudgePrompt, bystander_prompt, criteria_prompt, dimension_prompt
+from .prompts import JudgePrompt, bystander_prompt, criteria_prompt, dimension_prompt, dynamic_criteria_prompt
 from .records import JudgeContext, context_from_record, contexts_from_columns, judge_items
 from .rubrics import RUBRICS, Dimension, Rubric, get_rubric, peregrm_rubric, perm_rubric
+from .rules import RULES, JudgeSettings, default_settings, read_score
 
 __all__ = [
-    "RUBRICS", "CallableJudgeBackend", "Dimension", "EmpathyJudge", "HFJudgeBackend", "JudgeBackend",
-    "JudgeContext", "JudgeParseError", "JudgePrompt", "JudgeResult", "OpenAIJudgeBackend", "PolicyOutput", "Rubric",
-    "aggregate", "bystander_prompt", "bystander_term", "combine", "context_from_record", "contexts_from_columns",
-    "criteria_prompt", "dimension_prompt", "get_rubric", "judge_items", "length_penalty", "parse_criteria",
-    "parse_policy_output", "parse_score", "peregrm_rubric", "perm_rubric", "strip_think",
+    "RUBRICS", "RULES", "CallableJudgeBackend", "Dimension", "EmpathyJudge", "HFJudgeBackend", "JudgeBackend",
+    "JudgeContext", "JudgeParseError", "JudgePrompt", "JudgeResult", "JudgeSettings", "OpenAIJudgeBackend",
+    "PolicyOutput", "Rubric", "aggregate", "bystander_prompt", "bystander_term", "combine", "context_from_record",
+    "contexts_from_columns", "criteria_prompt", "default_settings", "dimension_prompt", "dynamic_criteria_prompt",
+    "get_rubric", "judge_items", "length_penalty", "parse_criteria", "parse_policy_output", "parse_score",
+    "peregrm_rubric", "perm_rubric", "read_score", "strip_think",
 ]

@@ -23,13 +23,15 @@ from .prompts import JudgePrompt
 
 
 class JudgeBackend:
-    """Interface. ``generate``: one completion text per prompt (``n`` samples each: a list of lists).
+    """Interface. ``generate``: one completion text per prompt (``n`` independent samples each: a list of lists;
+    ``top_p`` / ``max_new_tokens`` ``None``: the server's default, or top-p 1 and
+    :data:`~flythinker.empathy.rules.LOCAL_MAX_NEW_TOKENS` for a local model).
     ``expected_scores``: per prompt ``(expected score, probability mass on the score tokens)``."""
 
     name = "backend"
 
     def generate(self, prompts: Sequence[JudgePrompt], *, n: int = 1, temperature: float = 0.0,
-                 max_new_tokens: int = 256) -> list[list[str]]:
+                 top_p: float | None = None, max_new_tokens: int | None = 256) -> list[list[str]]:
         raise NotImplementedError
 
     def expected_scores(self, prompts: Sequence[JudgePrompt]) -> list[tuple[float, float]]:
@@ -78,7 +80,10 @@ class HFJudgeBackend(JudgeBackend):
         return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
 
     @torch.no_grad()
-    def generate(self, prompts, *, n=1, temperature=0.0, max_new_tokens=256):
+    def generate(self, prompts, *, n=1, temperature=0.0, top_p=None, max_new_tokens=256):
+        from .rules import LOCAL_MAX_NEW_TOKENS
+
+        max_new_tokens = LOCAL_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         texts = [self._text(p) for p in prompts]
         out: list[list[str]] = []
         g = torch.Generator().manual_seed(self.seed)
@@ -88,7 +93,7 @@ class HFJudgeBackend(JudgeBackend):
                                   "num_return_sequences": n}
             if temperature > 0:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-                kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+                kw.update(do_sample=True, temperature=temperature, top_p=1.0 if top_p is None else top_p, top_k=0)
             else:
                 if n > 1:
                     raise ValueError("n > 1 samples need temperature > 0 (greedy samples are identical)")
@@ -157,19 +162,24 @@ class OpenAIJudgeBackend(JudgeBackend):
         self.max_concurrency = int(max_concurrency)
         self.seed = seed
 
-    def _one(self, p: JudgePrompt, n: int, temperature: float, max_new_tokens: int) -> list[str]:
+    def _one(self, p: JudgePrompt, n: int, temperature: float, top_p: float | None,
+             max_new_tokens: int | None) -> list[str]:
         messages = list(p.messages) + ([{"role": "assistant", "content": p.prefix}] if p.prefix else [])
+        extra: dict[str, Any] = {}
+        if top_p is not None:
+            extra["top_p"] = top_p
+        if max_new_tokens is not None:
+            extra["max_tokens"] = max_new_tokens
         resp = self.client.chat.completions.create(model=self.model_name, messages=messages, n=n,
-                                                   temperature=temperature, max_tokens=max_new_tokens,
-                                                   seed=self.seed)
+                                                   temperature=temperature, seed=self.seed, **extra)
         texts = [c.message.content or "" for c in resp.choices]
         if len(texts) != n:
             raise RuntimeError(f"the endpoint returned {len(texts)} choices, asked for {n}")
         return [p.prefix + t if p.prefix else t for t in texts]
 
-    def generate(self, prompts, *, n=1, temperature=0.0, max_new_tokens=256):
+    def generate(self, prompts, *, n=1, temperature=0.0, top_p=None, max_new_tokens=256):
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            return list(pool.map(lambda p: self._one(p, n, temperature, max_new_tokens), prompts))
+            return list(pool.map(lambda p: self._one(p, n, temperature, top_p, max_new_tokens), prompts))
 
 
 class CallableJudgeBackend(JudgeBackend):
@@ -183,7 +193,7 @@ class CallableJudgeBackend(JudgeBackend):
         self.fn = fn
         self.model_name = getattr(fn, "__name__", "callable")
 
-    def generate(self, prompts, *, n=1, temperature=0.0, max_new_tokens=256):
+    def generate(self, prompts, *, n=1, temperature=0.0, top_p=None, max_new_tokens=256):
         out = []
         for p in prompts:
             msgs = list(p.messages) + ([{"role": "assistant", "content": p.prefix}] if p.prefix else [])

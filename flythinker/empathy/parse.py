@@ -1,7 +1,7 @@
 """Parsers: the policy's "analysis + response" output, and the judge's score markers.
 
 Every judge parser returns a number or raises :class:`JudgeParseError` with the reason; the caller counts failures
-(nothing is silently replaced: a fallback score is an explicit option of :class:`flythinker.empathy.EmpathyJudge`).
+(what a failure becomes is decided by the scoring rules, :mod:`.rules`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ from dataclasses import dataclass
 # "# Analysis ... # Response ..." (PERM's policy format; headings case-insensitive, any number of '#').
 _POLICY = re.compile(r"#+\s*analysis\s*:?\s*(?P<analysis>.*?)\s*#+\s*response\s*:?\s*(?P<response>.*)\Z",
                      re.IGNORECASE | re.DOTALL)
-_SCORE_LINE = re.compile(r"score\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
-_BOXED = re.compile(r"\\boxed\{\s*(-?\d+(?:\.\d+)?)\s*\}")
-_TOTAL = re.compile(r"total\s*score\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?", re.IGNORECASE)
 
 
 class JudgeParseError(ValueError):
@@ -47,24 +44,13 @@ def strip_think(text: str) -> str:
     return text[i + len("</think>"):].strip() if i >= 0 else text.strip()
 
 
-def _last(pattern: re.Pattern, text: str, what: str) -> float:
-    found = pattern.findall(text)
-    if not found:
-        raise JudgeParseError(f"no {what} in judge output: {text[-120:]!r}")
-    return float(found[-1])  # the final verdict: judges often quote the scale before answering
-
-
 def parse_score(text: str, marker: str, lo: int, hi: int) -> float:
     """The score in ``text`` for ``marker`` (``score_line``: ``Score: N``; ``boxed``: ``\\boxed{N}``; ``total``:
-    ``Total Score: N[/100]``), the last occurrence, checked to lie in ``[lo, hi]``."""
-    pattern, what = {"score_line": (_SCORE_LINE, "'Score: N' line"), "boxed": (_BOXED, "\\boxed{N}"),
-                     "total": (_TOTAL, "'Total Score: N/100'")}.get(marker, (None, None))
-    if pattern is None:
-        raise ValueError(f"unknown marker {marker!r}")
-    v = _last(pattern, text, what)
-    if not lo <= v <= hi:
-        raise JudgeParseError(f"score {v:g} outside [{lo}, {hi}]")
-    return v
+    ``Total Score: N[/100]`` or a JSON object of five 0-20 parts) under the ``strict`` rules: the last
+    occurrence, a denominator equal to ``hi``, the value in ``[lo, hi]`` (:func:`.rules.strict_score`)."""
+    from .rules import strict_score
+
+    return strict_score(text, marker, lo, hi)
 
 
 _CRITERIA = re.compile(r"specific\s+criteria\s*:?\s*(.*?)(?:\n\s*(?:analysis|scores?)\s*:|\Z)",

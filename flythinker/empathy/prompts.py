@@ -54,12 +54,24 @@ def _levels(dim: Dimension) -> str:
     return "\n".join(f"{k} - {v}" for k, v in sorted(dim.levels.items()))
 
 
+def _rubric_block(dim: Dimension) -> str:
+    """Definition, checks and levels of ``dim`` as the judge reads them."""
+    parts = [f"Dimension: {dim.name} ({dim.perspective}'s view). {dim.question}"]
+    if dim.definition:
+        parts.append(f"Definition: {dim.definition}")
+    if dim.checks:
+        parts.append("Checks (take the person's place):\n" + "\n".join(f"- {c}" for c in dim.checks))
+    if dim.levels:
+        parts.append(f"Scale:\n{_levels(dim)}")
+    return "\n".join(parts)
+
+
 def _answer_format(dim: Dimension, expected: bool) -> tuple[str, str]:
     """(format instruction, assistant prefix)."""
     if dim.marker == "boxed":
         if expected:
             return f"Answer with the score only, as \\boxed{{N}} with N from {dim.lo} to {dim.hi}.", "Score: \\boxed{"
-        return ("First write 'Analysis:' and a short analysis, then the final line 'Score: \\boxed{N}' with N an "
+        return ("First write 'Analysis:' and a short analysis, then the final line 'Scores: \\boxed{N}' with N an "
                 f"integer from {dim.lo} to {dim.hi}."), ""
     if expected:
         return f"Answer with the score only: an integer from {dim.lo} to {dim.hi}.", "Score:"
@@ -67,45 +79,84 @@ def _answer_format(dim: Dimension, expected: bool) -> tuple[str, str]:
             f"{dim.lo} to {dim.hi}."), ""
 
 
+def _messages(user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
 def dimension_prompt(dim: Dimension, ctx: JudgeContext, text: str, expected: bool = False,
                      criteria: str | None = None) -> JudgePrompt:
-    """Score ``text`` (the response, or the analysis for an ``analysis`` dimension) on ``dim`` (1-5)."""
+    """Score ``text`` (the response, or the analysis for an ``analysis`` dimension) on ``dim`` (1-5), with the
+    person's persona, memories, situation and message in view; ``criteria``: fixed criteria for this query."""
     what = "the supporter's private analysis of the person" if dim.reads == "analysis" else "the reply"
     fmt, prefix = _answer_format(dim, expected)
-    crit = f"\n\nCriteria for this person (use them to decide the score):\n{criteria.strip()}" if criteria else ""
+    crit = (f"\n\nFixed criteria written beforehand for this person and query (score against them; do not "
+            f"write new ones):\n{criteria.strip()}") if criteria else ""
     user = (f"{_context_block(ctx)}\n\n---\nThe text to judge ({what}):\n{text.strip() or '(empty)'}\n---\n\n"
-            f"Dimension: {dim.name} ({dim.perspective}'s view). {dim.question}\nScale:\n{_levels(dim)}"
-            f"{crit}\n\n{fmt}")
-    return JudgePrompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}], dim.name,
-                       marker="boxed" if dim.marker == "boxed" else "score_line", lo=dim.lo, hi=dim.hi,
-                       prefix=prefix)
+            f"{_rubric_block(dim)}{crit}\n\n{fmt}")
+    return JudgePrompt(_messages(user), dim.name, marker="boxed" if dim.marker == "boxed" else "score_line",
+                       lo=dim.lo, hi=dim.hi, prefix=prefix)
 
 
-def bystander_prompt(dim: Dimension, ctx: JudgeContext, response: str, expected: bool = False) -> JudgePrompt:
-    """The bystander sees only what was said and the reply (no persona), scores five parts 0-20 each (sum 0-100),
-    or in ``expected`` mode gives one overall 1-5 rating (mapped to 0-100 by the judge)."""
+def dynamic_criteria_prompt(dim: Dimension, ctx: JudgeContext, response: str) -> JudgePrompt:
+    """PereGRM training: ONE call in which the judge writes criteria specific to this person for ``dim``, analyses
+    the reply against them step by step, and gives the score as ``\\boxed{N}`` (1 = meets none, 3 = some,
+    5 = all). Sampled ``trials`` times independently (K = 4 in the authors' script)."""
+    user = (f"{_context_block(ctx)}\n\n---\nThe reply:\n{response.strip() or '(empty)'}\n---\n\n"
+            f"{_rubric_block(dim)}\n\nFirst derive concrete criteria for THIS person, situation and message on "
+            f"this dimension, grounded in general emotional intelligence and using the memories and persona as "
+            "evidence of what would work for them. Then analyse the reply against your criteria, step by step and "
+            "as strictly as you can. Score 1 if the reply meets none of the criteria, 3 if it meets some, 5 if it "
+            "meets all.\nOutput three lines:\nSpecific Criteria: <your criteria>\nAnalysis: <your analysis>\n"
+            f"Scores: \\boxed{{N}} with N from {dim.lo} to {dim.hi}")
+    return JudgePrompt(_messages(user), dim.name, marker="boxed", lo=dim.lo, hi=dim.hi)
+
+
+_BYSTANDER_KEYS = ("Content Effectiveness", "Logical Structure & Clarity", "Communication Efficiency",
+                   "Objectivity & Neutrality", "Information Accuracy & Verifiability")
+
+
+def bystander_prompt(dim: Dimension, ctx: JudgeContext, response: str, expected: bool = False,
+                     style: str = "perm") -> JudgePrompt:
+    """The bystander: five parts 0-20 each (sum 0-100) from a neutral, unemotional standpoint.
+
+    ``style="perm"``: sees the situation and the persona besides the message and the reply; answers one line per
+    part and ``Total Score: X / 100``. ``style="peregrm"``: sees only the message and the reply; answers a JSON
+    object of the five parts. ``expected``: one overall 1-5 rating (mapped to 0-100 by the judge)."""
     parts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(BYSTANDER_PARTS))
-    head = (f"A person wrote:\n{ctx.query.strip()}\n\n---\nThe reply:\n{response.strip() or '(empty)'}\n---\n\n"
-            f"You are a neutral bystander reading this exchange. Consider these five parts:\n{parts}\n\n")
+    seen = ""
+    if style == "perm":
+        if ctx.situation.strip():
+            seen += f"Situation:\n{ctx.situation.strip()}\n\n"
+        if ctx.persona.strip():
+            seen += f"About the person:\n{ctx.persona.strip()}\n\n"
+    head = (f"{seen}A person wrote:\n{ctx.query.strip()}\n\n---\nThe reply:\n{response.strip() or '(empty)'}\n"
+            f"---\n\nYou are a neutral bystander judging content, reasoning, efficiency, objectivity and accuracy "
+            f"only; emotional expressiveness alone earns nothing and padding costs efficiency. Consider these five "
+            f"parts:\n{parts}\n\n")
     if expected:
         user = head + "Give one overall rating of the reply: an integer from 1 (very poor) to 5 (excellent), only."
-        return JudgePrompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
-                           dim.name, marker="score_line", lo=1, hi=5, prefix="Score:")
-    user = head + ("Give each part a score from 0 to 20, then the final line 'Total Score: X/100' where X is "
-                   "their sum.")
-    return JudgePrompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}], dim.name,
-                       marker="total", lo=0, hi=100)
+        return JudgePrompt(_messages(user), dim.name, marker="score_line", lo=1, hi=5, prefix="Score:")
+    if style == "peregrm":
+        keys = ", ".join(f'"{k}": <0-20>' for k in _BYSTANDER_KEYS)
+        user = head + f"Score each part independently from 0 to 20 and answer with this JSON object only: {{{keys}}}"
+    else:
+        user = head + ("Score each part independently from 0 to 20, one line per part with a short reason, then "
+                       "the final line 'Total Score: X / 100' where X is their sum.")
+    return JudgePrompt(_messages(user), dim.name, marker="total", lo=0, hi=100)
 
 
 def criteria_prompt(dim: Dimension, ctx: JudgeContext) -> JudgePrompt:
-    """PereGRM's first call: write 3-5 criteria specific to this person for ``dim`` (from persona, memories,
-    situation and what they said), without rewarding mere mentions of remembered facts."""
-    user = (f"{_context_block(ctx)}\n\nBefore any reply is judged, write what a good reply must do for THIS "
-            f"person on the dimension '{dim.name}' ({dim.question}). Base the criteria on their traits, needs and "
-            "situation; do not reward merely repeating remembered facts. Write 'Specific Criteria:' followed by "
-            "3 to 5 short numbered criteria.")
-    return JudgePrompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}], dim.name,
-                       kind="criteria", marker="", lo=0, hi=0)
+    """Evaluation criteria for one query (PersonaEmp's protocol: written once, stored, reused by every judged
+    model): 4 to 6 weighted criteria (weights summing to 100%) specific to this person on ``dim``, with general
+    emotional intelligence as the baseline and persona/memories as the refinement; never rewarding a mere
+    mention of a remembered fact."""
+    user = (f"{_context_block(ctx)}\n\n{_rubric_block(dim)}\n\nBefore any reply is judged, write the criteria "
+            f"a reply must meet for THIS person on '{dim.name}'. Start from what the message needs now, then use the "
+            "persona and memories to refine what would feel understood, appropriate and safe for them. Do not "
+            "reward recalling a remembered fact as such. Write 'Specific Criteria:' followed by 4 to 6 numbered "
+            "lines 'name (weight%): what a strong reply shows', the weights summing to 100%.")
+    return JudgePrompt(_messages(user), dim.name, kind="criteria", marker="", lo=0, hi=0)
 
 
-__all__ = ["MAX_HISTORY_TURNS", "SYSTEM", "JudgePrompt", "bystander_prompt", "criteria_prompt", "dimension_prompt"]
+__all__ = ["MAX_HISTORY_TURNS", "SYSTEM", "JudgePrompt", "bystander_prompt", "criteria_prompt", "dimension_prompt",
+           "dynamic_criteria_prompt"]

@@ -32,6 +32,8 @@ class Dimension:
     marker: str  # score_line | boxed | total
     question: str
     levels: dict[int, str] = field(default_factory=dict)
+    definition: str = ""
+    checks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.reads not in ("analysis", "response", "exchange"):
@@ -73,26 +75,60 @@ class Rubric:
 
 AGGREGATIONS = ("mean", "harmonic", "geometric")
 
+# Level texts in our own words, carrying the definitions and checks of the PERM paper's rubric.
+RESONATION_DEFINITION = (
+    "How accurately and deeply the supporter enters the person's internal frame of reference: not only what was "
+    "said, but the implicit feelings, what caused them, and why the experience matters to this person.")
 RESONATION_LEVELS = {
-    1: "Misreads the person: invents feelings or facts that are not there, or contradicts what they said.",
-    2: "Names an obvious emotion in general terms only, without tying it to this person's situation.",
-    3: "Identifies the person's explicit feelings and their immediate cause correctly.",
-    4: "Connects the feelings to the person's circumstances, history or traits, and sees unstated needs.",
-    5: "Grasps what the situation means to this person at the level of their values, and what they need most.",
+    1: "Misreading: contradicts the facts given, attributes a feeling or cause with no basis in the text, or "
+       "misses the core message.",
+    2: "Labelling: names the obvious emotion or echoes the person's words, but not why they feel it; a summary "
+       "rather than understanding.",
+    3: "Accurate but literal: links the main explicit feeling to its immediate cause without over- or "
+       "under-reading; stays on the surface, no mixed or hidden layers.",
+    4: "Nuanced: brings subtle or conflicting signals together (e.g. the person's history against their present "
+       "tone), catches mixed or unexpected feelings, grounded in the evidence rather than a stereotype.",
+    5: "Value-level: explains the inner mechanism behind a complex feeling and ties the event to the person's "
+       "identity, values or core needs (autonomy, dignity, growth): why it matters so much to them.",
 }
+EXPRESSION_DEFINITION = (
+    "How the supporter communicates: tone, warmth and craft; whether the reply sounds formulaic or adapts "
+    "fluidly to the person and helps them go further.")
 EXPRESSION_LEVELS = {
-    1: "Mechanical or scripted; ignores the person's state or is cold.",
-    2: "Polite but generic or clinical: stock sympathy phrases and boilerplate safety advice.",
-    3: "Natural and direct; the care is sincere and the wording fits the conversation.",
-    4: "Calibrated to this person: tone, length and balance of comfort and advice as a close friend would choose.",
-    5: "Skilful and personal: every sentence serves this person, warm and specific without excess.",
+    1: "Machine-like: cold, list-like or templated, no emotional adaptation.",
+    2: "Service-like: polite and correct but hollow; stock phrases ('it is valid to feel...') or generic advice.",
+    3: "Natural: talks directly like a real person, warm and functional, no preambles, but not tailored to this "
+       "person.",
+    4: "Calibrated: tone fitted to this person's state and personality (gentle for the fragile, grounded for the "
+       "sceptical), a 'we are in this together' feel; may lack memorable precision.",
+    5: "Artful: precise, vivid and concise wording that lands at once and stays with the person.",
 }
+RECEPTION_DEFINITION = (
+    "The exchange from the person's own side: did the reply find the unspoken need behind the message and meet "
+    "it in a way that feels warm, safe and worth continuing?")
+RECEPTION_CHECKS = (
+    "Safety: does it feel like a warm friend or an intrusive analyst? Intrusiveness scores low.",
+    "Need: did it answer what I really wanted (e.g. validation, safety, autonomy) or only what I literally said?",
+    "Engagement: do I want to reply and tell more?",
+)
 RECEPTION_LEVELS = {
-    1: "I would feel misunderstood, hurt or ignored, or a boundary of mine was crossed.",
-    2: "It is polite, but it does not touch what I am going through.",
-    3: "I feel my feelings were acknowledged and taken seriously.",
-    4: "It addresses what I actually needed, even the part I did not say out loud.",
-    5: "I feel deeply understood and would want to keep talking.",
+    1: "Alienated: intrusive (private details listed bluntly, unwanted analysis), dismissive or hostile; I would "
+       "stop talking.",
+    2: "Processed: polite and on topic but changes nothing for me; stock reassurance or generic tips.",
+    3: "Relieved: real warmth about how hard this is; I feel calmer and less alone, but it answers the visible "
+       "feeling, not the need underneath.",
+    4: "Helped: it names and meets the need I did not say, with a useful perspective or next step; I feel "
+       "understood and equipped.",
+    5: "Moved: it meets the hidden need and touches me; I feel grateful and want to keep talking, now and next "
+       "time.",
+}
+# PereGRM's general criteria put this person's stable traits (from memories and persona) at the centre.
+PERSONAL_DEFINITIONS = {
+    "resonation": RESONATION_DEFINITION + " Weigh especially the link between the feeling and this person's "
+                  "stable traits (from the memories), and the deeper need behind the reaction.",
+    "expression": EXPRESSION_DEFINITION + " Weigh especially whether the communication strategy is tailored to "
+                  "this person's traits and psychological needs.",
+    "reception": RECEPTION_DEFINITION + " Judge as this particular person, given their personality and needs.",
 }
 BYSTANDER_PARTS = (
     "content effectiveness (does it help with the actual problem)",
@@ -103,14 +139,20 @@ BYSTANDER_PARTS = (
 )
 
 
-def _empathy_dims(marker: str, resonation_reads: str) -> tuple[Dimension, ...]:
+def _empathy_dims(marker: str, resonation_reads: str, personal: bool = False) -> tuple[Dimension, ...]:
+    defs = PERSONAL_DEFINITIONS if personal else {"resonation": RESONATION_DEFINITION,
+                                                   "expression": EXPRESSION_DEFINITION,
+                                                   "reception": RECEPTION_DEFINITION}
     return (
         Dimension("resonation", "supporter", resonation_reads, 1, 5, marker,
-                  "How well does the supporter understand the person's inner experience?", RESONATION_LEVELS),
+                  "How well does the supporter understand the person's inner experience?", RESONATION_LEVELS,
+                  defs["resonation"]),
         Dimension("expression", "supporter", "response", 1, 5, marker,
-                  "How well does the reply express care in a way suited to this person?", EXPRESSION_LEVELS),
+                  "How well does the reply express care in a way suited to this person?", EXPRESSION_LEVELS,
+                  defs["expression"]),
         Dimension("reception", "seeker", "response", 1, 5, marker,
-                  "Imagine you are this person and you receive this reply. How does it land?", RECEPTION_LEVELS),
+                  "Imagine you are this person and you receive this reply. How does it land?", RECEPTION_LEVELS,
+                  defs["reception"], RECEPTION_CHECKS),
     )
 
 
@@ -131,9 +173,10 @@ def perm_rubric(analysis: bool = True, aggregation: str = "harmonic", bystander_
 def peregrm_rubric(dynamic_criteria: bool = True, bystander_coef: float = 0.5, aggregation: str = "harmonic"
                    ) -> Rubric:
     """PereGRM: all three dimensions on the response, ``\\boxed{N}`` on 1-5, bystander coef 0.5;
-    ``dynamic_criteria=True`` (training) writes criteria per user first, ``False`` uses fixed criteria. Its
+    ``dynamic_criteria=True`` (training): one judge call writes criteria for this user, an analysis and the score;
+    ``False`` (evaluation): the judge scores against fixed criteria written beforehand. Its
     training reward is the harmonic mean; its evaluation reports the arithmetic mean (``aggregation="mean"``)."""
-    return Rubric("peregrm", _empathy_dims("boxed", "response"), BYSTANDER, aggregation=aggregation,
+    return Rubric("peregrm", _empathy_dims("boxed", "response", personal=True), BYSTANDER, aggregation=aggregation,
                   bystander_coef=bystander_coef, dynamic_criteria=dynamic_criteria)
 
 
@@ -147,5 +190,5 @@ def get_rubric(name: str, **kwargs) -> Rubric:
     return RUBRICS[name](**kwargs)
 
 
-__all__ = ["AGGREGATIONS", "BYSTANDER", "BYSTANDER_PARTS", "RUBRICS", "Dimension", "Rubric", "get_rubric",
-           "perm_rubric", "peregrm_rubric"]
+__all__ = ["AGGREGATIONS", "BYSTANDER", "BYSTANDER_PARTS", "PERSONAL_DEFINITIONS", "RECEPTION_CHECKS", "RUBRICS",
+           "Dimension", "Rubric", "get_rubric", "perm_rubric", "peregrm_rubric"]

@@ -4,7 +4,7 @@ a way to share one local judge between processes).
     python -m flythinker.empathy.server --model smollm2-135m-instruct --port 8765
     # then: OpenAIJudgeBackend("smollm2-135m-instruct", base_url="http://127.0.0.1:8765/v1")
 
-Endpoints: ``POST /v1/chat/completions`` (``messages``, ``max_tokens``, ``temperature``, ``n``, ``seed``; a
+Endpoints: ``POST /v1/chat/completions`` (``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``n``, ``seed``; a
 trailing assistant message is continued, not answered), ``GET /v1/models``, ``GET /health``, ``GET /stats``
 (requests served, the most requests seen in flight at once). One generate runs at a time (a lock: the model is not
 thread-safe). Fault injection for tests: ``fail_first`` requests answer HTTP 503, every request waits ``delay_s``.
@@ -21,13 +21,14 @@ import torch
 
 
 @torch.no_grad()
-def _complete(model, tokenizer, text: str, max_tokens: int, temperature: float, n: int, seed: int | None):
+def _complete(model, tokenizer, text: str, max_tokens: int, temperature: float, n: int, seed: int | None,
+              top_p: float = 1.0):
     """Generate ``n`` continuations of ``text``: ``(prompt ids [1, P], OpenAI-style choices)``."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     kw: dict[str, Any] = {"max_new_tokens": max_tokens, "num_return_sequences": n,
                           "pad_token_id": tokenizer.pad_token_id}
     if temperature > 0:
-        kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=top_p)
     else:
         kw["do_sample"] = False
     if seed is not None:
@@ -61,6 +62,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "local", fail_first:
         temperature: float | None = Field(default=1.0, ge=0.0, le=5.0)
         n: int | None = Field(default=1, ge=1, le=16)
         seed: int | None = None
+        top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
 
     app = FastAPI(title="flythinker judge server")
     lock = threading.Lock()
@@ -106,7 +108,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "local", fail_first:
                 raise HTTPException(status_code=400, detail="n > 1 needs temperature > 0")
             with lock:
                 ids, choices = _complete(model, tokenizer, text, req.max_tokens, req.temperature or 0.0, req.n or 1,
-                                         req.seed)
+                                         req.seed, req.top_p or 1.0)
             new_tokens = sum(c.pop("n_tokens") for c in choices)
             with state_lock:
                 state["served"] += 1

@@ -86,28 +86,60 @@ class LengthPenalty:
         return [-self.coef * max(0, len(ids) - self.limit) for ids in completion_ids]
 
 
+def fill_group_means(values: Sequence[float | None], prompts: Sequence[Any] | None) -> list[float | None]:
+    """Each ``None`` becomes the mean of the valid values of its group (consecutive completions of the same
+    prompt, as TRL orders them), so its GRPO advantage is 0; a group without any valid value stays ``None``
+    (TRL's ``nansum`` then adds 0 to every completion of that group: no advantage either)."""
+    if prompts is None:
+        prompts = [None] * len(values)
+    out: list[float | None] = list(values)
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end < len(values) and prompts[end] == prompts[start]:
+            continue
+        got = [v for v in values[start:end] if v is not None]
+        if got:
+            mean = sum(got) / len(got)
+            out[start:end] = [mean if v is None else v for v in values[start:end]]
+        start = end
+    return out
+
+
 class JudgeReward:
-    """A :mod:`flythinker.empathy` judge as a reward: ``judge.reward(...)`` per completion.
+    """A :mod:`flythinker.empathy` judge as a reward: one reward per completion.
 
     The dataset must carry the columns the rubric's prompts read (``query`` and, for the personalised rubric,
-    ``persona``/``memories``/``situation``; see :func:`flythinker.empathy.records.context_from_columns`).
+    ``persona``/``memories``/``situation``; see :func:`flythinker.empathy.records.contexts_from_columns`).
+
+    Failures (TRL sums reward functions with ``nansum``, so a ``None`` would silently count as reward 0, a strong
+    penalty): under the judge's ``authors`` rules the judge already substitutes (PERM: batch mean; PereGRM:
+    0.6 / 0.8); under ``strict`` a completion without a reward gets the mean reward of its group's other
+    completions (advantage 0: it neither pulls nor pushes the policy), see :func:`fill_group_means`. The count
+    is logged as ``judge/failed_completions`` (TRL's ``log_metric``) and kept in ``judge.report()``.
     """
 
     def __init__(self, judge: Any, name: str | None = None):
         self.judge = judge
         self.__name__ = name or f"{judge.rubric.name}_judge"
 
-    def __call__(self, completions: Sequence[Any], **columns: Any) -> list[float | None]:
+    def __call__(self, completions: Sequence[Any], prompts: Sequence[Any] | None = None, log_metric: Any = None,
+                 **columns: Any) -> list[float | None]:
         from flythinker.empathy.records import contexts_from_columns
 
         contexts = contexts_from_columns(len(completions), columns)
         results = self.judge.score([completion_text(c) for c in completions], contexts)
-        return [r.reward for r in results]
+        rewards = [r.reward for r in results]
+        failed = sum(r is None for r in rewards)
+        if callable(log_metric):
+            log_metric("judge/failed_completions", float(failed))
+        return fill_group_means(rewards, prompts) if failed else rewards
 
 
 def combine_rewards(funcs: Sequence[tuple[RewardFn, float]], name: str = "combined") -> RewardFn:
     """One reward function ``sum_i w_i * f_i(...)``. A ``None`` from any part makes that completion's sum ``None``
-    (TRL then ignores it as NaN) instead of silently counting it as 0."""
+    (nothing is added for it; note that TRL's own sum over reward functions is a ``nansum``, which would count
+    that ``None`` as 0: :class:`JudgeReward` therefore never hands TRL a ``None`` for a completion whose group has
+    a valid reward)."""
     if not funcs:
         raise ValueError("combine_rewards needs at least one (function, weight) pair")
 
@@ -127,4 +159,5 @@ def combine_rewards(funcs: Sequence[tuple[RewardFn, float]], name: str = "combin
     return combined
 
 
-__all__ = ["JudgeReward", "LengthPenalty", "RewardFn", "TraitReward", "combine_rewards", "completion_text"]
+__all__ = ["JudgeReward", "LengthPenalty", "RewardFn", "TraitReward", "combine_rewards", "completion_text",
+           "fill_group_means"]
