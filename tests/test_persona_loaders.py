@@ -32,18 +32,51 @@ def test_longlamp_fields_and_aliases():
     assert c.response is None and [m.value for m in c.memories] == ["an old post", "another old post"]
 
 
-def test_personaemp_one_record_per_query():
+def test_personaemp_real_session_one_record_per_query():
+    # a real public PersonaEmp-format session (AlpsBench task 4; see tests/data/README.md): no persona
     recs = load_records(DATA / "persona_personaemp.json", format="personaemp")
-    assert [r.record_id for r in recs] == ["English_0:0", "English_0:1", "English_1:0"]
+    assert [r.record_id for r in recs] == [f"english_77:{j}" for j in range(5)]
     r = recs[0]
-    assert r.user_id == "English_0" and r.response is None
-    assert "wants reassurance first" in r.persona.profile
-    assert r.query.situation == "The user got public criticism at work." and r.query.category == "ES"
-    assert [(t.role, t.text) for t in r.history][0] == ("user", "I had a rough week at work.")
-    assert len(r.history) == 3 and len(r.memories) == 2
-    assert r.memories[0].label == "States_Experiences" and r.memories[0].evidence.startswith("my manager")
-    assert json.loads(r.memories[1].evidence) == ["turn 7", "turn 9"]  # non-string evidence kept as JSON
-    assert recs[2].query.situation == "Weighing a job change." and recs[2].history == []
+    assert r.user_id == "english_77" and r.response is None and r.persona.profile == ""
+    assert r.query.category == "Emotional Support" and r.query.text.startswith("I just got off the phone")
+    assert len(r.history) == 12 and r.history[1].role == "assistant" and len(r.memories) == 4
+    assert r.memories[0].label == "Plans/Schedule" and r.memories[0].value == "Must travel to Germany within 1 month"
+    assert json.loads(r.memories[0].evidence) == {"session_id": "sess_3932f15755d0", "utterance_index": 0,
+                                                  "text": "Because we have to be in Germany in a month at most"}
+    assert r.meta["protocol"] == "personaemp" and r.meta["query_fields"] == {"query_id": "english_77:0",
+                                                                             "category": "Emotional Support"}
+
+
+def _full_layout_session() -> dict:
+    """The real session with the fields the PersonalizedEmpathy release adds (persona, situation, criteria...),
+    shaped as its final_filter / prepare_criteria code writes and reads them."""
+    d = json.loads((DATA / "persona_personaemp.json").read_text())[0]
+    d.update(source_file="raw_7.json", original_sid="sess_3932f15755d0",
+             persona={"persona_profile": "A parent who hides worry from the kids.", "is_deep_persona": True,
+                      "topics": ["family"]})
+    d["extracted_memory"][0]["label_suggestion"] = "Plans"
+    d["queries"][0].update(situation_id="Sit_1", relevant_mem=[1, 3], reasoning="ties to the deadline",
+                           situation={"situation": "Waiting on the embassy.", "topic": "travel"},
+                           criteria={"resonation": "1. fear (100%)", "expression": "x", "reception": "y"})
+    return d
+
+
+def test_personaemp_full_layout_keeps_every_field(tmp_path):
+    path = _write(tmp_path, [_full_layout_session()])
+    r, r1 = load_records(path)[:2]
+    assert r.persona.profile == "A parent who hides worry from the kids."
+    assert r.query.situation == "Waiting on the embassy."
+    assert r.meta["criteria"]["resonation"] == "1. fear (100%)" and r.meta["relevant_mem"] == [1, 3]
+    q = r.meta["query_fields"]
+    assert q["situation_id"] == "Sit_1" and q["reasoning"] == "ties to the deadline"
+    assert q["situation"]["topic"] == "travel"
+    assert r.meta["session_fields"]["persona"]["topics"] == ["family"]
+    assert r.meta["session_fields"]["original_sid"] == "sess_3932f15755d0"
+    assert r.meta["memory_fields"][0] == {"label_suggestion": "Plans"}
+    assert "criteria" not in r1.meta and r1.query.situation is None
+    # the records round-trip through the flythinker format with nothing lost
+    save_records(load_records(path), tmp_path / "back.jsonl")
+    assert load_records(tmp_path / "back.jsonl") == load_records(path)
 
 
 def test_perm_jsonl():
@@ -93,8 +126,10 @@ def _fixture(name):
     ("persona_longlamp.json", "longlamp", 1, lambda d: d.pop("input"), "inp"),
     ("persona_longlamp.json", "longlamp", 0, lambda d: d.update(target=5), "target"),
     ("persona_longlamp.json", "longlamp", 0, lambda d: d["profile"].append(3), "profile[2]"),
-    ("persona_personaemp.json", "personaemp", 1, lambda d: d["persona"].pop("persona_profile"),
+    ("persona_personaemp.json", "personaemp", 0, lambda d: d.update(persona={"persona_profile": 3}),
      "persona.persona_profile"),
+    ("persona_personaemp.json", "personaemp", 0, lambda d: d["queries"][0].update(relevant_mem="1"),
+     "queries[0].relevant_mem"),
     ("persona_personaemp.json", "personaemp", 0, lambda d: d["conversation"][1].update(role="narrator"),
      "conversation[1].role"),
     ("persona_personaemp.json", "personaemp", 0, lambda d: d["queries"][1].pop("query"), "queries[1].query"),
@@ -128,11 +163,11 @@ def test_skip_mode_warns_with_count(tmp_path):
 
 
 def test_empty_sessions_are_counted(tmp_path):
-    items = _fixture("persona_personaemp.json")
-    items[1]["queries"] = []
+    items = _fixture("persona_personaemp.json") * 2
+    items[1] = {**items[1], "session_id": "english_78", "queries": []}
     with pytest.warns(UserWarning, match="1 of 2 records produced no examples"):
         recs = load_records(_write(tmp_path, items))
-    assert len(recs) == 2
+    assert len(recs) == 5
 
 
 def test_non_object_record(tmp_path):

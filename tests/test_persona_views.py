@@ -245,3 +245,28 @@ def test_generate_inputs_left_pads_each_context(tok):
         generate_inputs(views, pad_id=0, context="full")
     with pytest.raises(ValueError, match="at least one"):
         generate_inputs([], pad_id=0)
+
+
+def test_personaemp_protocol_view():
+    # PersonaEmp protocol: the policy sees the memories and the query; persona, situation and the conversation
+    # are for the judge. The broad view stays available by name.
+    from pathlib import Path
+
+    from flythinker.persona import load_records
+
+    rec = load_records(Path(__file__).parent / "data" / "persona_personaemp.json")[0]
+    rec.persona = Persona(profile="secretpersona words")
+    rec.query.situation = "secretsituation"
+    words = [t.text for t in rec.history] + [m.value for m in rec.memories] + [
+        rec.query.text, rec.persona.profile, "secretsituation", "helpful warm assistant"]
+    wt = word_tokenizer(words)
+    for mode in ("split", "shared"):
+        v = build_views(rec, wt, mode=mode)
+        text = wt.decode(v.reasoner_prompt_ids)
+        assert "Germany within 1 month" in text and "embassy" in text
+        assert "secretpersona" not in text and "secretsituation" not in text and "regulations" not in text
+        assert "secretpersona" not in wt.decode(v.generator_prompt_ids)
+        full = wt.decode(build_views(rec, wt, mode=mode, view="full").reasoner_prompt_ids)
+        assert "secretpersona" in full and "secretsituation" in full and "regulations" in full
+    with pytest.raises(ValueError, match="view must be one of"):
+        build_views(rec, wt, view="everything")

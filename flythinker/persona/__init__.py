@@ -6,7 +6,16 @@ from .jsonio import JsonFileError, read_json_items
 from .loaders import FORMATS, RecordError, detect_format, load_records, parse_records, save_records
 from .metrics import classify_response, heldout_nll, mean_rouge_l, opens_with_validation, rouge_l, strategy_accuracy
 from .records import Memory, Persona, PersonaRecord, Query, Turn
-from .views import DEFAULT_SYSTEM_PROMPT, FALLBACK_TEMPLATE, Views, build_views, generate_inputs, render_chat
+from .views import (
+    DEFAULT_SYSTEM_PROMPT,
+    FALLBACK_TEMPLATE,
+    VIEWS,
+    Views,
+    build_views,
+    generate_inputs,
+    render_chat,
+    resolve_view,
+)
 
 DATASETS = {"persona-empathy": load_persona_empathy}
 
@@ -19,10 +28,10 @@ def load_dataset(name: str, split: str = "train", **kwargs) -> list[PersonaRecor
 
 
 __all__ = [
-    "DATASETS", "DEFAULT_SYSTEM_PROMPT", "FALLBACK_TEMPLATE", "FORMATS", "TRAITS", "JsonFileError", "Memory",
+    "DATASETS", "DEFAULT_SYSTEM_PROMPT", "FALLBACK_TEMPLATE", "FORMATS", "TRAITS", "VIEWS", "JsonFileError", "Memory",
     "Persona", "PersonaRecord", "Query", "RecordError", "Turn", "Views", "build_views", "classify_response",
     "generate_inputs",
     "compose_response", "detect_format", "heldout_nll", "load_dataset", "load_persona_empathy", "load_records",
     "make_persona_empathy", "mean_rouge_l", "opens_with_validation", "parse_records", "read_json_items",
-    "render_chat", "rouge_l", "save_records", "strategy_accuracy",
+    "render_chat", "resolve_view", "rouge_l", "save_records", "strategy_accuracy",
 ]

@@ -4,9 +4,12 @@ Formats (``format=``):
 
 - ``"longlamp"``: LongLaMP / FlyThinker style JSON: ``profile`` (a string, or a list of past documents),
   ``inp`` or ``input`` (the query), optional ``target`` or ``output`` (the reference), optional ``id``/``user_id``.
-- ``"personaemp"``: PersonaEmp (PersonalizedEmpathy ``final_data``) JSON sessions: ``persona.persona_profile``,
-  ``conversation[{role, text}]``, ``extracted_memory[{label, value, evidence}]``, ``queries[{query, situation}]``.
-  One record per query; there is no reference response.
+- ``"personaemp"``: PersonaEmp (PersonalizedEmpathy ``final_data``; AlpsBench task 4) JSON sessions:
+  ``session_id`` (``"english_77"``), optional ``persona.persona_profile``, ``conversation[{role, text}]``,
+  ``extracted_memory[{label, label_suggestion, value, evidence}]`` (evidence a string or an object),
+  ``queries[{query_id, query, category, situation_id, situation{situation, ...}, relevant_mem (1-based),
+  reasoning, criteria{dimension: text}}]``. One record per query, every field kept (``meta``, see
+  :func:`_parse_personaemp`); there is no reference response.
 - ``"perm"``: PERM JSONL: ``persona.identity``, ``scenario``, ``dialogue`` (``dialogue[0]`` is the query,
   ``dialogue[1]``, when present, the reference response).
 - ``"flythinker"``: :meth:`PersonaRecord.to_dict` rows (what the bundled ``persona-empathy`` writes).
@@ -118,38 +121,82 @@ def _parse_longlamp(d: dict, index: int) -> list[PersonaRecord]:
                           memories=memories, response=target)]
 
 
-def _parse_personaemp(d: dict, index: int) -> list[PersonaRecord]:
-    sid = str(d.get("session_id", index))
-    persona_d = _get(d, "persona", types=(dict,))
+_PE_SESSION_PARTS = ("queries", "conversation", "extracted_memory")
+
+
+def _personaemp_persona(d: dict) -> Persona:
+    """The session's persona: ``persona.persona_profile``; a persona object without one is kept as its JSON (as
+    the authors' criteria script does); no persona at all (AlpsBench-derived sessions) -> an empty persona."""
+    persona_d = _get(d, "persona", required=False, types=(dict, str))
+    if persona_d is None:
+        return Persona()
+    if isinstance(persona_d, str):
+        return Persona(profile=persona_d)
     profile = persona_d.get("persona_profile")
+    if profile is None:
+        return Persona(profile=json.dumps(persona_d, ensure_ascii=False))
     if not isinstance(profile, str):
-        raise _Bad("persona.persona_profile", "missing or not a string")
+        raise _Bad("persona.persona_profile", f"expected str, got {type(profile).__name__}")
+    return Persona(profile=profile)
+
+
+def _personaemp_memories(d: dict) -> tuple[list[Memory], list[dict]]:
+    """Memories (``value``, ``label``, ``evidence`` as text: an evidence object is kept as its JSON) and, per
+    memory, the fields a :class:`Memory` has no slot for (e.g. ``label_suggestion``)."""
+    memories, extra = [], []
+    for j, m in enumerate(_get(d, "extracted_memory", required=False, types=(list,)) or []):
+        if not isinstance(m, dict) or not isinstance(m.get("value"), str):
+            raise _Bad(f"extracted_memory[{j}].value", "expected a dict with a string 'value'")
+        memories.append(Memory(value=m["value"], label=_as_str(m.get("label")), evidence=_as_str(m.get("evidence"))))
+        extra.append({k: v for k, v in m.items() if k not in ("value", "label", "evidence")})
+    return memories, extra
+
+
+def _personaemp_query(q: Any, j: int) -> tuple[Query, dict]:
+    if not isinstance(q, dict) or not isinstance(q.get("query"), str) or not q["query"].strip():
+        raise _Bad(f"queries[{j}].query", "expected a dict with a non-empty string 'query'")
+    sit = q.get("situation")
+    if isinstance(sit, dict):
+        sit = sit.get("situation")
+    if sit is not None and not isinstance(sit, str):
+        raise _Bad(f"queries[{j}].situation", f"expected str or dict with 'situation', got {type(sit).__name__}")
+    crit = q.get("criteria")
+    if crit is not None and not isinstance(crit, (dict, str)):
+        raise _Bad(f"queries[{j}].criteria", f"expected an object of per-dimension texts, got {type(crit).__name__}")
+    rel = q.get("relevant_mem")
+    if rel is not None and (not isinstance(rel, list) or not all(isinstance(k, int) for k in rel)):
+        raise _Bad(f"queries[{j}].relevant_mem", "expected a list of 1-based memory indices")
+    return Query(text=q["query"], situation=sit, category=_as_str(q.get("category"))), \
+        {k: v for k, v in q.items() if k != "query"}
+
+
+def _parse_personaemp(d: dict, index: int) -> list[PersonaRecord]:
+    """One record per query. ``meta``: ``protocol`` ("personaemp": the policy sees memories + query only),
+    ``criteria`` (per-dimension fixed criteria, if present), ``relevant_mem`` (1-based, as in the data),
+    ``query_fields`` (every field of the query object but the text), ``session_fields`` (every session field but
+    queries / conversation / memories), ``memory_fields`` (per memory, the fields beyond value/label/evidence)."""
+    sid = str(d.get("session_id", index))
+    persona = _personaemp_persona(d)
     history = []
     for j, t in enumerate(_get(d, "conversation", required=False, types=(list,)) or []):
         if not isinstance(t, dict):
             raise _Bad(f"conversation[{j}]", f"expected a dict with role/text, got {type(t).__name__}")
         history.append(Turn(role=_role(t.get("role"), f"conversation[{j}].role"),
                             text=_text(t, f"conversation[{j}].text")))
-    memories = []
-    for j, m in enumerate(_get(d, "extracted_memory", required=False, types=(list,)) or []):
-        if not isinstance(m, dict) or not isinstance(m.get("value"), str):
-            raise _Bad(f"extracted_memory[{j}].value", "expected a dict with a string 'value'")
-        memories.append(Memory(value=m["value"], label=_as_str(m.get("label")), evidence=_as_str(m.get("evidence"))))
-    queries = _get(d, "queries", types=(list,))
+    memories, memory_fields = _personaemp_memories(d)
+    session_fields = {k: v for k, v in d.items() if k not in _PE_SESSION_PARTS}
     out = []
-    for j, q in enumerate(queries):
-        if not isinstance(q, dict) or not isinstance(q.get("query"), str) or not q["query"].strip():
-            raise _Bad(f"queries[{j}].query", "expected a dict with a non-empty string 'query'")
-        sit = q.get("situation")
-        if isinstance(sit, dict):
-            sit = sit.get("situation")
-        if sit is not None and not isinstance(sit, str):
-            raise _Bad(f"queries[{j}].situation", f"expected str or dict with 'situation', got {type(sit).__name__}")
-        out.append(PersonaRecord(
-            record_id=str(q.get("query_id", f"{sid}:{j}")), user_id=sid,
-            query=Query(text=q["query"], situation=sit, category=_as_str(q.get("category"))),
-            persona=Persona(profile=profile), history=list(history), memories=list(memories), response=None,
-            meta={"topics": persona_d.get("topics", [])}))
+    for j, q in enumerate(_get(d, "queries", types=(list,))):
+        query, fields = _personaemp_query(q, j)
+        meta = {"protocol": "personaemp", "query_fields": fields, "session_fields": session_fields,
+                "memory_fields": memory_fields, "query_index": j}
+        if isinstance(fields.get("criteria"), dict):
+            meta["criteria"] = fields["criteria"]
+        if fields.get("relevant_mem") is not None:
+            meta["relevant_mem"] = fields["relevant_mem"]
+        out.append(PersonaRecord(record_id=str(q.get("query_id") or f"{sid}:{j}"), user_id=sid, query=query,
+                                 persona=persona, history=list(history), memories=list(memories), response=None,
+                                 meta=meta))
     return out
 
 

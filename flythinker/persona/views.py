@@ -1,8 +1,14 @@
 """Turn one :class:`PersonaRecord` into the generator view and the reasoner view (token ids).
 
-Split context (DESIGN.md §2): the reasoner reads the long personal view (persona, memories, past turns,
-situation, query); the generator reads the short view (the query, plus at most the record's one-line
-``persona.short``). Shared context (the paper): both read the long view.
+Split context (DESIGN.md §2): the reasoner reads the long personal view; the generator reads the short view
+(the query, plus at most the record's one-line ``persona.short``). Shared context (the paper): both read the long
+view. What the long view holds is the ``view`` option (:data:`VIEWS`):
+
+- ``"full"``: persona profile, memories, past turns, situation and query (the broad view);
+- ``"memories_query"``: the user's memories and the query only -- the PersonaEmp protocol, where persona,
+  situation, category and relevant memories are for the judge, never for the policy;
+- ``"auto"`` (default): ``"memories_query"`` for records whose ``meta["protocol"]`` is ``"personaemp"`` (what the
+  PersonaEmp loader sets), else ``"full"``.
 
 Both views go through the tokenizer's chat template as ``[system, user]`` messages with a generation prompt.
 A tokenizer without a chat template gets :data:`FALLBACK_TEMPLATE` (documented below). Token budgets count
@@ -24,6 +30,16 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful, warm assistant. Adapt your reply to 
 # is "### Assistant\n"; an assistant message ends with the tokenizer's eos token (if any).
 FALLBACK_TEMPLATE = "### {role}\n{content}{end}\n\n"
 _SPEAKER = {"user": "User", "assistant": "Assistant", "system": "System"}
+VIEWS = ("auto", "full", "memories_query")
+
+
+def resolve_view(record: PersonaRecord, view: str = "auto") -> str:
+    """``"full"`` or ``"memories_query"`` for ``record`` (see the module docstring)."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    if view == "auto":
+        return "memories_query" if record.meta.get("protocol") == "personaemp" else "full"
+    return view
 
 
 @dataclass
@@ -112,20 +128,23 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _long_system(record: PersonaRecord, system_prompt: str, n_drop: int, persona_skip: int) -> str:
-    """System text of the long view with the ``n_drop`` oldest history items and ``persona_skip`` words gone."""
-    n_turn_drop = min(n_drop, len(record.history))
+def _long_system(record: PersonaRecord, system_prompt: str, n_drop: int, persona_skip: int,
+                 full: bool = True) -> str:
+    """System text of the long view with the ``n_drop`` oldest history items and ``persona_skip`` words gone
+    (``full=False``: memories only)."""
+    history = record.history if full else []
+    n_turn_drop = min(n_drop, len(history))
     n_mem_drop = n_drop - n_turn_drop
     parts = [system_prompt] if system_prompt else []
     profile = record.persona.profile.split()[persona_skip:] if persona_skip else None
     profile_text = " ".join(profile) if profile is not None else record.persona.profile
-    if profile_text.strip():
+    if full and profile_text.strip():
         parts.append("About the user:\n" + profile_text.strip())
     mems = record.memories[n_mem_drop:]
     if mems:
         parts.append("What you remember about the user (oldest first):\n" + "\n".join(
             f"- [{m.label}] {m.value}" if m.label else f"- {m.value}" for m in mems))
-    turns = record.history[n_turn_drop:]
+    turns = history[n_turn_drop:]
     if turns:
         parts.append("Earlier conversation with the user (oldest first):\n" + "\n".join(
             f"{_SPEAKER[t.role]}: {t.text}" for t in turns))
@@ -157,22 +176,23 @@ def _smallest_fitting(n: int, length: Callable[[int], int], budget: int) -> int 
     return lo
 
 
-def _long_view(record, tokenizer, system_prompt, budget, rid) -> tuple[list[int], int, int]:
-    """(ids, items dropped, persona words dropped) of the long view within ``budget`` prompt tokens."""
-    user = _user_text(record, with_situation=True)
-    n_items = len(record.history) + len(record.memories)
+def _long_view(record, tokenizer, system_prompt, budget, rid, full: bool = True) -> tuple[list[int], int, int]:
+    """(ids, items dropped, persona words dropped) of the long view within ``budget`` prompt tokens
+    (``full=False``: the memories-and-query view)."""
+    user = _user_text(record, with_situation=full)
+    n_items = (len(record.history) if full else 0) + len(record.memories)
 
     def ids(n_drop: int, persona_skip: int = 0) -> list[int]:
-        system = _long_system(record, system_prompt, n_drop, persona_skip)
+        system = _long_system(record, system_prompt, n_drop, persona_skip, full)
         return _encode(tokenizer, render_chat(tokenizer, _messages(system, user), add_generation_prompt=True))
 
-    full = ids(0)
-    if budget is None or len(full) <= budget:
-        return full, 0, 0
+    whole = ids(0)
+    if budget is None or len(whole) <= budget:
+        return whole, 0, 0
     k = _smallest_fitting(n_items, lambda k: len(ids(k)), budget)
     if k is not None:
         return ids(k), k, 0
-    n_words = len(record.persona.profile.split())
+    n_words = len(record.persona.profile.split()) if full else 0
     w = _smallest_fitting(n_words, lambda w: len(ids(n_items, w)), budget)
     if w is None:
         raise ValueError(f"record {rid!r}: the query alone needs {len(ids(n_items, n_words))} prompt tokens, "
@@ -182,9 +202,10 @@ def _long_view(record, tokenizer, system_prompt, budget, rid) -> tuple[list[int]
 
 def build_views(record: PersonaRecord, tokenizer, mode: str = "split", max_reasoner_tokens: int | None = None,
                 max_generator_tokens: int | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                warn: bool = True, count_response: bool = False) -> Views:
+                warn: bool = True, count_response: bool = False, view: str = "auto") -> Views:
     """Build the generator and reasoner views of ``record`` (see the module docstring).
 
+    ``view``: what the long view holds (:data:`VIEWS`; ``"auto"`` follows the record's protocol).
     ``mode``: ``"split"`` or ``"shared"``. In shared mode both models read one view, so it must fit both
     budgets (the smaller one applies). Budgets count prompt tokens; with ``count_response`` they cap prompt +
     response (a sequence cap, like the collator's ``max_length``): each prompt gets what the response leaves (at
@@ -198,7 +219,8 @@ def build_views(record: PersonaRecord, tokenizer, mode: str = "split", max_reaso
         if b is not None and (not isinstance(b, int) or b <= 0):
             raise ValueError(f"{name} must be a positive int or None, got {b!r}")
     rid = record.record_id
-    short = (record.persona.short or "").strip()
+    full = resolve_view(record, view) == "full"
+    short = (record.persona.short or "").strip() if full else ""
     g_messages = g_ids = None  # the split-context generator view before any budget (shared: the long view)
     if mode == "split":
         g_messages = _messages((system_prompt + (f"\nAbout the user: {short}" if short else "")).strip(),
@@ -212,12 +234,13 @@ def build_views(record: PersonaRecord, tokenizer, mode: str = "split", max_reaso
             max_generator_tokens = _prompt_budget(max_generator_tokens, len(response))
     if mode == "shared":
         budgets = [b for b in (max_reasoner_tokens, max_generator_tokens) if b is not None]
-        r_ids, dropped, pw = _long_view(record, tokenizer, system_prompt, min(budgets) if budgets else None, rid)
+        r_ids, dropped, pw = _long_view(record, tokenizer, system_prompt, min(budgets) if budgets else None, rid,
+                                        full)
         g_ids, persona_dropped = r_ids, False
     else:
-        r_ids, dropped, pw = _long_view(record, tokenizer, system_prompt, max_reasoner_tokens, rid)
+        r_ids, dropped, pw = _long_view(record, tokenizer, system_prompt, max_reasoner_tokens, rid, full)
         g_ids, persona_dropped = _short_view(record, tokenizer, system_prompt, g_ids, short, max_generator_tokens)
-    n_turns = min(dropped, len(record.history))
+    n_turns = min(dropped, len(record.history) if full else 0)
     views = Views(g_ids, r_ids, response, mode, truncated_turns=n_turns, truncated_memories=dropped - n_turns,
                   truncated_persona_words=pw, generator_persona_dropped=persona_dropped)
     if warn and views.truncated:

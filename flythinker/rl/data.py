@@ -22,12 +22,14 @@ from flythinker.persona.views import build_views
 
 
 def grpo_rows(records: Sequence[PersonaRecord], tokenizer, mode: str = "split", max_reasoner_tokens: int | None = 512,
-              max_generator_tokens: int | None = 256) -> list[dict[str, Any]]:
-    """One dataset row per record (see the module docstring). ``mode``: ``"split"`` or ``"shared"``."""
+              max_generator_tokens: int | None = 256, view: str = "auto") -> list[dict[str, Any]]:
+    """One dataset row per record (see the module docstring). ``mode``: ``"split"`` or ``"shared"``; ``view``:
+    what the policy's long view holds (:func:`flythinker.persona.build_views`; ``"auto"`` keeps PersonaEmp's
+    protocol: memories and query only). The judge columns always carry persona and situation."""
     rows = []
     for rec in records:
         v = build_views(rec, tokenizer, mode=mode, max_reasoner_tokens=max_reasoner_tokens,
-                        max_generator_tokens=max_generator_tokens, warn=False)
+                        max_generator_tokens=max_generator_tokens, warn=False, view=view)
         row: dict[str, Any] = {
             "record_id": rec.record_id,
             "prompt": tokenizer.decode(v.generator_prompt_ids),
@@ -37,6 +39,7 @@ def grpo_rows(records: Sequence[PersonaRecord], tokenizer, mode: str = "split", 
             "persona": rec.persona.profile or rec.persona.short or "",
             "memories": json.dumps([m.value for m in rec.memories]),
             "situation": rec.query.situation or "",
+            "criteria": json.dumps(rec.meta.get("criteria") or {}),
         }
         if mode == "split":
             row["reasoner_prompt_ids"] = list(v.reasoner_prompt_ids)
