@@ -20,7 +20,14 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="JSON / JSONL file of records with responses")
-    p.add_argument("--rubric", choices=("perm", "peregrm"), default="perm")
+    p.add_argument("--rubric", choices=("perm", "peregrm"), default=None,
+                   help="default: perm; peregrm (fixed criteria) with --predictions")
+    p.add_argument("--predictions", default=None,
+                   help="PersonaEmp protocol: judge this predictions file (the authors' aligned layout, or "
+                        "query_id/response rows) against fixed criteria; FILE is then the PersonaEmp data")
+    p.add_argument("--criteria", default=None,
+                   help="PersonaEmp protocol: the criteria sidecar file; missing criteria are written into it "
+                        "first (resumable, atomic); without it the data's own criteria are used")
     p.add_argument("--format", default="auto", choices=("auto", "flythinker", "perm", "personaemp"),
                    help="input layout (default: detected from the first record)")
     p.add_argument("--backend", choices=("hf", "openai"), default=None,
@@ -44,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="default: the rules' setting for --role")
     p.add_argument("--top-p", type=float, default=None, help="default: the rules' setting for --role")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="default: the rules' setting for --role")
+                   help="cap on each judge output, criteria calls included (default: the rules' setting)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="hf: prompts per forward")
     p.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request")
     p.add_argument("--max-retries", type=int, default=3, help="openai: retries per request")
@@ -103,6 +110,67 @@ def _summary(results, rubric, out=None) -> dict:
     return rows
 
 
+def _protocol_judge(args: argparse.Namespace):
+    from flythinker.empathy import EmpathyJudge, get_rubric
+
+    if args.rubric == "perm":
+        raise CLIError("--predictions judges under PersonaEmp's protocol (fixed criteria): --rubric peregrm")
+    if args.fallback_score is not None:
+        raise CLIError("--fallback-score does not apply to --predictions (unparsed scores are left out)")
+    import dataclasses
+
+    from flythinker.empathy.rules import default_settings
+
+    backend, mode = _backend(args)
+    crit = default_settings(args.rules, "peregrm", "criteria")
+    if args.max_new_tokens is not None:  # the cap applies to the criteria calls too
+        crit = dataclasses.replace(crit, max_new_tokens=args.max_new_tokens)
+    try:
+        judge = EmpathyJudge(get_rubric("peregrm", dynamic_criteria=False, aggregation="mean"), backend, mode=mode,
+                             rules=args.rules, role="evaluation", trials=args.trials, temperature=args.temperature,
+                             top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_bystander=False,
+                             criteria_settings=crit)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    return judge, backend, mode
+
+
+def _run_protocol(args: argparse.Namespace, path: Path) -> int:
+    from filelock import Timeout
+
+    from flythinker.empathy import protocol
+    from flythinker.hub import atomic_write_bytes
+
+    if not Path(args.predictions).is_file():
+        raise CLIError(f"no such file: {args.predictions}")
+    judge, backend, mode = _protocol_judge(args)
+    try:
+        sessions, records = protocol.load_sessions(path)
+        if args.criteria:
+            counts = protocol.write_criteria(sessions, records, args.criteria, judge, limit=args.limit)
+            print(f"criteria: {counts['written']} written, {counts['present']} present, {counts['failed']} failed "
+                  f"-> {args.criteria}")
+        n = args.limit or len(records)
+        crit = protocol.read_criteria(args.criteria, records, limit=n)
+        responses = protocol.read_predictions(args.predictions, sessions, records)[:n]
+    except Timeout:
+        raise CLIError(f"{args.criteria} is being written by another process (its .lock is held)") from None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    results, rep = protocol.evaluate(records[:n], responses, crit, judge, batch_size=args.batch_size)
+    print(f"{n} responses judged under PersonaEmp's protocol ({backend.name}:{backend.model_name}, mode {mode}, "
+          f"rules {args.rules})")
+    print(protocol.format_report(rep))
+    print("judge outputs: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in sorted(judge.report().items())))
+    if args.out:
+        items = [{"session_id": rec.user_id, "query_id": rec.record_id, "category": rec.query.category,
+                  "scores": r.scores, "failures": r.failures, "judge": r.raw} for rec, r in zip(records, results)]
+        atomic_write_bytes(args.out, json.dumps({"report": rep, "items": items}, ensure_ascii=False).encode())
+        print(f"per-item scores: {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from flythinker.empathy import EmpathyJudge, get_rubric, judge_items
     from flythinker.hub import atomic_write_bytes
@@ -110,6 +178,11 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise CLIError(f"no such file: {path}")
+    if args.predictions:
+        return _run_protocol(args, path)
+    if args.criteria:
+        raise CLIError("--criteria needs --predictions (PersonaEmp's evaluation protocol)")
+    args.rubric = args.rubric or "perm"
     try:
         items = judge_items(path, format=args.format)
     except ValueError as exc:

@@ -236,8 +236,9 @@ class EmpathyJudge:
         return res
 
     def _value(self, name: str, vals: list[float], failed: int) -> tuple[float | None, bool]:
-        """(score, substituted): PereGRM under ``authors`` replaces each failed trial by its fixed fallback."""
-        if self.rules == "authors" and self.rubric.name == "peregrm" and failed:
+        """(score, substituted): PereGRM's training reward under ``authors`` replaces each failed trial by its
+        fixed fallback (its evaluation script leaves unparsed scores out instead)."""
+        if self.rules == "authors" and self.rubric.name == "peregrm" and failed and self.role == "training":
             fb = PEREGRM_BYSTANDER_FALLBACK if name == "bystander" else PEREGRM_DIMENSION_FALLBACK
             vals = vals + [fb] * failed
             self.stats["fallbacks"] += failed
@@ -284,8 +285,11 @@ class EmpathyJudge:
                     r.fallbacks.append(name)
                     self.stats["fallbacks"] += 1
 
-    def _reward_authors(self, r: JudgeResult) -> float:
+    def _reward_authors(self, r: JudgeResult) -> float | None:
         his = {d.name: d.hi for d in self.rubric.dimensions}
+        needed = list(his) + (["bystander"] if self.use_bystander else [])
+        if any(r.scores.get(n) is None for n in needed):  # PereGRM evaluation: unparsed scores are left out
+            return None
         reward = aggregate_authors({n: r.scores[n] for n in his}, his, self.rubric.aggregation, self.rubric.name)
         if self.use_bystander and self.rubric.bystander_coef:
             reward += self.rubric.bystander_coef * (r.scores["bystander"] / 100.0 - 1.0)
