@@ -60,6 +60,18 @@ def build_pair(fusion_lambda: float, reasoner_layers: int = 30):
     return pair, tok
 
 
+def shipped_pair():
+    """The shipped personalised pair and its tokenizer (offline, by name)."""
+    from flythinker import FlyThinkerForCausalLM
+    from flythinker.models import load_tokenizer
+
+    name = "smollm2-135m-persona-empathy"
+    pair, tok = FlyThinkerForCausalLM.from_pretrained(name), load_tokenizer(name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return pair, tok
+
+
 def evaluate(pair, tok, rows, max_new_tokens: int, batch_size: int) -> tuple[dict, list[str]]:
     from flythinker.rl import generate_responses, strategy_report
 
@@ -128,6 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-train-minutes", type=float, default=0.0,
                    help="stop training after this much wall time (0: run all --steps); the steps done are recorded")
+    p.add_argument("--start", choices=("smollm2", "shipped"), default="smollm2",
+                   help="smollm2: SmolLM2 generator + its first --reasoner-layers as reasoner, LoRA r=8 trained; "
+                        "shipped: the shipped personalised pair, trained parts per --trainable")
+    p.add_argument("--trainable", default="fusion,lora",
+                   help="with --start shipped: fusion and/or lora (flythinker.rl.trainer.train_only)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=None, help="default: --max-completion")
     p.add_argument("--out", default=str(RESULTS / "grpo_strategy"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -143,15 +161,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     load_start = os.getloadavg()
-    pair, tok = build_pair(args.fusion_lambda, args.reasoner_layers)
-    hs = (args.history_sessions, args.history_sessions)
-    data = make_persona_empathy(n_users=args.n_train_users, queries_per_user=5, seed=0, history_sessions=hs)
+    if args.start == "shipped":
+        from flythinker.rl.trainer import train_only
+
+        pair, tok = shipped_pair()
+        n_trainable = train_only(pair, args.trainable.split(","))
+        data = make_persona_empathy()  # the shipped pair's own data generator (held-out users in "test")
+        peft = None
+    else:
+        pair, tok = build_pair(args.fusion_lambda, args.reasoner_layers)
+        hs = (args.history_sessions, args.history_sessions)
+        data = make_persona_empathy(n_users=args.n_train_users, queries_per_user=5, seed=0, history_sessions=hs)
+        peft = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        n_trainable = None
+    eval_tokens = args.eval_max_new_tokens or args.max_completion
     train_rows = grpo_rows(data["train"], tok, mode="split", max_reasoner_tokens=args.max_reasoner_tokens)
     test_rows = grpo_rows(data["test"], tok, mode="split", max_reasoner_tokens=args.max_reasoner_tokens)
+    if args.start == "shipped":  # one query per held-out user: n_test distinct users
+        first: dict[str, dict] = {}
+        for rec, row in zip(data["test"], test_rows):
+            first.setdefault(rec.user_id, row)
+        test_rows = list(first.values())
     test_rows = test_rows[: args.n_test]
     eval_bs = 16
     t = time.time()
-    before, before_texts = evaluate(pair, tok, test_rows, args.max_completion, eval_bs)
+    before, before_texts = evaluate(pair, tok, test_rows, eval_tokens, eval_bs)
     t_eval0 = time.time() - t
     print(f"before: {before['strategy_accuracy']} ({t_eval0:.0f} s)", flush=True)
 
@@ -161,7 +195,6 @@ def main(argv: list[str] | None = None) -> dict:
                      learning_rate=args.lr, beta=args.beta, logging_steps=1, report_to=[], save_strategy="no",
                      use_cpu=True, bf16=False, temperature=1.0, disable_tqdm=False, seed=0,
                      gradient_checkpointing=False)
-    peft = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     trainer = FlyThinkerGRPOTrainer(model=pair, reward_funcs=[TraitReward()], args=cfg,
                                     train_dataset=Dataset.from_list(train_rows), processing_class=tok,
                                     peft_config=peft, callbacks=[_time_budget(args.max_train_minutes)])
@@ -173,13 +206,15 @@ def main(argv: list[str] | None = None) -> dict:
               "completion_len": h.get("completions/mean_length")}
              for h in trainer.state.log_history if "reward" in h]
     t = time.time()
-    after, after_texts = evaluate(policy, tok, test_rows, args.max_completion, eval_bs)
+    after, after_texts = evaluate(policy, tok, test_rows, eval_tokens, eval_bs)
     t_eval1 = time.time() - t
     diff = paired_bootstrap_diff(before["per_record"], after["per_record"])
     result = {
-        "setup": vars(args) | {"pair": f"generator SmolLM2-135M-Instruct, reasoner its first {args.reasoner_layers} "
-                                       "layers", "context": "split",
-                               "lora": "r=8 alpha=16 q_proj,v_proj (both models)", "reward": "TraitReward (3 dims)",
+        "setup": vars(args) | {"pair": "the shipped pair smollm2-135m-persona-empathy" if args.start == "shipped"
+                               else f"generator SmolLM2-135M-Instruct, reasoner its first {args.reasoner_layers} "
+                                    "layers", "context": "split",
+                               "trained": f"{args.trainable} ({n_trainable} parameters)" if n_trainable
+                               else "LoRA r=8 alpha=16 q_proj,v_proj (both models)", "reward": "TraitReward (3 dims)",
                                "decoding_eval": "greedy", "trl": __import__("trl").__version__},
         "n_test": len(test_rows), "n_train_records": len(train_rows), "steps_done": trainer.state.global_step,
         "before": {k: v for k, v in before.items() if k != "per_record"},

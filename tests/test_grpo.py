@@ -204,3 +204,26 @@ def test_judge_reward_reads_dataset_columns():
     assert any(rows[0]["query"] in s for s in seen)  # the judge saw the row's query
     with pytest.raises(ValueError, match="query"):
         reward(completions=["ok"])
+
+
+def test_train_only_the_fusion(tmp_path):
+    from datasets import Dataset
+
+    from flythinker.rl.trainer import train_only
+
+    recs, tok, _ = _setup()
+    with pytest.raises(ValueError, match="no parameter"):
+        train_only(_setup()[2], ["fusion"])  # a 'pad' projection has nothing to learn
+    gen = tiny_lm(hidden_size=48, vocab_size=len(tok), seed=0)
+    rsn = tiny_lm(hidden_size=32, vocab_size=len(tok), seed=1)
+    pair = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off", projection="linear")
+    assert train_only(pair, ["fusion"]) == 32 * 48
+    before = {n: p.detach().clone() for n, p in pair.named_parameters()}
+    trainer = FlyThinkerGRPOTrainer(model=pair, reward_funcs=[TraitReward()], args=_config(tmp_path, max_steps=1),
+                                    train_dataset=Dataset.from_list(grpo_rows(recs, tok, mode="split")),
+                                    processing_class=tok)
+    trainer.train()
+    changed = {n for n, p in pair.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {"latent_proj.weight"}
+    with pytest.raises(ValueError, match="subset"):
+        train_only(pair, ["everything"])

@@ -99,6 +99,29 @@ def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     return tok, ent
 
 
+TRAINABLE_PARTS = ("fusion", "lora")
+
+
+def train_only(model: Any, parts: tuple[str, ...] | list[str] = ("fusion",)) -> int:
+    """Freeze every parameter of ``model`` (a pair, possibly with adapters) except ``parts``: ``"fusion"`` (the
+    learned latent projection ``latent_proj``) and/or ``"lora"`` (every LoRA adapter tensor already on the
+    model, e.g. a shipped pair's). Cheaper GRPO: no weight gradients or optimizer state for the frozen models,
+    and no reasoner backward at all when only the fusion and the generator train. Returns the number of
+    trainable parameters (an error when it is 0)."""
+    unknown = set(parts) - set(TRAINABLE_PARTS)
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {TRAINABLE_PARTS}, got {list(parts)}")
+    n = 0
+    for name, p in model.named_parameters():
+        keep = ("fusion" in parts and "latent_proj" in name) or ("lora" in parts and "lora_" in name)
+        p.requires_grad_(keep)
+        n += p.numel() if keep else 0
+    if n == 0:
+        raise ValueError(f"no parameter of {type(model).__name__} belongs to {list(parts)} (a pair with "
+                         "projection='pad' has no learned fusion; a pair without adapters has no LoRA)")
+    return n
+
+
 class FlyThinkerGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` for a :class:`FlyThinkerForCausalLM` policy (see the module docstring for what changes).
 
@@ -223,4 +246,5 @@ class FlyThinkerGRPOTrainer(GRPOTrainer):
         return torch.cat(logps), (torch.cat(ents) if compute_entropy else None), None
 
 
-__all__ = ["FlyThinkerGRPOTrainer", "GRPOConfig", "PROMPT_IDS_COLUMN", "REASONER_COLUMN", "completion_logps"]
+__all__ = ["FlyThinkerGRPOTrainer", "GRPOConfig", "PROMPT_IDS_COLUMN", "REASONER_COLUMN", "TRAINABLE_PARTS",
+           "completion_logps", "train_only"]
