@@ -106,3 +106,21 @@ def _stats(srv) -> dict:
 
     with urllib.request.urlopen(srv.base_url.rsplit("/v1", 1)[0] + "/stats", timeout=5) as r:
         return json.loads(r.read())
+
+
+def test_peregrm_authors_reward_over_http_sends_the_papers_sampling(tiny):
+    # PereGRM training under the authors' rules over real HTTP: K = 4 samples per dimension in one request
+    # (n=4, temperature 0.3), the bystander once; a random judge's unparsed outputs become 0.6 / 0.8, so the
+    # reward TRL receives is a number, never None.
+    from flythinker.rl import JudgeReward
+
+    model, tok = tiny
+    with LoopbackServer(build_app(model, tok)) as srv:
+        judge = EmpathyJudge(get_rubric("peregrm"), OpenAIJudgeBackend("local", base_url=srv.base_url),
+                             rules="authors", max_new_tokens=4)
+        rewards = JudgeReward(judge)(completions=["I am sorry .", "hello"], prompts=["p", "p"],
+                                     query=[CTX.query] * 2)
+    rep = judge.report()
+    assert rep["score_calls"] == 2 * (3 * 4 + 1)
+    assert all(isinstance(r, float) for r in rewards)
+    assert rep["fallbacks"] == rep["parse_failures"] and rep["items_without_reward"] == 0
