@@ -79,3 +79,4 @@ def test_rl_command(tiny_folder, tmp_path):
     assert any(p.suffix == ".safetensors" for p in (out / "model").iterdir())
     assert main(["rl", "--generator", str(folder), "--batch", "3", "--group", "2", "--out", str(out)]) == 2
     assert main(["rl", "--reward", "bogus", "--out", str(out)]) == 2
+    assert main(["rl", "--rules", "lenient", "--out", str(out)]) == 2
