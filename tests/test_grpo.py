@@ -224,6 +224,6 @@ def test_train_only_the_fusion(tmp_path):
                                     processing_class=tok)
     trainer.train()
     changed = {n for n, p in pair.named_parameters() if not torch.equal(before[n], p.detach())}
-    assert changed == {"latent_proj.weight"}
+    assert {n.rsplit(".", 2)[-2] for n in changed} == {"latent_proj"}  # only the fusion trained
     with pytest.raises(ValueError, match="subset"):
         train_only(pair, ["everything"])
