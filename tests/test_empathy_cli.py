@@ -38,7 +38,9 @@ def test_judge_command(tiny_folder, tmp_path, capsys):
     data = tmp_path / "records.jsonl"
     data.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in recs[:3]))
     out = tmp_path / "scores.jsonl"
-    assert main(["judge", str(data), "--rubric", "perm", "--judge-model", str(folder), "--out", str(out)]) == 0
+    # --min-score-mass 0: a random tiny judge puts little probability on the score tokens (default threshold 5%)
+    assert main(["judge", str(data), "--rubric", "perm", "--judge-model", str(folder), "--out", str(out),
+                 "--min-score-mass", "0"]) == 0
     text = capsys.readouterr().out
     assert "3 responses judged with perm (hf:" in text and "mode expected" in text
     for name in ("resonation", "expression", "reception", "bystander", "reward"):

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     src = p.add_argument_group("model")
     src.add_argument("--model", metavar="PATH",
-                     help="a flythinker checkpoint folder (as written by `flythinker train`/save_pretrained)")
+                     help="a flythinker checkpoint folder (as written by `flythinker train`/save_pretrained) or a "
+                          "shipped pair's name (smollm2-135m-persona-empathy); an existing path is always that path")
     src.add_argument("--generator", metavar="NAME_OR_PATH",
                      help="generator model: a known short name (smollm2-135m-instruct) or an HF folder")
     src.add_argument("--reasoner", metavar="NAME_OR_PATH",
