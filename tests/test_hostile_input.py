@@ -226,3 +226,23 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
     json.loads((tmp_path / "a.json").read_text())
+
+
+def test_train_refused_while_another_run_holds_its_output_dir(tmp_path, capsys):
+    """Two `flythinker train` into one --output-dir: the second is refused at once (both used to exit 0, the
+    first run's model gone and train_log.jsonl interleaved)."""
+    from flythinker.cli import main
+    from flythinker.run_folder import run_folder
+    from flythinker.training.toy import save_tiny_model, secret_task
+
+    save_tiny_model(tmp_path / "gen", seed=0, hidden_size=64)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(e) + "\n" for e in secret_task(8)))
+    out = tmp_path / "out"
+    argv = ["train", "--generator", str(tmp_path / "gen"), "--data", str(tmp_path / "data.jsonl"), "--output-dir",
+            str(out), "--max-steps", "1", "--no-progress"]
+    with run_folder(out):  # the first run, still writing
+        assert main(argv) == 2
+        assert "another flythinker process" in capsys.readouterr().err
+    assert main(argv) == 0 and (out / "config.json").is_file()
+    assert main(argv) == 2 and "already holds a run" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0

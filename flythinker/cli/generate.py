@@ -165,7 +165,10 @@ def _record_prompts(args: argparse.Namespace, tokenizer) -> Prompts:
         raise CLIError(str(exc)) from exc
     g = torch.tensor([views.generator_prompt_ids])
     r = torch.tensor([views.reasoner_prompt_ids]) if args.mode == "split" else None
-    note = f" (dropped {views.truncated_turns} oldest turns to fit)" if views.truncated else ""
+    cut = [f"{n} {what}" for n, what in ((views.truncated_turns, "oldest turns"),
+                                         (views.truncated_memories, "oldest memories"),
+                                         (views.truncated_persona_words, "persona words")) if n]
+    note = f" (dropped {', '.join(cut)} to fit)" if views.truncated else ""
     return Prompts(g, r, f"record {record.record_id!r} ({args.mode} context){note}")
 
 
