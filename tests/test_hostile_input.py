@@ -246,3 +246,20 @@ def test_train_refused_while_another_run_holds_its_output_dir(tmp_path, capsys):
     assert main(argv) == 0 and (out / "config.json").is_file()
     assert main(argv) == 2 and "already holds a run" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_generate_record_note_names_a_cut_profile(tmp_path):
+    """A record whose persona profile alone overflows the reasoner budget: the note says what was cut (it said
+    "dropped 0 oldest turns")."""
+    from flythinker.cli import build_parser
+    from flythinker.cli.generate import _record_prompts
+    from flythinker.persona import make_persona_empathy
+    from flythinker.training.toy import char_tokenizer
+
+    rec = make_persona_empathy(n_users=3, queries_per_user=1)["train"][0].to_dict()
+    rec.update(history=[], persona={**rec["persona"], "profile": "likes quiet walks by the sea " * 200})
+    (tmp_path / "rec.json").write_text(json.dumps(rec))
+    args = build_parser().parse_args(["generate", "--generator", "x", "--record", str(tmp_path / "rec.json"),
+                                      "--max-reasoner-tokens", "600"])
+    note = _record_prompts(args, char_tokenizer()).description
+    assert "persona words" in note and "0 oldest turns" not in note
