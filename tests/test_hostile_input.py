@@ -263,3 +263,22 @@ def test_generate_record_note_names_a_cut_profile(tmp_path):
                                       "--max-reasoner-tokens", "600"])
     note = _record_prompts(args, char_tokenizer()).description
     assert "persona words" in note and "0 oldest turns" not in note
+
+
+def test_rl_refuses_to_save_a_run_whose_judge_scored_nothing():
+    """With the default local judge every score is a counted failure (0.09% score mass): the run learned nothing
+    from the judge, so `flythinker rl` says so instead of saving the model as trained."""
+    from types import SimpleNamespace
+
+    from flythinker.cli.common import CLIError
+    from flythinker.cli.rl import _check_judges
+    from flythinker.rl import JudgeReward
+
+    judge = EmpathyJudge(get_rubric("perm", analysis=False), _FixedMass(0.0009), mode="expected")
+    reward = JudgeReward(judge)
+    assert reward(["I'm so sorry."], query=[CTX.query]) == [None]
+    with pytest.raises(CLIError, match="scored none"):
+        _check_judges(SimpleNamespace(reward_funcs=[reward]))
+    ok = JudgeReward(EmpathyJudge(get_rubric("perm", analysis=False), _FixedMass(0.6), mode="expected"))
+    assert ok(["I'm so sorry."], query=[CTX.query])[0] is not None
+    _check_judges(SimpleNamespace(reward_funcs=[ok]))

@@ -189,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         resume = _start(out, args)
         trainer, tok = _trainer(args, records, out, FlyThinkerGRPOTrainer, Dataset)
         _train(trainer, resume)
+        _check_judges(trainer)
         _save(trainer, tok, out)
     return 0
 
@@ -223,6 +224,25 @@ def _train(trainer, resume: str | None) -> None:
         trainer.train(resume_from_checkpoint=resume)
     except JudgeBackendError as exc:  # the judge endpoint failed mid-run: one line (checkpoints so far are kept)
         raise CLIError(str(exc)) from None
+
+
+def _check_judges(trainer) -> None:
+    """Report each judge reward's failures; a judge that scored nothing gave no training signal (TRL sums a
+    missing reward as 0): an error, not a model saved as if trained on it."""
+    from flythinker.rl import JudgeReward
+
+    for f in trainer.reward_funcs:
+        if not isinstance(f, JudgeReward):
+            continue
+        rep = f.judge.report()
+        items, lost = rep.get("items", 0), rep.get("items_without_reward", 0)
+        print(f"{f.__name__}: {items} completions judged, {lost} without a reward "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(rep.items()) if k.endswith('failures') and v)})",
+              file=sys.stderr)
+        if items and lost == items:
+            raise CLIError(f"{f.__name__}: the judge scored none of the {items} completions (see its failures "
+                           "above), so the run learned nothing from it; use a judge that answers with scores "
+                           "(--judge-base-url, another --judge-model); the model is not saved")
 
 
 def _save(trainer, tok, out: Path) -> None:
