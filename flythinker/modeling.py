@@ -636,10 +636,10 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
         kwargs["use_safetensors"] = True
-        from flythinker.pretrained import is_shipped
+        from flythinker.pretrained import shipped_name
 
-        if is_shipped(pretrained_model_name_or_path):  # a trained pair shipped as deltas in the package
-            return cls._from_shipped(pretrained_model_name_or_path.lower(), **kwargs)
+        if shipped_name(pretrained_model_name_or_path):  # a pair shipped as deltas (an existing path is that path)
+            return cls._from_shipped(shipped_name(pretrained_model_name_or_path), **kwargs)
         want_info = bool(kwargs.pop("output_loading_info", False))
         strict = not want_info if strict is None else strict
         hf_load, raw = super().from_pretrained, {}

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
-from flythinker.cli.common import CLIError, positive_int
+from flythinker.cli.common import CLIError
+from flythinker.cli.options import (
+    judge_score_float,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    prob_float,
+)
 
 HELP = "score responses with a PERM- or PereGRM-style empathy judge"
 DESCRIPTION = (
@@ -33,24 +42,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generate: parse the judge's text; expected: probability-weighted score tokens (hf only; "
                         "default for hf)")
     p.add_argument("--trials", type=positive_int, default=1, help="samples per dimension (needs --temperature > 0)")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=nonneg_float, default=0.0)
     p.add_argument("--max-new-tokens", type=positive_int, default=192)
     p.add_argument("--batch-size", type=positive_int, default=8, help="hf: prompts per forward")
-    p.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request")
-    p.add_argument("--max-retries", type=int, default=3, help="openai: retries per request")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="openai: seconds per request")
+    p.add_argument("--max-retries", type=nonneg_int, default=3, help="openai: retries per request")
     p.add_argument("--concurrency", type=positive_int, default=4, help="openai: requests in flight")
     p.add_argument("--policy-format", choices=("response", "analysis_response"), default="response",
                    help="analysis_response: responses are '# Analysis ... # Response ...' (PERM); resonation "
                         "judges the analysis")
     p.add_argument("--aggregation", choices=("mean", "harmonic", "geometric"), default="harmonic")
-    p.add_argument("--bystander-coef", type=float, default=0.5)
+    p.add_argument("--bystander-coef", type=nonneg_float, default=0.5,
+                   help="weight of the bystander penalty coef * (B/100 - 1), >= 0 (default: %(default)s)")
     p.add_argument("--no-bystander", action="store_true", help="skip the bystander judge")
     p.add_argument("--fixed-criteria", action="store_true",
                    help="peregrm: criteria written once per query (evaluation) instead of per call")
-    p.add_argument("--fallback-score", type=float, default=None,
+    p.add_argument("--min-score-mass", type=prob_float, default=None,
+                   help="expected mode: least probability on the score tokens that counts as a score; below it the "
+                        "dimension is a counted failure (default: flythinker.empathy.MIN_SCORE_MASS, 0.05)")
+    p.add_argument("--fallback-score", type=judge_score_float, default=None,
                    help="explicit fallback for unparsed dimension scores (1-5); the bystander gets 20x it")
     p.add_argument("--limit", type=positive_int, default=None, help="judge only the first N items")
-    p.add_argument("--out", default=None, help="write per-item scores as JSON lines here")
+    p.add_argument("--out", default=None, help="write per-item scores as JSON lines here (an existing file needs "
+                                               "--overwrite; checked before judging)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def _backend(args: argparse.Namespace):
@@ -93,9 +108,25 @@ def _summary(results, rubric, out=None) -> dict:
     return rows
 
 
+def _judge(args: argparse.Namespace, rubric, backend, mode: str):
+    from flythinker.empathy import MIN_SCORE_MASS, EmpathyJudge
+
+    fallback = None if args.fallback_score is None else {"dimension": args.fallback_score,
+                                                        "bystander": min(100.0, 20 * args.fallback_score)}
+    min_mass = MIN_SCORE_MASS if args.min_score_mass is None else args.min_score_mass
+    try:
+        judge = EmpathyJudge(rubric, backend, mode=mode, trials=args.trials, temperature=args.temperature,
+                             max_new_tokens=args.max_new_tokens, policy_format=args.policy_format,
+                             fallback=fallback, use_bystander=not args.no_bystander, min_score_mass=min_mass)
+        judge.check_backend()  # expected mode: every score scale is single tokens, checked before judging
+    except ValueError as exc:
+        raise CLIError(f"--judge-model {args.judge_model}: {exc}") from None
+    return judge
+
+
 def run(args: argparse.Namespace) -> int:
-    from flythinker.empathy import EmpathyJudge, get_rubric, judge_items
-    from flythinker.hub import atomic_write_bytes
+    from flythinker.empathy import get_rubric, judge_items
+    from flythinker.run_folder import RunFolderError, output_file
 
     path = Path(args.file)
     if not path.is_file():
@@ -111,27 +142,42 @@ def run(args: argparse.Namespace) -> int:
                          bystander_coef=args.bystander_coef) if args.rubric == "perm"
               else get_rubric("peregrm", dynamic_criteria=not args.fixed_criteria, bystander_coef=args.bystander_coef,
                            aggregation=args.aggregation))
-    backend, mode = _backend(args)
-    fallback = None if args.fallback_score is None else {"dimension": args.fallback_score,
-                                                        "bystander": min(100.0, 20 * args.fallback_score)}
-    judge = EmpathyJudge(rubric, backend, mode=mode, trials=args.trials, temperature=args.temperature,
-                         max_new_tokens=args.max_new_tokens, policy_format=args.policy_format, fallback=fallback,
-                         use_bystander=not args.no_bystander)
+    held = output_file(args.out, overwrite=args.overwrite) if args.out else contextlib.nullcontext()
+    try:
+        with held as out:  # checked (and locked) before any judging: a bad --out fails at once
+            backend, mode = _backend(args)
+            judge = _judge(args, rubric, backend, mode)
+            results = _score_all(judge, items, args.batch_size)
+            _report(args, items, results, rubric, backend, mode, judge, out)
+    except RunFolderError as exc:
+        raise CLIError(f"--out {args.out}: {exc}") from None
+    return 0
+
+
+def _score_all(judge, items, batch_size: int) -> list:
     from tqdm.auto import tqdm
 
+    from flythinker.empathy import JudgeBackendError
+
     results = []
-    step = max(1, args.batch_size)
+    step = max(1, batch_size)
     for s in tqdm(range(0, len(items), step), desc="judging", unit="batch", file=sys.stderr):
         chunk = items[s:s + step]
-        results += judge.score([r for _, r in chunk], [c for c, _ in chunk])
+        try:
+            results += judge.score([r for _, r in chunk], [c for c, _ in chunk])
+        except JudgeBackendError as exc:
+            raise CLIError(str(exc)) from None
+    return results
+
+
+def _report(args, items, results, rubric, backend, mode, judge, out) -> None:
     print(f"{len(items)} responses judged with {rubric.name} ({backend.name}:{backend.model_name}, mode {mode})")
     _summary(results, rubric)
     rep = judge.report()
     print("judge outputs: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in sorted(rep.items())))
-    if args.out:
+    if out is not None:
         lines = [json.dumps({"item_id": c.item_id, "scores": r.scores, "reward": r.reward, "failures": r.failures,
                              "fallbacks": r.fallbacks, "criteria": r.criteria}) for (c, _), r in zip(items, results)]
-        atomic_write_bytes(args.out, ("\n".join(lines) + "\n").encode())
+        out.write_bytes(("\n".join(lines) + "\n").encode())
         print(f"per-item scores: {args.out}")
-    return 0

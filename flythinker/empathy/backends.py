@@ -22,6 +22,11 @@ import torch
 from .prompts import JudgePrompt
 
 
+class JudgeBackendError(RuntimeError):
+    """The judge could not be asked: an unreachable or failing endpoint, a timeout, a malformed answer (the message
+    is one line naming the endpoint and what went wrong)."""
+
+
 class JudgeBackend:
     """Interface. ``generate``: one completion text per prompt (``n`` samples each: a list of lists).
     ``expected_scores``: per prompt ``(expected score, probability mass on the score tokens)``."""
@@ -152,19 +157,33 @@ class OpenAIJudgeBackend(JudgeBackend):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.model_name = model
+        self.base_url = base_url
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
                                     max_retries=max_retries)
         self.max_concurrency = int(max_concurrency)
         self.seed = seed
 
     def _one(self, p: JudgePrompt, n: int, temperature: float, max_new_tokens: int) -> list[str]:
+        import openai
+
         messages = list(p.messages) + ([{"role": "assistant", "content": p.prefix}] if p.prefix else [])
-        resp = self.client.chat.completions.create(model=self.model_name, messages=messages, n=n,
-                                                   temperature=temperature, max_tokens=max_new_tokens,
-                                                   seed=self.seed)
-        texts = [c.message.content or "" for c in resp.choices]
+        where = f"judge endpoint {self.base_url or 'OpenAI'} (model {self.model_name!r})"
+        try:
+            resp = self.client.chat.completions.create(model=self.model_name, messages=messages, n=n,
+                                                       temperature=temperature, max_tokens=max_new_tokens,
+                                                       seed=self.seed)
+        except openai.OpenAIError as exc:  # connection refused, timeout, HTTP 4xx/5xx after the retries
+            raise JudgeBackendError(f"{where}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+        except ValueError as exc:  # a body that is not JSON
+            raise JudgeBackendError(f"{where}: the answer is not valid JSON ({exc})") from exc
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list) or not all(isinstance(getattr(getattr(c, "message", None), "content", ""),
+                                                               (str, type(None))) for c in choices):
+            raise JudgeBackendError(f"{where}: the answer is not a chat completion (no list of choices with "
+                                    "message.content)")
+        texts = [c.message.content or "" for c in choices]
         if len(texts) != n:
-            raise RuntimeError(f"the endpoint returned {len(texts)} choices, asked for {n}")
+            raise JudgeBackendError(f"{where}: the answer has {len(texts)} choices, asked for {n}")
         return [p.prefix + t if p.prefix else t for t in texts]
 
     def generate(self, prompts, *, n=1, temperature=0.0, max_new_tokens=256):
@@ -197,4 +216,4 @@ class CallableJudgeBackend(JudgeBackend):
         return out
 
 
-__all__ = ["CallableJudgeBackend", "HFJudgeBackend", "JudgeBackend", "OpenAIJudgeBackend"]
+__all__ = ["CallableJudgeBackend", "HFJudgeBackend", "JudgeBackend", "JudgeBackendError", "OpenAIJudgeBackend"]

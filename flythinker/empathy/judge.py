@@ -4,6 +4,11 @@
 ``Total Score: N/100``); ``trials`` samples per dimension are averaged over those that parse (PereGRM: 4).
 ``mode="expected"``: a local judge's probability-weighted score over the score tokens (no text to parse).
 
+In expected mode a score whose score tokens hold less than ``min_score_mass`` of the judge's next-token probability
+(default :data:`MIN_SCORE_MASS`, 5%) is a counted failure, not a score: the judge was not answering with a score
+(SmolLM2-135M-Instruct, the default local judge, puts about 0.1% there on PERM prompts), and the weighted mean of
+such a sliver is noise.
+
 An output that does not parse is counted in :attr:`EmpathyJudge.stats` and in the item's ``failures``; the item's
 reward is then ``None`` unless ``fallback`` gives explicit replacement scores (``{"dimension": 3.0,
 "bystander": 80.0}``: PereGRM's silent defaults were 0.6*5 and 80), which are also counted.
@@ -21,6 +26,8 @@ from .parse import JudgeParseError, parse_criteria, parse_policy_output, parse_s
 from .prompts import JudgePrompt, bystander_prompt, criteria_prompt, dimension_prompt
 from .records import JudgeContext
 from .rubrics import Rubric
+
+MIN_SCORE_MASS = 0.05
 
 
 @dataclass
@@ -45,12 +52,16 @@ class EmpathyJudge:
     ``policy_format``: ``"analysis_response"`` (PERM: ``# Analysis`` then ``# Response``) or ``"response"``
     (plain). ``trials``: samples per dimension in generate mode (``temperature`` must be > 0 for more than one).
     ``length_limit``/``length_coef``: PERM's length penalty on the response's word count (off when coef is 0).
+    ``min_score_mass``: expected mode, the least probability on the score tokens that counts as a score (see the
+    module docstring). A rubric dimension that reads the policy's analysis needs ``policy_format=
+    "analysis_response"`` (a plain response has no analysis to judge: use e.g. ``get_rubric("perm",
+    analysis=False)``).
     """
 
     def __init__(self, rubric: Rubric, backend: JudgeBackend, mode: str = "generate", trials: int = 1,
                  temperature: float = 0.0, max_new_tokens: int = 192, policy_format: str = "response",
                  fallback: Mapping[str, float] | None = None, use_bystander: bool = True, length_limit: int = 768,
-                 length_coef: float = 0.0):
+                 length_coef: float = 0.0, min_score_mass: float = MIN_SCORE_MASS):
         if mode not in ("generate", "expected"):
             raise ValueError(f"mode must be 'generate' or 'expected', got {mode!r}")
         if policy_format not in ("response", "analysis_response"):
@@ -60,13 +71,33 @@ class EmpathyJudge:
         unknown = set(fallback or {}) - {"dimension", "bystander"}
         if unknown:
             raise ValueError(f"fallback keys must be 'dimension' and/or 'bystander', got {sorted(unknown)}")
+        _check_numbers(rubric, fallback or {}, min_score_mass, temperature)
+        reads_analysis = [d.name for d in rubric.dimensions if d.reads == "analysis"]
+        if reads_analysis and policy_format != "analysis_response":
+            raise ValueError(f"rubric {rubric.name!r} judges {', '.join(reads_analysis)} on the policy's analysis "
+                             f"part, but policy_format={policy_format!r} has none (it would judge an empty "
+                             "analysis): build the rubric with analysis=False, or use "
+                             "policy_format='analysis_response'")
         self.rubric, self.backend, self.mode = rubric, backend, mode
         self.trials, self.temperature, self.max_new_tokens = trials, temperature, max_new_tokens
         self.policy_format, self.fallback = policy_format, dict(fallback or {})
         self.use_bystander = use_bystander and rubric.bystander is not None
         self.length_limit, self.length_coef = length_limit, length_coef
+        self.min_score_mass = float(min_score_mass)
         self.stats: Counter = Counter()
         self._criteria_cache: dict[tuple[str, str], str] = {}
+
+    def check_backend(self) -> None:
+        """ValueError now, before any judging, if expected mode cannot read a score scale the prompts ask for (a
+        value with no single-token spelling in the judge's tokenizer)."""
+        if self.mode != "expected" or not hasattr(self.backend, "score_token_ids"):
+            return
+        ctx = JudgeContext(query="ok")
+        prompts = [dimension_prompt(d, ctx, "ok", True, None) for d in self.rubric.dimensions]
+        if self.use_bystander:
+            prompts.append(bystander_prompt(self.rubric.bystander, ctx, "ok", True))
+        for p in prompts:
+            self.backend.score_token_ids(p.lo, p.hi)
 
     # ------------------------------------------------------------------ criteria (PereGRM)
     def _criteria(self, items: Sequence[tuple[int, JudgeContext]]) -> dict[tuple[int, str], str]:
@@ -125,6 +156,12 @@ class EmpathyJudge:
                 self.stats["score_token_mass_sum"] += mass
                 if value != value:  # NaN: no probability on any score token
                     res.append(([], [], "no probability mass on the score tokens"))
+                    continue
+                if mass < self.min_score_mass:
+                    self.stats["low_mass_failures"] += 1
+                    res.append(([], [f"expected={value:.4f} mass={mass:.4f}"],
+                                f"only {mass:.2%} of the probability on the score tokens (below min_score_mass "
+                                f"{self.min_score_mass:.2%})"))
                     continue
                 if p.dimension == "bystander":
                     value = 100.0 * (value - 1.0) / 4.0
@@ -205,4 +242,21 @@ class EmpathyJudge:
         return s
 
 
-__all__ = ["EmpathyJudge", "JudgeResult"]
+def _check_numbers(rubric: Rubric, fallback: Mapping[str, float], min_score_mass: float, temperature: float) -> None:
+    """ValueError for a non-finite or out-of-range fallback score, mass threshold or temperature."""
+    import math
+
+    scales = {"dimension": (min(d.lo for d in rubric.dimensions), max(d.hi for d in rubric.dimensions))}
+    if rubric.bystander is not None:
+        scales["bystander"] = (rubric.bystander.lo, rubric.bystander.hi)
+    for key, value in fallback.items():
+        lo, hi = scales.get(key, (-math.inf, math.inf))
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"fallback {key!r} must be a number in [{lo}, {hi}], got {value!r}")
+    if not (math.isfinite(min_score_mass) and 0.0 <= min_score_mass <= 1.0):
+        raise ValueError(f"min_score_mass must be in [0, 1], got {min_score_mass!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+
+
+__all__ = ["MIN_SCORE_MASS", "EmpathyJudge", "JudgeResult"]
