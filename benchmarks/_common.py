@@ -110,11 +110,14 @@ def measured_step(step: Callable[[], object], device) -> tuple[object, dict]:
 
 # ---- output ------------------------------------------------------------------------------------------------------
 def write_json(path: Path, report: dict, *, indent: int = 2) -> Path:
-    """Write a result JSON atomically (a killed run never leaves a truncated file for the report)."""
-    from flythinker.hub import atomic_write_json
+    """Write a result JSON atomically (a killed run never leaves a truncated file for the report), holding its
+    output lock (flythinker.run_folder.output_file: two runs of one suite publish one after the other)."""
+    import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_json(path, report, indent=indent)
+    from flythinker.run_folder import output_file
+
+    with output_file(path, overwrite=True) as out:
+        return out.write_bytes(json.dumps(report, indent=indent).encode())
 
 
 def plot_naive_vs_fused(cases: list[dict], names: list[str], panels: list[tuple[str, str, str]],

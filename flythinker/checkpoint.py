@@ -165,7 +165,20 @@ def load_strict(loader: Callable[..., Any], folder: str | os.PathLike | None, *a
         raise CheckpointError(f"cannot load {folder}: {type(exc).__name__}: {exc}") from exc
     if strict:
         check_loading_info(folder, info)
+        check_finite(folder, model)
     return (model, info) if want_info else model
+
+
+def check_finite(folder: str | os.PathLike | None, model: Any) -> None:
+    """Raise CheckpointError naming the tensors of a loaded model that hold NaN or inf (a damaged or diverged
+    checkpoint: such a tensor decides every output, e.g. a NaN projection makes every fused logit NaN)."""
+    import torch
+
+    named = model.state_dict().items()  # what a checkpoint holds (non-persistent buffers, e.g. masks, are not)
+    bad = sorted({name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())})
+    if bad:
+        raise CheckpointError(f"{folder}: non-finite values (NaN/inf) in {len(bad)} tensor(s): "
+                              f"{_summary(bad, limit=4)}")
 
 
 def check_overrides(folder: str | os.PathLike, config: dict[str, Any], overrides: dict[str, Any]) -> None:

@@ -129,13 +129,32 @@ def clean_stale_temps(dest: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    """This process's umask (read without changing it where /proc tells it; else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _new_tmp(dest: Path, *, directory: bool) -> Path:
+    """A temporary sibling of `dest` with the mode `open()` / `mkdir()` would give it (mkstemp/mkdtemp make them
+    private, 0600/0700: published as is, a user's shared results folder would hold files only they can read)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(dest)
     prefix = f"{_tmp_prefix(dest)}{os.getpid()}-"
     if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+        os.chmod(path, 0o777 & ~_umask())
+        return path
     fd, name = tempfile.mkstemp(prefix=prefix, dir=dest.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(name)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -575,6 +576,14 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         self.model = FlyThinkerModel(config, generator=generator, reasoner=reasoner)
         self.post_init()
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """`nn.Module.load_state_dict` that also takes the checkpoint layout (the flat `generator.*`,
+        `reasoner.*`, `latent_proj.*` names `save_pretrained` writes): those are renamed to module names as
+        `CHECKPOINT_CONVERSION` does on `from_pretrained`. Trainer's resume and best-model loads hand the saved
+        file's tensors straight to this method, non-strict: without the renaming nothing would load, silently."""
+        renamed = {_CHECKPOINT_KEY.sub(r"model.\1", k): v for k, v in state_dict.items()}
+        return super().load_state_dict(renamed, strict=strict, assign=assign)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pair(cls, generator: PreTrainedModel | str, reasoner: PreTrainedModel | str, *,
@@ -627,10 +636,10 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
         kwargs["use_safetensors"] = True
-        from flythinker.pretrained import is_shipped
+        from flythinker.pretrained import shipped_name
 
-        if is_shipped(pretrained_model_name_or_path):  # a trained pair shipped as deltas in the package
-            return cls._from_shipped(pretrained_model_name_or_path.lower(), **kwargs)
+        if shipped_name(pretrained_model_name_or_path):  # a pair shipped as deltas (an existing path is that path)
+            return cls._from_shipped(shipped_name(pretrained_model_name_or_path), **kwargs)
         want_info = bool(kwargs.pop("output_loading_info", False))
         strict = not want_info if strict is None else strict
         hf_load, raw = super().from_pretrained, {}
@@ -1071,8 +1080,9 @@ LIGER_REFUSAL = ("use_liger_kernel=True is not supported for a FlyThinker pair: 
 # Checkpoints keep the flat layout of the pair's parts (`generator.*`, `reasoner.*`, `latent_proj.weight`,
 # `latent_mean`, `latent_inv_std`): renamed under `model.` on load, and back on save (transformers reverts a
 # registered conversion in `save_pretrained`), so folders written before and after the base/head split are one format.
-CHECKPOINT_CONVERSION = [WeightRenaming(source_patterns=r"^(generator|reasoner|latent_proj|latent_mean|latent_inv_std)",
-                                        target_patterns=r"model.\1")]
+_CHECKPOINT_PARTS = r"^(generator|reasoner|latent_proj|latent_mean|latent_inv_std)"
+_CHECKPOINT_KEY = re.compile(_CHECKPOINT_PARTS)
+CHECKPOINT_CONVERSION = [WeightRenaming(source_patterns=_CHECKPOINT_PARTS, target_patterns=r"model.\1")]
 register_checkpoint_conversion_mapping("FlyThinkerForCausalLM", CHECKPOINT_CONVERSION, overwrite=True)
 AutoConfig.register("flythinker", FlyThinkerConfig, exist_ok=True)
 AutoModelForCausalLM.register(FlyThinkerConfig, FlyThinkerForCausalLM, exist_ok=True)

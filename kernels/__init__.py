@@ -21,19 +21,21 @@ if __name__ != "flythinker.kernels":
     _rest = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != _root]
     _spec = _machinery.PathFinder.find_spec(__name__, _rest)
     if _spec is None or _spec.loader is None:
-        del _sys.modules[__name__]
-        raise ModuleNotFoundError(
-            f"No module named {__name__!r}: the checkout's kernels/ folder is `flythinker.kernels` (import it under "
-            f"that name); the top-level name belongs to Hugging Face's `kernels` package, which is not installed",
-            name=__name__,
-        )
-    _real = _util.module_from_spec(_spec)
-    _sys.modules[__name__] = _real
-    try:
-        _spec.loader.exec_module(_real)
-    except BaseException:
-        _sys.modules.pop(__name__, None)
-        raise
+        # Hugging Face's package is not installed (transformers < 5.25 does not require it). Stay an empty
+        # stand-in that reads as "not a real install": no file, no version, no submodules, so transformers'
+        # availability probe (find_spec, then import when no metadata is found) answers False instead of failing,
+        # and none of our ops are ever served under the foreign name.
+        __file__ = None
+        __path__: list[str] = []
+        __all__: list[str] = []
+    else:
+        _real = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _real
+        try:
+            _spec.loader.exec_module(_real)
+        except BaseException:
+            _sys.modules.pop(__name__, None)
+            raise
 else:
     from .latent_fuse import latent_fuse
     from .latent_fuse_naive import latent_fuse_naive, vocab_mean_norm

@@ -132,6 +132,17 @@ def _set_sub(part: str, key: str, value):
     return edit
 
 
+def _nan_tensor(folder: Path) -> None:
+    """NaN in the first floating tensor of model.safetensors (rewritten whole, still a valid file)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    key = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # name -> (how to damage a copy of a good folder, what the one-line error must say). Pair folders unless noted.
 DAMAGES = {
     "truncated_safetensors": (lambda f: _truncate(f / "model.safetensors"), "not a complete safetensors file"),
@@ -151,10 +162,11 @@ DAMAGES = {
                                "extra tensors"),
     "index_outside_folder": (_index_outside, "points outside its folder"),
     "pickled_only": (_pickled_only, "pickled weights only"),
+    "nan_tensor": (_nan_tensor, "non-finite values"),
 }
 # the damages that apply to a plain HF model folder too (its config has no sub-configs / fusion fields)
 PLAIN_DAMAGES = ("truncated_safetensors", "corrupt_safetensors", "config_a_list", "config_empty", "no_model_type",
-                 "index_outside_folder", "pickled_only")
+                 "index_outside_folder", "pickled_only", "nan_tensor")
 
 
 def damaged_copy(good: Path, damage: str, root: Path) -> Path:
@@ -165,4 +177,64 @@ def damaged_copy(good: Path, damage: str, root: Path) -> Path:
     if not dest.exists():
         shutil.copytree(good, dest)
         DAMAGES[damage][0](dest)
+    return dest
+
+
+# ---- a shipped pair's folder (pair.json + deltas.safetensors, flythinker/pretrained) ------------------------------
+def _edit_deltas(edit):
+    def damage(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "deltas.safetensors")
+        edit(tensors)
+        save_file(tensors, folder / "deltas.safetensors", metadata={"format": "pt"})
+    return damage
+
+
+def _edit_pair_json(edit):
+    def damage(folder: Path) -> None:
+        import json
+
+        info = json.loads((folder / "pair.json").read_text())
+        edit(info)
+        (folder / "pair.json").write_text(json.dumps(info))
+    return damage
+
+
+def _drop_layer_factors(tensors: dict) -> None:
+    for key in [k for k in tensors if ".layers.3.self_attn.q_proj.lora_" in k]:
+        del tensors[key]
+
+
+def _nan_projection(tensors: dict) -> None:
+    tensors["latent_proj.weight"] = tensors["latent_proj.weight"].clone().fill_(float("nan"))
+
+
+# name -> (damage to a copy of a shipped pair's folder, what the error says, whether it is found before the base
+# model loads). Loaded with FlyThinkerForCausalLM._from_shipped(name, folder=copy).
+SHIPPED_DAMAGES = {
+    "no_projection": (_edit_deltas(lambda t: t.pop("latent_proj.weight")), "lack latent_proj.weight", False),
+    "layer_factors_missing": (_edit_deltas(_drop_layer_factors), "q_proj of layers [3]", False),
+    "nan_projection": (_edit_deltas(_nan_projection), "non-finite", True),
+    "scaling_nan": (_edit_pair_json(lambda i: i["lora"].update(scaling=float("nan"))), "lora.scaling", True),
+    "scaling_a_string": (_edit_pair_json(lambda i: i["lora"].update(scaling="2")), "lora.scaling", True),
+    "no_base": (_edit_pair_json(lambda i: i.pop("base")), "'base'", True),
+    "fusion_a_list": (_edit_pair_json(lambda i: i.update(fusion=[1])), "'fusion'", True),
+    "lora_a_list": (_edit_pair_json(lambda i: i.update(lora=[1])), "'lora'", True),
+    "pair_json_not_json": (lambda f: (f / "pair.json").write_text("{'base'"), "not valid JSON", True),
+    "pair_json_missing": (lambda f: (f / "pair.json").unlink(), "no pair.json", True),
+    "deltas_truncated": (lambda f: _truncate(f / "deltas.safetensors"), "cannot read", True),
+}
+
+
+def shipped_copy(name: str, damage: str, root: Path) -> Path:
+    """A copy of shipped pair `name`'s folder under `root`, damaged as SHIPPED_DAMAGES[damage] says."""
+    import shutil
+
+    from flythinker.pretrained import HERE
+
+    dest = root / f"{name}-{damage}"
+    if not dest.exists():
+        shutil.copytree(HERE / name, dest)
+        SHIPPED_DAMAGES[damage][0](dest)
     return dest

@@ -255,7 +255,9 @@ def tiny_judge():
 
 
 def test_tiny_lm_judge_expected_mode(tiny_judge):
-    judge = EmpathyJudge(get_rubric("perm", analysis=False), tiny_judge, mode="expected")
+    # a random tiny LM puts a few % of its probability on the score tokens, under the default min_score_mass (the
+    # weighted-mean arithmetic is what this test checks; the threshold: tests/test_hostile_input.py)
+    judge = EmpathyJudge(get_rubric("perm", analysis=False), tiny_judge, mode="expected", min_score_mass=0.0)
     results = judge.score(["I am so sorry .", "ok", "Score : 5"], [CTX] * 3)
     for r in results:
         for d in ("resonation", "expression", "reception"):

@@ -38,7 +38,9 @@ def test_judge_command(tiny_folder, tmp_path, capsys):
     data = tmp_path / "records.jsonl"
     data.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in recs[:3]))
     out = tmp_path / "scores.jsonl"
-    assert main(["judge", str(data), "--rubric", "perm", "--judge-model", str(folder), "--out", str(out)]) == 0
+    # --min-score-mass 0: a random tiny judge puts little probability on the score tokens (default threshold 5%)
+    assert main(["judge", str(data), "--rubric", "perm", "--judge-model", str(folder), "--out", str(out),
+                 "--min-score-mass", "0"]) == 0
     text = capsys.readouterr().out
     assert "3 responses judged with perm (hf:" in text and "mode expected" in text
     for name in ("resonation", "expression", "reception", "bystander", "reward"):
@@ -80,3 +82,29 @@ def test_rl_command(tiny_folder, tmp_path):
     assert main(["rl", "--generator", str(folder), "--batch", "3", "--group", "2", "--out", str(out)]) == 2
     assert main(["rl", "--reward", "bogus", "--out", str(out)]) == 2
     assert main(["rl", "--rules", "lenient", "--out", str(out)]) == 2
+
+
+def test_rl_run_folder_refused_resumed_and_overwritten(tiny_folder, tmp_path, capsys):
+    """`rl --out` holds one run: a rerun is refused (it used to overwrite model/ and delete the reward curve),
+    --resume continues from the newest checkpoint (no pickle in it), --overwrite starts over."""
+    folder, _ = tiny_folder
+    out = tmp_path / "rl"
+    base = ["rl", "--generator", str(folder), "--group", "2", "--batch", "2", "--max-completion", "4", "--limit",
+            "4", "--lr", "1e-3", "--reward", "length:0.5", "--length-limit", "1", "--out", str(out)]
+
+    def steps():
+        return [json.loads(x)["step"] for x in (out / "reward_curve.jsonl").read_text().splitlines()]
+
+    assert main([*base, "--steps", "2", "--save-steps", "1"]) == 0
+    assert steps() == [1, 2]
+    assert sorted(p.name for p in (out / "trainer").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".pth", ".bin")]
+    model = (out / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*base, "--steps", "2"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").read_bytes() == model and steps() == [1, 2]
+    assert main([*base, "--steps", "3", "--save-steps", "1", "--resume"]) == 0
+    assert steps() == [1, 2, 3] and (out / "trainer" / "checkpoint-3").is_dir()
+    assert main([*base, "--steps", "1", "--overwrite"]) == 0
+    assert steps() == [1] and not list(out.glob("trainer/checkpoint-*"))

@@ -91,7 +91,8 @@ def test_judge_cli_protocol_end_to_end(tmp_path, capsys):
     pred.write_text(json.dumps([{"responses": [{"response": "I hear how scared you are."}] * 5}]))
     side, out = tmp_path / "crit.json", tmp_path / "scores.json"
     argv = ["judge", str(DATA), "--predictions", str(pred), "--criteria", str(side), "--judge-model", str(folder),
-            "--mode", "generate", "--max-new-tokens", "4", "--limit", "1", "--rules", "authors", "--out", str(out)]
+            "--mode", "generate", "--max-new-tokens", "4", "--limit", "1", "--rules", "authors", "--out", str(out),
+            "--overwrite"]
     rc = main(argv)
     first = capsys.readouterr()
     assert "criteria: " in first.out and "written" in first.out

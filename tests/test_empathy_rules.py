@@ -181,7 +181,8 @@ class _Recording(JudgeBackend):
 ])
 def test_authors_judge_settings_per_role(rubric, role, want, criteria):
     backend = _Recording()
-    rub = get_rubric(rubric, dynamic_criteria=role == "training") if rubric == "peregrm" else get_rubric(rubric)
+    rub = (get_rubric(rubric, dynamic_criteria=role == "training") if rubric == "peregrm"
+           else get_rubric(rubric, analysis=False))
     judge = EmpathyJudge(rub, backend, rules="authors", role=role)
     judge.score(["reply"], [CTX])
     score_calls = [c for c in backend.calls if "score" in c["kinds"]]

@@ -53,7 +53,7 @@ def _check(out: str) -> dict:
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -91,9 +91,10 @@ def test_editable_install_elsewhere(tmp_path):
     assert not info["root_first"]
 
 
-def test_without_hf_kernels_the_name_is_missing(tmp_path):
-    """With Hugging Face's package hidden, the top-level name is a clear ModuleNotFoundError (never our ops under a
-    foreign name), and `flythinker.kernels` still imports."""
+def test_without_hf_kernels_the_name_is_an_empty_stand_in(tmp_path):
+    """With Hugging Face's package hidden (transformers < 5.25 does not require it), `import kernels` from the
+    checkout gives an empty stand-in that reads as "not a real install" (no file, no submodules, none of our ops),
+    which is what transformers' availability probe needs to answer False; `flythinker.kernels` still imports."""
     code = (
         "import sys, importlib.machinery as m\n"
         "orig = m.PathFinder.find_spec\n"
@@ -101,12 +102,14 @@ def test_without_hf_kernels_the_name_is_missing(tmp_path):
         "    spec = orig(name, path, target)\n"
         "    return None if name == 'kernels' and spec and 'site-packages' in (spec.origin or '') else spec\n"
         "m.PathFinder.find_spec = staticmethod(find_spec)\n"
+        "import kernels\n"
+        "assert kernels.__file__ is None and kernels.__path__ == [] and not hasattr(kernels, 'latent_fuse')\n"
         "try:\n"
-        "    import kernels\n"
-        "except ModuleNotFoundError as e:\n"
-        "    assert 'flythinker.kernels' in str(e) and 'kernels' not in sys.modules, e\n"
+        "    from kernels import latent_fuse\n"
+        "except ImportError:\n"
+        "    pass\n"
         "else:\n"
-        "    raise SystemExit('imported ' + kernels.__file__)\n"
+        "    raise SystemExit('our ops under the foreign name')\n"
         "import flythinker.kernels as k\n"
         "assert callable(k.latent_fuse)\n"
         "print('ok')\n"

@@ -101,3 +101,17 @@ def test_liger_kernel_is_refused_naming_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="model_type 'flythinker'") as info:
         FlyThinkerTrainer(model=tiny_pair(), args=args)
     assert info.value.args[0] == LIGER_REFUSAL
+
+
+def test_load_state_dict_takes_the_saved_files_flat_names(tmp_path):
+    """Trainer's resume hands `model.safetensors` (flat checkpoint names) to `load_state_dict` non-strict: every
+    tensor must load, not none of them silently."""
+    from safetensors.torch import load_file
+
+    saved = tiny_pair(projection="linear")
+    saved.save_pretrained(tmp_path)
+    other = tiny_pair(projection="linear", seed=1)
+    result = other.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    assert not result.unexpected_keys
+    for (name, a), b in zip(saved.state_dict().items(), other.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -10,7 +10,6 @@ traceback. Heavy imports (torch, transformers) happen inside the functions, so b
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -41,54 +40,26 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from flythinker.checkpoint import CheckpointError
     from flythinker.hub import ModelNotFoundError
     from flythinker.persona import RecordError
+    from flythinker.persona.jsonio import JsonFileError
+    from flythinker.run_folder import RunFolderError
 
-    return (CLIError, CheckpointError, ModelNotFoundError, RecordError, FileNotFoundError, IsADirectoryError,
-            NotADirectoryError, PermissionError)
-
-
-# ---- argument types (argparse `type=`): a bad value is a one-line user error ---------------------------------
-def _checked(cast, ok, what):
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    parse.__name__ = what  # argparse shows the type's name in "invalid <name> value"
-    return parse
+    return (CLIError, CheckpointError, ModelNotFoundError, RecordError, JsonFileError, RunFolderError,
+            FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
-positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-sequence_int = _checked(int, lambda v: v >= 2, "an integer >= 2")
-positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-nonneg_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
-ratio_float = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-unit_float = _checked(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
-prob_float = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-lambda_float = _checked(float, lambda v: 0.0 <= v <= 100.0, "a number in [0, 100]")
-
-
-def norm_target(text: str) -> str | float:
-    """`--norm-target`: one of configuration.NORM_TARGETS or a positive finite number."""
-    from flythinker.options import NORM_TARGETS
-
-    if text in NORM_TARGETS:
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(NORM_TARGETS)} or a positive number, "
-                                         f"got {text!r}")
-    return value
-
-
-norm_target.__name__ = "norm target"
+# ---- argument types: flythinker.cli.options (one validator per kind of numeric option) -----------------------
+from flythinker.cli.options import (  # noqa: E402,F401  (re-exported: subcommands import them from here)
+    lambda_float,
+    nonneg_float,
+    nonneg_int,
+    norm_target,
+    positive_float,
+    positive_int,
+    prob_float,
+    ratio_float,
+    sequence_int,
+    unit_float,
+)
 
 
 # ---- argument groups shared by several subcommands --------------------------------------------------------------
@@ -205,8 +176,11 @@ def load_checkpoint(path: str, *, dtype: torch.dtype | None = None, **overrides:
     from flythinker.checkpoint import load_errors
     from flythinker.hub import load_pretrained
     from flythinker.modeling import FlyThinkerForCausalLM
+    from flythinker.pretrained import shipped_name
 
     folder = Path(path).expanduser()
+    if shipped_name(path):  # a shipped pair's name (no local path of that name: flythinker.pretrained)
+        return _load_shipped(shipped_name(path), dtype or torch.float32, overrides)
     # the folder first (check_folder, then the weights), the tokenizer last: it reads config.json too and would
     # fail on a damaged one with a traceback of its own
     if checkpoint_type(path) != FlyThinkerForCausalLM.config_class.model_type:
@@ -226,6 +200,23 @@ def load_checkpoint(path: str, *, dtype: torch.dtype | None = None, **overrides:
         raise CLIError(f"cannot load checkpoint {folder}: {exc}" if str(folder) not in str(exc) else str(exc)
                        ) from exc
     return model.eval(), tokenizer_for(folder)
+
+
+def _load_shipped(name: str, dtype, overrides: dict[str, Any]):
+    """`(pair, tokenizer)` of a shipped pair, with fusion-option overrides as for a checkpoint folder."""
+    from flythinker.hub import load_tokenizer
+    from flythinker.modeling import FlyThinkerForCausalLM
+
+    if "projection" in overrides:
+        raise CLIError("--projection cannot change on a shipped pair (it is part of its weights)")
+    try:
+        model = FlyThinkerForCausalLM.from_pretrained(name, dtype=dtype)
+        for key, value in overrides.items():
+            setattr(model.config, key, value)
+        model.config.check_fusion()
+    except (ValueError, TypeError, OSError) as exc:
+        raise CLIError(f"cannot load shipped pair {name}: {exc}") from exc
+    return model.eval(), load_tokenizer(name)
 
 
 # ---- generation -------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     src = p.add_argument_group("model")
     src.add_argument("--model", metavar="PATH",
-                     help="a flythinker checkpoint folder (as written by `flythinker train`/save_pretrained)")
+                     help="a flythinker checkpoint folder (as written by `flythinker train`/save_pretrained) or a "
+                          "shipped pair's name (smollm2-135m-persona-empathy); an existing path is always that path")
     src.add_argument("--generator", metavar="NAME_OR_PATH",
                      help="generator model: a known short name (smollm2-135m-instruct) or an HF folder")
     src.add_argument("--reasoner", metavar="NAME_OR_PATH",
@@ -164,7 +165,10 @@ def _record_prompts(args: argparse.Namespace, tokenizer) -> Prompts:
         raise CLIError(str(exc)) from exc
     g = torch.tensor([views.generator_prompt_ids])
     r = torch.tensor([views.reasoner_prompt_ids]) if args.mode == "split" else None
-    note = f" (dropped {views.truncated_turns} oldest turns to fit)" if views.truncated else ""
+    cut = [f"{n} {what}" for n, what in ((views.truncated_turns, "oldest turns"),
+                                         (views.truncated_memories, "oldest memories"),
+                                         (views.truncated_persona_words, "persona words")) if n]
+    note = f" (dropped {', '.join(cut)} to fit)" if views.truncated else ""
     return Prompts(g, r, f"record {record.record_id!r} ({args.mode} context){note}")
 
 

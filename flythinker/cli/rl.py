@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from flythinker.cli.common import CLIError, positive_float, positive_int
+from flythinker.cli.common import CLIError
+from flythinker.cli.options import lambda_float, nonneg_float, nonneg_int, positive_float, positive_int
 
 HELP = "GRPO fine-tuning (TRL) with persona-empathy trait, length and empathy-judge rewards"
 DESCRIPTION = (
@@ -28,6 +30,8 @@ def _reward_spec(text: str) -> tuple[str, float]:
         weight = float(w) if w else 1.0
     except ValueError:
         raise argparse.ArgumentTypeError(f"reward weight must be a number, got {w!r}") from None
+    if not math.isfinite(weight):  # nan / inf: every reward NaN, or the update a no-op
+        raise argparse.ArgumentTypeError(f"reward weight must be a finite number, got {w!r}")
     return name, weight
 
 
@@ -36,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator", default="smollm2-135m-instruct", help="short name or HF folder")
     p.add_argument("--reasoner", default=None, help="short name or HF folder (default: a copy of the generator)")
     p.add_argument("--context", choices=("split", "shared"), default="split")
-    p.add_argument("--fusion-lambda", type=float, default=0.1)
+    p.add_argument("--fusion-lambda", type=lambda_float, default=0.1)
     p.add_argument("--reward", type=_reward_spec, action="append", default=None,
                    help="NAME[:WEIGHT], repeatable (default: trait)")
     p.add_argument("--judge-model", default="smollm2-135m-instruct", help="judge rewards: local model or served name")
@@ -51,25 +55,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=8, help="completions per device step (multiple of group)")
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--lr", type=positive_float, default=5e-5)
-    p.add_argument("--beta", type=float, default=0.0, help="KL weight (> 0 uses a reference model)")
+    p.add_argument("--beta", type=nonneg_float, default=0.0, help="KL weight (> 0 uses a reference model)")
     p.add_argument("--max-completion", type=positive_int, default=64)
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--lora", action="store_true", help="LoRA (r=8, q/v projections of both models)")
     p.add_argument("--lora-r", type=positive_int, default=8)
     p.add_argument("--max-reasoner-tokens", type=positive_int, default=512)
     p.add_argument("--limit", type=positive_int, default=None, help="use the first N training records")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--out", required=True, help="output folder (an existing run is refused unless --resume or "
+                                                 "--overwrite)")
+    p.add_argument("--save-steps", type=nonneg_int, default=0,
+                   help="also checkpoint every N steps under OUT/trainer (0: none); --resume continues from them")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its newest complete checkpoint (OUT/trainer/checkpoint-N)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in OUT (its model, reward curve and checkpoints are removed first)")
 
 
-def _records(spec: str):
+def _records(args: argparse.Namespace):
+    """The training records, checked before any model loads: none is an error, and so is a trait reward on
+    records without hidden traits (it would score every completion 0)."""
     from flythinker.persona import load_dataset, load_records
 
+    spec = args.data
     if spec == "persona-empathy":
-        return load_dataset("persona-empathy", "train")
-    if not Path(spec).is_file():
+        records = load_dataset("persona-empathy", "train")
+    elif not Path(spec).is_file():
         raise CLIError(f"--data: no such file: {spec}")
-    return load_records(spec)
+    else:
+        records = load_records(spec)  # RecordError / JsonFileError: one line
+    records = records[: args.limit] if args.limit else records
+    if not records:
+        raise CLIError(f"--data {spec}: no records to train on")
+    if any(name == "trait" for name, _ in args.reward or [("trait", 1.0)]):
+        bare = sum(not rec.persona.traits for rec in records)
+        if bare:
+            raise CLIError(f"--data {spec}: {bare} of {len(records)} records have no hidden traits (persona.traits) "
+                           "for the trait reward: choose another --reward (length, perm, peregrm)")
+    return records
 
 
 def _reward_funcs(args: argparse.Namespace):
@@ -87,7 +111,10 @@ def _reward_funcs(args: argparse.Namespace):
             backend = (OpenAIJudgeBackend(args.judge_model, base_url=args.judge_base_url) if args.judge_base_url
                        else HFJudgeBackend(args.judge_model))
             mode = "generate" if args.judge_base_url else "expected"
-            f = JudgeReward(EmpathyJudge(get_rubric(name), backend, mode=mode, rules=args.rules, role="training"))
+            # the policy writes a plain reply (no "# Analysis" part): every dimension reads the response
+            rubric = get_rubric(name, analysis=False) if name == "perm" else get_rubric(name)
+            f = JudgeReward(EmpathyJudge(rubric, backend, mode=mode, policy_format="response", rules=args.rules,
+                                         role="training"))
         funcs.append(f)
         weights.append(w)
     return funcs, weights
@@ -105,46 +132,129 @@ def _curve_callback(path: Path):
     return Curve()
 
 
+OWNED = ("model", "reward_curve.jsonl", "trainer")  # what a run writes into --out (removed by --overwrite)
+
+
+def _start(out: Path, args: argparse.Namespace) -> str | None:
+    """Prepare OUT (held by the caller's run_folder lock) for this run; returns the checkpoint to resume or None.
+    --overwrite removes the old run's outputs; --resume keeps the reward curve up to the checkpoint's step."""
+    import shutil
+
+    from flythinker.checkpoint import latest_checkpoint
+
+    curve = out / "reward_curve.jsonl"
+    if args.overwrite:
+        for name in OWNED:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return None
+    if not args.resume:
+        return None
+    path, skipped = latest_checkpoint(out / "trainer")  # CheckpointError: a one-line user error
+    for bad, why in skipped:
+        print(f"warning: not resuming from {bad.name}: {why}", file=sys.stderr)
+    step = int(path.name.rsplit("-", 1)[1])
+    if curve.is_file():  # the killed run's lines after the checkpoint are logged again by the resumed run
+        from flythinker.hub import atomic_write_bytes
+
+        kept = [ln for ln in curve.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        atomic_write_bytes(curve, "".join(ln + "\n" for ln in kept).encode())
+    print(f"resuming from {path}", file=sys.stderr)
+    return str(path)
+
+
+def _config(out: Path, args: argparse.Namespace, weights: list[float]):
+    import torch
+
+    from flythinker.rl.trainer import GRPOConfig
+
+    return GRPOConfig(output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch,
+                      num_generations=args.group, gradient_accumulation_steps=args.grad_accum,
+                      max_completion_length=args.max_completion, max_steps=args.steps, learning_rate=args.lr,
+                      beta=args.beta, temperature=args.temperature, reward_weights=weights, logging_steps=1,
+                      report_to=[], save_strategy="steps" if args.save_steps else "no",
+                      save_steps=max(args.save_steps, 1), seed=args.seed, gradient_checkpointing=False,
+                      use_cpu=not torch.cuda.is_available(), bf16=False)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from datasets import Dataset
 
-        from flythinker.rl.trainer import FlyThinkerGRPOTrainer, GRPOConfig
+        from flythinker.rl.trainer import FlyThinkerGRPOTrainer
     except ImportError as exc:
         raise CLIError(f"{exc} (install the extra: pip install 'flythinker[rl]')") from exc
-    from flythinker.cli.common import load_pair
-    from flythinker.rl import grpo_rows
+    from flythinker.run_folder import run_folder
 
     if args.batch % args.group:
         raise CLIError(f"--batch {args.batch} must be a multiple of --group {args.group}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = _records(args.data)[: args.limit] if args.limit else _records(args.data)
+    records = _records(args)  # before the folder is touched and any model loads
+    with run_folder(args.out, resume=args.resume, overwrite=args.overwrite) as out:
+        resume = _start(out, args)
+        trainer, tok = _trainer(args, records, out, FlyThinkerGRPOTrainer, Dataset)
+        _train(trainer, resume)
+        _check_judges(trainer)
+        _save(trainer, tok, out)
+    return 0
+
+
+def _trainer(args, records, out: Path, trainer_cls, dataset_cls):
+    from flythinker.cli.common import load_pair
+    from flythinker.rl import grpo_rows
+
     pair, tok = load_pair(args.generator, args.reasoner, fusion_lambda=args.fusion_lambda, parallel="off")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     rows = grpo_rows(records, tok, mode=args.context, max_reasoner_tokens=args.max_reasoner_tokens)
     funcs, weights = _reward_funcs(args)
-    cfg = GRPOConfig(output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch,
-                     num_generations=args.group, gradient_accumulation_steps=args.grad_accum,
-                     max_completion_length=args.max_completion, max_steps=args.steps, learning_rate=args.lr,
-                     beta=args.beta, temperature=args.temperature, reward_weights=weights, logging_steps=1,
-                     report_to=[], save_strategy="no", seed=args.seed, gradient_checkpointing=False,
-                     use_cpu=not __import__("torch").cuda.is_available(), bf16=False)
     peft = None
     if args.lora:
         from peft import LoraConfig
 
         peft = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "v_proj"])
-    curve = out / "reward_curve.jsonl"
-    curve.unlink(missing_ok=True)
     try:
-        trainer = FlyThinkerGRPOTrainer(model=pair, reward_funcs=funcs, args=cfg, train_dataset=Dataset.from_list(rows),
-                                        processing_class=tok, peft_config=peft, callbacks=[_curve_callback(curve)])
+        trainer = trainer_cls(model=pair, reward_funcs=funcs, args=_config(out, args, weights),
+                              train_dataset=dataset_cls.from_list(rows), processing_class=tok, peft_config=peft,
+                              callbacks=[_curve_callback(out / "reward_curve.jsonl")])
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from exc
-    trainer.train()
-    trainer.model.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
-    print(f"reward curve: {curve}; model: {out / 'model'}", file=sys.stderr)
-    return 0
+    return trainer, tok
+
+
+def _train(trainer, resume: str | None) -> None:
+    from flythinker.empathy import JudgeBackendError
+
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except JudgeBackendError as exc:  # the judge endpoint failed mid-run: one line (checkpoints so far are kept)
+        raise CLIError(str(exc)) from None
+
+
+def _check_judges(trainer) -> None:
+    """Report each judge reward's failures; a judge that scored nothing gave no training signal (TRL sums a
+    missing reward as 0): an error, not a model saved as if trained on it."""
+    from flythinker.rl import JudgeReward
+
+    for f in trainer.reward_funcs:
+        if not isinstance(f, JudgeReward):
+            continue
+        rep = f.judge.report()
+        items, lost = rep.get("items", 0), rep.get("items_without_reward", 0)
+        print(f"{f.__name__}: {items} completions judged, {lost} without a reward "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(rep.items()) if k.endswith('failures') and v)})",
+              file=sys.stderr)
+        if items and lost == items:
+            raise CLIError(f"{f.__name__}: the judge scored none of the {items} completions (see its failures "
+                           "above), so the run learned nothing from it; use a judge that answers with scores "
+                           "(--judge-base-url, another --judge-model); the model is not saved")
+
+
+def _save(trainer, tok, out: Path) -> None:
+    """The trained pair (or adapters) + tokenizer into OUT/model, in one atomic move (a run killed while saving
+    leaves the previous model or none, never a mix)."""
+    from flythinker.hub import atomic_directory
+
+    with atomic_directory(out / "model") as tmp:
+        trainer.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    print(f"reward curve: {out / 'reward_curve.jsonl'}; model: {out / 'model'}", file=sys.stderr)

@@ -35,7 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from flythinker.serving.server import ServeError, check_checkpoint, exec_vllm, vllm_argv
 
-    extra = shlex.split(args.vllm_args)
+    try:
+        extra = shlex.split(args.vllm_args)
+    except ValueError as exc:  # an unbalanced quote
+        raise CLIError(f"--vllm-args {args.vllm_args!r}: {exc}") from None
     try:
         folder = check_checkpoint(args.checkpoint)
         exec_vllm(vllm_argv(folder, host=args.host, port=args.port, dtype=args.dtype,

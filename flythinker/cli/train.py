@@ -91,9 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="continue an interrupted run: from its newest complete checkpoint-<step> in --output-dir "
                         "(or from the CHECKPOINT folder given); same model, data and options as the first run")
     t.add_argument("--overwrite", action="store_true",
-                   help="start over in an --output-dir that already holds checkpoint-<step> folders (they are "
-                        "deleted); without it such a folder is refused unless --resume")
-    t.add_argument("--seed", type=int, default=42)
+                   help="start over in an --output-dir that already holds a run (its checkpoint-<step> folders "
+                        "and train_log.jsonl are deleted, its model replaced); without it a folder holding "
+                        "anything is refused unless --resume")
+    t.add_argument("--seed", type=nonneg_int, default=42)
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -150,23 +151,24 @@ def _check_inputs(args: argparse.Namespace):
         raise CLIError(str(e)) from None
     if args.max_steps == 0 or args.max_steps < -1:
         raise CLIError(f"--max-steps must be positive (or -1 to use --epochs), got {args.max_steps}")
-    _check_output_dir(args)
+    if args.overwrite and args.resume is not None:
+        raise CLIError("--overwrite and --resume contradict each other: pick one")
+    out = Path(args.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output-dir {args.output_dir} is an existing file, not a folder")
     return parts, dtype
 
 
 def _check_output_dir(args: argparse.Namespace) -> None:
-    """--output-dir must be a folder (or not exist yet); with --resume it must hold a checkpoint to resume.
-    Sets `args.resume` to the checkpoint folder (a str) or None."""
+    """With --resume --output-dir must hold a checkpoint to resume; with --overwrite the old run's checkpoints and
+    log go. Called with the folder locked (flythinker.run_folder). Sets `args.resume` to the checkpoint folder (a
+    str) or None."""
     from flythinker.checkpoint import check_resumable, latest_checkpoint
 
     out = Path(args.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--output-dir {args.output_dir} is an existing file, not a folder")
     if args.resume is None:
         _refuse_old_checkpoints(out, args.overwrite)
         return
-    if args.overwrite:
-        raise CLIError("--overwrite and --resume contradict each other: pick one")
     if args.resume is True:
         path, skipped = latest_checkpoint(out)  # CheckpointError: a one-line user error
         for bad, why in skipped:
@@ -190,6 +192,8 @@ def _refuse_old_checkpoints(out: Path, overwrite: bool) -> None:
     for path in old:
         shutil.rmtree(path)
         _log(f"--overwrite: removed {path}")
+    if overwrite:
+        (out / "train_log.jsonl").unlink(missing_ok=True)
 
 
 def _position_caps(model, args: argparse.Namespace) -> None:
@@ -284,12 +288,24 @@ def run(args: argparse.Namespace) -> int:
     """Run `flythinker train`; returns the exit status."""
     import logging
 
+    from flythinker.run_folder import RunFolderError, run_folder
+
+    logging.getLogger("transformers").setLevel(logging.WARNING)  # Trainer's warnings stay visible
+    parts, dtype = _check_inputs(args)
+    try:
+        held = run_folder(args.output_dir, resume=args.resume is not None, overwrite=args.overwrite)
+        with held:  # one writer per --output-dir; a folder holding anything needs --resume or --overwrite
+            return _run_locked(args, parts, dtype)
+    except RunFolderError as exc:
+        raise CLIError(f"--output-dir {exc}") from None
+
+
+def _run_locked(args: argparse.Namespace, parts, dtype) -> int:
     from transformers import set_seed
 
     from flythinker.training.trainer import FlyThinkerTrainer, JsonlLogCallback
 
-    logging.getLogger("transformers").setLevel(logging.WARNING)  # Trainer's warnings stay visible
-    parts, dtype = _check_inputs(args)
+    _check_output_dir(args)
     set_seed(args.seed)
     model, tokenizer = _load(args)
     _position_caps(model, args)

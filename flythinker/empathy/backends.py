@@ -22,6 +22,11 @@ import torch
 from .prompts import JudgePrompt
 
 
+class JudgeBackendError(RuntimeError):
+    """The judge could not be asked: an unreachable or failing endpoint, a timeout, a malformed answer (the message
+    is one line naming the endpoint and what went wrong)."""
+
+
 class JudgeBackend:
     """Interface. ``generate``: one completion text per prompt (``n`` independent samples each: a list of lists;
     ``top_p`` / ``max_new_tokens`` ``None``: the server's default, or top-p 1 and
@@ -157,6 +162,7 @@ class OpenAIJudgeBackend(JudgeBackend):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.model_name = model
+        self.base_url = base_url
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
                                     max_retries=max_retries)
         self.max_concurrency = int(max_concurrency)
@@ -164,17 +170,30 @@ class OpenAIJudgeBackend(JudgeBackend):
 
     def _one(self, p: JudgePrompt, n: int, temperature: float, top_p: float | None,
              max_new_tokens: int | None) -> list[str]:
+        import openai
+
         messages = list(p.messages) + ([{"role": "assistant", "content": p.prefix}] if p.prefix else [])
+        where = f"judge endpoint {self.base_url or 'OpenAI'} (model {self.model_name!r})"
         extra: dict[str, Any] = {}
         if top_p is not None:
             extra["top_p"] = top_p
         if max_new_tokens is not None:
             extra["max_tokens"] = max_new_tokens
-        resp = self.client.chat.completions.create(model=self.model_name, messages=messages, n=n,
-                                                   temperature=temperature, seed=self.seed, **extra)
-        texts = [c.message.content or "" for c in resp.choices]
+        try:
+            resp = self.client.chat.completions.create(model=self.model_name, messages=messages, n=n,
+                                                       temperature=temperature, seed=self.seed, **extra)
+        except openai.OpenAIError as exc:  # connection refused, timeout, HTTP 4xx/5xx after the retries
+            raise JudgeBackendError(f"{where}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+        except ValueError as exc:  # a body that is not JSON
+            raise JudgeBackendError(f"{where}: the answer is not valid JSON ({exc})") from exc
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list) or not all(isinstance(getattr(getattr(c, "message", None), "content", ""),
+                                                               (str, type(None))) for c in choices):
+            raise JudgeBackendError(f"{where}: the answer is not a chat completion (no list of choices with "
+                                    "message.content)")
+        texts = [c.message.content or "" for c in choices]
         if len(texts) != n:
-            raise RuntimeError(f"the endpoint returned {len(texts)} choices, asked for {n}")
+            raise JudgeBackendError(f"{where}: the answer has {len(texts)} choices, asked for {n}")
         return [p.prefix + t if p.prefix else t for t in texts]
 
     def generate(self, prompts, *, n=1, temperature=0.0, top_p=None, max_new_tokens=256):
@@ -207,4 +226,4 @@ class CallableJudgeBackend(JudgeBackend):
         return out
 
 
-__all__ = ["CallableJudgeBackend", "HFJudgeBackend", "JudgeBackend", "OpenAIJudgeBackend"]
+__all__ = ["CallableJudgeBackend", "HFJudgeBackend", "JudgeBackend", "JudgeBackendError", "OpenAIJudgeBackend"]

@@ -12,6 +12,11 @@ this person, an analysis and a ``\\boxed{}`` score, and its bystander sees only 
 answers JSON; PereGRM with fixed criteria (evaluation) scores against criteria written beforehand (given in the
 context, or written once per query by a ``criteria`` call and cached).
 
+In expected mode a score whose score tokens hold less than ``min_score_mass`` of the judge's next-token probability
+(default :data:`MIN_SCORE_MASS`, 5%) is a counted failure, not a score: the judge was not answering with a score
+(SmolLM2-135M-Instruct, the default local judge, puts about 0.1% there on PERM prompts), and the weighted mean of
+such a sliver is noise.
+
 Failures are always counted (:meth:`EmpathyJudge.report`, each item's ``failures``). What they become depends on
 the rules: ``authors`` -> PERM's batch mean / PereGRM's 0.6 and 0.8 (listed in ``fallbacks``); ``strict`` -> no
 reward (``None``) unless ``fallback`` gives explicit replacement scores (also counted).
@@ -39,6 +44,8 @@ from .rules import (
     default_settings,
     read_score,
 )
+
+MIN_SCORE_MASS = 0.05
 
 
 @dataclass
@@ -85,6 +92,10 @@ class EmpathyJudge:
         use_bystander: judge the bystander (default: yes, except PereGRM evaluation under ``authors``).
         length_limit, length_coef: ``strict`` only: a length penalty on the response's word count (PERM counts
             tokens: use :class:`flythinker.rl.LengthPenalty` for that).
+        min_score_mass: expected mode, the least probability on the score tokens that counts as a score.
+
+    A rubric dimension that reads the policy's analysis needs ``policy_format="analysis_response"`` (a plain
+    response has no analysis to judge: use e.g. ``get_rubric("perm", analysis=False)``).
     """
 
     def __init__(self, rubric: Rubric, backend: JudgeBackend, mode: str = "generate", rules: str = "strict",
@@ -92,9 +103,16 @@ class EmpathyJudge:
                  top_p: float | None = None, max_new_tokens: int | None = None,
                  criteria_settings: JudgeSettings | None = None, policy_format: str = "response",
                  fallback: Mapping[str, float] | None = None, use_bystander: bool | None = None,
-                 length_limit: int = 768, length_coef: float = 0.0):
+                 length_limit: int = 768, length_coef: float = 0.0, min_score_mass: float = MIN_SCORE_MASS):
         self.rules = check_rules(rules)
         self._check(mode, policy_format, fallback, length_coef, role)
+        _check_numbers(rubric, fallback or {}, min_score_mass, 0.0 if temperature is None else temperature)
+        reads_analysis = [d.name for d in rubric.dimensions if d.reads == "analysis"]
+        if reads_analysis and policy_format != "analysis_response":
+            raise ValueError(f"rubric {rubric.name!r} judges {', '.join(reads_analysis)} on the policy's analysis "
+                             f"part, but policy_format={policy_format!r} has none (it would judge an empty "
+                             "analysis): build the rubric with analysis=False, or use "
+                             "policy_format='analysis_response'")
         base = default_settings(rules, rubric.name, role)
         self.settings = JudgeSettings(
             base.temperature if temperature is None else float(temperature), base.top_p if top_p is None else top_p,
@@ -110,6 +128,7 @@ class EmpathyJudge:
             use_bystander = not (rules == "authors" and rubric.name == "peregrm" and role == "evaluation")
         self.use_bystander = use_bystander and rubric.bystander is not None
         self.length_limit, self.length_coef = length_limit, length_coef
+        self.min_score_mass = float(min_score_mass)
         self.stats: Counter = Counter()
         self._criteria_cache: dict[tuple[str, str], str] = {}
 
@@ -141,6 +160,18 @@ class EmpathyJudge:
         if self.rules == "authors" and length_coef:
             raise ValueError("PERM's length penalty counts completion tokens: use flythinker.rl.LengthPenalty "
                              "beside the judge reward (rules='authors' has no word-count penalty)")
+
+    def check_backend(self) -> None:
+        """ValueError now, before any judging, if expected mode cannot read a score scale the prompts ask for (a
+        value with no single-token spelling in the judge's tokenizer)."""
+        if self.mode != "expected" or not hasattr(self.backend, "score_token_ids"):
+            return
+        ctx = JudgeContext(query="ok")
+        prompts = [dimension_prompt(d, ctx, "ok", True, None) for d in self.rubric.dimensions]
+        if self.use_bystander:
+            prompts.append(bystander_prompt(self.rubric.bystander, ctx, "ok", True))
+        for p in prompts:
+            self.backend.score_token_ids(p.lo, p.hi)
 
     # ------------------------------------------------------------------ fixed criteria (PereGRM evaluation)
     def _criteria(self, contexts: Sequence[JudgeContext]) -> dict[tuple[int, str], str]:
@@ -204,6 +235,13 @@ class EmpathyJudge:
             if value != value:  # NaN: no probability on any score token
                 self.stats["parse_failures"] += 1
                 res.append(([], [], "no probability mass on the score tokens", 1))
+                continue
+            if mass < self.min_score_mass:
+                self.stats["low_mass_failures"] += 1
+                self.stats["parse_failures"] += 1
+                res.append(([], [f"expected={value:.4f} mass={mass:.4f}"],
+                            f"only {mass:.2%} of the probability on the score tokens (below min_score_mass "
+                            f"{self.min_score_mass:.2%})", 1))
                 continue
             if p.dimension == "bystander":
                 value = 100.0 * (value - 1.0) / 4.0
@@ -326,4 +364,21 @@ class EmpathyJudge:
         return s
 
 
-__all__ = ["EmpathyJudge", "JudgeResult", "split_policy_output"]
+def _check_numbers(rubric: Rubric, fallback: Mapping[str, float], min_score_mass: float, temperature: float) -> None:
+    """ValueError for a non-finite or out-of-range fallback score, mass threshold or temperature."""
+    import math
+
+    scales = {"dimension": (min(d.lo for d in rubric.dimensions), max(d.hi for d in rubric.dimensions))}
+    if rubric.bystander is not None:
+        scales["bystander"] = (rubric.bystander.lo, rubric.bystander.hi)
+    for key, value in fallback.items():
+        lo, hi = scales.get(key, (-math.inf, math.inf))
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"fallback {key!r} must be a number in [{lo}, {hi}], got {value!r}")
+    if not (math.isfinite(min_score_mass) and 0.0 <= min_score_mass <= 1.0):
+        raise ValueError(f"min_score_mass must be in [0, 1], got {min_score_mass!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+
+
+__all__ = ["MIN_SCORE_MASS", "EmpathyJudge", "JudgeResult", "split_policy_output"]

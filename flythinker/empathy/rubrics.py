@@ -65,6 +65,10 @@ class Rubric:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if not self.dimensions:
             raise ValueError("a rubric needs at least one dimension")
+        coef = self.bystander_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0.0 <= coef < float("inf"):
+            raise ValueError(f"bystander_coef must be a finite number >= 0 (the term coef * (B/100 - 1) is a "
+                             f"penalty in [-coef, 0]), got {coef!r}")
 
     def dimension(self, name: str) -> Dimension:
         for d in self.dimensions + ((self.bystander,) if self.bystander else ()):

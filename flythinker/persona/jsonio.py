@@ -37,7 +37,14 @@ def read_json_items(path: str | os.PathLike) -> list[Any]:
         data = json.loads(text)
     except json.JSONDecodeError as doc_error:
         return _json_lines(path, text, doc_error)
+    except RecursionError:
+        raise JsonFileError(_too_deep(path)) from None
     return data if isinstance(data, list) else [data]
+
+
+def _too_deep(path: Path, line: int | None = None) -> str:
+    where = f" (line {line})" if line is not None else ""
+    return f"{path}: JSON nested too deeply to read{where}: no record is nested that deep"
 
 
 def _json_lines(path: Path, text: str, doc_error: json.JSONDecodeError) -> list[Any]:
@@ -47,6 +54,8 @@ def _json_lines(path: Path, text: str, doc_error: json.JSONDecodeError) -> list[
             continue
         try:
             items.append(json.loads(line))
+        except RecursionError:
+            raise JsonFileError(_too_deep(path, n)) from None
         except json.JSONDecodeError as e:
             if first:  # not even one value on the first line: a (broken) multi-line JSON document
                 raise JsonFileError(f"{path}: not valid JSON (line {doc_error.lineno}, column {doc_error.colno}): "

@@ -7,6 +7,10 @@ builds the pair from the base's offline checkpoint (flythinker.hub) plus the del
     FlyThinkerForCausalLM.from_pretrained("smollm2-135m-persona-empathy")
     flythinker.models.load_tokenizer("smollm2-135m-persona-empathy")   # the base model's tokenizer
 
+A name is a shipped pair only when no file or folder of that name exists where it is resolved: an existing path
+always means that path (as in transformers' `from_pretrained`), for `FlyThinkerForCausalLM.from_pretrained`,
+`flythinker.models.load_tokenizer` and `flythinker generate --model` alike (:func:`shipped_name`).
+
 This module imports nothing from flythinker (hub and modeling both read it). Reproduce a pair with the `recipe`
 command in its pair.json.
 """
@@ -27,6 +31,14 @@ def is_shipped(name_or_path: str | os.PathLike) -> bool:
     return isinstance(name_or_path, str) and name_or_path.lower() in SHIPPED_PAIRS
 
 
+def shipped_name(name_or_path: str | os.PathLike) -> str | None:
+    """The shipped pair `name_or_path` names (lower case), or None: not a shipped name, or a path that exists
+    (a local folder of the same name is that folder, never the shipped pair)."""
+    if not is_shipped(name_or_path) or Path(name_or_path).expanduser().exists():
+        return None
+    return str(name_or_path).lower()
+
+
 def pair_info(name: str) -> dict:
     """The parsed pair.json of a shipped pair."""
     if not is_shipped(name):
@@ -42,7 +54,7 @@ def deltas_path(name: str) -> Path:
 
 def base_of(name_or_path: str | os.PathLike) -> str | os.PathLike:
     """The base model a shipped pair is built from (its tokenizer is the pair's); anything else unchanged."""
-    return pair_info(name_or_path)["base"] if is_shipped(name_or_path) else name_or_path
+    return pair_info(name_or_path)["base"] if shipped_name(name_or_path) else name_or_path
 
 
-__all__ = ["DELTAS", "SHIPPED_PAIRS", "base_of", "deltas_path", "is_shipped", "pair_info"]
+__all__ = ["DELTAS", "SHIPPED_PAIRS", "base_of", "deltas_path", "is_shipped", "pair_info", "shipped_name"]

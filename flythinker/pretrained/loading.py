@@ -14,6 +14,7 @@ Two layouts, one set of weights:
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,13 +32,22 @@ Factors = dict[str, dict[str, torch.Tensor]]  # "<half>.<module path>" -> {"A": 
 def read_deltas(name: str, folder: str | os.PathLike | None) -> tuple[dict, dict[str, torch.Tensor], Factors]:
     """(pair.json, the named tensors, the LoRA factors) of shipped pair `name`, or of the retrained copy in
     `folder` (`flythinker demo --retrain`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    info = pair_info(name) if folder is None else json.loads((Path(folder) / "pair.json").read_text())
+    info = check_manifest(name, pair_info(name) if folder is None else _read_manifest(name, Path(folder)))
     path = deltas_path(name) if folder is None else Path(folder) / DELTAS
     named: dict[str, torch.Tensor] = {}
     factors: Factors = {}
-    for key, value in load_file(path).items():
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"shipped pair {name!r}: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"shipped pair {name!r}: {path.name} holds non-finite values (NaN/inf) in "
+                         f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+    for key, value in tensors.items():
         if key.endswith((".lora_A", ".lora_B")):
             factors.setdefault(key[: -len(".lora_A")], {})[key[-1]] = value
         else:
@@ -51,9 +61,86 @@ def read_deltas(name: str, folder: str | os.PathLike | None) -> tuple[dict, dict
     return info, named, factors
 
 
+def _read_manifest(name: str, folder: Path) -> dict:
+    path = folder / "pair.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"shipped pair {name!r}: {folder} has no pair.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"shipped pair {name!r}: {path} is not valid JSON ({exc})") from None
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_manifest(name: str, info: Any) -> dict:
+    """pair.json's fields that decide how the pair is built, checked (ValueError naming the field): `base` a
+    string, `fusion` an object, `reasoner_layers` a positive integer or absent, `lora` (when present) an object
+    whose `scaling` is a finite positive number, `rank` a positive integer and `targets` / `part` well formed."""
+    def bad(field: str, what: str):
+        return ValueError(f"shipped pair {name!r}: pair.json {field} must be {what}")
+
+    if not isinstance(info, dict):
+        raise bad("", "a JSON object")
+    if not isinstance(info.get("base"), str) or not info["base"]:
+        raise bad("'base'", "the name of its base model")
+    if not isinstance(info.get("fusion"), dict):
+        raise bad("'fusion'", "an object of fusion options")
+    k = info.get("reasoner_layers")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise bad("'reasoner_layers'", "a positive integer")
+    lora = info.get("lora")
+    if lora is None:
+        return info
+    if not isinstance(lora, dict):
+        raise bad("'lora'", "an object")
+    if "scaling" in lora and not (_finite_number(lora["scaling"]) and lora["scaling"] > 0):
+        raise bad("lora.scaling", f"a finite positive number, got {lora['scaling']!r}")
+    if "rank" in lora and (isinstance(lora["rank"], bool) or not isinstance(lora["rank"], int) or lora["rank"] < 1):
+        raise bad("lora.rank", f"a positive integer, got {lora['rank']!r}")
+    targets = lora.get("targets")
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise bad("lora.targets", "a list of module names")
+    if lora.get("part") not in (None, *LORA_PARTS):
+        raise bad("lora.part", f"one of {', '.join(LORA_PARTS)}")
+    return info
+
+
+LORA_PARTS = ("generator", "reasoner", "both")
+
+
+def check_lora_layers(name: str, info: dict, factors: Factors, model: torch.nn.Module) -> None:
+    """Every layer of each trained half (pair.json's `lora.part`) has factors for every `lora.targets` module: a
+    missing one would load as no change to that layer, a silently different model. ValueError naming them."""
+    lora = info.get("lora") or {}
+    targets, part = lora.get("targets"), lora.get("part")
+    if not targets or not part:
+        return
+    missing = []
+    for half in ("generator", "reasoner") if part == "both" else (part,):
+        n = getattr(getattr(model, half).config, "num_hidden_layers", 0)
+        for target in targets:
+            have = {int(m.split(".layers.", 1)[1].split(".", 1)[0]) for m in factors
+                    if m.startswith(f"{half}.") and ".layers." in m and m.endswith(f".{target}")}
+            lost = sorted(set(range(n)) - have)
+            if lost:
+                missing.append(f"{half} {target} of layers {lost[:6]}{' ...' if len(lost) > 6 else ''}")
+    if missing:
+        raise ValueError(f"shipped pair {name!r}: its deltas lack the LoRA factors pair.json lists: "
+                         f"{'; '.join(missing)}")
+
+
 def copy_named(model: torch.nn.Module, named: dict[str, torch.Tensor], name: str) -> None:
-    """Copy tensors named like a parameter or buffer of `model` (the projection, the latent statistics) into it."""
+    """Copy tensors named like a parameter or buffer of `model` (the projection, the latent statistics) into it.
+    Every saved tensor of the pair's own (the projection, the latent statistics: anything outside the two halves)
+    must be given: a missing one would stay at its initial value (a zero projection: no personalisation)."""
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    own = {k for k in model.state_dict() if not k.startswith(("generator.", "reasoner."))}
+    if own - set(named):
+        raise ValueError(f"shipped pair {name!r}: its deltas lack {', '.join(sorted(own - set(named)))} (the "
+                         "pair's own trained tensors)")
     for key, value in named.items():
         if key not in tensors or tuple(tensors[key].shape) != tuple(value.shape):
             raise ValueError(f"shipped pair {name!r}: delta {key} {tuple(value.shape)} matches no parameter")
@@ -110,6 +197,8 @@ def load_shipped(cls: type[FlyThinkerForCausalLM], name: str, folder: str | os.P
     from flythinker.hub import load_pretrained
 
     kwargs.pop("use_safetensors", None)
+    if shared_base is not None and not isinstance(shared_base, bool):
+        raise TypeError(f"shared_base must be True, False or None, got {shared_base!r}")
     if kwargs:
         raise TypeError(f"shipped pair {name!r} is loaded with dtype= / shared_base= only, got {sorted(kwargs)}")
     info, named, factors = read_deltas(name, folder)
@@ -131,8 +220,10 @@ def load_shipped(cls: type[FlyThinkerForCausalLM], name: str, folder: str | os.P
             rsn = truncated_reasoner(gen, k)
         model = cls.from_pair(gen, rsn, **info["fusion"])
         merge_factors(model.model, factors, scaling, name)
+    check_lora_layers(name, info, factors, model.model)
     copy_named(model.model, named, name)  # the deltas are keyed like the fused pair's (checkpoint) names
     return model.eval()
 
 
-__all__ = ["copy_named", "load_shipped", "merge_factors", "read_deltas", "set_adapters"]
+__all__ = ["check_lora_layers", "check_manifest", "copy_named", "load_shipped", "merge_factors", "read_deltas",
+           "set_adapters"]

@@ -20,6 +20,10 @@ What the subclass changes, and why:
 - **Refused** with a clear error: ``use_liger_kernel`` (its kernels patch modules by model type and would bypass or
   break the fusion), ``use_vllm`` and transformers continuous batching (neither knows the reasoner), tools and
   ``rollout_func`` (their prompts would not carry reasoner ids).
+- **Checkpoints** (``save_strategy="steps"``) are flythinker's (:class:`flythinker.training.trainer.
+  PickleFreeCheckpoints`): the pair reloads with ``from_pretrained``, optimizer / scheduler / RNG state are
+  safetensors + JSON (never unpickled), each checkpoint appears atomically, and ``train(resume_from_checkpoint=
+  True)`` continues from the newest complete one.
 - **Reference model** for ``beta > 0`` without PEFT: a frozen copy of the policy taken at construction (TRL would
   rebuild it from ``config._name_or_path``, which an in-memory pair does not have). With PEFT TRL disables the
   adapter instead.
@@ -42,6 +46,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from flythinker.configuration import IGNORE_INDEX
 from flythinker.decode import left_pad
 from flythinker.modeling import LIGER_REFUSAL, FlyThinkerForCausalLM
+from flythinker.training.trainer import PickleFreeCheckpoints
 
 REASONER_COLUMN = "reasoner_prompt_ids"
 PROMPT_IDS_COLUMN = "prompt_ids"
@@ -122,7 +127,7 @@ def train_only(model: Any, parts: tuple[str, ...] | list[str] = ("fusion",)) -> 
     return n
 
 
-class FlyThinkerGRPOTrainer(GRPOTrainer):
+class FlyThinkerGRPOTrainer(PickleFreeCheckpoints, GRPOTrainer):
     """``GRPOTrainer`` for a :class:`FlyThinkerForCausalLM` policy (see the module docstring for what changes).
 
     Arguments are those of ``trl.GRPOTrainer``; ``model`` must be a pair object (not a hub name).

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 XARG = "flythinker_reasoner_tokens"
+# the whole prompt's token count as the client or the server's middleware saw it: a request whose prompt the engine
+# receives at another length (truncate_prompt_tokens, a template change) is refused instead of split at Q anyway
+PROMPT_XARG = "flythinker_prompt_tokens"
 
 
 @dataclass
@@ -44,6 +47,33 @@ def reasoner_tokens(params) -> int:
         raise ValueError(f"vllm_xargs.{XARG} must be a non-negative integer (the reasoner view's token count at "
                          f"the start of the prompt), got {q!r}")
     return q
+
+
+def check_admitted(prompt_ids, params) -> None:
+    """ValueError unless a request is servable as the engine will run it (called on vLLM's final prompt ids, after
+    templating and truncation, before the request reaches the engine; see `flythinker.serving.register`).
+
+    A split request (Q = `reasoner_tokens(params)` > 0) needs 1 <= Q < len(prompt_ids) (the generator view needs a
+    token), the prompt length the client sent when it gave one (`PROMPT_XARG`), and no `prompt_logprobs` (the
+    reasoner-view positions have no generator distribution). Shared-context requests pass unchanged.
+    """
+    q = reasoner_tokens(params)
+    extra = getattr(params, "extra_args", None) or {}
+    sent = extra.get(PROMPT_XARG)
+    if not q:
+        if sent is not None:
+            raise ValueError(f"vllm_xargs.{PROMPT_XARG} is only meaningful with vllm_xargs.{XARG}")
+        return
+    n = len(prompt_ids or ())
+    if sent is not None and (isinstance(sent, bool) or not isinstance(sent, int) or sent != n):
+        raise ValueError(f"the split request's prompt reached the engine with {n} tokens instead of the {sent!r} "
+                         "sent (truncate_prompt_tokens and other prompt rewrites would cut a view)")
+    if not 1 <= q < n:
+        raise ValueError(f"vllm_xargs.{XARG} must be an integer in [1, {n - 1}] (the prompt has {n} tokens and "
+                         f"the generator view needs at least one), got {q}")
+    if getattr(params, "prompt_logprobs", None) is not None:
+        raise ValueError("prompt_logprobs is not available on a split request (its reasoner-view positions have no "
+                         "generator distribution)")
 
 
 def _logits_processor_base():
@@ -89,4 +119,4 @@ class SplitContextChannel(_logits_processor_base()):
                 ROWS[a] = ib
 
 
-__all__ = ["ROWS", "RowInfo", "SplitContextChannel", "XARG", "reasoner_tokens"]
+__all__ = ["PROMPT_XARG", "ROWS", "RowInfo", "SplitContextChannel", "XARG", "check_admitted", "reasoner_tokens"]

@@ -46,8 +46,10 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
         raise ServeError(f"{folder} is not a model folder (no config.json)")
     try:
         config = json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ServeError(f"{cfg} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ServeError(f"{cfg} is not a JSON object")
     model_type = config.get("model_type")
     if model_type != "flythinker":
         raise ServeError(f"{folder} holds a {model_type!r} model, not a flythinker pair (save one with "
@@ -59,6 +61,12 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
                          "(and the tokenizer beside it)")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ServeError(f"{folder} has no tokenizer: save the pair's tokenizer into it (tokenizer.save_pretrained)")
+    from flythinker.checkpoint import CheckpointError, check_folder
+
+    try:  # the weights before vLLM starts: a truncated or corrupt safetensors file is named here, not in an engine
+        check_folder(folder)
+    except CheckpointError as exc:
+        raise ServeError(str(exc)) from None
     return folder
 
 
@@ -98,14 +106,10 @@ def exec_vllm(argv: list[str]) -> None:
 
 def rewrite_body(body: bytes, path: str, tokenizer_loader) -> bytes | None:
     """The request body vLLM should see (None: unchanged); RequestError for a bad reasoner view."""
-    try:
-        data = json.loads(body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # vLLM answers malformed JSON itself (400)
-    if not isinstance(data, dict):
+    data = _parse(body)
+    if data is None:
         return None
-    xargs = data.get("vllm_xargs")
-    xargs = xargs if isinstance(xargs, dict) else {}
+    xargs = data.get("vllm_xargs") or {}
     for field in (*CHAT_FIELDS, *OTHER_FIELDS):
         if field in xargs:
             raise RequestError(f"{field!r} goes at the top level of the request, not in vllm_xargs")
@@ -115,7 +119,8 @@ def rewrite_body(body: bytes, path: str, tokenizer_loader) -> bytes | None:
                                "chat messages) or 'reasoner_prompt' (text) to /v1/chat/completions, or as prompt "
                                "ids + vllm_xargs.flythinker_reasoner_tokens to /v1/completions")
     if path == COMPLETIONS_PATH:
-        return _check_completion(data, xargs)
+        checked = _check_completion(data, xargs)
+        return None if checked is None else json.dumps(checked).encode()
     if "chat_template" in data:
         raise RequestError("a per-request chat_template is not accepted (the server's template renders both views)")
     views = [f for f in CHAT_FIELDS if f in data]
@@ -126,8 +131,24 @@ def rewrite_body(body: bytes, path: str, tokenizer_loader) -> bytes | None:
     return json.dumps(_split_chat(data, views[0], tokenizer_loader)).encode()
 
 
-def _check_completion(data: dict, xargs: dict) -> None:
-    from flythinker.serving.requests import XARG
+def _parse(body: bytes) -> dict | None:
+    """The request's JSON object (None: not an object, or not JSON: vLLM answers that itself with a 400)."""
+    try:
+        data = json.loads(body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply to parse") from None
+    if not isinstance(data, dict):
+        return None
+    for field in ("vllm_xargs", "chat_template_kwargs"):
+        if data.get(field) is not None and not isinstance(data[field], dict):
+            raise RequestError(f"{field} must be an object, got {type(data[field]).__name__}")
+    return data
+
+
+def _check_completion(data: dict, xargs: dict) -> dict | None:
+    from flythinker.serving.requests import PROMPT_XARG, XARG
 
     for field in CHAT_FIELDS:
         if field in data:
@@ -142,7 +163,9 @@ def _check_completion(data: dict, xargs: dict) -> None:
     if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q < len(prompt):
         raise RequestError(f"vllm_xargs.{XARG} must be an integer in [1, {len(prompt) - 1}] (the prompt has "
                            f"{len(prompt)} tokens and the generator view needs at least one), got {q!r}")
-    return None
+    # the engine-side check (flythinker.serving.requests.check_admitted) compares it with the prompt it receives
+    data["vllm_xargs"] = {**xargs, PROMPT_XARG: len(prompt)}
+    return data
 
 
 def _messages(value, field: str) -> list[dict]:
@@ -153,12 +176,19 @@ def _messages(value, field: str) -> list[dict]:
     if not ok:
         raise RequestError(f"{field!r} must be a non-empty list of {{'role': str, 'content': str}} messages "
                            "(or, for 'reasoner_prompt', a string)")
+    for m in value:
+        for text in (m["role"], m["content"]):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate ("\\ud800") decodes from JSON but is no text
+                raise RequestError(f"{field!r} holds a character that is not valid Unicode text "
+                                   f"({exc.object[exc.start:exc.end]!a} at {exc.start})") from None
     return value
 
 
 def _split_chat(data: dict, field: str, tokenizer_loader) -> dict:
     """Rewrite a chat request with a reasoner view into vLLM's terms (see CHAT_FIELDS above)."""
-    from flythinker.serving.requests import XARG
+    from flythinker.serving.requests import PROMPT_XARG, XARG
 
     reasoner = _messages(data.pop(field), field)
     messages = _messages(data.get("messages"), "messages")
@@ -177,7 +207,9 @@ def _split_chat(data: dict, field: str, tokenizer_loader) -> dict:
         raise RequestError("the reasoner view and the generator view do not tokenize apart with this tokenizer")
     data["chat_template"] = joined
     data["chat_template_kwargs"] = {**(data.get("chat_template_kwargs") or {}), "flythinker_reasoner_text": r_text}
-    data["vllm_xargs"] = {**(data.get("vllm_xargs") or {}), XARG: len(r_ids)}
+    # the prompt's length as rendered here: the engine-side check refuses the request if vLLM's prompt differs
+    # (truncate_prompt_tokens, a rendering drift), which would otherwise split it at the wrong token
+    data["vllm_xargs"] = {**(data.get("vllm_xargs") or {}), XARG: len(r_ids), PROMPT_XARG: len(ids)}
     # prefix caching hashes token ids: the same ids read as one shared prompt would give other KV entries
     data.setdefault("cache_salt", f"flythinker-split-{len(r_ids)}")
     return data

@@ -34,26 +34,15 @@ OPTIMIZER_TENSORS, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
 SCHEDULER_JSON, SCALER_JSON = "scheduler.json", "scaler.json"
 
 
-class FlyThinkerTrainer(Trainer):
-    """`Trainer` whose checkpoints always reload with `FlyThinkerForCausalLM.from_pretrained`: with LoRA the
-    saved weights have the adapters folded in (adapters alone are also written to `<checkpoint>/lora/<part>`,
-    which is what a resumed LoRA run loads back)."""
+class PickleFreeCheckpoints:
+    """Trainer mixin (before the `Trainer` class in the bases): checkpoints that always reload with
+    `FlyThinkerForCausalLM.from_pretrained` (with flythinker's LoRA the saved weights have the adapters folded in;
+    the adapters alone are also written to `<checkpoint>/lora/<part>`, which a resumed LoRA run loads back),
+    optimizer / scheduler / RNG state as safetensors + JSON, staged and moved into place atomically, and
+    `train(resume_from_checkpoint=True)` from the newest complete one. Used by `FlyThinkerTrainer` and
+    `flythinker.rl.FlyThinkerGRPOTrainer`."""
 
     _staging: Path | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if getattr(training_args, "use_liger_kernel", False):
-            from flythinker.modeling import LIGER_REFUSAL
-
-            raise ValueError(LIGER_REFUSAL)
-        super().__init__(*args, **kwargs)
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        """`Trainer.compute_loss`, refusing a batch longer than a model's `max_position_embeddings` (positions
-        past it were never trained: a 5.4k-token sequence used to train on a 2048-position SmolLM2)."""
-        check_positions(self.accelerator.unwrap_model(model), inputs)
-        return super().compute_loss(model, inputs, *args, **kwargs)
 
     # ---- saving ----------------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -210,6 +199,24 @@ class FlyThinkerTrainer(Trainer):
             load_lora_checkpoint(model, resume_from_checkpoint)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+class FlyThinkerTrainer(PickleFreeCheckpoints, Trainer):
+    """`Trainer` with :class:`PickleFreeCheckpoints` (LoRA-aware, atomic, pickle-free checkpoints and resuming)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "use_liger_kernel", False):
+            from flythinker.modeling import LIGER_REFUSAL
+
+            raise ValueError(LIGER_REFUSAL)
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        """`Trainer.compute_loss`, refusing a batch longer than a model's `max_position_embeddings` (positions
+        past it were never trained: a 5.4k-token sequence used to train on a 2048-position SmolLM2)."""
+        check_positions(self.accelerator.unwrap_model(model), inputs)
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 # ---- optimizer / RNG state without pickle ---------------------------------------------------------------------

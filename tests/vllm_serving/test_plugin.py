@@ -102,3 +102,50 @@ def test_rewrite_body_checks_reasoner_views():
 
 def _fake_tokenizer():
     raise AssertionError("the messages check comes first")
+
+
+def test_hostile_bodies_are_request_errors_and_split_prompts_carry_their_length():
+    """No engine needed: what the middleware refuses (a lone surrogate, a body nested too deeply, vllm_xargs that
+    is not an object) and the prompt length it adds to a split completion, which the engine-side check compares
+    with the prompt vLLM will run (test_serve.py's fuzz test does the same through a real server)."""
+    import json
+
+    from flythinker.serving.server import RequestError, rewrite_body
+
+    def no_tokenizer():
+        raise AssertionError("not needed")
+
+    for body, match in [(b'{"messages": [], "reasoner_prompt": "bad \\ud800 text"}', "not valid Unicode"),
+                        (b"[" * 100_000, "nested too deeply"),
+                        (b'{"messages": [], "reasoner_prompt": "x", "vllm_xargs": [1]}', "vllm_xargs must be")]:
+        with pytest.raises(RequestError, match=match):
+            rewrite_body(body, "/v1/chat/completions", no_tokenizer)
+    out = rewrite_body(json.dumps({"prompt": [5, 6, 7], "vllm_xargs": {"flythinker_reasoner_tokens": 1}}).encode(),
+                       "/v1/completions", no_tokenizer)
+    assert json.loads(out)["vllm_xargs"] == {"flythinker_reasoner_tokens": 1, "flythinker_prompt_tokens": 3}
+
+
+def test_admission_check_on_the_prompt_the_engine_runs():
+    from types import SimpleNamespace
+
+    from flythinker.serving.requests import check_admitted
+
+    def params(prompt_logprobs=None, **xargs):
+        return SimpleNamespace(extra_args=xargs, prompt_logprobs=prompt_logprobs)
+
+    check_admitted([1, 2, 3], params())  # shared context
+    check_admitted([1, 2, 3], params(flythinker_reasoner_tokens=2, flythinker_prompt_tokens=3))
+    for ids, p, match in [
+        ([1, 2, 3], params(flythinker_reasoner_tokens=3), r"\[1, 2\]"),  # no generator view left
+        ([1, 2], params(flythinker_reasoner_tokens=1, flythinker_prompt_tokens=5), "instead of the 5 sent"),
+        ([1, 2, 3], params(prompt_logprobs=1, flythinker_reasoner_tokens=1), "prompt_logprobs"),
+        ([1, 2, 3], params(flythinker_prompt_tokens=3), "only meaningful"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            check_admitted(ids, p)
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from flythinker.serving import install_admission_check
+
+    install_admission_check()
+    assert getattr(InputProcessor.process_inputs, "_flythinker_checked", False)  # register() installed it once

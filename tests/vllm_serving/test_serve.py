@@ -51,6 +51,7 @@ def server(suite, tmp_path_factory):
            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "0.02", "--served-model-name", "pair"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc.log_path = log  # read by the fuzz test
     base = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while not _healthy(base):
@@ -187,3 +188,77 @@ def test_bad_split_completions_get_400(server, q):
                                   extra_body={"vllm_xargs": {"flythinker_reasoner_tokens": q}})
     assert "flythinker_reasoner_tokens" in str(err.value)
     assert proc.poll() is None
+
+
+def _split_ids(ckpt) -> list[int]:
+    return _template(ckpt, REASONER) + _template(ckpt, MESSAGES)
+
+
+def _fuzz_cases(ckpt) -> dict[str, tuple[str, dict]]:
+    """Malformed requests, each one a request that reached (and stopped) the engine or raised in the middleware
+    before the server checked requests as the engine would run them. name -> (path, body)."""
+    ids, q = _split_ids(ckpt), len(_template(ckpt, REASONER))
+    chat = {"model": "pair", "messages": MESSAGES, "max_tokens": 2}
+    cmpl = {"model": "pair", "prompt": ids, "max_tokens": 2, "vllm_xargs": {"flythinker_reasoner_tokens": q}}
+    return {
+        "chat_xarg_past_prompt": ("/v1/chat/completions", {**chat, "vllm_xargs": {"flythinker_reasoner_tokens": 500}}),
+        "chat_xarg_string": ("/v1/chat/completions", {**chat, "vllm_xargs": {"flythinker_reasoner_tokens": "3"}}),
+        "chat_xarg_negative": ("/v1/chat/completions", {**chat, "vllm_xargs": {"flythinker_reasoner_tokens": -2}}),
+        "completion_truncated_below_split": ("/v1/completions", {**cmpl, "truncate_prompt_tokens": 4}),
+        "completion_truncated_keeps_split": ("/v1/completions", {**cmpl, "truncate_prompt_tokens": q + 2}),
+        "completion_truncated_right": ("/v1/completions", {**cmpl, "truncate_prompt_tokens": q + 2,
+                                                           "truncation_side": "right"}),
+        "chat_reasoner_truncated": ("/v1/chat/completions", {**chat, "reasoner_prompt": "help me please",
+                                                             "truncate_prompt_tokens": 5}),
+        "chat_reasoner_lone_surrogate": ("/v1/chat/completions", {**chat, "reasoner_prompt": "bad \ud800 text"}),
+        "completion_prompt_logprobs": ("/v1/completions", {**cmpl, "prompt_logprobs": 1}),
+        "chat_reasoner_prompt_logprobs": ("/v1/chat/completions", {**chat, "reasoner_prompt": "help me please",
+                                                                   "prompt_logprobs": 1}),
+        "completion_prompt_count_alone": ("/v1/completions", {"model": "pair", "prompt": ids, "max_tokens": 2,
+                                                              "vllm_xargs": {"flythinker_prompt_tokens": 3}}),
+        "xargs_a_list": ("/v1/chat/completions", {**chat, "reasoner_prompt": "x", "vllm_xargs": [1]}),
+        "template_kwargs_a_string": ("/v1/chat/completions", {**chat, "reasoner_prompt": "x",
+                                                              "chat_template_kwargs": "x"}),
+        "nested_body": ("/v1/chat/completions", None),
+    }
+
+
+def _raw_post(base: str, path: str, data: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_fuzz_malformed_requests_fail_alone(server):
+    """Every malformed request gets a 4xx naming the problem (no 5xx, no traceback in the server log), and
+    afterwards the server is healthy and still gives the split request's answer it gave before."""
+    client, ckpt, proc, base = server
+    log_start = proc.log_path.stat().st_size
+    ids, q = _split_ids(ckpt), len(_template(ckpt, REASONER))
+
+    def split_answer():
+        return client.completions.create(model="pair", prompt=ids, max_tokens=N, temperature=0.0,
+                                         extra_body={"min_tokens": N, "return_token_ids": True,
+                                                     "vllm_xargs": {"flythinker_reasoner_tokens": q}}
+                                         ).choices[0].token_ids
+
+    before = split_answer()
+    got = {}
+    for name, (path, body) in sorted(_fuzz_cases(ckpt).items()):
+        data = b"[" * 100_000 if body is None else json.dumps(body).encode()
+        got[name] = _raw_post(base, path, data)
+        assert proc.poll() is None, f"{name} stopped the server"
+    wrong = {k: v for k, v in got.items() if not 400 <= v[0] < 500}
+    assert not wrong, wrong
+    assert "flythinker_reasoner_tokens" in got["chat_xarg_past_prompt"][1]
+    assert "instead of the" in got["completion_truncated_below_split"][1]
+    assert "not valid unicode" in got["chat_reasoner_lone_surrogate"][1].lower()
+    assert "prompt_logprobs" in got["completion_prompt_logprobs"][1]
+    assert _healthy(base)
+    assert split_answer() == before
+    with open(proc.log_path, "rb") as fh:
+        fh.seek(log_start)
+        assert b"Traceback" not in fh.read()
