@@ -112,7 +112,8 @@ def _evidence(d: dict) -> Evidence:
     ev = d.get("evidence")
     if isinstance(ev, dict):
         idx = ev.get("utterance_index")
-        return Evidence(_opt_str(ev.get("session_id")), idx if isinstance(idx, int) else None, str(ev.get("text") or ""))
+        idx = idx if isinstance(idx, int) else None
+        return Evidence(_opt_str(ev.get("session_id")), idx, str(ev.get("text") or ""))
     return Evidence(text=str(d.get("evidence_text") or (ev if isinstance(ev, str) else "") or ""))
 
 

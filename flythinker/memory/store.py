@@ -7,8 +7,9 @@ File layout (``<folder>/<user_id>.json``)::
                   "source": "...", "before": {...} | null}]}
 
 Policy when storing: an item labelled ``Constraints_and_Boundaries/Do_Not_Remember`` is never stored -- the store
-records a ``refuse`` action with the memory id but not the value (the user asked for it to be forgotten). Constraint items (disliked / sensitive
-topics) are stored and are the first thing the reasoner's view shows (see :mod:`flythinker.memory.reasoner`).
+records a ``refuse`` action with the memory id but not the value (the user asked for it to be forgotten).
+Constraint items (disliked / sensitive topics) are stored and are the first thing the reasoner's view shows
+(see :mod:`flythinker.memory.reasoner`).
 """
 
 from __future__ import annotations
