@@ -19,6 +19,7 @@ output schema; it is not the paper's LLM judge (see docs/alpsbench.md for what d
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,9 +46,20 @@ class MatchWeights:
     coverage_weight: float = 0.40
 
 
-def normalize_text(s: str | None) -> str:
-    """Lower-case, punctuation (except ``/ . -``) to spaces, whitespace collapsed."""
-    return _WS.sub(" ", _PUNCT.sub(" ", (s or "").lower().strip())).strip()
+@functools.lru_cache(maxsize=1 << 16)
+def _normalize(s: str) -> str:
+    return _WS.sub(" ", _PUNCT.sub(" ", s.lower().strip())).strip()
+
+
+def normalize_text(s: Any) -> str:
+    """Lower-case, punctuation (except ``/ . -``) to spaces, whitespace collapsed (non-strings: their JSON)."""
+    if s is None:
+        return ""
+    if not isinstance(s, str):
+        import json
+
+        s = json.dumps(s, ensure_ascii=False)
+    return _normalize(s)
 
 
 def label_similarity(a: str | None, b: str | None) -> float:

@@ -1,24 +1,48 @@
 """Memory retrieval: rank a user's memories (or a candidate pool) for a query.
 
-:class:`BM25Retriever` is Okapi BM25 (``bm25s``, ``method="robertson"``, k1=1.5, b=0.75) over the memory values,
-tokenised by ``bm25s`` with English stop words removed and NLTK's Porter stemmer when NLTK is installed -- the
-same recipe as AlpsBench's ``nltk + bm25`` baseline, on a maintained implementation.
+:class:`BM25Retriever` is BM25 (``bm25s``, k1=1.5, b=0.75) over the memory values: ``method="lucene"`` by default
+(its IDF stays positive, which a user's handful of memories needs: Robertson's IDF is 0 for a term in half the
+documents), ``"robertson"`` for the Okapi variant of AlpsBench's baseline (``rank_bm25.BM25Okapi``).
+Text is tokenised the way ``bm25s.tokenize`` does it (lower case, ``\\b\\w\\w+\\b`` tokens, ``bm25s``'s English
+stop words) and stemmed with NLTK's Porter stemmer when NLTK is installed -- AlpsBench's ``nltk + bm25``
+baseline recipe on a maintained BM25. Tokenisation is memoised per text, so scoring many pools drawn from one
+memory bank tokenises each memory once.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
-def _stemmer():
+
+@functools.lru_cache(maxsize=1)
+def _stem_fn():
     try:
         from nltk.stem import PorterStemmer
     except ImportError:  # bm25s works without a stemmer; scores then differ slightly from the paper's recipe
         return None
-    stem = PorterStemmer().stem
-    return lambda words: [stem(w) for w in words]
+    return functools.lru_cache(maxsize=1 << 18)(PorterStemmer().stem)
+
+
+@functools.lru_cache(maxsize=1)
+def _stopwords() -> frozenset[str]:
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return frozenset(STOPWORDS_EN)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def tokenize(text: str, stem: bool = True) -> tuple[str, ...]:
+    """Lower-cased word tokens of ``text`` without English stop words, Porter-stemmed when ``stem`` (and NLTK)."""
+    stop = _stopwords()
+    words = [w for w in _TOKEN.findall(text.lower()) if w not in stop]
+    fn = _stem_fn() if stem else None
+    return tuple(fn(w) for w in words) if fn else tuple(words)
 
 
 class BM25Retriever:
@@ -27,30 +51,25 @@ class BM25Retriever:
     Args:
         texts: the documents (memory values).
         k1, b: BM25 parameters.
-        stem: use the Porter stemmer (NLTK) when available.
+        stem: Porter-stem tokens (NLTK) when available.
+        method: ``bm25s`` variant (``lucene``, ``robertson``, ``atire``, ``bm25l``, ``bm25+``).
     """
 
-    def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75, stem: bool = True):
+    def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75, stem: bool = True,
+                 method: str = "lucene"):
         import bm25s
 
         if not texts:
             raise ValueError("BM25Retriever needs at least one document")
-        self._bm25s = bm25s
-        self._stem = _stemmer() if stem else None
+        self.stem = stem
         self.n = len(texts)
-        corpus = self._tokens(list(texts))
-        self.model = bm25s.BM25(k1=k1, b=b, method="robertson")
-        self.model.index(corpus, show_progress=False)
-
-    def _tokens(self, texts: list[str]) -> list[list[str]]:
-        return self._bm25s.tokenize(texts, stopwords="en", stemmer=self._stem, return_ids=False,
-                                    show_progress=False)
+        self.model = bm25s.BM25(k1=k1, b=b, method=method)
+        self.model.index([list(tokenize(t, stem)) for t in texts], show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every document for ``query`` (zeros when no query term is indexed)."""
-        q = self._tokens([query])[0]
         vocab = self.model.vocab_dict
-        q = [t for t in q if t in vocab]
+        q = [t for t in tokenize(query, self.stem) if t in vocab]
         if not q:
             return np.zeros(self.n, dtype=np.float32)
         return np.asarray(self.model.get_scores(q), dtype=np.float32)
@@ -62,4 +81,4 @@ class BM25Retriever:
         return [int(i) for i in (order if k is None else order[:k])]
 
 
-__all__ = ["BM25Retriever"]
+__all__ = ["BM25Retriever", "tokenize"]
