@@ -56,10 +56,10 @@ def main() -> None:
     t0 = time.time()
     load0 = os.getloadavg()
     packets = [p for p in iter_packets(args.data, args.limit) if p.task1_gold is not None]
-    greedy = score_released_task1(packets, list(PAPER_TASK1), with_rule_judge=args.rule_judge)
-    optimal = score_released_task1(packets, list(PAPER_TASK1), matcher="optimal")
-    models = {m: {"paper": PAPER_TASK1[m], "greedy": greedy[m], "optimal": optimal[m],
-                  "diff": greedy[m]["algo"]["mean"] - PAPER_TASK1[m]} for m in PAPER_TASK1}
+    scored = score_released_task1(packets, list(PAPER_TASK1), with_rule_judge=args.rule_judge)
+    greedy = {m: scored[m]["greedy"] for m in PAPER_TASK1}
+    models = {m: {"paper": PAPER_TASK1[m], **scored[m], "diff": greedy[m]["algo"]["mean"] - PAPER_TASK1[m]}
+              for m in PAPER_TASK1}
     paper_rank = sorted(PAPER_TASK1, key=lambda m: -PAPER_TASK1[m])
     our_rank = sorted(PAPER_TASK1, key=lambda m: -greedy[m]["algo"]["mean"])
     report = {

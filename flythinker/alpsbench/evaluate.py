@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .data import Packet
-from .matching import MatchWeights, rule_reviews, score_record
+from .matching import pair_table, rule_reviews, score_record
 from .retrieval_task import candidate_pool, memory_bank, selection_scores
 
 #: The paper's Table 2, Task 1 (extraction score), keyed by the model names of the released outputs.
@@ -33,26 +33,31 @@ def mean_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict[
             "n": int(x.size)}
 
 
-def score_released_task1(packets: Sequence[Packet], models: Sequence[str] | None = None, matcher: str = "greedy",
-                         with_rule_judge: bool = False, progress: Callable | None = None) -> dict[str, Any]:
+def score_released_task1(packets: Sequence[Packet], models: Sequence[str] | None = None,
+                         matchers: Sequence[str] = ("greedy", "optimal"), with_rule_judge: bool = False,
+                         progress: Callable | None = None) -> dict[str, Any]:
     """Score every model's released Task 1 output against the gold memories of each packet that carries both.
 
-    Returns ``{model: {"algo": mean_ci, "f1": ..., "precision": ..., "recall": ..., "quality": ...,
-    ["rule_blend": ...]}}`` over the sessions."""
+    Returns ``{model: {matcher: {"algo": mean_ci, "f1", "precision", "recall", "quality"}, ["rule_blend":
+    mean_ci of the greedy 50/50 blend with :func:`rule_reviews`]}}`` over the sessions (one pair table per
+    session and model, shared by the matchers)."""
     models = list(models or sorted({m for p in packets for m in p.task1_outputs}))
+    keys = ("algo", "f1", "precision", "recall", "quality")
     out: dict[str, Any] = {}
     for name in models:
-        rows: dict[str, list[float]] = {k: [] for k in ("algo", "f1", "precision", "recall", "quality")}
+        rows = {mt: {k: [] for k in keys} for mt in matchers}
         blend: list[float] = []
         it = [p for p in packets if p.task1_gold is not None and name in p.task1_outputs]
         for p in progress(it, desc=name) if progress else it:
-            r = score_record(p.task1_gold, p.task1_outputs[name], MatchWeights(), matcher)
-            for k in rows:
-                rows[k].append(getattr(r, k))
+            gold, pred = p.task1_gold, p.task1_outputs[name]
+            table = pair_table(gold, pred)
+            for mt in matchers:
+                r = score_record(gold, pred, matcher=mt, table=table)
+                for k in keys:
+                    rows[mt][k].append(getattr(r, k))
             if with_rule_judge:
-                blend.append(score_record(p.task1_gold, p.task1_outputs[name], matcher=matcher,
-                                          reviewer=rule_reviews).final)
-        out[name] = {k: mean_ci(v) for k, v in rows.items()}
+                blend.append(score_record(gold, pred, reviewer=rule_reviews, table=table).final)
+        out[name] = {mt: {k: mean_ci(v) for k, v in rows[mt].items()} for mt in matchers}
         if with_rule_judge:
             out[name]["rule_blend"] = mean_ci(blend)
     return out

@@ -115,14 +115,22 @@ def pair_score(g: MemoryItem, p: MemoryItem, w: MatchWeights = MatchWeights()) -
     return Pair(-1, -1, min(1.0, max(0.0, s)), ls, vs, tm, cs)
 
 
-def match_items(gold: Sequence[MemoryItem], pred: Sequence[MemoryItem], w: MatchWeights = MatchWeights(),
-                matcher: str = "greedy") -> list[Pair]:
-    """One-to-one matching of ``gold`` and ``pred`` (``greedy``: best pairs first, as the paper's default;
-    ``optimal``: maximum total score, scipy's assignment), pairs below ``w.min_pair_score`` dropped."""
+def pair_table(gold: Sequence[MemoryItem], pred: Sequence[MemoryItem], w: MatchWeights = MatchWeights()
+               ) -> list[list[Pair]]:
+    """``table[i][j]``: the :class:`Pair` of gold item ``i`` and predicted item ``j``."""
     table = [[pair_score(g, p, w) for p in pred] for g in gold]
     for i, row in enumerate(table):
         for j, pr in enumerate(row):
             pr.gold, pr.pred = i, j
+    return table
+
+
+def match_items(gold: Sequence[MemoryItem], pred: Sequence[MemoryItem], w: MatchWeights = MatchWeights(),
+                matcher: str = "greedy", table: list[list[Pair]] | None = None) -> list[Pair]:
+    """One-to-one matching of ``gold`` and ``pred`` (``greedy``: best pairs first, as the paper's default;
+    ``optimal``: maximum total score, scipy's assignment), pairs below ``w.min_pair_score`` dropped.
+    ``table``: a :func:`pair_table` already computed for these items (two matchers, one table)."""
+    table = pair_table(gold, pred, w) if table is None else table
     if matcher == "optimal":
         return _optimal(table, w.min_pair_score)
     if matcher != "greedy":
@@ -172,11 +180,11 @@ class RecordScore:
 
 def score_record(gold: Sequence[MemoryItem], pred: Sequence[MemoryItem], w: MatchWeights = MatchWeights(),
                  matcher: str = "greedy", reviewer: Callable[..., dict] | None = None,
-                 judge_weight: float = 0.5) -> RecordScore:
+                 judge_weight: float = 0.5, table: list[list[Pair]] | None = None) -> RecordScore:
     """Score one record. ``reviewer(gold, pred, pairs, missing, extra) -> reviews`` (the judge's schema:
     ``pair_reviews``, ``missing_reviews``, ``extra_reviews``); with it ``final = (1 - judge_weight) * algo +
-    judge_weight * judge``, without it ``final = algo``."""
-    pairs = match_items(gold, pred, w, matcher)
+    judge_weight * judge``, without it ``final = algo``. ``table``: a precomputed :func:`pair_table`."""
+    pairs = match_items(gold, pred, w, matcher, table)
     tp = len(pairs)
     p = tp / len(pred) if pred else 0.0
     r = tp / len(gold) if gold else 0.0
@@ -237,5 +245,5 @@ def rule_reviews(gold: Sequence[MemoryItem], pred: Sequence[MemoryItem], pairs: 
 
 
 __all__ = ["PAIR_PENALTY", "MatchWeights", "Pair", "RecordScore", "confidence_similarity", "judge_penalty_score",
-           "label_similarity", "match_items", "normalize_text", "pair_score", "rule_reviews", "score_record",
-           "value_similarity"]
+           "label_similarity", "match_items", "normalize_text", "pair_score", "pair_table", "rule_reviews",
+           "score_record", "value_similarity"]
