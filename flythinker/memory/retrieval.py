@@ -3,9 +3,10 @@
 :class:`BM25Retriever` is BM25 (``bm25s``, k1=1.5, b=0.75) over the memory values: ``method="lucene"`` by default
 (its IDF stays positive, which a user's handful of memories needs: Robertson's IDF is 0 for a term in half the
 documents), ``"robertson"`` for the Okapi variant of AlpsBench's baseline (``rank_bm25.BM25Okapi``).
-Text is tokenised the way ``bm25s.tokenize`` does it (lower case, ``\\b\\w\\w+\\b`` tokens, ``bm25s``'s English
-stop words) and stemmed with NLTK's Porter stemmer when NLTK is installed -- AlpsBench's ``nltk + bm25``
-baseline recipe on a maintained BM25. Tokenisation is memoised per text, so scoring many pools drawn from one
+Text is tokenised the way ``bm25s.tokenize`` does it (lower case, ``\\b\\w\\w+\\b`` tokens), without the
+179 English stop words of ``bm25s`` (``STOPWORDS_EN_PLUS``, NLTK's list size), and stemmed with NLTK's Porter
+stemmer when NLTK is installed -- AlpsBench's ``nltk + bm25`` baseline recipe on a maintained BM25 (the paper
+tokenised with NLTK's ``word_tokenize``). Tokenisation is memoised per text, so scoring many pools drawn from one
 memory bank tokenises each memory once.
 """
 
@@ -31,9 +32,9 @@ def _stem_fn():
 
 @functools.lru_cache(maxsize=1)
 def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_EN
+    from bm25s.stopwords import STOPWORDS_EN_PLUS
 
-    return frozenset(STOPWORDS_EN)
+    return frozenset(STOPWORDS_EN_PLUS)
 
 
 @functools.lru_cache(maxsize=1 << 17)
