@@ -180,6 +180,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def session_split(session_id: str, test_share: int = 5) -> str:
+    """``"test"`` for one session in ``test_share`` (by SHA-256 of the id, so fixed and independent of file order),
+    else ``"train"``: the split by session that training and held-out evaluation share."""
+    import hashlib
+
+    return "test" if int(hashlib.sha256(session_id.encode()).hexdigest(), 16) % test_share == 0 else "train"
+
+
 def _dialogue_rows(turns: list[Turn]) -> list[dict[str, str]]:
     return [{"role": t.role, "text": t.text} for t in turns]
 
@@ -221,4 +229,4 @@ def release_rows(packet: Packet, task: str, ability: str | None = None) -> list[
 
 
 __all__ = ["AlpsBenchDataError", "Packet", "Task2Item", "Task3Item", "Task4Item", "Turn", "iter_packets",
-           "load_packet", "packet_from_dict", "packet_paths", "read_jsonl", "release_rows"]
+           "load_packet", "packet_from_dict", "packet_paths", "read_jsonl", "release_rows", "session_split"]
