@@ -65,7 +65,7 @@ def main() -> None:
         sample = random.Random(args.seed).sample(sample, args.sessions)
     res = retrieval_accuracy(sample, bm25_ranker, DISTRACTOR_LEVELS, seed=args.seed, bank_packets=packets)
     report = {
-        "what": "BM25 (bm25s, robertson k1=1.5 b=0.75, bm25s 179-word English stop list, NLTK Porter stemmer) on Task 3",
+        "what": "BM25 (bm25s, robertson k1=1.5 b=0.75, 179-word English stop list, NLTK Porter stemmer) on Task 3",
         "n_sessions": len(sample), "bank_sessions": len(packets), "seed": args.seed,
         "levels": {str(n): v for n, v in res.items()}, "paper_bm25": {str(n): v for n, v in PAPER_BM25.items()},
         "wall_s": time.time() - t0, "loadavg_start": load0, "loadavg_end": os.getloadavg(), "data": str(args.data),
