@@ -65,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="record views: split (reasoner reads history, generator the query) or shared")
     inp.add_argument("--max-reasoner-tokens", type=positive_int, default=1024,
                      help="token budget of the reasoner's view of a record; oldest history dropped first")
+    inp.add_argument("--memory", metavar="FILE",
+                     help="a memory store (flythinker.memory) or an AlpsBench session packet: the reasoner reads "
+                          "the memories --prompt needs (constraints first, then BM25), within --max-reasoner-tokens")
+    inp.add_argument("--memory-turns", type=nonneg_int, default=0,
+                     help="with --memory: also give the reasoner up to N most recent dialogue turns (default: 0)")
     add_sampling_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
@@ -172,12 +177,32 @@ def _record_prompts(args: argparse.Namespace, tokenizer) -> Prompts:
     return Prompts(g, r, f"record {record.record_id!r} ({args.mode} context){note}")
 
 
+def _memory_prompts(args: argparse.Namespace, tokenizer) -> Prompts:
+    import torch
+
+    from flythinker.memory.reasoner import load_memories, memory_views
+
+    if args.prompt is None or args.record or args.reasoner_prompt is not None:
+        raise CLIError("--memory needs --prompt (the query) and neither --record nor --reasoner-prompt")
+    try:
+        memories, turns, what = load_memories(args.memory)
+        mv = memory_views(memories, args.prompt, tokenizer, max_reasoner_tokens=args.max_reasoner_tokens,
+                          recent_turns=turns[-args.memory_turns:] if args.memory_turns else ())
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    note = f", {len(mv.dropped_ids)} left out to fit" if mv.dropped_ids else ""
+    return Prompts(torch.tensor([mv.views.generator_prompt_ids]), torch.tensor([mv.views.reasoner_prompt_ids]),
+                   f"{what}: {len(mv.used_ids)} in the reasoner's view{note}, {mv.recent_turns} recent turns")
+
+
 def build_prompts(args: argparse.Namespace, tokenizer) -> Prompts:
-    """Prompt ids from --prompt/--reasoner-prompt or from a persona record file."""
+    """Prompt ids from --prompt/--reasoner-prompt, a persona record file, or a memory store (--memory)."""
     import torch
 
     if args.record and args.prompt:
         raise CLIError("give either --prompt or --record, not both")
+    if getattr(args, "memory", None):
+        return _memory_prompts(args, tokenizer)
     if args.record:
         return _record_prompts(args, tokenizer)
     if args.prompt is None:
@@ -206,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if args.record and not Path(args.record).expanduser().is_file():  # fail before loading any model
         raise CLIError(f"record file not found: {args.record}")
+    if args.memory and not Path(args.memory).expanduser().is_file():
+        raise CLIError(f"memory file not found: {args.memory}")
     model, tokenizer = load_model(args)
     model = model.to(device).eval()
     pair = isinstance(model, FlyThinkerForCausalLM)
