@@ -10,7 +10,7 @@ case) and, separately, to the embedding too. Timings on a shared machine drift, 
 baseline measured in the same run, interleaved round-robin (median of rounds), with os.getloadavg() recorded.
 Bandwidth: bytes the op must move (gathered rows + latents read, output written; backward: grad rows read,
 latent grads written) / time, against torch.clone of a tensor moving the same number of bytes.
-Targets (issue 2): C++ >= 2x the eager twin, >= 60% of clone bandwidth. The GPU section (CUDA only) times the
+Targets: C++ >= 2x the eager twin, >= 60% of clone bandwidth. The GPU section (CUDA only) times the
 Triton kernels with triton.testing.do_bench.
 """
 

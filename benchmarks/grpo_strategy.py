@@ -5,7 +5,7 @@
 
 Pair: generator SmolLM2-135M-Instruct, reasoner the first 8 of its 30 layers (+ final norm) from the same
 checkpoint (the offline model; no personalised pair had landed; the full reasoner was ~4x slower per step),
-``fusion_lambda`` small so the pretrained generator still writes English (DESIGN.md 1: lambda 0.5 doubles its loss
+``fusion_lambda`` small so the pretrained generator still writes English (docs/fusion.md: lambda 0.5 doubles its loss
 before training). Split context: the reasoner reads the user's history + query, the generator the query only.
 LoRA (r=8, q/v projections of both models) through TRL's ``peft_config``. Reward: :class:`flythinker.rl.TraitReward`
 (fraction of the 3 hidden traits the rule-based classifier reads in the completion).

@@ -5,7 +5,7 @@ generator reads it?
 
 In split context the generator's last prompt position, the one that predicts the first response token (which sets
 the strategy: "I am truly sorry ..." vs "Here is a practical plan ."), receives the reasoner's latent from the
-reasoner's *second-to-last* prompt position (DESIGN.md §2, the one-position lag): the `assistant` of
+reasoner's *second-to-last* prompt position (docs/design.md, the one-position lag): the `assistant` of
 `<|im_start|>assistant\\n`. This script fits an L2 logistic-regression probe per trait on the reasoner's final
 hidden state (what `fuse` receives) at that position; for comparison, at the last prompt position (`\\n`), averaged
 over the prompt, and for reasoners truncated to their first k layers (a cheaper reasoner). It fits on one record of

@@ -1,4 +1,4 @@
-"""Aten ops per decoded token (issue 12, "decode at the cost of one model"): a count of the ops one decode step
+"""Aten ops per decoded token ("decode at the cost of one model"): a count of the ops one decode step
 dispatches, the per-op overhead being what a small model's batch-1 CPU step pays beside streaming its weights.
 
 Counted with a `TorchDispatchMode` over one step after a warm step, under inference_mode: every op that reaches the

@@ -1,4 +1,4 @@
-"""Decode speed of the shipped pair at the demo's setting (issue 16: flythinker's tokens/s >= 0.8x the generator
+"""Decode speed of the shipped pair at the demo's setting (target: flythinker's tokens/s >= 0.8x the generator
 alone's in the same run).
 
     .venv/bin/python -m benchmarks.shipped_pair_decode [--users 6] [--rounds 2] [--fixed-tokens 64]
@@ -44,7 +44,7 @@ from benchmarks._common import RESULTS, write_json  # noqa: E402
 
 SHIPPED = "smollm2-135m-persona-empathy"
 BASELINE = "generator as shipped"
-TARGET = 0.8  # issue 16: flythinker's tokens/s over the generator alone's
+TARGET = 0.8  # flythinker's tokens/s over the generator alone's
 
 
 @contextlib.contextmanager

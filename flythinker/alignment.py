@@ -1,4 +1,4 @@
-"""Which generator position receives which reasoner latent (DESIGN.md sections 1-2), with padding on both sides.
+"""Which generator position receives which reasoner latent (docs/design.md), with padding on both sides.
 
 Conventions shared with `flythinker.kernels.latent_fuse`: a latent tensor `latent [B, T, H_r]` holds at slot t the
 latent fused into generator position t + 1, `mask [B, T]` says whether slot t is fused at all, and `prev [B, H_r]`

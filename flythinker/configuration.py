@@ -1,4 +1,4 @@
-"""FlyThinkerConfig: the generator and reasoner configs as sub-configs plus the fusion fields (DESIGN.md 1, 4).
+"""FlyThinkerConfig: the generator and reasoner configs as sub-configs plus the fusion fields (docs/design.md).
 
 Naming the generator sub-config `generator` makes `config.get_text_config(decoder=True)` resolve to it, so HF's
 generation plumbing (eos/pad ids, default cache config, ...) sees the generator.

@@ -1,4 +1,4 @@
-"""Shared-base pairs (DESIGN.md 2 "Shared base", issue 12): one base model, a generator LoRA adapter and a reasoner
+"""Shared-base pairs (docs/design.md, "Shared base"): one base model, a generator LoRA adapter and a reasoner
 LoRA adapter, the base weights held once.
 
 Layout. `model.generator` and `model.reasoner` stay two full HF causal LMs (every existing path, training and

@@ -1,8 +1,8 @@
-"""A reasoner smaller than the generator, made offline from the generator itself (issue 12).
+"""A reasoner smaller than the generator, made offline from the generator itself.
 
 The paper pairs a 1.5B reasoner with a 7B generator. With one checkpoint at hand, the natural small reasoner is a
 layer-truncated copy: the generator's first k decoder layers and its final norm (the latent is the output of the
-last normalisation layer, DESIGN.md 1, so the final norm stays). It shares the vocabulary and the hidden size, so
+last normalisation layer, docs/design.md, so the final norm stays). It shares the vocabulary and the hidden size, so
 `projection="pad"` works, and it is an ordinary HF causal LM (LoRA-trainable with peft like any model; its LM head
 never runs in a pair). Per decode step it streams k/L of the weights of a layer stack.
 """

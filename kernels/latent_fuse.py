@@ -1,6 +1,6 @@
 """Fused embedding gather + latent fusion: `flythinker.kernels.latent_fuse`.
 
-    e_t = E[x_t] + lam * m_{t-1} * (c / max(||h_{t-1}||, eps)) * P(h_{t-1})     (DESIGN.md section 1)
+    e_t = E[x_t] + lam * m_{t-1} * (c / max(||h_{t-1}||, eps)) * P(h_{t-1})     (docs/design.md, Fusion rule)
 
 One pass per output row: gather E[x_t], take h_{t-1} (prev_latent at t = 0), its L2 norm, rescale to the norm
 target c, pad (or add the "linear" projection), multiply by lam and the SOURCE mask m_{t-1}, add, store.
@@ -401,7 +401,7 @@ def latent_fuse(
     backend: str | None = None,
     check_inputs: bool = True,
 ) -> torch.Tensor:  # [B, T, H_g] in weight.dtype
-    """Generator input embeddings with the reasoner's latents fused in (DESIGN.md section 1).
+    """Generator input embeddings with the reasoner's latents fused in (docs/design.md, Fusion rule).
 
     norm_target: "vocab_mean" (mean row norm of `weight`, a constant), "token" (||E[x_t]||, differentiable
     unless detach_norm), or a fixed float / 0-dim tensor (e.g. a cached vocab mean: avoids re-reading the table).

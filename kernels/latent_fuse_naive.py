@@ -1,6 +1,6 @@
 """Plain-PyTorch twin of the fused latent-fusion op: short, obvious, the oracle for tests and the fallback.
 
-    e_t = E[x_t] + lam * m_{t-1} * (c / max(||h_{t-1}||, eps)) * P(h_{t-1})     (DESIGN.md section 1)
+    e_t = E[x_t] + lam * m_{t-1} * (c / max(||h_{t-1}||, eps)) * P(h_{t-1})     (docs/design.md, Fusion rule)
 
 `h_{-1}` is `prev_latent` (fused with multiplier 1; zero a row to disable it) or absent (no fusion at t=0).
 `mask[b, t]` belongs to the SOURCE latent h_t: it gates whether h_t is fused into position t + 1.

@@ -1,4 +1,4 @@
-"""Every user error of the issue-15 probe ends in one line, `flythinker: error: ...`, exit status 2, no traceback:
+"""Every user error probed here ends in one line, `flythinker: error: ...`, exit status 2, no traceback:
 bad model folders under `generate --model`, `train --model` and `train --generator`, and bad option values.
 Add a row to a table to cover a new case."""
 

@@ -1,4 +1,4 @@
-"""Concurrent think-while-generating decode (issue 5): parallel == sequential, fast_generate == generate,
+"""Concurrent think-while-generating decode: parallel == sequential, fast_generate == generate,
 pipelined prefill == plain prefill, clean worker shutdown."""
 
 from __future__ import annotations

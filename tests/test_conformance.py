@@ -1,4 +1,4 @@
-"""Conformance defects of issue 15 (found by transformers' common tests and an API probe), one test each.
+"""Conformance defects (found by transformers' common tests and an API probe), one test each.
 
 Each test failed on the code before its fix; tests/test_hf_common.py runs transformers' own mixins.
 """

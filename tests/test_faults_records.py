@@ -1,5 +1,5 @@
 """Bad records and over-long data: a clear error naming file/record/field, or a counted and reported cut, never a
-silent wrong answer (issue 15, "Records")."""
+silent wrong answer."""
 
 import json
 

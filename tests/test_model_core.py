@@ -22,7 +22,7 @@ from flythinker.configuration import IGNORE_INDEX
 
 
 def reference_logits(model: FlyThinkerForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None = None):
-    """The fused forward written out from DESIGN.md section 1, independent of the model's own plumbing."""
+    """The fused forward written out from docs/design.md ("Fusion rule"), independent of the model's own plumbing."""
     cfg = model.config
     mask = torch.ones_like(ids) if mask is None else mask
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -228,7 +228,7 @@ def test_vocab_mean_cached_at_inference_and_refreshed_on_change():
     model = tiny_pair(fusion_lambda=0.5)
     W = model.generator.get_input_embeddings().weight
     c1 = model._norm_target()
-    # a 0-dim tensor, not a float: no host sync (issue 15); the same object while the table is unchanged
+    # a 0-dim tensor, not a float: no host sync; the same object while the table is unchanged
     assert isinstance(c1, torch.Tensor) and c1.dim() == 0 and model._norm_target() is c1
     with torch.no_grad():
         W.mul_(2.0)  # in-place change bumps the version counter

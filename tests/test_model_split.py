@@ -1,4 +1,4 @@
-"""Split context (DESIGN.md 2) and fuse_prompt=False against explicit per-position reference computations."""
+"""Split context (docs/design.md) and fuse_prompt=False against explicit per-position reference computations."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def test_bad_model_arguments(pair):
 def test_bad_forward_and_generate_inputs():
     m = tiny_pair()
     ids = random_ids(2, 4)
-    # inputs_embeds alone cannot drive the reasoner (it reads ids); with ids it must match them (issue 15)
+    # inputs_embeds alone cannot drive the reasoner (it reads ids); with ids it must match them
     with pytest.raises(ValueError, match="input_ids is required"):
         m(inputs_embeds=torch.zeros(2, 4, 48))
     with pytest.raises(ValueError, match="inputs_embeds must be"):
@@ -87,7 +87,7 @@ def test_bad_forward_and_generate_inputs():
         m(ids, reasoner_input_ids=random_ids(2, 5), reasoner_attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="2-D"):
         m(ids, attention_mask=torch.ones(2, 1, 4, 4))
-    with pytest.raises(ValueError, match="supports cache_implementation in"):  # static/offloaded work (issue 15)
+    with pytest.raises(ValueError, match="supports cache_implementation in"):  # static/offloaded work
         m.generate(ids, cache_implementation="quantized", max_new_tokens=2)
     with pytest.raises(ValueError, match="not used by the model"):
         m.generate(ids, reasoner_ids=ids, max_new_tokens=2)

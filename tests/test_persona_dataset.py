@@ -139,7 +139,7 @@ def test_cache_without_a_matching_manifest_is_rebuilt(tmp_path, damage):
     full = load_dataset("persona-empathy", "validation", cache_dir=tmp_path, **kw)
     folder = _cache_folder(tmp_path)
     manifest = folder / "manifest.json"
-    if damage == "no_manifest":  # the layout written before issue 11
+    if damage == "no_manifest":  # the older layout, without a manifest
         manifest.unlink()
     elif damage == "bad_manifest":
         manifest.write_text('{"splits": {"validation": ')

@@ -1,11 +1,11 @@
-"""Issue 16's CI check by likelihood preference. Measured on the pair shipped now ((c6), 240 stage-2 steps; README,
-Results): strategy 87.5% at lambda 1 against 42.5% at lambda 0, +45 points (bar +20), register 100% vs 57.5% (the
-120-step (c6) pair: +27.5).
+"""The shipped pair's CI check by likelihood preference. Measured on the pair shipped now ((c6), 240 stage-2 steps;
+docs/results.md): strategy 87.5% at lambda 1 against 42.5% at lambda 0, +45 points (bar +20), register 100% vs
+57.5% (the 120-step (c6) pair: +27.5).
 
 The shipped personalised pair `smollm2-135m-persona-empathy` (flythinker/pretrained): it loads offline by name,
 and on held-out persona-empathy users its reasoner measurably carries the user's strategy.
 
-The check (issue 16): over 40 held-out records (40 test-split users; the pair was trained on train-split users),
+The check: over 40 held-out records (40 test-split users; the pair was trained on train-split users),
 the likelihood-preference strategy accuracy (flythinker.persona.preference: the reply for the user's traits
 against the same reply with `strategy` flipped, by the summed NLL of its opening) of the pair at its lambda
 exceeds that of the same weights at lambda = 0 (the generator alone) by >= 20 points, through the public

@@ -83,7 +83,7 @@ def test_truncation_drops_oldest_prompt_tokens_and_keeps_views_aligned():
 
 def test_truncation_is_counted_and_warned_once():
     """Cuts are never silent: the first batch that is cut warns with its counts, every later cut is counted in
-    `collator.truncation` (before issue 11 the collator cut without a word)."""
+    `collator.truncation`."""
     import warnings
 
     c = FlyThinkerCollator(pad_token_id=0, eos_token_id=2, max_length=6, reasoner_max_length=5)

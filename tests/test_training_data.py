@@ -1,4 +1,4 @@
-"""Training data files: one JSON/JSONL reader for every data path (issue 11)."""
+"""Training data files: one JSON/JSONL reader for every data path."""
 
 import json
 
@@ -17,7 +17,7 @@ def tok():
 
 def test_pretty_printed_json_object_is_one_training_record(tmp_path, tok):
     """`flythinker train --data` reads a pretty-printed JSON object like `persona.load_records` does (one record);
-    before issue 11 its own reader took it for JSON lines and failed on line 1."""
+    a reader of its own once took it for JSON lines and failed on line 1."""
     path = tmp_path / "one.json"
     path.write_text(json.dumps({"prompt": "ab=", "response": "ba"}, indent=2))
     examples, kind = load_examples(path, tokenizer=tok)

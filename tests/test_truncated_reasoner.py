@@ -1,4 +1,4 @@
-"""The layer-truncated reasoner helper (issue 12): first k layers + final norm of the generator, LoRA-trainable."""
+"""The layer-truncated reasoner helper: first k layers + final norm of the generator, LoRA-trainable."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Turn one :class:`PersonaRecord` into the generator view and the reasoner view (token ids).
 
-Split context (DESIGN.md §2): the reasoner reads the long personal view; the generator reads the short view
+Split context (docs/design.md): the reasoner reads the long personal view; the generator reads the short view
 (the query, plus at most the record's one-line ``persona.short``). Shared context (the paper): both read the long
 view. What the long view holds is the ``view`` option (:data:`VIEWS`):
 

@@ -1,6 +1,6 @@
 """Per-request split-context info for the model forward: which part of a request's prompt is the reasoner's view.
 
-Split context (DESIGN.md 2) is served with the prompt `reasoner_ids ++ generator_ids` (so vLLM allocates slots for
+Split context (docs/design.md) is served with the prompt `reasoner_ids ++ generator_ids` (so vLLM allocates slots for
 both views and prefix caching hashes both) and the reasoner view's length Q in the request's
 `SamplingParams.extra_args["flythinker_reasoner_tokens"]` (the OpenAI server's `vllm_xargs`).
 

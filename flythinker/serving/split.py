@@ -2,7 +2,7 @@
 
 A split request's token stream is `S = r_0..r_{Q-1} ++ g_0..g_{P-1} ++ y_0 y_1 ...` (reasoner view, generator view,
 reply); vLLM schedules it like any prompt + reply, position i = index in S. The reasoner reads `r ++ y`, the
-generator `g ++ y` (DESIGN.md 2), each at its own positions:
+generator `g ++ y` (docs/design.md), each at its own positions:
 
     reasoner: i < Q -> position i;   i >= Q + P -> position i - P;   the generator view is skipped
     generator: i >= Q -> position i - Q;                             the reasoner view is skipped

@@ -1,4 +1,4 @@
-"""Single-pass joint training of a FlyThinker pair (DESIGN.md 1; issue 4).
+"""Single-pass joint training of a FlyThinker pair (docs/design.md, "Training").
 
 - :class:`FlyThinkerCollator` (``collator``): (prompt, response) pairs / (generator prompt, reasoner prompt,
   response) triples -> padded ``input_ids``/``attention_mask``/``labels`` (+ ``reasoner_*`` for split context).

@@ -53,7 +53,7 @@ def test_store_rows_hold_a_latent(hidden):
 
 def test_split_plan_follows_the_alignment_rule():
     """Q = 3 reasoner-view tokens, P = 2 generator-view tokens, two reply tokens, all in one step, next to a
-    shared-context row of 3 tokens (DESIGN.md 2: G's position P-1+k reads R's position Q-2+k)."""
+    shared-context row of 3 tokens (docs/design.md: G's position P-1+k reads R's position Q-2+k)."""
     import torch
 
     from flythinker.serving.requests import RowInfo
