@@ -54,11 +54,9 @@ class FlyThinkerConfig(PreTrainedConfig):
         latent_eps: clamp of the latent norm in the rescaling.
         latent_norm: `"none"` (the paper) or `"standardize"`: each latent is centred and scaled per channel,
             `(h - latent_mean) * latent_inv_std`, before the rescale and projection. The statistics are buffers saved
-            with the model, identity until `flythinker.training.calibrate_latent_norm` sets them from the latents
-            the pair fuses on training data. A pretrained reasoner's final hidden state is almost all its mean
-            (SmolLM2-135M at the response boundary: cosine 0.99 to the mean, the user-dependent part 1.5% of its
-            energy), so without this a learned projection sees the person only in the last percent
-            (docs/fusion.md).
+            with the model, identity until `flythinker.latent_norm.calibrate_latent_norm` sets them from the latents
+            the pair fuses on training data. A pretrained reasoner's final hidden state is almost all its mean, so
+            without this a learned projection sees the person only in a small residual (docs/fusion.md).
     """
 
     model_type = "flythinker"

@@ -1,14 +1,12 @@
 """Standardised latents (`latent_norm="standardize"`): centre and scale the reasoner's latent per channel before the
 fusion's rescale and projection, with frozen statistics calibrated on the latents a pair actually fuses.
 
-Why: a pretrained reasoner's final hidden state is almost entirely its mean direction. Measured on SmolLM2-135M-
-Instruct over persona-empathy training records (benchmarks/personalization_smollm2.py): at the response boundary the
-latent has norm ~51 and cosine 0.99 to the mean latent; the user-dependent residual is 1.5% of its energy, ~0.18 per
-channel. After the paper's rescale to the vocabulary's mean norm (3.2), the person lives in ~0.01 per channel next to
-a constant ~3.2 vector, so a learned projection mostly learns a user-independent shift (style) and Adam's per-weight
-steps move the informative channels ~100x less than the constant ones. Standardising first gives every channel unit
-variance: in a 48-step fusion-only pilot (96 users, frozen SmolLM2, 48 held-out users) register preference rose from
-60% to 83% and strategy from 54% to 65%, against 44% / 50% for the generator alone.
+Why: a pretrained reasoner's final hidden state is almost entirely its mean direction, and the user-dependent
+residual is a small fraction of its energy. After the paper's rescale to the vocabulary's mean norm, the person is a
+small signal next to a constant vector, so a learned projection mostly learns a user-independent shift (style) and
+Adam's per-weight steps move the informative channels far less than the constant ones. Standardising first gives
+every channel unit variance. The measurements on SmolLM2-135M-Instruct and the fusion-only pilot that chose it are
+in docs/fusion.md ("Standardised latents"; benchmarks/results/personalization_fusion_std_pilot.json).
 
     h' = (h - latent_mean) * latent_inv_std        per channel, [..., H_r]; an all-zero row stays zero
 

@@ -1,8 +1,8 @@
 """The names and choices of every FlyThinker option, defined once, in a module that imports nothing heavy.
 
 `flythinker.configuration` (the config class that validates them) re-exports all of these; the CLI builds its
-`choices=` from this module so that `flythinker --help` does not import transformers (~5 s on a loaded 2-core
-machine, measured).
+`choices=` from this module so that `flythinker --help` does not import transformers (seconds on a loaded machine;
+docs/results.md, "Measurements behind design choices").
 """
 
 FUSION_FIELDS = ("fusion_lambda", "norm_target", "projection", "detach_norm", "fuse_prompt", "parallel",

@@ -148,9 +148,8 @@ class SharedLoRALinear(nn.Module):
 
     def adds_nothing(self) -> bool:
         """True when this adapter's B is all zero and no gradient is wanted, so it adds exactly 0 and its two matmuls
-        can be skipped (the untrained half of a shipped pair: on the shipped SmolLM2 pair the first token, the
-        reasoner's ~158-token prefill, took 0.263 s against 0.286 s without the skip, medians of 12 calls on the
-        2-core CPU). Rechecked only when B changes (its version counter)."""
+        can be skipped (the untrained half of a shipped pair; measured in docs/results.md, "Measurements behind
+        design choices"). Rechecked only when B changes (its version counter)."""
         b = self._parameters["lora_B"]
         if torch.is_grad_enabled() and b.requires_grad:
             return False

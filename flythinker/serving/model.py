@@ -130,8 +130,8 @@ class FlyThinkerForCausalLM(nn.Module):
     def _fuse_backend(input_ids: torch.Tensor) -> str | None:
         # On CPU the PyTorch twin: the C++ op is built on first use into torch's extension folder, which .venv and
         # .venv-vllm share under one name with different include paths, so each venv's first call rebuilt it
-        # (~1 min on 2 busy cores, measured); the fusion is a few elementwise ops per token next to two decoder
-        # stacks. Elsewhere the dispatcher's choice (Triton on CUDA).
+        # (docs/results.md, "Measurements behind design choices"); the fusion is a few elementwise ops per token
+        # next to two decoder stacks. Elsewhere the dispatcher's choice (Triton on CUDA).
         return "torch" if input_ids.device.type == "cpu" else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,

@@ -46,8 +46,8 @@ def projection_inputs(model: nn.Module, latents: torch.Tensor) -> torch.Tensor:
 def whitening_matrix(x: torch.Tensor, shrink: float = 0.1) -> torch.Tensor:
     """`(C / mean_eig(C) + shrink * I)^(-1/2)` for the second moment `C = x^T x / N` of rows x `[N, H]`: `[H, H]`,
     symmetric, fp32. Relative to the mean eigenvalue, so that an average direction keeps its scale (the learning
-    rate means what it meant without whitening; unnormalised, M scaled SmolLM2's projection steps ~7x and a
-    fusion-only run at lr 3e-3 diverged: projection norm 298, opening loss 1.81 against 0.66). The ridge keeps M
+    rate means what it meant without whitening; unnormalised, a fusion-only run on SmolLM2 diverged:
+    docs/results.md, "Measurements behind design choices"). The ridge keeps M
     finite when N < H and bounds the amplification of a rare direction by `shrink ** -0.5`."""
     if x.dim() != 2 or x.shape[0] < 2:
         raise ValueError(f"whitening_matrix needs rows [N >= 2, H], got {tuple(x.shape)}")
