@@ -197,7 +197,20 @@ def _user_records(uid: int, rng: random.Random, queries_per_user: int, history_s
 def make_persona_empathy(n_users: int = 800, queries_per_user: int = 5, seed: int = 0,
                          history_sessions: tuple[int, int] = (2, 3), pool_size: int = 4,
                          ) -> dict[str, list[PersonaRecord]]:
-    """Generate the benchmark: ``{"train": [...], "validation": [...], "test": [...]}``, split by user."""
+    """Generate the benchmark: ``{"train": [...], "validation": [...], "test": [...]}``, split by user.
+
+    Args:
+        n_users: synthetic users (at least 3: one per split); each has hidden traits (strategy, length, register)
+            that show only in their history.
+        queries_per_user: records per user, each one query with its reference reply.
+        seed: the one seed of the whole set (the same seed gives the same records).
+        history_sessions: ``(lo, hi)``: each record's history holds between lo and hi of its user's past sessions,
+            in order.
+        pool_size: past sessions per user that the histories are drawn from (``1 <= lo <= hi <= pool_size``).
+
+    Returns:
+        The three splits as lists of :class:`PersonaRecord`, no user in two splits.
+    """
     if n_users < 3:
         raise ValueError(f"n_users must be >= 3 (one per split), got {n_users}")
     lo, hi = history_sessions

@@ -15,7 +15,11 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`flythinker train ARGV`; returns the exit status (2 with a one-line message on bad input)."""
+    """`flythinker train ARGV`; returns the exit status (2 with a one-line message on bad input).
+
+    Args:
+        argv: the arguments after `train` (`flythinker train --help` lists them); None reads `sys.argv[1:]`.
+    """
     from flythinker.cli import main as cli_main
 
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
