@@ -1,4 +1,4 @@
-"""Decode benchmark (issue 5): think-while-generating vs the generator alone, measured in one run.
+"""Decode benchmark: think-while-generating vs the generator alone, measured in one run.
 
 The real offline SmolLM2-135M-Instruct is both generator and reasoner (two separate copies, fp32). For batch 1
 and 4, prompt 256 tokens, 128 new tokens (eos disabled so every run makes all of them):

@@ -1,4 +1,4 @@
-"""Decode benchmark, issue 12 rows (run by `python -m benchmarks.decode --pairs`, or this module directly).
+"""Decode benchmark of shared-base and truncated-reasoner pairs (`python -m benchmarks.decode --pairs`, or this module).
 
 The real offline SmolLM2-135M-Instruct (fp32, CPU) in every variant; every row is a ratio to the generator alone
 measured in the same run, variants interleaved (ABAB...) over `--reps` rounds, medians, os.getloadavg() recorded
@@ -21,7 +21,7 @@ later tokens. Whole-call = wall time of the `generate()` call.
     trainmem   peak RSS of one LoRA training step (batch 4 x 128 tokens), shared base vs two copies (one fresh
                process each)
 
-Targets (issue 12): shared per token <= 1.10x, shared params <= 0.55x two-copy, truncated k=8 parallel <= 1.05x,
+Targets: shared per token <= 1.10x, shared params <= 0.55x two-copy, truncated k=8 parallel <= 1.05x,
 split k=8 TTFT <= 0.5x, two-copy parallel whole call <= 1.15x.
 """
 

@@ -4,7 +4,7 @@
 
 Both models stay frozen (SmolLM2 as shipped); only the fusion is trained: a zero-initialised linear projection
 (`projection="zero"`: the untrained pair *is* the generator). Because nothing but the projection changes, every
-forward that does not depend on it is computed once per record and reused (DESIGN.md 2 alignment):
+forward that does not depend on it is computed once per record and reused (the split-context alignment, docs/design.md):
   - the reasoner over its long view + the reply's first k tokens (latents for the boundary and reply positions;
     its own LM head on the same pass is the generator reading the history itself, variant b, for free);
   - the generator's KV cache over its prompt minus the last position (no latent reaches those positions).

@@ -21,12 +21,12 @@ It gives the same tokens as `model.generate` with the same settings: greedy, or 
 What it leaves out from `generate`: beam search, logits processors / stopping criteria other than eos, and
 `min_new_tokens`. Use `model.generate` for those.
 
-Where the time goes (CPU, SmolLM2-135M pair, see benchmarks/decode.py): the one-token steps are bound by streaming
-the weights (`aten::mm` ~83% of a step); the loop saves HF's per-step bookkeeping (DynamicCache growth copies
-~46 KB x 30 layers per token and row, mask/position rebuilding, logits processors, stopping criteria) and runs
-the reasoner on its own core. `compile=True` wraps the generator's one-token step in `torch.compile` (worth it on
-GPU, where Python launch overhead dominates a 135M model's step; on CPU it measured 53 vs 62 ms per step but
-compiling took ~60 s, so it is off by default).
+Where the time goes (CPU, SmolLM2-135M pair; docs/results.md, "Measurements behind design choices"): the
+one-token steps are bound by streaming the weights; the loop saves HF's per-step bookkeeping (DynamicCache growth
+copies, mask/position rebuilding, logits processors, stopping criteria) and runs the reasoner on its own core.
+`compile=True` wraps the generator's one-token step in `torch.compile`: worth it on GPU, where Python launch overhead
+dominates a 135M model's step; on CPU compiling costs far more than it saves on a short reply, so it is off by
+default.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   states from the base model (TRL's fused LM head) read;
 - `FlyThinkerForCausalLM`: a drop-in HF causal LM, `.model` plus the generator's LM head, the loss and `generate`.
 
-Per step (DESIGN.md 1): the reasoner's base model turns tokens into latents h [B, T, H_r] (its LM head never runs),
+Per step (docs/design.md): the reasoner's base model turns tokens into latents h [B, T, H_r] (its LM head never runs),
 `latent_fuse` adds h_{t-1} to the generator's embedding of x_t, and the generator's base model + LM head produce the
 logits. Thanks to the one-position lag, a one-token decode step needs only the *pending* latent from the previous
 step, so the generator and the reasoner of that step are independent and can run concurrently (config.parallel,
@@ -558,8 +558,8 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
             return None
         if (step.parallel or self.config.parallel) == "auto" and B == 1 and not isinstance(worker, StreamWorker):
             # Prefill is compute-bound: on CPU, chunks at one thread per model lost to two threads per model run
-            # one after the other at batch 1 (SmolLM2 pair, 256 tokens: 1662 vs 1307 ms) and won at batch 4
-            # (5161 vs 6094 ms; benchmarks/results/decode.json). "threads" still forces the overlap.
+            # one after the other at batch 1 and won at batch 4 (benchmarks/results/decode.json; docs/results.md).
+            # "threads" still forces the overlap.
             return None
         return worker
 

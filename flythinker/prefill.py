@@ -88,7 +88,7 @@ def shared_prefill(model: FlyThinkerModel, worker: ReasonerWorker, step: StepInp
 
 def split_prefill(model: FlyThinkerModel, worker: ReasonerWorker, step: StepInputs, r_ids: torch.Tensor,
                   r_mask: torch.Tensor, r_pos: torch.Tensor) -> tuple[torch.Tensor, BaseModelOutputWithPast]:
-    """Split-context prefill for generation (only the generator's last prompt position is fused, DESIGN.md 2).
+    """Split-context prefill for generation (only the generator's last prompt position is fused, docs/design.md).
     Needs `step.local_mask[:, -1]` all ones (left padding). r_ids / r_mask / r_pos: the reasoner's prompt
     `[B, Q]`. Returns `(h [B, Q, H_r], generator output)`."""
     ids = step.input_ids  # [B, T]

@@ -1,4 +1,4 @@
-"""Workers that run the reasoner's half of a step beside the generator's (DESIGN.md 1-2, issue 5).
+"""Workers that run the reasoner's half of a step beside the generator's (docs/design.md, "The two models").
 
 At decode step t the reasoner consumes x_t (-> h_t) while the generator consumes x_t fused with h_{t-1}: the two
 halves are independent. A `ReasonerWorker` runs the reasoner's half while the caller runs the generator's:
@@ -9,13 +9,10 @@ halves are independent. A `ReasonerWorker` runs the reasoner's half while the ca
 - `StreamWorker` (CUDA, `"streams"`/`"auto"`): the same thread, launching on side streams of every involved device,
   ordered against the caller's streams by events (no host sync). Also covers a reasoner on a second device.
 
-Why threads and not a worker process on CPU (measured on this 2-core machine, SmolLM2-135M, prompt 256, batch 1,
-one decode step, min over 20 interleaved rounds under load 3.5-3.7): generator alone 58 ms, both sequential 111 ms
-(1.91x), persistent thread 1 + 1 intra-op threads 73 ms (1.24x), worker process holding the reasoner with the
-token/latent in shared memory + a pipe 71 ms (1.21x). The process wins nothing measurable and would have to own the
-reasoner's KV cache (beam reorder, crop, weight updates), so threads it is. Two OpenMP threads per model under
-oversubscription are catastrophic (median 575 ms for the generator alone with 2 threads while other jobs ran), which
-is one more reason to give each model exactly its own cores.
+Why threads and not a worker process on CPU: a process holding the reasoner (token and latent in shared memory)
+was no faster than a persistent thread, and it would have to own the reasoner's KV cache (beam reorder, crop, weight
+updates). Two OpenMP threads per model under oversubscription were far slower than one, so each model gets exactly
+its own cores. The measurements: docs/results.md, "Measurements behind design choices".
 
 The prefill schedules that use a worker live beside the model, in `flythinker.prefill`.
 """

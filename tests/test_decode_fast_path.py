@@ -1,4 +1,4 @@
-"""generate() takes the lean static-cache loop when it is token-identical (issue 12 point 4), says which path ran, and
+"""generate() takes the lean static-cache loop when it is token-identical, names the loop a call takes, and
 falls back to transformers' loop for everything else."""
 
 from __future__ import annotations

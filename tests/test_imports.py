@@ -1,4 +1,4 @@
-"""Imports point one way: CLI -> library -> kernels, with no import circle anywhere (issue 11).
+"""Imports point one way: CLI -> library -> kernels, with no import circle anywhere.
 
 The graph is read from the source (every `import` / `from ... import`, also the lazy ones inside functions,
 except `if TYPE_CHECKING:` blocks): a lazy import still ties two modules together, and the old CLI's circle

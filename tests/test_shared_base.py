@@ -1,4 +1,4 @@
-"""Shared-base pairs (issue 12): one base + two LoRA adapters, the base held once, the batched decode step gives the
+"""Shared-base pairs: one base + two LoRA adapters, the base held once, the batched decode step gives the
 two-copy pair's tokens, save/load stores the base once, peft interop, training holds one copy."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The shared-base pair's lean batched step (issue 12, "decode at the cost of one model"): per adapted linear one
+"""The shared-base pair's lean batched step ("decode at the cost of one model"): per adapted linear one
 base linear + one baddbmm_, one bmm per group of linears reading one input (q/k/v, gate/up), the stacked adapter
 weights cached and rebuilt when the adapters change. It gives the two-copy pair's logits and tokens, follows
 in-place and replaced adapter weights (a stale cache fails these tests), leaves training on peft's formula, and

@@ -2,10 +2,10 @@
 its trained tensors (one shared base; the generator's LoRA as its adapter, the fusion), decodes the same tokens as
 its two-copy layout, and `flythinker demo` runs on it.
 
-Issue 16's strategy check, in generated replies (the metric of the issue's targets): on 40 held-out records the pair
-at its lambda opens its greedy reply the way the user wants more often than the same weights at lambda 0, by at least
-STRATEGY_GAIN, the issue's +20 points. Measured on the shipped pair ((c6), 240 stage-2 steps): 97.5% against 45%,
-+52.5 points (over the benchmark's 100 users: +38 [+27, +49], README, Results); the 120-step (c6) pair scored +32.5
+The strategy check, in generated replies (the metric of the shipped pair's targets): on 40 held-out records the
+pair at its lambda opens its greedy reply the way the user wants more often than the same weights at lambda 0, by at
+least STRATEGY_GAIN, +20 points. Measured on the shipped pair ((c6), 240 stage-2 steps): 97.5% against 45%,
++52.5 points (over the benchmark's 100 users: +38 [+27, +49], docs/results.md); the 120-step (c6) pair scored +32.5
 here, the (c3) pair before it +17.5. A pair
 whose reasoner carries nothing (a gain of 0) fails. The same check by likelihood preference (the opening's summed
 NLL, bar +20) is tests/test_shipped_pair_likelihood.py.

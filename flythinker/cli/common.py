@@ -243,7 +243,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
         proc = FusedSamplingLogitsProcessor(temperature=given.get("temperature", 1.0), top_k=given.get("top_k"),
                                             top_p=given.get("top_p", 1.0), min_p=given.get("min_p", 0.0),
                                             seed=args.seed)
-        kw.update(proc.generate_kwargs())  # do_sample=False + our processor: HF builds no warpers of its own
+        kw.update(proc.generate_kwargs())  # do_sample=True + our processor: its one-hot scores pass any HF warper
         return kw
     kw.update(given)
     return kw

@@ -4,9 +4,8 @@ of a shipped name calls :func:`load_shipped`).
 Two layouts, one set of weights:
 - **shared base** (the default where both halves are the whole base): the base held once, the deltas' LoRA factors
   as the halves' adapters (`flythinker.shared_base`; a half without factors gets a zero adapter, exactly the base).
-  Decoding runs both halves' rows as one batched forward, so the base weights stream once per token. Measured on
-  the shipped SmolLM2 pair (2-core CPU, batch 1, greedy; benchmarks/results/shipped_pair_decode.json): about 24
-  tokens/s after the first token against 15 for the two-copy layout, with the same tokens on every reply checked.
+  Decoding runs both halves' rows as one batched forward, so the base weights stream once per token: faster than
+  the two-copy layout on the shipped pair, with the same tokens (benchmarks/results/shipped_pair_decode.json).
 - **two copies** (`shared_base=False`, and always for a truncated reasoner): two independent models, the factors
   merged into the weights (`W + scaling * B @ A`), plain linear layers.
 """

@@ -6,7 +6,7 @@ What the subclass changes, and why:
   row) reaches ``generate`` (as ``reasoner_input_ids``/``reasoner_attention_mask``) and every log-prob forward (the
   policy's, the old policy's and the reference's). The log-probs come from the pair's split-context training
   forward (reasoner prompt + completion, generator prompt + completion, aligned at the response start), so the
-  generator's positions receive the same reasoner latents as during sampling (DESIGN.md 2).
+  generator's positions receive the same reasoner latents as during sampling (docs/design.md).
   Without that column the pair runs in shared context (one ordinary forward).
 - **Exact prompt ids.** With a ``prompt_ids`` column the trainer uses those ids (e.g. from
   :func:`flythinker.persona.build_views`) instead of re-tokenising the ``prompt`` text.
@@ -73,7 +73,7 @@ def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     ``input_ids [B, P + K]`` under ``model`` (a FlyThinker pair, possibly PEFT-wrapped), at ``temperature``.
 
     Split context (``reasoner_input_ids [B, Q]`` given, the reasoner's prompt; the completion is appended to it
-    here): one forward of the pair's training path, where the labels mark the response start (DESIGN.md 2:
+    here): one forward of the pair's training path, where the labels mark the response start (docs/design.md:
     generator position P-1+k receives reasoner position Q-2+k), i.e. the same fused inputs as the decode steps
     that sampled the completion. That path needs labels, and with ``loss_impl="fused"`` it returns no logits, so
     the call asks for ``loss_impl="naive"`` (the one labelled token per row makes its loss nearly free; the logits

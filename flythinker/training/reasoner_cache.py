@@ -1,9 +1,8 @@
 """Reuse a frozen reasoner's latents across training steps that read the same batch.
 
 Why: when only the generator side trains (the fusion alone, or the generator's LoRA too) the reasoner is a fixed
-function of its inputs, yet every step runs it again. On the SmolLM2-135M split pair (reasoner view 160 tokens +
-the response, batch 8, 2 CPU cores) its forward is about half of a fusion-only step (a 30-layer reasoner measured
-2109 s for 120 steps against 1119 s with an 8-layer one, benchmarks/personalization_smollm2.py c3 / c5), so a
+function of its inputs, yet every step runs it again. On the SmolLM2-135M split pair its forward is about half of a
+fusion-only step (docs/results.md, "Measurements behind design choices"), so a
 second epoch over the same batches (train_loop cycles one seeded permutation: epoch k repeats epoch 1's batches)
 or a second variant trained on them costs about half as much.
 
@@ -55,7 +54,7 @@ def _key(*tensors: torch.Tensor | None) -> str:
 
 def reasoner_digest(reasoner: nn.Module) -> str:
     """A digest of every parameter and buffer of `reasoner` (names, shapes, values): equal digests, equal latents.
-    Hashing SmolLM2-135M's 0.5 GB of fp32 takes ~0.5 s."""
+    One pass over the weights (SmolLM2-135M: 0.5 GB of fp32)."""
     h = hashlib.sha1()
     for name, t in [*reasoner.named_parameters(), *reasoner.named_buffers()]:
         t = t.detach().to("cpu").contiguous()
