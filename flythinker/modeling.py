@@ -592,7 +592,21 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         """Pair two causal LMs sharing one vocabulary (model objects or local paths), e.g.
         `from_pair(gen, rsn, fusion_lambda=0.5, norm_target="vocab_mean", projection="pad")`.
 
-        Model objects are used as they are (not copied). `reasoner_device` places the reasoner on another device.
+        Args:
+            generator: the model that writes the reply: a transformers causal LM object (used as it is, not
+                copied) or a local folder (safetensors only).
+            reasoner: the model whose final hidden states are fused into the generator's input embeddings; same
+                forms as `generator`, same vocabulary.
+            dtype: dtype of models loaded from folders (model objects keep theirs).
+            attn_implementation: attention implementation of both models, or a dict with `"generator"` /
+                `"reasoner"` keys.
+            reasoner_device: place the reasoner on another device than the generator.
+            **fusion: the fusion options of :class:`FlyThinkerConfig` (`fusion_lambda`, `norm_target`,
+                `projection`, `detach_norm`, `fuse_prompt`, `parallel`, `loss_impl`, `latent_eps`,
+                `latent_norm`); an unknown name is an error.
+
+        Returns:
+            The pair, with the generator's generation config.
         """
         fusion_kwargs_check(fusion)
         gen, rsn = (_load_lm(name, m, dtype, attn_implementation)
@@ -628,8 +642,21 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         checkpoint: a folder with only `pytorch_model.bin` is refused), strict (`flythinker.checkpoint`): a
         missing path, a half-written or corrupt folder, tensors that do not match config.json (missing or
         extra) and a `projection=` override of a saved projection raise CheckpointError naming the problem.
-        `strict=False` loads mismatched tensors anyway (missing ones randomly initialised); so does a call with
-        `output_loading_info=True` unless `strict=True` (the caller gets the report to judge)."""
+
+        Args:
+            pretrained_model_name_or_path: a folder written by `save_pretrained`, or the name of a pair shipped
+                in the package (`"smollm2-135m-persona-empathy"`: built offline from its base model and its trained
+                deltas; it takes only `dtype=` and `shared_base=`, False for two copies with the LoRA merged).
+            *args: passed to `PreTrainedModel.from_pretrained`.
+            strict: True (default) refuses a checkpoint whose tensors do not match its config; False loads it
+                anyway (missing tensors randomly initialised). Default with `output_loading_info=True`: False (the
+                caller gets the report to judge).
+            **kwargs: `PreTrainedModel.from_pretrained` options (`dtype`, `device_map`, config overrides, ...);
+                `use_safetensors=False` is refused.
+
+        Returns:
+            The pair (with transformers' loading report when `output_loading_info=True`).
+        """
         from flythinker.checkpoint import load_strict
         from flythinker.shared_base import retie
 
@@ -672,8 +699,18 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
                          ) -> FlyThinkerForCausalLM:
         """A pair of one base model with two LoRA adapters, the base weights held once (flythinker.shared_base):
         `base` becomes the generator (a model object is modified in place), the reasoner shares its weights.
-        Adapters: fresh rank-`r` ones (B = 0: both halves start as the base), or a peft `PeftModel` / adapter
-        folder each. Decoding runs both halves' rows as one batched forward through the base."""
+        Decoding runs both halves' rows as one batched forward through the base.
+
+        Args:
+            base: a transformers causal LM object or a local folder (safetensors only).
+            r, lora_alpha, lora_dropout: the fresh adapters' rank, scale (`alpha / r`) and dropout.
+            target_modules: names of the linear layers that get adapters (default: the seven linear maps of a
+                Llama-style layer).
+            generator_adapter, reasoner_adapter: None for a fresh rank-`r` adapter (B = 0: the half starts as the
+                base), or a peft `PeftModel` / adapter folder to load.
+            **fusion: fusion options as in :meth:`from_pair` (no `reasoner_device`: the base is held once), and
+                `dtype` for a base loaded from a folder.
+        """
         from flythinker.shared_base import from_shared_base
 
         return from_shared_base(cls, base, r=r, lora_alpha=lora_alpha, target_modules=target_modules,
@@ -937,6 +974,10 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`, with the decode loop an explicit choice.
 
         Args:
+            *args: `GenerationMixin.generate`'s positional arguments (`input_ids [B, P]`, a `GenerationConfig`).
+            **kwargs: `GenerationMixin.generate`'s options (`attention_mask`, `max_new_tokens`, `do_sample`, ...),
+                and in split context `reasoner_input_ids [B, Q]` and `reasoner_attention_mask [B, Q]`, the
+                reasoner's own prompt.
             fast_path: "auto" (default): flythinker's lean static-cache loop (`flythinker.decode`) when it gives
                 this call's tokens exactly (greedy or one seeded FusedSamplingLogitsProcessor; no beams, other
                 processors, stopping criteria or extra outputs; the shared-base batched step for a shared-base
@@ -945,6 +986,9 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
                 the loop a call takes without running it.
             fusion_lambda, parallel (in kwargs): this call's fusion weight and overlap mode (None: the saved
                 config's), in both loops; the config is not changed.
+
+        Returns:
+            What `GenerationMixin.generate` returns: `[B, P + n]` token ids, or its output object when asked.
         """
         from flythinker.decode import generate_fast_path
 
