@@ -7,7 +7,7 @@ every `reasoner.*` tensor stripped, or with `num_hidden_layers` changed in confi
 layers). Here such a folder is refused with a :class:`CheckpointError` naming what is missing or extra.
 
 Before any weights load, :func:`check_folder` refuses, naming the file: a path that does not exist (at once: no
-model hub is ever asked, which used to cost 46 s of retries), an empty/invalid/non-object config.json or one
+model hub is ever asked), an empty/invalid/non-object config.json or one
 without a `model_type` (what a kill while writing one leaves), no safetensors weights, a truncated or corrupt
 safetensors file (its header does not cover the file) and a safetensors index naming a file outside the folder.
 """

