@@ -212,6 +212,18 @@ def build_views(record: PersonaRecord, tokenizer, mode: str = "split", max_reaso
     least one token), so history is dropped from the oldest end instead of the collator cutting the chat header
     off. The response is tokenised once, before the budgets are applied.
     Raises ``ValueError`` when the query alone does not fit a budget.
+
+    Args:
+        record: the user and their query (persona, history oldest first, memories, the reference response if any).
+        tokenizer: a Hugging Face tokenizer; its chat template renders both views (else :data:`FALLBACK_TEMPLATE`).
+        mode: ``"split"`` (the reasoner reads the long view, the generator the short one) or ``"shared"``.
+        max_reasoner_tokens, max_generator_tokens: token budgets of the two prompts (None: no limit).
+        system_prompt: the system message of both views.
+        warn: warn when a view was cut to fit its budget (the counts are on the returned views either way).
+        count_response: the budgets cap prompt + response instead of the prompt alone.
+
+    Returns:
+        :class:`Views`: token ids of the generator prompt, the reasoner prompt and the response, and what was cut.
     """
     if mode not in ("split", "shared"):
         raise ValueError(f"mode must be 'split' or 'shared', got {mode!r}")
