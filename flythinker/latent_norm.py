@@ -118,16 +118,21 @@ def calibrate_latent_norm(model: nn.Module, batches: Iterable[Mapping[str, torch
     on `batches` (training batches as the pair's forward takes them: `input_ids`, `attention_mask`, `labels`, and
     `reasoner_*` in split context). Only the reasoner runs: the capture stops each forward at the fusion.
 
-    `positions`: `"fused"` (every latent the pair fuses) or `"boundary"` (each row's first fused latent: in split
-    context the one the generator's last prompt position receives, the latent that must set the reply's opening).
-    Measured on SmolLM2 (docs/fusion.md): with statistics over every fused position the boundary latents are
-    still 96% their common offset after standardising (the later positions, which read the reply itself, dominate
-    the statistics); with boundary statistics the boundary latent is all user-dependent variation.
-
     Calibrate once, before training the projection, on the same views the pair is trained on: the statistics are
     frozen afterwards (buffers, saved with the model), and the projection learns in their coordinates. With a
     zero-initialised projection the calibrated, untrained pair still computes exactly what its generator computes.
-    Returns `{"latents": rows seen, "mean_norm": ||mean||, "median_std": ...}`.
+
+    Args:
+        model: a pair with `latent_norm="standardize"`.
+        batches: the batches to read latents from (any iterable of mappings the pair's forward takes).
+        positions: `"fused"` (every latent the pair fuses) or `"boundary"` (each row's first fused latent: in split
+            context the one the generator's last prompt position receives, the latent that must set the reply's
+            opening). With statistics over every fused position the later positions, which read the reply itself,
+            dominate and the boundary latent keeps most of its common offset (measured: docs/fusion.md).
+        min_std: floor of each channel's standard deviation (a near-constant channel is not blown up).
+
+    Returns:
+        `{"latents": rows seen, "mean_norm": ||mean||, "median_std": ...}`.
     """
     if getattr(model.config, "latent_norm", "none") != "standardize":
         raise ValueError(f"calibrate_latent_norm needs a pair with latent_norm='standardize', got "

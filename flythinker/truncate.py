@@ -18,10 +18,15 @@ from transformers import PreTrainedModel
 def truncated_reasoner(model: PreTrainedModel, k: int, *, share_weights: bool = False) -> PreTrainedModel:
     """A causal LM made of `model`'s embeddings, its first `k` decoder layers and its final norm (and LM head).
 
-    model: a decoder-only HF causal LM whose decoder keeps its layers in `.layers` (Llama, Qwen2, Mistral, Gemma,
-    ...). k: 1 <= k <= num_hidden_layers. share_weights: reuse `model`'s parameter objects (no copy; training the
-    result then trains `model` too), else an independent copy (the default: train it with its own LoRA).
-    Returns a model in the same mode with `config.num_hidden_layers = k` (and `layer_types` cut to match).
+    Args:
+        model: a decoder-only HF causal LM whose decoder keeps its layers in `.layers` (Llama, Qwen2, Mistral,
+            Gemma, ...).
+        k: layers to keep, 1 <= k <= num_hidden_layers.
+        share_weights: reuse `model`'s parameter objects (no copy; training the result then trains `model` too),
+            else an independent copy (the default: train it with its own LoRA).
+
+    Returns:
+        A model in the same mode with `config.num_hidden_layers = k` (and `layer_types` cut to match).
     """
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)
