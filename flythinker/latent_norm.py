@@ -132,7 +132,8 @@ def calibrate_latent_norm(model: nn.Module, batches: Iterable[Mapping[str, torch
         min_std: floor of each channel's standard deviation (a near-constant channel is not blown up).
 
     Returns:
-        `{"latents": rows seen, "mean_norm": ||mean||, "median_std": ...}`.
+        A summary dict with the keys `latents` (rows seen), `mean_norm` (the norm of the mean latent) and
+        `median_std` (the median channel standard deviation).
     """
     if getattr(model.config, "latent_norm", "none") != "standardize":
         raise ValueError(f"calibrate_latent_norm needs a pair with latent_norm='standardize', got "
