@@ -1,6 +1,6 @@
 """The reasoner's view from a memory store: what the query needs, under the reasoner's token budget.
 
-Split context (DESIGN.md §2): the generator reads the query alone; the reasoner reads the system prompt, the
+Split context (docs/design.md): the generator reads the query alone; the reasoner reads the system prompt, the
 memories selected for the query and, optionally, the most recent dialogue turns, then the query. Selection:
 constraint memories (disliked / sensitive topics) first, always, in store order; then the other memories ranked
 by BM25 against the query; ``Do_Not_Remember`` items are never shown (a store never holds them, a packet might).
