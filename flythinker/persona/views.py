@@ -221,6 +221,7 @@ def build_views(record: PersonaRecord, tokenizer, mode: str = "split", max_reaso
         system_prompt: the system message of both views.
         warn: warn when a view was cut to fit its budget (the counts are on the returned views either way).
         count_response: the budgets cap prompt + response instead of the prompt alone.
+        view: what the long view holds (:data:`VIEWS`; ``"auto"`` follows the record's protocol).
 
     Returns:
         :class:`Views`: token ids of the generator prompt, the reasoner prompt and the response, and what was cut.
