@@ -68,3 +68,32 @@ def test_returning_user_reuses_the_reasoner_view(llm, truncated):
         cached += c
     assert got == sp["tokens"]
     assert cached[1] >= 2 * BLOCK
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known limit (docs/caching.md): a split request's generator KV lives in the "
+                   "blocks of its reasoner view, so a second split request that hits those blocks while the first "
+                   "still runs overwrites the first's generator KV")
+def test_concurrent_split_requests_sharing_view_blocks(llm, truncated):
+    """Turn 1 of the returning user decoding while another split request with the same 70-token history arrives
+    (engine level: no cache salt). Both should equal HF split generate."""
+    from vllm import SamplingParams
+
+    from flythinker.serving.requests import XARG
+
+    _, refs = truncated
+    sp = refs["split"]
+    n = refs["max_new_tokens"]
+    eng = llm.llm_engine
+    done: dict[str, list[int]] = {}
+    step = 0
+    while len(done) < 2:
+        for i, (r, g) in enumerate(zip(sp["reasoner_prompts"], sp["generator_prompts"], strict=True)):
+            if step == 4 * i:
+                eng.add_request(f"c{i}", {"prompt_token_ids": r + g},
+                                SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, extra_args={XARG: len(r)}))
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = list(o.outputs[0].token_ids)
+        step += 1
+        assert step < 10_000
+    assert [done["c0"], done["c1"]] == sp["tokens"]
