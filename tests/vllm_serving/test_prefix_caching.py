@@ -70,9 +70,10 @@ def test_returning_user_reuses_the_reasoner_view(llm, truncated):
     assert cached[1] >= 2 * BLOCK
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known limit (docs/caching.md): a split request's generator KV lives in the "
-                   "blocks of its reasoner view, so a second split request that hits those blocks while the first "
-                   "still runs overwrites the first's generator KV")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known limit (docs/caching.md): a split request's generator KV lives in the blocks of its "
+                   "reasoner view, so a second split request that hits those blocks while the first still runs "
+                   "overwrites the first's generator KV")
 def test_concurrent_split_requests_sharing_view_blocks(llm, truncated):
     """Turn 1 of the returning user decoding while another split request with the same 70-token history arrives
     (engine level: no cache salt). Both should equal HF split generate."""
