@@ -116,10 +116,12 @@ def measure(model: Any, rounds: int = ROUNDS) -> tuple[float, float]:
     tok = ids[:, :1]
     state = {"pos": CONTEXT}
 
+    head = model.generator.get_output_embeddings()  # the generator's LM head runs in every decode step
+
     def gen() -> torch.Tensor:
         pos = torch.tensor([[state["pos"]]], device=dev)
         hidden = model.generator_forward(model.embed(tok), None, pos, cache, True).last_hidden_state
-        return model.logits_from_hidden(hidden, 1)
+        return head(hidden[:, -1:])
 
     def rsn() -> torch.Tensor:
         return model.reasoner_forward(tok, None, torch.tensor([[state["pos"]]], device=dev), cache, True)
