@@ -37,17 +37,24 @@ USER_MESSAGES = [
 
 
 # ----------------------------------------------------------------------------------------- HF side (main venv)
-def side_build(work: Path, model: str, lam: float) -> None:
-    """work/pair (flythinker checkpoint + tokenizer), work/generator (generator alone + tokenizer), prompts.json."""
+def side_build(work: Path, model: str, lam: float, k: int = 0) -> None:
+    """work/pair (flythinker checkpoint + tokenizer), work/generator (generator alone + tokenizer), prompts.json;
+    with `k`, work/pair_k<k>: the generator with a reasoner of its first k layers (flythinker.truncate)."""
     import torch
 
     from flythinker import FlyThinkerForCausalLM
     from flythinker.hub import load_pretrained
+    from flythinker.truncate import truncated_reasoner
 
     gen, tok = load_pretrained(model)
     rsn, _ = load_pretrained(model)
     pair = FlyThinkerForCausalLM.from_pair(gen.float(), rsn.float(), fusion_lambda=lam)
-    for sub, m in (("pair", pair), ("generator", gen)):
+    subs = [("pair", pair), ("generator", gen)]
+    if k:
+        subs.append((f"pair_k{k}", FlyThinkerForCausalLM.from_pair(gen, truncated_reasoner(rsn, k), fusion_lambda=lam)))
+    for sub, m in subs:
+        if (work / sub / "config.json").exists():
+            continue
         m.save_pretrained(work / sub)
         tok.save_pretrained(work / sub)
     prompts = []
@@ -177,7 +184,8 @@ def plot(result: dict, path: Path) -> None:
     s = result["systems"]
     labels = [n.replace(" (", "\n(").replace(" alone", "\nalone") for n in names]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax[0].bar(labels, [s[k]["tokens_per_s"] for k in names], color=["#4c72b0", "#dd8452", "#55a868"])
+    colors = ["#4c72b0", "#c44e52", "#dd8452", "#55a868"][:len(names)]
+    ax[0].bar(labels, [s[k]["tokens_per_s"] for k in names], color=colors)
     for i, k in enumerate(names):
         ax[0].text(i, s[k]["tokens_per_s"], f"{s[k]['tokens_per_s']:.1f}", ha="center", va="bottom", fontsize=8)
     ax[0].set_ylabel("output tokens / s")
@@ -223,6 +231,25 @@ def run_vllm(work: Path, sub: str, pair: bool, prompts, args) -> dict:
         proc.wait(timeout=120)
 
 
+def _hf_phase(a: argparse.Namespace) -> dict:
+    hf_side("--side", "hf", "--work", str(a.work), "--new-tokens", str(a.new_tokens), "--hf-batch", str(a.hf_batch))
+    return json.loads((a.work / "hf.json").read_text())
+
+
+def _ratios(systems: dict, hf_key: str) -> dict:
+    """Each served pair's tokens/s and mean TTFT over the generator alone's and the HF loop's (those measured)."""
+    out = {}
+    for name, row in systems.items():
+        if not name.startswith("vllm pair"):
+            continue
+        tag = name.removeprefix("vllm ").replace(", ", " ").replace(" ", "_")
+        for base, label in (("vllm generator alone", "generator_alone"), (hf_key, "hf_loop")):
+            if base in systems:
+                out[f"{tag}_tokens_per_s_vs_{label}"] = row["tokens_per_s"] / systems[base]["tokens_per_s"]
+                out[f"{tag}_ttft_mean_vs_{label}"] = row["ttft_mean_s"] / systems[base]["ttft_mean_s"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--side", choices=("build", "hf"), default=None, help=argparse.SUPPRESS)
@@ -233,45 +260,50 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf-batch", type=int, default=8, help="batch size of the HF generate loop")
     p.add_argument("--out", type=Path, default=RESULTS / "serve_throughput.json")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
+    p.add_argument("--reasoner-layers", type=int, default=0,
+                   help="also serve a pair whose reasoner is the generator's first K layers (0: none)")
+    p.add_argument("--systems", default="pair,generator,hf",
+                   help="comma list of pair, pair-k (needs --reasoner-layers), generator, hf (default: %(default)s)")
     a = p.parse_args(argv)
     if a.plot_only:
         return _write_png(json.loads(a.out.read_text()), a.out.with_suffix(".png"))
     if a.side == "build":
-        return side_build(a.work, a.model, a.lam)
+        return side_build(a.work, a.model, a.lam, a.reasoner_layers)
     if a.side == "hf":
         return side_hf(a.work, a.new_tokens, a.hf_batch, a.work / "hf.json")
+    wanted = a.systems.split(",")
+    if "pair-k" in wanted and not a.reasoner_layers:
+        p.error("--systems pair-k needs --reasoner-layers K")
     a.work.mkdir(parents=True, exist_ok=True)
-    if not (a.work / "prompts.json").exists():
-        hf_side("--side", "build", "--work", str(a.work), "--model", a.model, "--lam", str(a.lam))
+    k_sub = f"pair_k{a.reasoner_layers}"
+    if not (a.work / "prompts.json").exists() or (a.reasoner_layers and not (a.work / k_sub).exists()):
+        hf_side("--side", "build", "--work", str(a.work), "--model", a.model, "--lam", str(a.lam),
+                "--reasoner-layers", str(a.reasoner_layers))
     prompts = json.loads((a.work / "prompts.json").read_text())
     load_before = os.getloadavg()
     raw, phase_load = {}, {}
     t = time.time()
-    raw["vllm pair"] = run_vllm(a.work, "pair", True, prompts, a)
-    phase_load["vllm pair"] = os.getloadavg()
-    raw["vllm generator alone"] = run_vllm(a.work, "generator", False, prompts, a)
-    phase_load["vllm generator alone"] = os.getloadavg()
-    hf_side("--side", "hf", "--work", str(a.work), "--new-tokens", str(a.new_tokens), "--hf-batch", str(a.hf_batch))
-    raw[f"HF generate pair (batches of {a.hf_batch})"] = json.loads((a.work / "hf.json").read_text())
-    phase_load["HF generate pair"] = os.getloadavg()
-    systems = {k: summarise(v, a.new_tokens) for k, v in raw.items()}
     hf_key = f"HF generate pair (batches of {a.hf_batch})"
-    same = sum(x == y for x, y in zip(raw["vllm pair"]["tokens"], raw[hf_key]["tokens"]))
+    phases = {"pair": ("vllm pair", lambda: run_vllm(a.work, "pair", True, prompts, a)),
+              "pair-k": (f"vllm pair, {a.reasoner_layers}-layer reasoner",
+                         lambda: run_vllm(a.work, k_sub, True, prompts, a)),
+              "generator": ("vllm generator alone", lambda: run_vllm(a.work, "generator", False, prompts, a)),
+              "hf": (hf_key, lambda: _hf_phase(a))}
+    for key in wanted:
+        name, fn = phases[key]
+        raw[name] = fn()
+        phase_load[name] = os.getloadavg()
+    systems = {k: summarise(v, a.new_tokens) for k, v in raw.items()}
     result = {
         "benchmark": "serve_throughput", "model": a.model, "fusion_lambda": a.lam, "requests": len(prompts),
         "new_tokens": a.new_tokens, "prompt_tokens": [len(x) for x in prompts], "systems": systems,
-        "ratios": {
-            "pair_tokens_per_s_vs_hf_loop": systems["vllm pair"]["tokens_per_s"] / systems[hf_key]["tokens_per_s"],
-            "pair_tokens_per_s_vs_generator_alone": systems["vllm pair"]["tokens_per_s"]
-            / systems["vllm generator alone"]["tokens_per_s"],
-            "pair_ttft_mean_vs_hf_loop": systems["vllm pair"]["ttft_mean_s"] / systems[hf_key]["ttft_mean_s"],
-            "pair_ttft_mean_vs_generator_alone": systems["vllm pair"]["ttft_mean_s"]
-            / systems["vllm generator alone"]["ttft_mean_s"],
-        },
-        "vllm_pair_equals_hf_pair_requests": same,
+        "ratios": _ratios(systems, hf_key),
+        "vllm_pair_equals_hf_pair_requests": (sum(x == y for x, y in zip(raw["vllm pair"]["tokens"],
+                                                                         raw[hf_key]["tokens"]))
+                                              if "vllm pair" in raw and hf_key in raw else None),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "load_before": load_before,
                     "load_after_phase": phase_load, "load_after": os.getloadavg(),
-                    "hf_torch_threads": raw[hf_key].get("torch_threads")},
+                    "hf_torch_threads": raw[hf_key].get("torch_threads") if hf_key in raw else None},
         "total_wall_s": time.time() - t, "raw": raw,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

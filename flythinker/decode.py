@@ -40,6 +40,7 @@ import torch
 from transformers import StaticCache
 from transformers.utils import logging
 
+from flythinker import reasoner_prefix_cache as prefix_cache
 from flythinker.cache import FlyThinkerCache
 from flythinker.kernels import sample
 from flythinker.shared_base import SharedStep, is_shared_base
@@ -67,6 +68,8 @@ class DecodeState:
     Q: int  # reasoner prompt length (P in shared context)
     shared: SharedStep | None = None  # shared-base pair: both halves' rows in one batched forward
     fusion_lambda: float | None = None  # this call's lambda (None: config.fusion_lambda)
+    fed: int = 0  # tokens fed to both models since the prefill
+    reply_latents: list[torch.Tensor] | None = None  # the reasoner's latents `[B, H_r]` per fed token (prefix cache)
 
 
 def prefill(model: FlyThinkerForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor,
@@ -88,6 +91,8 @@ def prefill(model: FlyThinkerForCausalLM, input_ids: torch.Tensor, mask: torch.T
               if is_shared_base(model) else None)
     worker = model.reasoner_worker(parallel) if shared is None else InlineWorker()
     state = DecodeState(cache, mask, rsn_mask, gen_pos, rsn_pos, cache.pending, worker, P, Q, shared, fusion_lambda)
+    if rsn_ids is not None and prefix_cache.usable(model, rsn_mask[:, :Q], cache):
+        state.reply_latents = []  # the reply the reasoner reads extends this view's prefix-cache entry
     return out.logits[:, -1].float(), state
 
 
@@ -120,8 +125,10 @@ def decode_one_token(model: FlyThinkerForCausalLM, state: DecodeState, tok: torc
     state.mask[:, state.P + s] = 1
     state.rsn_mask[:, state.Q + s] = 1  # the same tensor as mask in shared context
     embeds = model.fuse_pending(t, state.pending, check_inputs=False, lam=state.fusion_lambda)  # [B, 1, H_g]
+    state.fed += 1
     if state.shared is not None:
         logits, state.pending = state.shared(embeds, t, state.gen_pos, state.rsn_pos, s)
+        _record_latent(state)
         return logits
 
     def reasoner_half() -> torch.Tensor:  # [B, H_r]: the new token is always attended, nothing to zero
@@ -129,7 +136,25 @@ def decode_one_token(model: FlyThinkerForCausalLM, state: DecodeState, tok: torc
 
     logits, state.pending = state.worker.run_pair(
         partial(gen_step, embeds, state.mask, state.gen_pos), reasoner_half)
+    _record_latent(state)
     return logits
+
+
+def _record_latent(state: DecodeState) -> None:
+    if state.reply_latents is not None:
+        state.reply_latents.append(state.pending)
+
+
+def store_reply(model: FlyThinkerForCausalLM, state: DecodeState, rsn_ids: torch.Tensor, new: torch.Tensor) -> bool:
+    """Extend the reasoner prefix cache's entry of the view `rsn_ids [1, Q]` with the reply tokens the reasoner
+    read (`new [1, n]`, the first `state.fed` of them). Returns whether an entry was stored."""
+    if state.reply_latents is None or state.fed == 0:
+        return False
+    if state.shared is not None:  # the reasoner's row of the combined cache, its view right-aligned at slot L
+        layers, rows, start = state.shared.cache.layers, slice(1, 2), state.shared.L - state.Q
+    else:
+        layers, rows, start = state.cache.reasoner.layers, slice(0, 1), 0
+    return prefix_cache.store_reply(model, rsn_ids, new[0, : state.fed], state.reply_latents, layers, rows, start)
 
 
 def decode_n_tokens(model: FlyThinkerForCausalLM, state: DecodeState, logits: torch.Tensor, n: int,
@@ -269,6 +294,7 @@ def fast_generate(
         streamer.put(input_ids.cpu())
     new = decode_n_tokens(model, state, logits, max_new_tokens, pick, eos, pad,
                           check_every or (8 if dev.type == "cuda" else 1), gen_step, streamer)
+    store_reply(model, state, reasoner_input_ids, new)
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, new], dim=1)

@@ -65,4 +65,22 @@ def collect() -> dict[str, Any]:
         "cache_dir": str(cache),
         "cached_models": cached,
         "known_models": list(KNOWN_MODELS),
+        "parallel_auto": parallel_auto(),
     }
+
+
+def parallel_auto() -> dict[str, Any]:
+    """What `parallel="auto"` picks on this machine and why (flythinker.parallel_auto): the rule, and the decisions
+    measured here so far (per pair shape)."""
+    from flythinker.parallel_auto import MARGIN, cached_decisions
+    from flythinker.workers import available_cores
+
+    cores = available_cores()
+    if cores < 2:
+        rule = f"{cores} core: always sequential (off)"
+    else:
+        rule = (f"CUDA: streams. CPU ({cores} cores): measured once per pair shape on first use (one-token step, "
+                f"threads vs sequential); threads only if below {MARGIN:g}x sequential, else off")
+    measured = {k: {f: d.get(f) for f in ("mode", "reason")} for k, d in cached_decisions().items()
+                if isinstance(d, dict)}
+    return {"rule": rule, "measured": measured}

@@ -158,6 +158,7 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
             self.register_buffer("latent_inv_std", torch.ones(H_r))
         self._latent_capture = None  # calibrate_latent_norm's hook into fuse
         self._vocab_mean: tuple[nn.Parameter, int, torch.Tensor] | None = None  # (weight, version, c): _norm_target
+        self.reasoner_prefix_cache = None  # enable_reasoner_prefix_cache
         self.post_init()
         self._freeze_reasoner_head()
 
@@ -244,6 +245,30 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
             position_ids=None if position_ids is None else position_ids.to(dev),
             cache=cache.reasoner if cache is not None else None, use_cache=use_cache)
         return out.last_hidden_state.to(input_ids.device)
+
+    def reasoner_prompt_forward(self, r_ids: torch.Tensor, r_mask: torch.Tensor, r_pos: torch.Tensor,
+                                cache: FlyThinkerCache | None, use_cache: bool) -> torch.Tensor:
+        """The reasoner on its own prompt `r_ids [B, Q]` (split-context prefill): latents `[B, Q, H_r]`, through
+        the reasoner prefix cache when one is enabled and applies (flythinker.reasoner_prefix_cache)."""
+        from flythinker import reasoner_prefix_cache as rpc
+
+        if use_cache and rpc.usable(self, r_mask, cache):
+            return rpc.cached_reasoner_prefill(self, r_ids, r_mask, r_pos, cache)
+        return self.reasoner_forward(r_ids, r_mask, r_pos, cache, use_cache)
+
+    def enable_reasoner_prefix_cache(self, max_bytes: int | None = None, min_reuse: int = 1) -> Any:
+        """Cache the reasoner's split-context prefills for returning users (`ReasonerPrefixCache`: exact token
+        prefixes, LRU under `max_bytes`, default 512 MiB) and return the cache; `disable_reasoner_prefix_cache()`
+        drops it. A later `generate` whose reasoner view starts with a stored one computes only the new tokens
+        (batch 1, unpadded reasoner view); the tokens are the same as without the cache."""
+        from flythinker.reasoner_prefix_cache import DEFAULT_MAX_BYTES, ReasonerPrefixCache
+
+        self.reasoner_prefix_cache = ReasonerPrefixCache(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes,
+                                                         min_reuse)
+        return self.reasoner_prefix_cache
+
+    def disable_reasoner_prefix_cache(self) -> None:
+        self.reasoner_prefix_cache = None
 
     def generator_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                           position_ids: torch.Tensor | None, cache: FlyThinkerCache | None, use_cache: bool,
@@ -485,7 +510,7 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         if worker is not None and bool(step.local_mask[:, -1].all()):
             h, g_out = split_prefill(self, worker, step, r_ids, r_mask, r_pos)
         else:
-            h = self.reasoner_forward(r_ids, r_mask, r_pos, step.cache, step.use_cache)  # [B, Q, H_r]
+            h = self.reasoner_prompt_forward(r_ids, r_mask, r_pos, step.cache, step.use_cache)  # [B, Q, H_r]
             n_fused = (torch.ones_like(step.local_mask[:, 0], dtype=torch.long) if labels is None
                        else _split_fused_count(step.local_mask, labels))
             latent, lmask, prev = split_latents(h, *split_alignment(step.local_mask, r_mask, n_fused))
@@ -792,6 +817,23 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed(input_ids)
+
+    def enable_reasoner_prefix_cache(self, max_bytes: int | None = None, min_reuse: int = 1) -> Any:
+        """`FlyThinkerModel.enable_reasoner_prefix_cache`: cache the reasoner's split-context prefills for
+        returning users (flythinker.reasoner_prefix_cache); returns the cache."""
+        return self.model.enable_reasoner_prefix_cache(max_bytes, min_reuse)
+
+    def disable_reasoner_prefix_cache(self) -> None:
+        self.model.disable_reasoner_prefix_cache()
+
+    @property
+    def reasoner_prefix_cache(self) -> Any:
+        """The fused model's `ReasonerPrefixCache` (None: off)."""
+        return self.model.reasoner_prefix_cache
+
+    @reasoner_prefix_cache.setter
+    def reasoner_prefix_cache(self, cache: Any) -> None:
+        self.model.reasoner_prefix_cache = cache
 
     def fuse(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.model.fuse(*args, **kwargs)

@@ -94,7 +94,7 @@ def split_prefill(model: FlyThinkerModel, worker: ReasonerWorker, step: StepInpu
     ids = step.input_ids  # [B, T]
     B, T = ids.shape
     g0, h = worker.run_pair(lambda: _generator_span(model, step, 0, T - 1, model.embed(ids[:, : T - 1])),
-                            lambda: model.reasoner_forward(r_ids, r_mask, r_pos, step.cache, True))
+                            lambda: model.reasoner_prompt_forward(r_ids, r_mask, r_pos, step.cache, True))
     n_fused = torch.ones(B, dtype=torch.long, device=ids.device)
     latent, lmask, prev = split_latents(h, *split_alignment(step.local_mask, r_mask, n_fused))
     g1 = _generator_span(model, step, T - 1, T, model.fuse(ids, latent, lmask, prev, lam=step.fusion_lambda)[:, -1:])

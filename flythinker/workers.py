@@ -4,7 +4,8 @@ At decode step t the reasoner consumes x_t (-> h_t) while the generator consumes
 halves are independent. A `ReasonerWorker` runs the reasoner's half while the caller runs the generator's:
 
 - `InlineWorker`: runs the job at `submit` (sequential; `parallel="off"`, the oracle).
-- `ThreadWorker` (CPU, `"threads"`/`"auto"`): one persistent thread; each side gets its own intra-op thread count
+- `ThreadWorker` (CPU, `"threads"`, and `"auto"` where `flythinker.parallel_auto` measured it faster): one
+  persistent thread; each side gets its own intra-op thread count
   (`torch.set_num_threads` is per thread under ATen's OpenMP backend: verified, worker 1 / caller 1).
 - `StreamWorker` (CUDA, `"streams"`/`"auto"`): the same thread, launching on side streams of every involved device,
   ordered against the caller's streams by events (no host sync). Also covers a reasoner on a second device.
@@ -364,14 +365,19 @@ def _workers() -> weakref.WeakKeyDictionary:
 def worker_for(owner: object, mode: str, generator_device: torch.device,
                reasoner_device: torch.device) -> ReasonerWorker:
     """This thread's worker of `owner` (a model; weakly referenced) for `parallel=mode`, created on first use and
-    re-created when the mode or the devices change."""
-    key = (resolve_mode(mode, generator_device, reasoner_device), str(generator_device), str(reasoner_device))
+    re-created when the mode or the devices change. "auto" on a CPU pair is what `flythinker.parallel_auto`
+    measured for it ("threads" or "off")."""
+    key = (mode, resolve_mode(mode, generator_device, reasoner_device), str(generator_device), str(reasoner_device))
     workers = _workers()
     entry = workers.get(owner)
     if entry is not None and entry[0] == key and entry[1].alive:
         return entry[1]
     if entry is not None:
         entry[1].close()
+    if key[1] == "threads" and mode == "auto" and hasattr(owner, "reasoner_forward"):
+        from flythinker.parallel_auto import decide
+
+        mode = decide(owner).mode
     worker = make_worker(mode, generator_device, reasoner_device)
     workers[owner] = (key, worker)
     return worker

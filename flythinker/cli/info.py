@@ -36,6 +36,10 @@ def print_info(as_json: bool = False, out=None) -> None:
         print(f"  {op:22s} cpu: {per['cpu']:8s} cuda: {per['cuda']}{cuda_note}", file=out)
     if info["triton_interpret"]:
         print("  TRITON_INTERPRET=1: Triton kernels run in the (slow) interpreter", file=out)
+    pa = info["parallel_auto"]
+    print(f"parallel:  'auto' = {pa['rule']}", file=out)
+    for key, d in pa["measured"].items():
+        print(f"  {key}: {d['mode']} ({d['reason']})", file=out)
     print(f"cache:     {info['cache_dir']} (set FLYTHINKER_CACHE to move it)", file=out)
     print(f"models:    cached {info['cached_models'] or 'none yet'}; known short names {info['known_models']}",
           file=out)

@@ -9,6 +9,7 @@ outputs here, in a subprocess, and compare vLLM against them.
     python hf_side.py generate CKPT REQUESTS.json OUT.json [--generator-only]
         REQUESTS.json: {"max_new_tokens": n, "prompts": [[ids...], ...], "reasoner_prompts": [[ids...], ...]?}
         OUT.json: {"tokens": [[new ids...], ...], "seconds": wall time of generate}
+    python hf_side.py truncated OUT  -> OUT/pair (reasoner = the generator's first 2 layers), OUT/refs.json
     python hf_side.py suite OUT      -> every checkpoint of SUITE under OUT/<name>, a shared-base pair and its
                                         two-copy conversion under OUT/unshared, and OUT/refs.json (one process)
 """
@@ -158,6 +159,46 @@ def suite(out: Path) -> None:
     (out / "refs.json").write_text(json.dumps(refs))
 
 
+def truncated_suite(out: Path, k: int = 2) -> None:
+    """OUT/pair: a tiny Llama generator (4 layers) with a reasoner of its first `k` layers (flythinker.truncate;
+    random adapters-free weights, lambda 0.5, a learned "linear" map); OUT/refs.json: HF greedy references for
+    prompts that share long prefixes (three on one 70-token prefix, two on another) and split-context requests
+    whose reasoner views share a 70-token history."""
+    from model_helpers import tiny_lm
+
+    from flythinker import FlyThinkerForCausalLM
+    from flythinker.persona.wordlevel import word_tokenizer
+    from flythinker.truncate import truncated_reasoner
+
+    tok = word_tokenizer([CORPUS])
+    V = len(tok)
+    gen = tiny_lm("llama", seed=5, hidden_size=128, vocab_size=V, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=4)
+    pair = FlyThinkerForCausalLM.from_pair(gen, truncated_reasoner(gen, k), fusion_lambda=0.5, projection="linear",
+                                           parallel="off")
+    with torch.no_grad():
+        pair.latent_proj.weight.add_(torch.randn(pair.latent_proj.weight.shape,
+                                                 generator=torch.Generator().manual_seed(8)) * 0.1)
+    pair.save_pretrained(out / "pair")
+    tok.save_pretrained(out / "pair")
+    g = torch.Generator().manual_seed(77)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(6, V, (n,), generator=g).tolist()
+
+    a, b = ids(70), ids(70)
+    prompts = [a + ids(9), a + ids(14), b + ids(6), a + ids(3), b + ids(11)]
+    history = ids(70)
+    rsn_views = [history + ids(6), history + ids(6) + ids(9)]  # a returning user: the history, then more
+    gen_views = [ids(7), ids(10)]
+    refs = {"k": k, "max_new_tokens": MAX_NEW_TOKENS, "prompts": prompts,
+            "shared": generate(out / "pair", {"max_new_tokens": MAX_NEW_TOKENS, "prompts": prompts}, False),
+            "split": {"generator_prompts": gen_views, "reasoner_prompts": rsn_views,
+                      **generate(out / "pair", {"max_new_tokens": MAX_NEW_TOKENS, "prompts": gen_views,
+                                                "reasoner_prompts": rsn_views}, False)}}
+    (out / "refs.json").write_text(json.dumps(refs))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -176,10 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--generator-only", action="store_true")
     st = sub.add_parser("suite")
     st.add_argument("out", type=Path)
+    tr = sub.add_parser("truncated")
+    tr.add_argument("out", type=Path)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.cmd == "suite":
         suite(a.out)
+    elif a.cmd == "truncated":
+        truncated_suite(a.out)
     elif a.cmd == "make":
         make(a.out, a.gen_family, a.rsn_family, a.lam, a.projection, a.norm_target, a.seed)
     else:
