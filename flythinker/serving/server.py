@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 # Split context through the API (docs/serving.md):
@@ -165,6 +166,20 @@ def _check_completion(data: dict, xargs: dict) -> dict | None:
                            f"{len(prompt)} tokens and the generator view needs at least one), got {q!r}")
     # the engine-side check (flythinker.serving.requests.check_admitted) compares it with the prompt it receives
     data["vllm_xargs"] = {**xargs, PROMPT_XARG: len(prompt)}
+    return _isolate_split(data)
+
+
+def _isolate_split(data: dict) -> dict:
+    """Keep a split request's KV blocks its own. A split request's generator KV is written into the blocks of its
+    reasoner view (docs/caching.md), so two running requests that shared those blocks through prefix caching would
+    overwrite each other's generator KV: each split request gets a salt of its own (no cross-request block reuse),
+    and `n > 1` (children that share the prompt's blocks) is refused."""
+    for field in ("n", "best_of"):
+        value = data.get(field)
+        if value is not None and value != 1:
+            raise RequestError(f"{field}={value!r} is not supported on a split-context request (its samples would "
+                               f"share one set of KV blocks); send {value!r} separate requests")
+    data["cache_salt"] = f"flythinker-split-{uuid.uuid4().hex}"
     return data
 
 
@@ -210,9 +225,7 @@ def _split_chat(data: dict, field: str, tokenizer_loader) -> dict:
     # the prompt's length as rendered here: the engine-side check refuses the request if vLLM's prompt differs
     # (truncate_prompt_tokens, a rendering drift), which would otherwise split it at the wrong token
     data["vllm_xargs"] = {**(data.get("vllm_xargs") or {}), XARG: len(r_ids), PROMPT_XARG: len(ids)}
-    # prefix caching hashes token ids: the same ids read as one shared prompt would give other KV entries
-    data.setdefault("cache_salt", f"flythinker-split-{len(r_ids)}")
-    return data
+    return _isolate_split(data)
 
 
 class ReasonerViewMiddleware:

@@ -125,6 +125,28 @@ def test_hostile_bodies_are_request_errors_and_split_prompts_carry_their_length(
     assert json.loads(out)["vllm_xargs"] == {"flythinker_reasoner_tokens": 1, "flythinker_prompt_tokens": 3}
 
 
+def test_split_requests_keep_their_kv_blocks_to_themselves():
+    """A split request's generator KV lives in its reasoner view's blocks (docs/caching.md): two split requests
+    must never share blocks through prefix caching (each gets its own cache salt, a client's salt included), and
+    n > 1 (samples sharing the prompt's blocks) is a clear error."""
+    import json
+
+    from flythinker.serving.server import RequestError, rewrite_body
+
+    def no_tokenizer():
+        raise AssertionError("not needed")
+
+    body = {"prompt": [5, 6, 7], "vllm_xargs": {"flythinker_reasoner_tokens": 1}, "cache_salt": "mine"}
+    salts = {json.loads(rewrite_body(json.dumps(body).encode(), "/v1/completions", no_tokenizer))["cache_salt"]
+             for _ in range(3)}
+    assert len(salts) == 3 and "mine" not in salts
+    for field in ("n", "best_of"):
+        with pytest.raises(RequestError, match=f"{field}=2 is not supported"):
+            rewrite_body(json.dumps({**body, field: 2}).encode(), "/v1/completions", no_tokenizer)
+    plain = {"prompt": [5, 6, 7], "n": 2}  # not split: untouched
+    assert rewrite_body(json.dumps(plain).encode(), "/v1/completions", no_tokenizer) is None
+
+
 def test_admission_check_on_the_prompt_the_engine_runs():
     from types import SimpleNamespace
 
