@@ -1,7 +1,7 @@
 """pytest options of the kernel microbenchmark suites in benchmarks/suites/ (pytest-benchmark).
 
     pytest benchmarks/ --benchmark-only                         # every suite, full shapes
-    pytest benchmarks/ --benchmark-only --bench-quick           # the quick shapes (what `flythinker bench --quick` runs)
+    pytest benchmarks/ --benchmark-only --bench-quick           # quick shapes (what `flythinker bench --quick` runs)
     pytest benchmarks/ --benchmark-only --benchmark-autosave    # save the run under .benchmarks/
     pytest benchmarks/ --benchmark-only --benchmark-compare --benchmark-compare-fail=median:25%   # regression gate
 

@@ -96,7 +96,7 @@ def test_latent_fuse(benchmark, inputs, shape, phase, impl, bench_quick, bench_d
     if impl == "compiled_twin" and bench_quick:
         pytest.skip("quick mode: no torch.compile (its compile time dominates)")
     benchmark.group = f"latent_fuse {phase} {shape['name']}"
-    benchmark.extra_info.update(run_facts(bench_device, bytes=moved_bytes(inputs, phase), baseline="twin",
+    benchmark.extra_info.update(run_facts(bench_device, impl=impl, bytes=moved_bytes(inputs, phase), baseline="twin",
                                           roofline="clone", dtype=str(inputs["W"].dtype),
                                           fused_backend=choose("latent_fuse", None, bench_device),
                                           shape={k: v for k, v in shape.items() if k != "name"}))

@@ -69,7 +69,7 @@ def test_linear_cross_entropy(benchmark, inputs, shape, impl, bench_quick, bench
         loss_fn(hidden, weight, labels).backward()
 
     benchmark.group = f"linear_cross_entropy fwdbwd {shape['name']}"
-    benchmark.extra_info.update(run_facts(bench_device, baseline="twin", dtype=str(hidden.dtype),
+    benchmark.extra_info.update(run_facts(bench_device, impl=impl, baseline="twin", dtype=str(hidden.dtype),
                                           fused_backend=choose("linear_cross_entropy", None, bench_device),
                                           shape={k: v for k, v in shape.items() if k != "name"}))
     benchmark.pedantic(synced(step, bench_device), **rounds(bench_quick, full=3, fast=2))

@@ -54,7 +54,7 @@ def sampler(impl: str, setting: dict, x: torch.Tensor):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sampling(benchmark, logits, shape, setting, impl, bench_quick, bench_device):
     benchmark.group = f"sampling {setting} {shape['name']}"
-    benchmark.extra_info.update(run_facts(bench_device, baseline="twin", setting=SETTINGS[setting],
+    benchmark.extra_info.update(run_facts(bench_device, impl=impl, baseline="twin", setting=SETTINGS[setting],
                                           fused_backend=choose("sample", None, bench_device),
                                           shape={k: v for k, v in shape.items() if k != "name"}))
     fn = synced(sampler(impl, SETTINGS[setting], logits), bench_device)
