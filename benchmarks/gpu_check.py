@@ -58,7 +58,8 @@ NOMINAL_PEAK_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), 
                      ("A100 80GB PCIe", 1935.0), ("A100", 1555.0), ("L40S", 864.0), ("L4", 300.0), ("A10G", 600.0))
 SMOLLM2_CONFIG = dict(hidden_size=576, num_hidden_layers=30, vocab_size=49152, num_attention_heads=9,
                       num_key_value_heads=3, intermediate_size=1536, head_dim=64, tie_word_embeddings=True,
-                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0)
+                      max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
 TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}  # max |a - b| / max |b| of kernel vs twin
 
 

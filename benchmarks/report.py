@@ -212,7 +212,8 @@ def _header(ratios_png: bool) -> list[str]:
 
 
 def _runs(runs: list[dict[str, Any]]) -> list[str]:
-    cols = [c for c in ("name", "cmd", "rc", "seconds", "budget_s", "skipped") if any(c in r for r in runs)]
+    cols = [c for c in ("name", "cmd", "rc", "seconds", "cpu_s", "load", "budget_s", "skipped")
+            if any(c in r for r in runs)]
     lines = ["## Runs", "", table([{k: r.get(k, "") for k in cols} for r in runs]), ""]
     for r in runs:
         if r["rc"] != 0:

@@ -121,7 +121,7 @@ def test_quick_run_leaves_the_committed_results_alone(capsys, tmp_path):
     report = (quick / "REPORT.md").read_text()
     assert "## pytest_toy" in report and "twin_over_fused" in report  # the pytest-benchmark JSON folded in
     assert "mem_ratio" in report and "hours" in report  # the script's figures; the skipped suite and why
-    assert "quick set:" in out and "(declared 10 s)" in out
+    assert "quick set:" in out and "CPU s" in out and "declared 10 s idle" in out
     assert not list(quick.glob(".*.tmp"))
 
 
