@@ -47,8 +47,8 @@ def test_bandwidth_sampling_and_decode_report_their_ratios(dry_run):
     assert s["bandwidth"]["linear_cross_entropy"]["fwdbwd"]["hf_over_triton"] > 0
     assert all(r["hf_over_triton"] > 0 for r in s["sampling"]["rows"])
     variants = s["decode"]["sdpa"]["variants"]
-    assert set(variants) == {"generator alone", "pair, two copies, parallel=off", "pair, two copies, parallel=threads",
-                             "pair, shared base (batched step)"}
+    assert set(variants) == {"generator alone", "generator alone, static cache", "pair, two copies, parallel=off",
+                             "pair, two copies, parallel=threads", "pair, shared base (batched step)"}
     assert variants["generator alone"]["over_generator_alone"] == 1.0
     assert "shared-base" in variants["pair, shared base (batched step)"]["path"]
 
