@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-# `flythinker bench` contract (flythinker/cli/bench.py): the quick mode's arguments and its time on 2 shared CPU cores
+# `flythinker bench` contract (flythinker/cli/bench.py): the quick mode's arguments and its time on 2 idle CPU cores
 QUICK = {"args": ["--quick", "--out", "{results}"], "seconds": 45}
 
 RESULTS = Path(__file__).parent / "results"

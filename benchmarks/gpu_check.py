@@ -46,7 +46,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-# `flythinker bench` contract (flythinker/cli/bench.py): the quick mode's arguments and its time on 2 shared CPU cores
+# `flythinker bench` contract (flythinker/cli/bench.py): the quick mode's arguments and its time on 2 idle CPU cores
 QUICK = {"args": ["--dry-run", "--out", "{results}/gpu_check_dry_run.json"], "seconds": 45}
 FULL_REQUIRES = "cuda"
 

@@ -14,7 +14,7 @@ import pytest
 from flythinker.cli import bench, main
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK_SET_LIMIT_S = 600  # the whole quick set on 2 shared CPU cores
+QUICK_SET_LIMIT_S = 600  # the whole quick set on 2 idle CPU cores
 
 
 def run(capsys, *argv):

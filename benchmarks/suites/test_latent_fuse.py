@@ -21,7 +21,7 @@ from flythinker.kernels._backend import choose
 
 from benchmarks.suites._common import parametrize_shapes, rounds, run_facts, synced
 
-# `flythinker bench` contract: the quick mode's pytest arguments and its time on 2 shared CPU cores
+# `flythinker bench` contract: the quick mode's pytest arguments and its time on 2 idle CPU cores
 QUICK = {"args": ["--bench-quick"], "seconds": 45}
 
 SHAPES = {  # rows = B*T tokens; H_g / H_r generator / reasoner widths; V the generator's vocabulary

@@ -22,7 +22,7 @@ from flythinker.kernels._backend import choose
 from benchmarks.bench_sampling import SETTINGS, hf_chain
 from benchmarks.suites._common import parametrize_shapes, run_facts, synced
 
-# `flythinker bench` contract: the quick mode's pytest arguments and its time on 2 shared CPU cores
+# `flythinker bench` contract: the quick mode's pytest arguments and its time on 2 idle CPU cores
 QUICK = {"args": ["--bench-quick"], "seconds": 45}
 
 SHAPES = {f"V{V}_B{B}": dict(V=V, B=B) for V in (49152, 151936) for B in (1, 8)}

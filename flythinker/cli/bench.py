@@ -254,7 +254,7 @@ def _print_list(suites: list[Suite], quick: bool) -> None:
     for s in suites:
         print(f"{s.name:32s} " + (f"skipped in quick mode: {s.quick['skip']}" if "skip" in s.quick else
                                   f"{s.quick_seconds:5.0f} s  {' '.join(s.quick['args'])}"))
-    print(f"quick set: {sum(s.quick_seconds for s in suites):.0f} s declared on 2 shared CPU cores")
+    print(f"quick set: {sum(s.quick_seconds for s in suites):.0f} s declared (2 idle CPU cores)")
 
 
 def _run_all(args: argparse.Namespace, suites: list[Suite], root: Path, results: Path) -> list[dict[str, Any]]:
