@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import logging
 import os
 import platform
 import statistics
@@ -425,24 +426,26 @@ def _base_factory(check: Check, attn: str):
 
 
 def build_pair(make_base, shared: bool, with_deltas: bool):
-    """The shipped pair's layout around bases from `make_base` (flythinker.pretrained.loading.load_shipped)."""
+    """The shipped pair's layout around bases from `make_base`, as `flythinker.pretrained.loading.load_shipped`
+    builds it (with the shipped deltas, or fresh zero adapters and no trained tensors when `with_deltas` is off)."""
     from flythinker import FlyThinkerForCausalLM
     from flythinker.pretrained.loading import copy_named, merge_factors, read_deltas, set_adapters
 
     info, named, factors = read_deltas(SHIPPED, None)
-    if not with_deltas:
-        named, factors = {}, {}
     scaling = float(info["lora"]["scaling"])
     if shared:
         r = next(iter(factors.values()))["A"].shape[0] if factors else info["lora"]["rank"]
         targets = sorted({m.rsplit(".", 1)[-1] for m in factors}) or info["lora"]["targets"]
         model = FlyThinkerForCausalLM.from_shared_base(make_base(), r=r, lora_alpha=scaling * r,
                                                        target_modules=targets, **info["fusion"])
-        set_adapters(model, factors, scaling, SHIPPED)
+        if with_deltas:
+            set_adapters(model.model, factors, scaling, SHIPPED)
     else:
         model = FlyThinkerForCausalLM.from_pair(make_base(), make_base(), **info["fusion"])
-        merge_factors(model, factors, scaling, SHIPPED)
-    copy_named(model, named, SHIPPED)
+        if with_deltas:
+            merge_factors(model.model, factors, scaling, SHIPPED)
+    if with_deltas:
+        copy_named(model.model, named, SHIPPED)  # keyed like the fused pair's (checkpoint) names
     return model.eval()
 
 
@@ -470,8 +473,30 @@ def per_token_ms(model, prompt: dict, check: Check, rounds: int, **gen_kwargs: A
         a = _generate_s(model, prompt, short, check.device, gen_kwargs)
         b = _generate_s(model, prompt, short + n, check.device, gen_kwargs)
         diffs.append((b - a) / n * 1e3)
-    return {"per_token_ms": statistics.median(diffs), "rounds": rounds,
-            "path": getattr(model, "last_generate_path", "transformers generate")}
+    return {"per_token_ms": statistics.median(diffs), "rounds": rounds, "path": generate_path(model, prompt, check)}
+
+
+class _Last(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
+
+
+def generate_path(model, prompt: dict, check: Check) -> str:
+    """Which decode loop a pair's `generate` takes (the DEBUG line of flythinker.decode), for one short call."""
+    log = logging.getLogger("flythinker.decode")
+    handler, level = _Last(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        _generate_s(model, prompt, 2, check.device, {})
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return (handler.message or "transformers generate").removeprefix("generate: ")
 
 
 def _prompts(check: Check, vocab: int) -> tuple[dict, dict]:
