@@ -145,7 +145,7 @@ def _suite(path: Path, kind: str, name: str) -> Suite:
     consts, _ = _module_constants(path)
     if "QUICK" not in consts:
         raise CLIError(f"suite {name} ({path}) declares no quick mode: add a module-level QUICK = {{'args': [...], "
-                       "'seconds': N}} or {'skip': 'why'} (see `flythinker bench --help`)")
+                       "'seconds': N} or {'skip': 'why'} (see `flythinker bench --help`)")
     requires = consts.get("FULL_REQUIRES")
     if requires is not None and requires not in REQUIREMENTS:
         raise CLIError(f"suite {name}: FULL_REQUIRES must be one of {REQUIREMENTS}, got {requires!r}")
