@@ -21,6 +21,9 @@ from pathlib import Path
 
 from benchmarks._common import write_json
 
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "a quality benchmark (SmolLM2 extracting memories from held-out sessions)"}
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from benchmarks._common import write_json
 
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "a retrieval-quality benchmark on a local AlpsBench copy (--data)"}
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_latent_fuse.py          # writes benchmarks/results/latent_fuse.{json,png}
     .venv/bin/python benchmarks/bench_latent_fuse.py --quick  # 3 rounds, no torch.compile (--rounds N, --out F)
-    .venv/bin/python -m pytest benchmarks/bench_latent_fuse.py  # pytest-benchmark suite (same workloads)
+    .venv/bin/python -m pytest benchmarks/suites/test_latent_fuse.py --benchmark-only  # the pytest-benchmark suite
 
 Sizes: B*T = 8192 rows, H_g = 2048, H_r = 1536, fp32, "pad" projection, cached vocab-mean target (a float, as
 the model passes it at inference). Forward+backward: gradient to the latent only (frozen embedding, the LoRA
@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from flythinker.kernels import latent_fuse_cpp
 from flythinker.kernels.latent_fuse import latent_fuse
@@ -32,6 +31,9 @@ from flythinker.kernels.latent_fuse_naive import latent_fuse_naive, vocab_mean_n
 ROWS, H_G, H_R, VOCAB, BATCH = 8192, 2048, 1536, 16384, 8
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parents[1]))  # the repo root (benchmarks._common), also when run as a script
+
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "its pytest-benchmark suite (pytest_latent_fuse) is the quick form"}
 
 
 def make_inputs(device="cpu", dtype=torch.float32, grad_weight=False, rows=ROWS, h_g=H_G, h_r=H_R, vocab=VOCAB):
@@ -177,37 +179,6 @@ def plot(res: dict, path: Path) -> None:
         ax.set_title(f"CPU {ROWS}x{H_G}/{H_R} fp32, grad to {key.split('_')[0]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-# ---------------------------------------------------------------- pytest-benchmark suite (not run by `make test`)
-@pytest.fixture(scope="module")
-def cpu_fns():
-    if not latent_fuse_cpp.load():
-        pytest.skip("no C++ compiler")
-    x = make_inputs()
-    return x, make_fns(x)
-
-
-@pytest.mark.parametrize("impl", ["cpp", "twin", "compiled_twin"])
-@pytest.mark.parametrize("phase", ["fwd", "fwdbwd"])
-def test_cpu(benchmark, cpu_fns, impl, phase):
-    x, fns = cpu_fns
-    benchmark.extra_info.update(loadavg=os.getloadavg(), bytes=fwd_bytes(x) + (bwd_bytes(x, False) if phase ==
-                                                                               "fwdbwd" else 0))
-    benchmark.pedantic(fns[impl][phase == "fwdbwd"], rounds=5, warmup_rounds=1)
-
-
-def test_cpu_clone_baseline(benchmark, cpu_fns):
-    x, _ = cpu_fns
-    src = torch.empty(fwd_bytes(x) // 8)
-    benchmark.pedantic(src.clone, rounds=5, warmup_rounds=1)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU section: needs CUDA")
-def test_gpu_triton():
-    res = run_gpu()
-    print(json.dumps(res, indent=1))
-    assert res["ms"]["fwd/triton"] > 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,9 @@ from benchmarks._common import (  # noqa: E402
     write_json,
 )
 
+# `flythinker bench` contract (flythinker/cli/bench.py): the quick mode's arguments and its time on 2 idle CPU cores
+QUICK = {"args": ["--N", "512", "--V", "49152", "--out", "{results}/loss"], "seconds": 40}
+
 TARGET_MEM, TARGET_TIME = 0.2, 1.0
 
 

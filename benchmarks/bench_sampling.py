@@ -20,15 +20,21 @@ GPU section (CUDA only): the Triton kernel vs a torch.sort-based top-p/top-k sam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from flythinker.kernels.sampling import sample
 from flythinker.kernels.sampling_naive import sample_naive
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
+from benchmarks._common import write_json  # noqa: E402
+
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "its pytest-benchmark suite (pytest_sampling) is the quick form"}
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {
@@ -87,7 +93,7 @@ def bench_cpu(rounds: int) -> list[dict]:
             for name, s in SETTINGS.items():
                 hf = hf_chain(s)
                 fns = {
-                    "fused": lambda x=x, s=s: sample(x, generator=g, backend="cpu", **s),
+                    "fused": lambda x=x, s=s: sample(x, generator=g, backend="torch", **s),
                     "twin": lambda x=x, s=s: sample_naive(x, generator=g, **s),
                     "hf": lambda x=x, h=hf: h(x, g),
                 }
@@ -151,20 +157,21 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=RESULTS / "sampling", help="results path without suffix "
+                    "(.json and .png are written; default: %(default)s)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cpu = bench_cpu(args.rounds)
     gpu = bench_gpu()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"cpu": cpu, "gpu": gpu or "skipped: no CUDA device", "threads": args.threads, "rounds": args.rounds,
            "torch": torch.__version__, "settings": SETTINGS, "logits": "3 * N(0, 1)"}
-    (RESULTS / "sampling.json").write_text(json.dumps(out, indent=1))
-    plot(cpu, RESULTS / "sampling.png")
-    print(f"wrote {RESULTS / 'sampling.json'} and sampling.png")
+    write_json(args.out.with_suffix(".json"), out, indent=1)
+    plot(cpu, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.json')} and .png")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ from benchmarks._common import (  # noqa: E402
     write_json,
 )
 
+# `flythinker bench` contract (flythinker/cli/bench.py): the quick mode's arguments and its time on 2 idle CPU cores
+QUICK = {"args": ["--layers", "2", "--T", "256", "--no-plain", "--out", "{results}/train_step"],
+         "seconds": 60}
+
 TARGET_MEM, TARGET_TIME = 0.5, 1.15
 
 

@@ -27,6 +27,9 @@ import random
 import time
 from pathlib import Path
 
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "a quality benchmark (judge agreement): a few items measure nothing"}
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "a GRPO training run (~40 min)"}
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

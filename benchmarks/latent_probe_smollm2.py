@@ -32,6 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "a quality benchmark (probes on hundreds of users' latents)"}
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAITS = ("strategy", "length", "register")
 

@@ -32,6 +32,9 @@ from flythinker.persona.wordlevel import word_tokenizer
 from flythinker.training.collator import FlyThinkerCollator
 from flythinker.training.loop import train_loop
 
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "a training benchmark: its own --quick preset alone takes ~5 min"}
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
     "a_query_sft": dict(pair=False, view="query"),

@@ -35,6 +35,9 @@ import torch
 from flythinker.decode import left_pad
 from flythinker.persona import TRAITS, build_views, make_persona_empathy
 
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "a training benchmark on the real SmolLM2 pair (tens of minutes)"}
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SCORED = ("strategy", "register")
 

@@ -8,7 +8,11 @@ generically, so a new benchmark needs no change here:
 - lists of dicts (cases) and sibling flat dicts (variants) -> markdown tables, nested dicts flattened `a.b`;
 - every number whose name contains `ratio`, `speedup` or `_over_` -> one bar chart across all benchmarks
   (`ratios.png`), because ratios to a baseline measured in the same run are the only numbers comparable across
-  runs on a shared machine.
+  runs on a shared machine;
+- a pytest-benchmark JSON (the kernel suites in benchmarks/suites/, `--benchmark-json`) is folded first
+  (`pytest_benchmark_summary`): one row per benchmark group, the median of each implementation, and each one's
+  time over the fused op's (`twin_over_fused`, `hf_over_fused`, `clone_over_fused` = the fused op's fraction of the
+  clone bandwidth for the same bytes).
 """
 
 from __future__ import annotations
@@ -20,6 +24,45 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---- pytest-benchmark JSON ------------------------------------------------------------------------------------------
+def is_pytest_benchmark(data: Any) -> bool:
+    """Whether a result JSON is pytest-benchmark's `--benchmark-json` output."""
+    return isinstance(data, dict) and isinstance(data.get("benchmarks"), list) and "machine_info" in data
+
+
+def _group_row(group: str, benches: list[dict]) -> dict[str, Any]:
+    """One row of a benchmark group: each implementation's median (ms), its time over the fused op's, rounds, and
+    the fused op's GB/s where the suite recorded the bytes it moves."""
+    med = {(b.get("extra_info") or {}).get("impl") or b.get("param") or b["name"]: b["stats"]["median"]
+           for b in benches}
+    row: dict[str, Any] = {"group": group, **{f"{k}_ms": v * 1e3 for k, v in med.items()}}
+    if "fused" in med and med["fused"] > 0:
+        row.update({f"{k}_over_fused": v / med["fused"] for k, v in med.items() if k != "fused"})
+        nbytes = next(((b.get("extra_info") or {}).get("bytes") for b in benches
+                       if (b.get("extra_info") or {}).get("impl") == "fused"), None)
+        if nbytes:
+            row["fused_gbps"] = nbytes / med["fused"] / 1e9
+    row["rounds_min"] = min(b["stats"]["rounds"] for b in benches)
+    row["loadavg_max"] = max(((b.get("extra_info") or {}).get("loadavg") or [0.0])[0] for b in benches)
+    return row
+
+
+def pytest_benchmark_summary(data: dict) -> dict[str, Any]:
+    """A pytest-benchmark JSON as run facts + one table row per group (see `_group_row`)."""
+    groups: dict[str, list[dict]] = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b.get("group") or b["name"], []).append(b)
+    mi, first = data.get("machine_info") or {}, (data["benchmarks"][0].get("extra_info") or {}
+                                                 if data["benchmarks"] else {})
+    facts = {"source": "pytest-benchmark", "datetime": data.get("datetime"), "machine": mi.get("node"),
+             "cpu": (mi.get("cpu") or {}).get("brand_raw"), "python": mi.get("python_version"),
+             "device": first.get("device"), "torch_threads": first.get("torch_threads"),
+             "commit": (data.get("commit_info") or {}).get("id"), "benchmarks": len(data["benchmarks"]),
+             "timing": "median seconds per call; *_over_fused = that implementation's time / the fused op's"}
+    return {**{k: v for k, v in facts.items() if v is not None},
+            "groups": [_group_row(g, bs) for g, bs in groups.items()]}
 
 
 # ---- rendering -----------------------------------------------------------------------------------------------------
@@ -169,7 +212,9 @@ def _header(ratios_png: bool) -> list[str]:
 
 
 def _runs(runs: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Runs", "", table([{k: r[k] for k in ("name", "cmd", "rc", "seconds")} for r in runs]), ""]
+    cols = [c for c in ("name", "cmd", "rc", "seconds", "cpu_s", "load", "budget_s", "skipped")
+            if any(c in r for r in runs)]
+    lines = ["## Runs", "", table([{k: r.get(k, "") for k in cols} for r in runs]), ""]
     for r in runs:
         if r["rc"] != 0:
             lines += [f"`{r['name']}` failed (exit {r['rc']}); last output:", "", "```",
@@ -183,6 +228,8 @@ def _result_section(path: Path) -> tuple[list[str], list[tuple[str, float]]]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return [f"## {path.stem}", "", f"unreadable result file: {exc}", ""], []
+    if is_pytest_benchmark(data):
+        data = pytest_benchmark_summary(data)
     if not isinstance(data, dict):
         data = {"results": data}
     lines = [f"## {path.stem}", "", f"Source: `{path.name}`", ""]

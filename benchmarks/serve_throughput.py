@@ -25,6 +25,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+# `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
+QUICK = {"skip": "runs in the vLLM virtualenv (`make bench-serve`)"}
+FULL_REQUIRES = "vllm"
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 HF_PYTHON = os.environ.get("FLYTHINKER_HF_PYTHON", str(ROOT / ".venv" / "bin" / "python"))

@@ -42,6 +42,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
 from benchmarks._common import RESULTS, write_json  # noqa: E402
 
+# `flythinker bench` contract (flythinker/cli/bench.py): the quick mode's arguments and its time on 2 idle CPU cores
+QUICK = {"args": ["--users", "1", "--rounds", "1", "--max-new-tokens", "16", "--fixed-tokens", "16",
+                   "--out", "{results}/shipped_pair_decode"], "seconds": 90}
+
 SHIPPED = "smollm2-135m-persona-empathy"
 BASELINE = "generator as shipped"
 TARGET = 0.8  # flythinker's tokens/s over the generator alone's

@@ -359,21 +359,6 @@ def test_bench_report_from_results(capsys, tmp_path):
     assert_user_error(rc, err, "nope")
 
 
-def test_bench_runs_a_suite_script(capsys, tmp_path):
-    bench = tmp_path / "bench"
-    bench.mkdir()
-    (bench / "tiny_suite.py").write_text(
-        "import json, sys, pathlib\n"
-        "quick = '--quick' in sys.argv\n"
-        "out = pathlib.Path(__file__).parent / 'results' / 'tiny_suite.json'\n"
-        "out.write_text(json.dumps({'quick': quick, 'cases': [{'n': 1, 'mem_ratio': 0.25}]}))\n")
-    rc, out, err = run(capsys, "bench", "--quick", "--bench-dir", bench)
-    assert rc == 0, err
-    data = json.loads((bench / "results" / "tiny_suite.json").read_text())
-    assert data["quick"] is True
-    assert "mem_ratio" in (bench / "results" / "REPORT.md").read_text()
-
-
 def test_module_files_are_paths():
     assert Path(__file__).is_file()
 
