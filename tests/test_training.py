@@ -101,6 +101,7 @@ def test_frozen_parts_get_no_grad(train):
     model.train()
     model(**COLLATE(reverse_task(4))).loss.backward()
     for name, p in model.named_parameters():
+        name = name.removeprefix("model.")  # the pair's parts live under the fused model
         part = "generator" if name.startswith("generator.") else "reasoner" if name.startswith("reasoner.") else \
             "projection"
         if part in parts:
@@ -281,7 +282,7 @@ def test_gradient_checkpointing_same_loss_and_grads():
         loss.backward()
         out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)
-    assert out[0][1].keys() == out[1][1].keys() and any(k.startswith("reasoner.") for k in out[0][1])
+    assert out[0][1].keys() == out[1][1].keys() and any(k.startswith("model.reasoner.") for k in out[0][1])
     for k in out[0][1]:
         torch.testing.assert_close(out[1][1][k], out[0][1][k], rtol=1e-5, atol=1e-7)
 
@@ -424,8 +425,8 @@ def test_per_layer_lora_goes_through_apply_lora():
     assert set(lora_parts(model)) == {"generator", "reasoner"}
     state = {k: v.clone() for k, v in trainable_state_dict(model).items()}
     assert state and all(".lora_" in k for k in state)
-    r_layers = {k.split(".layers.")[1].split(".")[0] for k in state if k.startswith("reasoner.")}
-    g_layers = {k.split(".layers.")[1].split(".")[0] for k in state if k.startswith("generator.")}
+    r_layers = {k.split(".layers.")[1].split(".")[0] for k in state if k.startswith("model.reasoner.")}
+    g_layers = {k.split(".layers.")[1].split(".")[0] for k in state if k.startswith("model.generator.")}
     assert r_layers == {"1"} and g_layers == {"0", "1"}
     train_loop(model, secret_task(16), COLLATE, steps=3, batch_size=4, lr=1e-2)
     after = trainable_state_dict(model)
