@@ -211,7 +211,7 @@ def _nan_projection(tensors: dict) -> None:
 
 
 # name -> (damage to a copy of a shipped pair's folder, what the error says, whether it is found before the base
-# model loads). Loaded with FlyThinkerForCausalLM._from_shipped(name, folder=copy).
+# model loads). Loaded with flythinker.pretrained.loading.from_shipped(name, folder=copy).
 SHIPPED_DAMAGES = {
     "no_projection": (_edit_deltas(lambda t: t.pop("latent_proj.weight")), "lack latent_proj.weight", False),
     "layer_factors_missing": (_edit_deltas(_drop_layer_factors), "q_proj of layers [3]", False),
