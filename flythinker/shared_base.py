@@ -39,10 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, StaticCache
 
-from flythinker.options import FUSION_FIELDS
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
+from flythinker.options import FUSION_FIELDS, LORA_TARGETS
 
 # sibling linears of one layer that read one input tensor (HF's Llama-family attention and MLP): one A-matmul each
 _SAME_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
