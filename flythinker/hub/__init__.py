@@ -10,13 +10,10 @@ Nothing is ever fetched from a model hub. This package re-exports the public nam
 """
 
 from flythinker.hub.atomic import (
-    FAULT_ENV,
-    FAULT_POINTS,
     atomic_directory,
     atomic_write_bytes,
     atomic_write_json,
     clean_stale_temps,
-    fault_point,
     move_into_place,
     staging_directory,
 )
@@ -25,7 +22,7 @@ from flythinker.hub.gguf import KNOWN_MODELS, SMOLLM2, ModelNotFoundError
 from flythinker.hub.pair_check import check_pair_folders
 from flythinker.hub.resolution import has_tokenizer, load_pretrained, load_tokenizer, resolve
 
-__all__ = ["FAULT_ENV", "FAULT_POINTS", "KNOWN_MODELS", "SMOLLM2", "ModelNotFoundError", "atomic_directory",
+__all__ = ["KNOWN_MODELS", "SMOLLM2", "ModelNotFoundError", "atomic_directory",
            "atomic_write_bytes", "atomic_write_json", "cache_dir", "check_pair_folders", "clean_stale_temps",
-           "fault_point", "file_lock", "has_tokenizer", "load_pretrained", "load_tokenizer", "move_into_place",
+           "file_lock", "has_tokenizer", "load_pretrained", "load_tokenizer", "move_into_place",
            "resolve", "staging_directory"]

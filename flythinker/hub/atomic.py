@@ -5,9 +5,7 @@ checkpoint, the demo's LoRA weights, the persona datasets) is built under a temp
 moved into place with one `os.replace`. Readers see the old state or the new one, never a mix. A temporary sibling
 carries its writer's pid; the next writer of the same path removes those whose process is gone.
 
-Fault injection (tests only): with `FLYTHINKER_FAULT_POINT=<point>[:<substring>]` set, the process kills itself
-with SIGKILL when it reaches that write point (for a path containing `<substring>`, if given); see
-:func:`fault_point` and tests/faults.py. Unset (always, outside tests), a point costs one environment lookup.
+tests/faults.py kills a child process between these steps (it watches `os.replace`) to test what survives.
 """
 
 from __future__ import annotations
@@ -17,36 +15,10 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-# ---- fault injection (test-only hook) ---------------------------------------------------------------------------
-FAULT_ENV = "FLYTHINKER_FAULT_POINT"
-FAULT_POINTS = {
-    "atomic_directory.written": "a directory's contents are written under its temporary name, not moved yet",
-    "atomic_directory.replacing": "an existing destination was moved aside, the new one is not in place yet",
-    "atomic_write.written": "a file's bytes are written (and fsynced) under its temporary name, not moved yet",
-    "publish.partial": "a folder published file by file (flythinker train's final model) has its first file moved",
-}
-
-
-def fault_point(name: str, path: str | os.PathLike = "") -> None:
-    """Kill this process with SIGKILL if `$FLYTHINKER_FAULT_POINT` names this write point (tests only).
-
-    The variable is `<point>` or `<point>:<substring>` (then only a `path` containing `<substring>` matches,
-    e.g. `atomic_directory.written:checkpoint-4`). Known points: :data:`FAULT_POINTS`. A SIGKILL runs no
-    `finally` block and no atexit hook: exactly what a power cut or the OOM killer does to a writer.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    point, _, where = spec.partition(":")
-    if point == name and where in str(path):
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 # ---- atomic writes -------------------------------------------------------------------------------------------------
 _TMP_TAG = ".tmp-"  # temporary sibling of `dest`: f".{dest.name}.tmp-{pid}-{random}"
@@ -166,12 +138,10 @@ def move_into_place(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
     :func:`atomic_directory`, for writers that must stage under a name of their own (e.g. the training
     checkpoints, staged under one name that every DDP process writes into)."""
     tmp, dest = Path(tmp), Path(dest)
-    fault_point("atomic_directory.written", dest)
     old = None
     if dest.exists() or dest.is_symlink():  # os.replace cannot overwrite a non-empty folder: move it aside
         old = dest.parent / f"{_tmp_prefix(dest)}{os.getpid()}-old-{secrets.token_hex(4)}"
         os.replace(dest, old)
-        fault_point("atomic_directory.replacing", dest)
     os.replace(tmp, dest)
     if old is not None:
         _remove(old)
@@ -186,7 +156,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        fault_point("atomic_write.written", path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -198,5 +167,5 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     return atomic_write_bytes(path, json.dumps(obj, indent=indent).encode())
 
 
-__all__ = ["FAULT_ENV", "FAULT_POINTS", "atomic_directory", "atomic_write_bytes", "atomic_write_json",
-           "clean_stale_temps", "fault_point", "move_into_place", "staging_directory"]
+__all__ = ["atomic_directory", "atomic_write_bytes", "atomic_write_json",
+           "clean_stale_temps", "move_into_place", "staging_directory"]
