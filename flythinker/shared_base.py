@@ -342,14 +342,19 @@ def _peft_weights(adapter: Any) -> _Weights:
     return found
 
 
-def _lora_layers(tree: nn.Module) -> _Weights:
-    """The active LoRA adapter of every peft LoraLayer in `tree`, by module path."""
+def peft_lora_layers(tree: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`(module path, layer)` of every peft `LoraLayer` in `tree`."""
     from peft.tuners.lora import LoraLayer
 
-    found = {}
     for n, m in tree.named_modules():
-        if not isinstance(m, LoraLayer):
-            continue
+        if isinstance(m, LoraLayer):
+            yield n, m
+
+
+def _lora_layers(tree: nn.Module) -> _Weights:
+    """The active LoRA adapter of every peft LoraLayer in `tree`, by module path."""
+    found = {}
+    for n, m in peft_lora_layers(tree):
         for name in m.active_adapters:
             if name in m.lora_A:
                 if m.use_dora.get(name, False):
@@ -580,5 +585,5 @@ class SharedStep:
 
 
 __all__ = ["LORA_TARGETS", "SharedBaseSpec", "SharedLoRALinear", "SharedStep", "adapters", "build_halves",
-           "from_shared_base", "is_shared_base", "load_peft_adapter", "parameter_bytes", "retie", "same_base",
-           "share_pair", "to_peft", "unshare_pair"]
+           "from_shared_base", "is_shared_base", "load_peft_adapter", "parameter_bytes", "peft_lora_layers", "retie",
+           "same_base", "share_pair", "to_peft", "unshare_pair"]
