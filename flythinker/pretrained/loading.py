@@ -146,14 +146,15 @@ def copy_named(model: torch.nn.Module, named: dict[str, torch.Tensor], name: str
 
 
 def merge_factors(model: torch.nn.Module, factors: Factors, scaling: float, name: str) -> None:
-    """Two-copy layout: fold each module's factors into its weight, `W += scaling * B @ A`."""
+    """Two-copy layout: fold each module's factors into its weight, `W += scaling * B @ A` (`fold_lora`)."""
+    from flythinker.shared_base import fold_lora
+
     params = dict(model.named_parameters())
     for module, ab in factors.items():
         w = params.get(f"{module}.weight")
         if w is None or (ab["B"].shape[0], ab["A"].shape[1]) != tuple(w.shape):
             raise ValueError(f"shipped pair {name!r}: LoRA factors of {module} do not fit a weight of this pair")
-        with torch.no_grad():
-            w += (scaling * (ab["B"].float() @ ab["A"].float())).to(w.dtype)
+        fold_lora(w, ab["A"], ab["B"], scaling)
 
 
 def set_adapters(model: torch.nn.Module, factors: Factors, scaling: float, name: str) -> None:
