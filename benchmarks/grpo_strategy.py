@@ -63,7 +63,7 @@ def build_pair(fusion_lambda: float, reasoner_layers: int = 30):
 def shipped_pair():
     """The shipped personalised pair and its tokenizer (offline, by name)."""
     from flythinker import FlyThinkerForCausalLM
-    from flythinker.models import load_tokenizer
+    from flythinker.hub import load_tokenizer
 
     name = "smollm2-135m-persona-empathy"
     pair, tok = FlyThinkerForCausalLM.from_pretrained(name), load_tokenizer(name)
