@@ -47,7 +47,7 @@ def worker(cfg: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from flythinker import FlyThinkerForCausalLM
-    from flythinker.models import tiny_config
+    from flythinker.training.toy import tiny_config
 
     device = torch.device(cfg["device"])
     if device.type == "cpu":

@@ -63,7 +63,7 @@ class TimingStreamer:
 
 def build(device: str):
     from flythinker import FlyThinkerForCausalLM
-    from flythinker.models import load_pretrained
+    from flythinker.hub import load_pretrained
 
     gen, tok = load_pretrained("smollm2-135m-instruct")
     rsn, _ = load_pretrained("smollm2-135m-instruct", with_tokenizer=False)

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     import torch
 
-    from flythinker.models import atomic_write_json
+    from flythinker.hub import atomic_write_json
 
     torch.set_num_threads(args.threads)
     t0, load0 = time.time(), os.getloadavg()

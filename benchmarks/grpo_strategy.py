@@ -52,7 +52,7 @@ def truncated(model, n_layers: int):
 
 def build_pair(fusion_lambda: float, reasoner_layers: int = 30):
     from flythinker import FlyThinkerForCausalLM
-    from flythinker.models import load_pretrained
+    from flythinker.hub import load_pretrained
 
     gen, tok = load_pretrained("smollm2-135m-instruct")
     rsn, _ = load_pretrained("smollm2-135m-instruct", with_tokenizer=False)
@@ -66,7 +66,7 @@ def build_pair(fusion_lambda: float, reasoner_layers: int = 30):
 def shipped_pair():
     """The shipped personalised pair and its tokenizer (offline, by name)."""
     from flythinker import FlyThinkerForCausalLM
-    from flythinker.models import load_tokenizer
+    from flythinker.hub import load_tokenizer
 
     name = "smollm2-135m-persona-empathy"
     pair, tok = FlyThinkerForCausalLM.from_pretrained(name), load_tokenizer(name)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
 
-    from flythinker.models import atomic_write_json
+    from flythinker.hub import atomic_write_json
     from flythinker.persona import make_persona_empathy
     from flythinker.rl import TraitReward, grpo_rows, paired_bootstrap_diff
     from flythinker.rl.trainer import FlyThinkerGRPOTrainer, GRPOConfig

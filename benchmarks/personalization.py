@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from flythinker.configuration import IGNORE_INDEX
-from flythinker.hub import tiny_config
 from flythinker.persona import build_views, make_persona_empathy, mean_rouge_l, strategy_accuracy
 from flythinker.persona.wordlevel import word_tokenizer
 from flythinker.training.collator import FlyThinkerCollator
 from flythinker.training.loop import train_loop
+from flythinker.training.toy import tiny_config
 
 # `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
 QUICK = {"skip": "a training benchmark: its own --quick preset alone takes ~5 min"}

@@ -34,6 +34,7 @@ import torch
 
 from flythinker.decode import left_pad
 from flythinker.persona import TRAITS, build_views, make_persona_empathy
+from flythinker.rl import bootstrap_ci
 
 # `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
 QUICK = {"skip": "a training benchmark on the real SmolLM2 pair (tens of minutes)"}
@@ -204,10 +205,8 @@ def bootstrap(rows: list[dict], key, other: list[dict] | None = None, n: int = 2
     for i, r in enumerate(rows):
         users.setdefault(r["user"], []).append(key(r) - (key(other[i]) if other is not None else 0.0))
     per = [sum(v) / len(v) for v in users.values()]
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(per) for _ in per) / len(per) for _ in range(n))
-    return {"mean": sum(per) / len(per), "ci95": [means[int(0.025 * n)], means[int(0.975 * n) - 1]],
-            "users": len(per), "records": len(rows)}
+    mean, lo, hi = bootstrap_ci(per, n_boot=n, seed=seed)
+    return {"mean": mean, "ci95": [lo, hi], "users": len(per), "records": len(rows)}
 
 
 def summary(rows: list[dict], base: list[dict] | None = None) -> dict:

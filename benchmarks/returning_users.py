@@ -51,8 +51,7 @@ TARGETS = {"first_token_same_size": 1.8, "first_token_k_layers": 1.3, "end_to_en
 def load(k: int) -> tuple[dict, dict, object, int]:
     """({variant: model}, {variant: prefix cache or None}, tokenizer, reasoner budget)."""
     from flythinker import FlyThinkerForCausalLM
-    from flythinker.hub import load_pretrained
-    from flythinker.models import load_tokenizer
+    from flythinker.hub import load_pretrained, load_tokenizer
     from flythinker.pretrained import pair_info
     from flythinker.reasoner_prefix_cache import ReasonerPrefixCache
     from flythinker.truncate import truncated_reasoner

@@ -66,8 +66,7 @@ def eos_off(model):
 def load(reasoner_layers: int):
     """{variant: model}, the tokenizer and the reasoner's token budget."""
     from flythinker import FlyThinkerForCausalLM
-    from flythinker.hub import load_pretrained
-    from flythinker.models import load_tokenizer
+    from flythinker.hub import load_pretrained, load_tokenizer
     from flythinker.pretrained import pair_info
     from flythinker.truncate import truncated_reasoner
 

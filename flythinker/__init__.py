@@ -29,8 +29,10 @@ def __getattr__(name: str) -> Any:
 
         # Importing the model registers it with AutoConfig / AutoModelForCausalLM.
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        if name == "FlyThinkerConfig":
-            importlib.import_module("flythinker.modeling")
+        if name in ("FlyThinkerConfig", "FlyThinkerForCausalLM", "fast_generate"):
+            # the layers above the model register with it: generate's lean loop, the shipped pairs' factory
+            for module in ("flythinker.modeling", "flythinker.decode", "flythinker.pretrained.loading"):
+                importlib.import_module(module)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'flythinker' has no attribute {name!r}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import StaticCache
@@ -43,11 +43,9 @@ from transformers.utils import logging
 from flythinker import reasoner_prefix_cache as prefix_cache
 from flythinker.cache import FlyThinkerCache
 from flythinker.kernels import sample
+from flythinker.modeling import FlyThinkerForCausalLM
 from flythinker.shared_base import SharedStep, is_shared_base
 from flythinker.workers import InlineWorker, ReasonerWorker
-
-if TYPE_CHECKING:  # annotations only: modeling imports this module (generate's fast path)
-    from flythinker.modeling import FlyThinkerForCausalLM
 
 logger = logging.get_logger(__name__)
 GeneratorStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -413,6 +411,9 @@ def generate_fast_path(model: FlyThinkerForCausalLM, args: tuple, kwargs: dict) 
     out = fast_generate(model, ids, **plan)
     return out.clone()  # a normal tensor, not an inference-mode one (as transformers' generate returns)
 
+
+# importing this module makes the lean loop generate's fast path (the model itself knows no decode loop)
+FlyThinkerForCausalLM.register_lean_generate(generate_fast_path)
 
 __all__ = ["DecodeState", "decode_n_tokens", "decode_one_token", "decode_path", "fast_generate",
            "generate_fast_path", "generate_path", "generator_step", "left_pad", "prefill"]

@@ -17,7 +17,9 @@ generator's output and the latents to append to the cache:
 - `_decode_step`: one new token per row on a filled cache (the two halves run side by side);
 - `_shared_forward`: everything else (both models read the same tokens: shared-context prefill / training, or a
   multi-token chunk on a filled cache).
-The overlapped prefill schedules live in flythinker.prefill; the lean static-cache loop in flythinker.decode.
+The overlapped prefill schedules (a building block of the forward) live in flythinker.prefill. Layers above the model
+plug in through registries: the lean static-cache loop (flythinker.decode registers it as generate's fast path) and
+the factories of named pairs (flythinker.pretrained.loading registers the shipped pairs' one for from_pretrained).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import copy
 import math
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,34 +66,8 @@ from flythinker.kernels.linear_cross_entropy_naive import loss_denominator
 from flythinker.latent_norm import BUFFERS as LATENT_NORM_BUFFERS
 from flythinker.latent_norm import standardize_latent
 from flythinker.options import LEARNED_PROJECTIONS
-from flythinker.prefill import shared_prefill, split_prefill
+from flythinker.prefill import StepInputs, shared_prefill, split_prefill
 from flythinker.workers import InlineWorker, ReasonerWorker, StreamWorker, worker_for
-
-
-@dataclass
-class StepInputs:
-    """One forward call's inputs, normalised by `FlyThinkerForCausalLM._normalise`."""
-
-    input_ids: torch.Tensor  # [B, T] the new tokens
-    attention_mask: torch.Tensor | None  # [B, past + T] (2-D) or None (no padding)
-    local_mask: torch.Tensor  # [B, T] the new tokens' part of the mask
-    position_ids: torch.Tensor  # [B, T]
-    cache: FlyThinkerCache | None  # None: use_cache=False
-    past: int  # tokens already in the cache
-    gen_kwargs: dict[str, Any]  # output_attentions / output_hidden_states for the generator
-    inputs_embeds: torch.Tensor | None = None  # [B, T, H_g] the generator's given embeddings (latents added)
-    continues: torch.Tensor | None = None  # [B, T] bool: position t continues t-1's sequence (None: all do)
-    fusion_lambda: float | None = None  # this call's lambda (None: config.fusion_lambda)
-    parallel: str | None = None  # this call's overlap mode (None: config.parallel)
-
-    @property
-    def prefill(self) -> bool:
-        return self.past == 0
-
-    @property
-    def use_cache(self) -> bool:
-        return self.cache is not None
-
 
 
 class FlyThinkerPreTrainedModel(PreTrainedModel):
@@ -688,10 +664,10 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("FlyThinkerForCausalLM loads safetensors checkpoints only (use_safetensors=False given)")
         kwargs["use_safetensors"] = True
-        from flythinker.pretrained import shipped_name
-
-        if shipped_name(pretrained_model_name_or_path):  # a pair shipped as deltas (an existing path is that path)
-            return cls._from_shipped(shipped_name(pretrained_model_name_or_path), **kwargs)
+        for accepts, factory in NAMED_PAIR_FACTORIES:  # e.g. a trained pair shipped as deltas in the package
+            if accepts(pretrained_model_name_or_path):
+                return factory(cls, pretrained_model_name_or_path, **kwargs)
+        _refuse_unregistered_shipped(pretrained_model_name_or_path)
         want_info = bool(kwargs.pop("output_loading_info", False))
         strict = not want_info if strict is None else strict
         hf_load, raw = super().from_pretrained, {}
@@ -705,17 +681,6 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         info = raw["info"]  # transformers' report, in the model's parameter names
         retie(model)  # a shared-base pair: the loader may have replaced the base parameter objects
         return (model, info) if want_info else model
-
-    @classmethod
-    def _from_shipped(cls, name: str, folder: str | os.PathLike | None = None, **kwargs: Any
-                      ) -> FlyThinkerForCausalLM:
-        """A pair shipped in flythinker/pretrained, built from its offline base model and its trained deltas
-        (`flythinker.pretrained.loading.load_shipped`: `dtype=`, and `shared_base=False` for two independent copies
-        with the LoRA merged instead of one shared base with adapters). `folder`: read pair.json and the deltas from
-        there instead (a retrained copy of the pair, `flythinker demo --retrain`)."""
-        from flythinker.pretrained.loading import load_shipped
-
-        return load_shipped(cls, name, folder, **kwargs)
 
     @classmethod
     def from_shared_base(cls, base: PreTrainedModel | str, *, r: int = 8, lora_alpha: float = 16,
@@ -1012,6 +977,17 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
             inputs["input_ids"] = input_ids[:, -inputs["inputs_embeds"].shape[1]:].clone()
         return inputs
 
+    # the lean static-cache loop: `(model, args, kwargs) -> ids | None` (None: transformers' loop), registered by
+    # flythinker.decode on import (`register_lean_generate`); the model itself knows no decode loop
+    lean_generate: Callable[..., torch.Tensor | None] | None = None
+
+    @classmethod
+    def register_lean_generate(cls, fn: Callable[[FlyThinkerForCausalLM, tuple, dict], torch.Tensor | None]
+                               ) -> None:
+        """Make `fn(model, args, kwargs)` generate's fast path (it returns the ids, or None for transformers' loop,
+        and pops `fast_path` from kwargs)."""
+        cls.lean_generate = fn
+
     def generate(self, *args: Any, fast_path: bool | str = "auto", **kwargs: Any):
         """`GenerationMixin.generate`, with the decode loop an explicit choice.
 
@@ -1032,10 +1008,16 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
         Returns:
             What `GenerationMixin.generate` returns: `[B, P + n]` token ids, or its output object when asked.
         """
-        from flythinker.decode import generate_fast_path
-
+        lean = type(self).lean_generate
+        if lean is None:  # flythinker.decode not imported: transformers' loop
+            if not any(fast_path is c for c in ("auto", True, False)):
+                raise ValueError(f"fast_path must be 'auto', True or False, got {fast_path!r}")
+            if fast_path is True:
+                raise ValueError("fast_path=True needs the lean loop: import flythinker.decode (importing "
+                                 "FlyThinkerForCausalLM from the flythinker package does)")
+            return super().generate(*args, **kwargs)
         kwargs["fast_path"] = fast_path
-        out = generate_fast_path(self, args, kwargs)  # removes fast_path from kwargs
+        out = lean(self, args, kwargs)  # removes fast_path from kwargs
         return out if out is not None else super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
@@ -1059,6 +1041,26 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
             model_kwargs["cache"].activate_past_recording()
 
 
+
+
+# (accepts(name_or_path), factory(cls, name_or_path, **kwargs)) pairs that from_pretrained tries before a folder:
+# layouts built by a layer above the model register here (flythinker.pretrained.loading: the shipped pairs)
+NAMED_PAIR_FACTORIES: list[tuple[Callable[[Any], bool], Callable[..., FlyThinkerForCausalLM]]] = []
+
+
+def register_named_pair_factory(accepts: Callable[[Any], bool], factory: Callable[..., FlyThinkerForCausalLM]
+                                ) -> None:
+    """Let `FlyThinkerForCausalLM.from_pretrained(x, **kw)` return `factory(cls, x, **kw)` when `accepts(x)`."""
+    if all(f is not factory for _, f in NAMED_PAIR_FACTORIES):
+        NAMED_PAIR_FACTORIES.append((accepts, factory))
+
+
+def _refuse_unregistered_shipped(name: Any) -> None:
+    from flythinker.pretrained import shipped_name  # data only: imports nothing from flythinker
+
+    if shipped_name(name):
+        raise ValueError(f"{name!r} is a shipped pair, built by flythinker.pretrained.loading: import it (or import "
+                         "FlyThinkerForCausalLM from the flythinker package, which does)")
 
 
 def check_fusion_lambda(lam: float | None) -> float | None:

@@ -19,3 +19,4 @@ LOSS_IMPLS = ("fused", "naive")
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Label of a position that is not trained on (prompt, padding): PyTorch's cross_entropy default, also HF's.
 IGNORE_INDEX = -100
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the LoRA'd linears

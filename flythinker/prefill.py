@@ -9,21 +9,50 @@ most of the two models' work is independent:
   minus its last position runs alongside the reasoner's whole prefill, then the last position with its latent.
 
 Both give the plain (sequential) prefill's logits, latents and caches (tests/test_concurrency.py). The model picks a
-schedule in `FlyThinkerModel._prefill_worker`; here only the order of the calls lives.
+schedule in `FlyThinkerModel._prefill_worker`; here only the order of the calls lives, and `StepInputs`, the
+normalised inputs of one forward call that the model's paths and these schedules share. A building block of the
+model's forward: it imports nothing of the model (`model` below is a `flythinker.modeling.FlyThinkerModel`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from flythinker.alignment import split_alignment, split_latents
+from flythinker.cache import FlyThinkerCache
 from flythinker.workers import ReasonerWorker
 
-if TYPE_CHECKING:
-    from flythinker.modeling import FlyThinkerModel, StepInputs
+FlyThinkerModel = nn.Module  # annotation: a flythinker.modeling.FlyThinkerModel (this module sits below it)
+
+
+@dataclass
+class StepInputs:
+    """One forward call's inputs, normalised by `FlyThinkerModel._normalise`."""
+
+    input_ids: torch.Tensor  # [B, T] the new tokens
+    attention_mask: torch.Tensor | None  # [B, past + T] (2-D) or None (no padding)
+    local_mask: torch.Tensor  # [B, T] the new tokens' part of the mask
+    position_ids: torch.Tensor  # [B, T]
+    cache: FlyThinkerCache | None  # None: use_cache=False
+    past: int  # tokens already in the cache
+    gen_kwargs: dict[str, Any]  # output_attentions / output_hidden_states for the generator
+    inputs_embeds: torch.Tensor | None = None  # [B, T, H_g] the generator's given embeddings (latents added)
+    continues: torch.Tensor | None = None  # [B, T] bool: position t continues t-1's sequence (None: all do)
+    fusion_lambda: float | None = None  # this call's lambda (None: config.fusion_lambda)
+    parallel: str | None = None  # this call's overlap mode (None: config.parallel)
+
+    @property
+    def prefill(self) -> bool:
+        return self.past == 0
+
+    @property
+    def use_cache(self) -> bool:
+        return self.cache is not None
 
 
 def chunk_bounds(T: int, n_chunks: int) -> list[tuple[int, int]]:
@@ -101,4 +130,4 @@ def split_prefill(model: FlyThinkerModel, worker: ReasonerWorker, step: StepInpu
     return h, cat_outputs([g0, g1])
 
 
-__all__ = ["cat_outputs", "chunk_bounds", "shared_prefill", "split_prefill"]
+__all__ = ["StepInputs", "cat_outputs", "chunk_bounds", "shared_prefill", "split_prefill"]

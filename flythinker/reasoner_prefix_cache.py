@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from flythinker.cache import FlyThinkerCache
-    from flythinker.modeling import FlyThinkerForCausalLM
+
+FlyThinkerForCausalLM = nn.Module  # annotation: a flythinker.modeling model (this module sits below it)
 
 DEFAULT_MAX_BYTES = 512 * 2**20
 

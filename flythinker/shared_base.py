@@ -39,10 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, StaticCache
 
-from flythinker.options import FUSION_FIELDS
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
+from flythinker.options import FUSION_FIELDS, LORA_TARGETS
 
 # sibling linears of one layer that read one input tensor (HF's Llama-family attention and MLP): one A-matmul each
 _SAME_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -345,14 +342,19 @@ def _peft_weights(adapter: Any) -> _Weights:
     return found
 
 
-def _lora_layers(tree: nn.Module) -> _Weights:
-    """The active LoRA adapter of every peft LoraLayer in `tree`, by module path."""
+def peft_lora_layers(tree: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`(module path, layer)` of every peft `LoraLayer` in `tree`."""
     from peft.tuners.lora import LoraLayer
 
-    found = {}
     for n, m in tree.named_modules():
-        if not isinstance(m, LoraLayer):
-            continue
+        if isinstance(m, LoraLayer):
+            yield n, m
+
+
+def _lora_layers(tree: nn.Module) -> _Weights:
+    """The active LoRA adapter of every peft LoraLayer in `tree`, by module path."""
+    found = {}
+    for n, m in peft_lora_layers(tree):
         for name in m.active_adapters:
             if name in m.lora_A:
                 if m.use_dora.get(name, False):
@@ -443,6 +445,20 @@ def share_pair(pair: nn.Module) -> nn.Module | None:
     return model.train(pair.training)
 
 
+def fold_lora(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    """Merge one LoRA adapter into its weight in place: `W += scaling * B @ A`, the product in fp32, cast to W's
+    dtype. The merge of flythinker's own layouts (shared-base halves, shipped deltas); a peft model merges with
+    peft's `merge_and_unload` (`flythinker.training.merge_lora`).
+
+    Args:
+        weight: `[out, in]` the linear's weight (modified).
+        lora_A: `[r, in]`; lora_B: `[out, r]`.
+        scaling: lora_alpha / r.
+    """
+    with torch.no_grad():
+        weight += (scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
 def _merged_half(model: nn.Module, half: str) -> PreTrainedModel:
     """An independent plain copy of one half of shared-base pair `model`: the base's weights cloned, each adapted
     linear's weight replaced by `W + scaling * B @ A` (computed in fp32), no adapter modules."""
@@ -456,10 +472,8 @@ def _merged_half(model: nn.Module, half: str) -> PreTrainedModel:
             continue
         path, wrapped, leaf = name.rpartition(".base.")  # an adapted linear's `<path>.base.weight` -> `<path>.weight`
         state[f"{path}.{leaf}" if wrapped and path in mine else name] = p.detach().clone()
-    with torch.no_grad():
-        for path, m in mine.items():
-            w = state[f"{path}.weight"]
-            w += (m.scaling * (m.lora_B.float() @ m.lora_A.float())).to(w.dtype)
+    for path, m in mine.items():
+        fold_lora(state[f"{path}.weight"], m.lora_A, m.lora_B, m.scaling)
     ref = next(iter(state.values()))
     plain = AutoModelForCausalLM.from_config(copy.deepcopy(part.config), dtype=ref.dtype).to(ref.device)
     plain.load_state_dict(state, strict=True)  # every parameter, tied ones under each name
@@ -583,5 +597,5 @@ class SharedStep:
 
 
 __all__ = ["LORA_TARGETS", "SharedBaseSpec", "SharedLoRALinear", "SharedStep", "adapters", "build_halves",
-           "from_shared_base", "is_shared_base", "load_peft_adapter", "parameter_bytes", "retie", "same_base",
-           "share_pair", "to_peft", "unshare_pair"]
+           "fold_lora", "from_shared_base", "is_shared_base", "load_peft_adapter", "parameter_bytes",
+           "peft_lora_layers", "retie", "same_base", "share_pair", "to_peft", "unshare_pair"]

@@ -1,8 +1,9 @@
 """Fault injection for tests: run a child process and SIGKILL it at a named write point.
 
-The hook is :func:`flythinker.hub.fault_point` (in the atomic writers, and so in every cache and checkpoint
-written through them): with ``FLYTHINKER_FAULT_POINT=<point>[:<substring>]`` in its environment the child kills
-itself with SIGKILL when it reaches that point for a path containing ``<substring>``. No ``finally`` block, no
+The hook is tests/fault_inject/sitecustomize.py (put first on the child's PYTHONPATH; it watches `os.replace`, which
+every publish of the atomic writers, and so of every cache and checkpoint, goes through): with
+``FLYTHINKER_FAULT_POINT=<point>[:<substring>]`` in its environment the child kills itself with SIGKILL when it
+reaches that point for a path containing ``<substring>``. Product code carries no hook. No ``finally`` block, no
 atexit hook runs, exactly as under the OOM killer or a power cut.
 
 Usage (see tests/test_faults.py for the table of what must survive each point; add a row there)::
@@ -23,9 +24,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from flythinker.hub import FAULT_ENV, FAULT_POINTS
-
 ROOT = Path(__file__).resolve().parents[1]
+FAULT_ENV = "FLYTHINKER_FAULT_POINT"
+FAULT_POINTS = {
+    "atomic_directory.written": "a directory's contents are written under its temporary name, not moved yet",
+    "atomic_directory.replacing": "an existing destination was moved aside, the new one is not in place yet",
+    "atomic_write.written": "a file's bytes are written (and fsynced) under its temporary name, not moved yet",
+    "publish.partial": "a folder published file by file (flythinker train's final model) has its first file moved",
+}
+INJECTOR = Path(__file__).resolve().parent / "fault_inject"  # its sitecustomize.py arms the point in the child
 
 
 def _command(child: str | Sequence[str]) -> list[str]:
@@ -43,6 +50,7 @@ def _env(extra: Mapping[str, str] | None, fault: str | None) -> dict[str, str]:
     env.update(extra or {})
     if fault is not None:
         env[FAULT_ENV] = fault
+        env["PYTHONPATH"] = os.pathsep.join([str(INJECTOR), env["PYTHONPATH"]])
     return env
 
 
@@ -61,7 +69,7 @@ def run_child(child: str | Sequence[str], *, env: Mapping[str, str] | None = Non
 
 def run_killed(child: str | Sequence[str], point: str, *, where: str = "", env: Mapping[str, str] | None = None,
                timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `child` with the fault `point` (one of flythinker.hub.FAULT_POINTS) armed for paths containing
+    """Run `child` with the fault `point` (one of FAULT_POINTS) armed for paths containing
     `where`; assert that it died there of SIGKILL (not earlier by an error, not later by finishing)."""
     if point not in FAULT_POINTS:
         raise ValueError(f"unknown fault point {point!r}; known: {sorted(FAULT_POINTS)}")
@@ -211,7 +219,7 @@ def _nan_projection(tensors: dict) -> None:
 
 
 # name -> (damage to a copy of a shipped pair's folder, what the error says, whether it is found before the base
-# model loads). Loaded with FlyThinkerForCausalLM._from_shipped(name, folder=copy).
+# model loads). Loaded with flythinker.pretrained.loading.from_shipped(name, folder=copy).
 SHIPPED_DAMAGES = {
     "no_projection": (_edit_deltas(lambda t: t.pop("latent_proj.weight")), "lack latent_proj.weight", False),
     "layer_factors_missing": (_edit_deltas(_drop_layer_factors), "q_proj of layers [3]", False),

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flythinker import FlyThinkerForCausalLM
-from flythinker.hub import tiny_config
+from flythinker.training.toy import tiny_config
 
 VOCAB = 128
 PAD, BOS, EOS = 0, 1, 2

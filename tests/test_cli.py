@@ -206,7 +206,7 @@ def test_one_pair_check_for_generate_and_train(capsys, pair, tmp_path, command):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flythinker.hub import tiny_config
+    from flythinker.training.toy import tiny_config
 
     torch.manual_seed(5)
     AutoModelForCausalLM.from_config(tiny_config(hidden_size=48)).save_pretrained(tmp_path / "notok")

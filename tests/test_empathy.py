@@ -242,8 +242,8 @@ def tiny_judge():
     from transformers import AutoModelForCausalLM
 
     from flythinker.empathy.prompts import SYSTEM
-    from flythinker.models import tiny_config
     from flythinker.persona.wordlevel import word_tokenizer
+    from flythinker.training.toy import tiny_config
 
     words = [SYSTEM, CTX.query, CTX.persona, "Score : Reason Total / 100 \\ boxed { } Analysis Specific Criteria",
              " ".join(str(i) for i in range(0, 101))]

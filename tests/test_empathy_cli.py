@@ -17,9 +17,9 @@ import_trl()
 def tiny_folder(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from flythinker.models import tiny_config
     from flythinker.persona import make_persona_empathy
     from flythinker.persona.wordlevel import word_tokenizer
+    from flythinker.training.toy import tiny_config
 
     recs = make_persona_empathy(n_users=6, queries_per_user=1)["train"]
     tok = word_tokenizer([t.text for r in recs for t in r.history] + [r.query.text for r in recs]

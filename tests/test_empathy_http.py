@@ -27,8 +27,8 @@ CTX = JudgeContext(query="I lost my job today .", persona="proud ; private")
 def tiny():
     from transformers import AutoModelForCausalLM
 
-    from flythinker.models import tiny_config
     from flythinker.persona.wordlevel import word_tokenizer
+    from flythinker.training.toy import tiny_config
 
     tok = word_tokenizer([CTX.query, "Score : Reason Total / 100 1 2 3 4 5 hello world"])
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """What must survive a SIGKILL at each write point: one row per (writer, point), run by one parametrised test.
 
 Each row: a child process (a Python snippet or a `flythinker` command line) killed at a named write point
-(tests/faults.py, flythinker.hub.fault_point), what must hold right after the kill, then a rerun of the same
+(tests/faults.py, tests/fault_inject/sitecustomize.py), what must hold right after the kill, then a rerun of the same
 child without the fault and what must hold after it. Add a row to cover a new cache or checkpoint writer.
 Training checkpoints killed mid-save and resumed: tests/test_resume.py (same helper, same point).
 """

@@ -182,6 +182,9 @@ def test_rows_and_held_out_report():
     assert bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
     m, lo, hi = bootstrap_ci([0, 1] * 20)
     assert m == 0.5 and lo < 0.5 < hi and hi - lo < 0.4
+    assert lo == pytest.approx(0.5 - 1.96 * 0.5 / 40 ** 0.5, abs=0.03)  # the normal approximation's interval
+    assert hi == pytest.approx(0.5 + 1.96 * 0.5 / 40 ** 0.5, abs=0.03)
+    assert bootstrap_ci([3.0]) == (3.0, 3.0, 3.0)
     assert paired_bootstrap_diff([0, 0, 1], [1, 1, 1])[0] == pytest.approx(2 / 3)
 
 

@@ -113,11 +113,11 @@ def test_shipped_pair_manifest_and_tensors_checked_before_loading(tmp_path, dama
 def test_shipped_pair_incomplete_deltas_refused(tmp_path, damage):
     """Deltas missing the projection or one layer's LoRA factors would load as a different model (a zero
     projection: no personalisation at all)."""
-    from flythinker import FlyThinkerForCausalLM
+    from flythinker.pretrained.loading import from_shipped
 
     folder = shipped_copy(SHIPPED, damage, tmp_path)
     with pytest.raises(ValueError, match=SHIPPED_DAMAGES[damage][1].replace("[", r"\[").replace("]", r"\]")):
-        FlyThinkerForCausalLM._from_shipped(SHIPPED, folder=folder)
+        from_shipped(SHIPPED, folder=folder)
 
 
 def test_shared_base_must_be_a_bool():

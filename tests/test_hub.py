@@ -78,3 +78,24 @@ def test_atomic_write_bytes_and_json(tmp_path):
     atomic_write_bytes(path, b"{}")
     assert path.read_bytes() == b"{}"
     assert _siblings(path) == []
+
+
+def test_file_lock_excludes_a_second_holder(tmp_path):
+    import threading
+    import time
+
+    from flythinker.hub import file_lock
+
+    lock, order = tmp_path / "new" / ".x.lock", []
+
+    def second():
+        with file_lock(lock):
+            order.append("second")
+
+    with file_lock(lock):  # the folder is created
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first")
+    t.join(10)
+    assert order == ["first", "second"]

@@ -14,7 +14,7 @@ from model_helpers import single_thread  # noqa: F401  (autouse fixture)
 from transformers import TextStreamer
 
 from flythinker import FlyThinkerForCausalLM
-from flythinker.models import load_pretrained
+from flythinker.hub import load_pretrained
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,7 @@ from model_helpers import PAD, left_pad, random_ids, tiny_pair
 
 from flythinker import FlyThinkerConfig, FlyThinkerForCausalLM
 from flythinker.latent_norm import LatentStats, calibrate_latent_norm, standardize_latent
+from flythinker.pretrained.loading import from_shipped
 
 
 def _split_batches(n: int = 3, seed: int = 0):
@@ -195,8 +196,8 @@ def test_shipped_loader_applies_lora_factors_and_loads_the_fusion(tmp_path):
     folder = _shipped_folder(tmp_path, base, {f"{key}.lora_A": A, f"{key}.lora_B": B, **stats}, {"scaling": 2.0})
     q0 = base.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 32)
-    shared = FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=folder)
-    two = FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=folder, shared_base=False)
+    shared = from_shipped("smollm2-135m-persona-empathy", folder=folder)
+    two = from_shipped("smollm2-135m-persona-empathy", folder=folder, shared_base=False)
     assert is_shared_base(shared) and not is_shared_base(two)
     torch.testing.assert_close(two.generator.model.layers[0].self_attn.q_proj.weight, q0.weight + 2.0 * B @ A)
     torch.testing.assert_close(two.reasoner.model.layers[0].self_attn.q_proj.weight, q0.weight)  # as is
@@ -209,12 +210,12 @@ def test_shipped_loader_applies_lora_factors_and_loads_the_fusion(tmp_path):
     # factors without a scaling, or that fit no weight, are refused
     bad = _shipped_folder(tmp_path / "x", base, {f"{key}.lora_A": A, f"{key}.lora_B": B}, None)
     with pytest.raises(ValueError, match="no lora.scaling"):
-        FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=bad)
+        from_shipped("smollm2-135m-persona-empathy", folder=bad)
     bad = _shipped_folder(tmp_path / "y", base, {f"{key}.lora_A": torch.randn(4, 7), f"{key}.lora_B": B},
                           {"scaling": 1.0})
     for layout in (True, False):
         with pytest.raises(ValueError, match="do not fit"):
-            FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=bad, shared_base=layout)
+            from_shipped("smollm2-135m-persona-empathy", folder=bad, shared_base=layout)
 
 
 @torch.no_grad()
@@ -228,7 +229,7 @@ def test_shipped_pair_with_a_truncated_reasoner(tmp_path):
     key = "generator.model.layers.0.self_attn.q_proj"
     folder = _shipped_folder(tmp_path, base, {f"{key}.lora_A": A, f"{key}.lora_B": B}, {"scaling": 2.0},
                              reasoner_layers=1)
-    model = FlyThinkerForCausalLM._from_shipped("smollm2-135m-persona-empathy", folder=folder)
+    model = from_shipped("smollm2-135m-persona-empathy", folder=folder)
     assert len(model.reasoner.model.layers) == 1 and len(model.generator.model.layers) == 3
     assert model.config.reasoner.num_hidden_layers == 1
     w0 = base.model.layers[0].self_attn.q_proj.weight

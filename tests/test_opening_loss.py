@@ -7,11 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flythinker.configuration import IGNORE_INDEX
-from flythinker.hub import tiny_config
 from flythinker.modeling import FlyThinkerForCausalLM
 from flythinker.training import FlyThinkerCollator, train_loop
 from flythinker.training.opening_loss import opening_weighted_loss, opening_weights
-from flythinker.training.toy import char_tokenizer, secret_task
+from flythinker.training.toy import char_tokenizer, secret_task, tiny_config
 
 TOK = char_tokenizer()
 COLLATE = FlyThinkerCollator(tokenizer=TOK)

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flythinker import FlyThinkerForCausalLM
-from flythinker.models import tiny_config
 from flythinker.persona import classify_response, make_persona_empathy
 from flythinker.persona.preference import accuracy, preference, trait_candidates
 from flythinker.persona.wordlevel import word_tokenizer
+from flythinker.training.toy import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def test_fallback_template_without_chat_template():
 
 @pytest.mark.integration
 def test_smollm2_chat_template():
-    from flythinker.models import load_tokenizer
+    from flythinker.hub import load_tokenizer
     tok = load_tokenizer("smollm2-135m-instruct")
     r = _record()
     v = build_views(r, tok, system_prompt="Be kind.")

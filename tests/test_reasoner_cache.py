@@ -7,11 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flythinker.hub import tiny_config
 from flythinker.modeling import FlyThinkerForCausalLM
 from flythinker.training import FlyThinkerCollator, apply_lora, set_trainable, train_loop
 from flythinker.training.reasoner_cache import cached_reasoner_latents
-from flythinker.training.toy import char_tokenizer, secret_task
+from flythinker.training.toy import char_tokenizer, secret_task, tiny_config
 
 TOK = char_tokenizer()
 COLLATE = FlyThinkerCollator(tokenizer=TOK)

@@ -21,7 +21,7 @@ import torch
 
 from flythinker import FlyThinkerForCausalLM
 from flythinker.decode import generate_path
-from flythinker.models import load_tokenizer
+from flythinker.hub import load_tokenizer
 from flythinker.pretrained import pair_info
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from flythinker import FlyThinkerForCausalLM
-from flythinker.models import load_tokenizer
+from flythinker.hub import load_tokenizer
 from flythinker.persona import make_persona_empathy
 from flythinker.persona.preference import accuracy, preference
 from flythinker.pretrained import pair_info

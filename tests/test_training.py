@@ -10,11 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from flythinker.hub import tiny_config
 from flythinker.modeling import FlyThinkerForCausalLM
 from flythinker.training.collator import FlyThinkerCollator
 from flythinker.training.loop import batch_indices, param_groups, train_loop
-from flythinker.training.toy import char_tokenizer, reverse_task, secret_task
+from flythinker.training.toy import char_tokenizer, reverse_task, secret_task, tiny_config
 from flythinker.training.trainable import (
     apply_lora,
     autocast,

@@ -129,9 +129,9 @@ def load_pair(generator: str, reasoner: str | None = None, *, dtype: torch.dtype
     """
     import torch
 
+    from flythinker import FlyThinkerForCausalLM  # the package registers the decode loop and shipped pairs
     from flythinker.checkpoint import check_folder, load_errors
     from flythinker.hub import check_pair_folders, load_pretrained, resolve
-    from flythinker.modeling import FlyThinkerForCausalLM
 
     dtype = dtype or torch.float32
     g_dir = resolve(generator)  # ModelNotFoundError: a one-line user error
@@ -173,9 +173,9 @@ def load_checkpoint(path: str, *, dtype: torch.dtype | None = None, **overrides:
     a plain HF model, that model alone (no overrides allowed)."""
     import torch
 
+    from flythinker import FlyThinkerForCausalLM  # the package registers the decode loop and shipped pairs
     from flythinker.checkpoint import load_errors
     from flythinker.hub import load_pretrained
-    from flythinker.modeling import FlyThinkerForCausalLM
     from flythinker.pretrained import shipped_name
 
     folder = Path(path).expanduser()
@@ -204,8 +204,8 @@ def load_checkpoint(path: str, *, dtype: torch.dtype | None = None, **overrides:
 
 def _load_shipped(name: str, dtype, overrides: dict[str, Any]):
     """`(pair, tokenizer)` of a shipped pair, with fusion-option overrides as for a checkpoint folder."""
+    from flythinker import FlyThinkerForCausalLM  # the package registers the decode loop and shipped pairs
     from flythinker.hub import load_tokenizer
-    from flythinker.modeling import FlyThinkerForCausalLM
 
     if "projection" in overrides:
         raise CLIError("--projection cannot change on a shipped pair (it is part of its weights)")
@@ -300,7 +300,7 @@ def generate_text(model, prompts: Prompts, tokenizer, gen_kwargs: dict, *, strea
     import torch
     from transformers import TextStreamer
 
-    from flythinker.modeling import FlyThinkerForCausalLM
+    from flythinker import FlyThinkerForCausalLM  # the package registers the decode loop and shipped pairs
 
     out = out or sys.stdout
     device = next(model.parameters()).device

@@ -34,6 +34,7 @@ from flythinker.cli.common import (
     positive_float,
     positive_int,
 )
+from flythinker.options import LORA_TARGETS
 
 HELP = "show the shipped personalised SmolLM2 pair against the plain model (or fine-tune one with --model)"
 DESCRIPTION = ("Load the shipped pair smollm2-135m-persona-empathy (SmolLM2-135M-Instruct with a trained fusion), "
@@ -42,7 +43,6 @@ DESCRIPTION = ("Load the shipped pair smollm2-135m-persona-empathy (SmolLM2-135M
                "more held-out users. With --model, fine-tune a pair of that model first (LoRA, cached). Offline.")
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_VERSION = 2  # bump when the training recipe or the cache layout changes: invalidates cached adapters
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass

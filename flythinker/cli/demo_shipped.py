@@ -65,10 +65,9 @@ def run_shipped(args: argparse.Namespace, compare, pick_test_users) -> int:
     modules do not import each other); returns the exit status."""
     import torch
 
-    from flythinker.hub import cache_dir, load_pretrained
-    from flythinker.modeling import FlyThinkerForCausalLM
-    from flythinker.models import load_tokenizer
+    from flythinker.hub import cache_dir, load_pretrained, load_tokenizer
     from flythinker.pretrained import pair_info
+    from flythinker.pretrained.loading import from_shipped
 
     wall = time.perf_counter()
     out = sys.stdout
@@ -78,7 +77,7 @@ def run_shipped(args: argparse.Namespace, compare, pick_test_users) -> int:
     print(f"flythinker demo: the shipped pair {SHIPPED} ({info['base']} as generator and reasoner, trained: "
           f"{info['trained']}), {torch.get_num_threads()} CPU threads", flush=True)
     folder = _retrained_folder(info) if args.retrain else None
-    model = FlyThinkerForCausalLM._from_shipped(SHIPPED, folder=folder)  # folder None: the packaged pair
+    model = from_shipped(SHIPPED, folder=folder)  # folder None: the packaged pair
     tok = load_tokenizer(SHIPPED)
     base, _ = load_pretrained(info["base"])  # the generator as shipped
     base.eval()

@@ -131,7 +131,7 @@ def _one_base_shared(model):
     """A pair whose halves are one base (the default: the generator and a second copy of itself, with or without
     LoRA adapters) decodes as a shared-base pair: the weights held and streamed once per token, the same tokens
     (flythinker.shared_base.share_pair; benchmarks/results/decode_pairs.json)."""
-    from flythinker.modeling import FlyThinkerForCausalLM
+    from flythinker import FlyThinkerForCausalLM  # the package registers the decode loop and shipped pairs
     from flythinker.shared_base import share_pair
 
     shared = share_pair(model) if isinstance(model, FlyThinkerForCausalLM) else None
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `flythinker generate`; returns the exit status."""
     import torch
 
-    from flythinker.modeling import FlyThinkerForCausalLM
+    from flythinker import FlyThinkerForCausalLM  # the package registers the decode loop and shipped pairs
 
     if args.seed is not None:
         torch.manual_seed(args.seed)

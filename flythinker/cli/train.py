@@ -341,7 +341,7 @@ def save_final(trainer, out: Path, targs) -> None:
     folder that loads as complete (no config.json yet, or the previous complete model's)."""
     import os
 
-    from flythinker.hub import fault_point, staging_directory
+    from flythinker.hub import staging_directory
 
     with staging_directory(out / "model") as tmp:
         trainer.save_model(str(tmp))  # every process calls it; only the main one writes
@@ -351,9 +351,7 @@ def save_final(trainer, out: Path, targs) -> None:
         (tmp / "training_args.bin").unlink(missing_ok=True)
         (tmp / "training_args.json").write_text(targs.to_json_string())
         files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json")
-        for i, file in enumerate(files):
+        for file in files:
             dest = out / file.relative_to(tmp)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(file, dest)
-            if i == 0:
-                fault_point("publish.partial", out)

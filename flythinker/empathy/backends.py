@@ -4,7 +4,7 @@ A backend turns :class:`~flythinker.empathy.prompts.JudgePrompt` lists into text
 see token probabilities, into probability-weighted scores (``expected_scores``):
 
 - :class:`HFJudgeBackend`: any local HF causal LM, batched (left padding), chat template applied; the default is
-  the offline SmolLM2-135M-Instruct (``flythinker.models.load_pretrained("smollm2-135m-instruct")``).
+  the offline SmolLM2-135M-Instruct (``flythinker.hub.load_pretrained("smollm2-135m-instruct")``).
 - :class:`OpenAIJudgeBackend`: an OpenAI-compatible ``/v1/chat/completions`` endpoint through the ``openai``
   client, with a per-request timeout, retries (the client's exponential backoff) and a concurrency limit.
 - :class:`CallableJudgeBackend`: a plain Python function ``f(messages) -> str``.
@@ -44,7 +44,7 @@ class JudgeBackend:
 
 
 class HFJudgeBackend(JudgeBackend):
-    """A local causal LM judge. ``model``: a loaded model, or a name/path for ``flythinker.models.load_pretrained``
+    """A local causal LM judge. ``model``: a loaded model, or a name/path for ``flythinker.hub.load_pretrained``
     (default ``"smollm2-135m-instruct"``). ``batch_size`` prompts run per forward / generate call."""
 
     name = "hf"
@@ -52,7 +52,7 @@ class HFJudgeBackend(JudgeBackend):
     def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, batch_size: int = 8,
                  seed: int = 0):
         if isinstance(model, str) or hasattr(model, "__fspath__"):
-            from flythinker.models import load_pretrained
+            from flythinker.hub import load_pretrained
 
             self.model_name = str(model)
             model, tokenizer = load_pretrained(model)

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     import uvicorn
 
-    from flythinker.models import load_pretrained
+    from flythinker.hub import load_pretrained
 
     model, tok = load_pretrained(args.model)
     uvicorn.run(build_app(model, tok, model_name=args.model), host=args.host, port=args.port, log_level="info")

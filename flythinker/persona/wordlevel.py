@@ -2,7 +2,7 @@
 
 Word-level (``\\w+`` runs and single punctuation marks) keeps synthetic sequences short and the vocabulary in the
 hundreds, so small random-init models train on CPU in seconds. Special tokens: pad 0, bos 1, eos 2, unk 3
-(matching :func:`flythinker.models.tiny_config`), plus ``<|im_start|>`` / ``<|im_end|>`` for the chat template.
+(matching :func:`flythinker.training.toy.tiny_config`), plus ``<|im_start|>`` / ``<|im_end|>`` for the chat template.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ scored) and its trained tensors as fp16 safetensors (`deltas.safetensors`, a few
 builds the pair from the base's offline checkpoint (flythinker.hub) plus the deltas, nothing else is downloaded:
 
     FlyThinkerForCausalLM.from_pretrained("smollm2-135m-persona-empathy")
-    flythinker.models.load_tokenizer("smollm2-135m-persona-empathy")   # the base model's tokenizer
+    flythinker.hub.load_tokenizer("smollm2-135m-persona-empathy")   # the base model's tokenizer
 
 A name is a shipped pair only when no file or folder of that name exists where it is resolved: an existing path
 always means that path (as in transformers' `from_pretrained`), for `FlyThinkerForCausalLM.from_pretrained`,
-`flythinker.models.load_tokenizer` and `flythinker generate --model` alike (:func:`shipped_name`).
+`flythinker.hub.load_tokenizer` and `flythinker generate --model` alike (:func:`shipped_name`).
 
 This module imports nothing from flythinker (hub and modeling both read it). Reproduce a pair with the `recipe`
 command in its pair.json.

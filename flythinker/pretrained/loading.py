@@ -1,5 +1,5 @@
 """Building a shipped pair from its offline base model and its trained deltas (`FlyThinkerForCausalLM.from_pretrained`
-of a shipped name calls :func:`load_shipped`).
+of a shipped name calls :func:`load_shipped`: this module registers it with the model on import).
 
 Two layouts, one set of weights:
 - **shared base** (the default where both halves are the whole base): the base held once, the deltas' LoRA factors
@@ -16,14 +16,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from flythinker.pretrained import DELTAS, deltas_path, pair_info
-
-if TYPE_CHECKING:
-    from flythinker.modeling import FlyThinkerForCausalLM
+from flythinker.modeling import FlyThinkerForCausalLM, register_named_pair_factory
+from flythinker.pretrained import DELTAS, deltas_path, pair_info, shipped_name
 
 Factors = dict[str, dict[str, torch.Tensor]]  # "<half>.<module path>" -> {"A": [r, in], "B": [out, r]}
 
@@ -148,14 +146,15 @@ def copy_named(model: torch.nn.Module, named: dict[str, torch.Tensor], name: str
 
 
 def merge_factors(model: torch.nn.Module, factors: Factors, scaling: float, name: str) -> None:
-    """Two-copy layout: fold each module's factors into its weight, `W += scaling * B @ A`."""
+    """Two-copy layout: fold each module's factors into its weight, `W += scaling * B @ A` (`fold_lora`)."""
+    from flythinker.shared_base import fold_lora
+
     params = dict(model.named_parameters())
     for module, ab in factors.items():
         w = params.get(f"{module}.weight")
         if w is None or (ab["B"].shape[0], ab["A"].shape[1]) != tuple(w.shape):
             raise ValueError(f"shipped pair {name!r}: LoRA factors of {module} do not fit a weight of this pair")
-        with torch.no_grad():
-            w += (scaling * (ab["B"].float() @ ab["A"].float())).to(w.dtype)
+        fold_lora(w, ab["A"], ab["B"], scaling)
 
 
 def set_adapters(model: torch.nn.Module, factors: Factors, scaling: float, name: str) -> None:
@@ -224,5 +223,22 @@ def load_shipped(cls: type[FlyThinkerForCausalLM], name: str, folder: str | os.P
     return model.eval()
 
 
-__all__ = ["check_lora_layers", "check_manifest", "copy_named", "load_shipped", "merge_factors", "read_deltas",
-           "set_adapters"]
+def from_shipped(name: str, folder: str | os.PathLike | None = None, **kwargs: Any) -> FlyThinkerForCausalLM:
+    """Shipped pair `name` (case-insensitive) as a FlyThinkerForCausalLM: `load_shipped`. `folder`: read pair.json
+    and the deltas from there instead (a retrained copy of the pair, `flythinker demo --retrain`)."""
+    return load_shipped(FlyThinkerForCausalLM, name.lower(), folder, **kwargs)
+
+
+def _names_shipped_pair(name_or_path: Any) -> bool:
+    return shipped_name(name_or_path) is not None  # an existing path of that name is that path
+
+
+def _shipped_factory(cls: type[FlyThinkerForCausalLM], name: str, **kwargs: Any) -> FlyThinkerForCausalLM:
+    return load_shipped(cls, shipped_name(name), **kwargs)
+
+
+# `FlyThinkerForCausalLM.from_pretrained("<shipped name>")` builds the pair here
+register_named_pair_factory(_names_shipped_pair, _shipped_factory)
+
+__all__ = ["check_lora_layers", "check_manifest", "copy_named", "from_shipped", "load_shipped", "merge_factors",
+           "read_deltas", "set_adapters"]

@@ -9,7 +9,6 @@ traits, for :class:`flythinker.rl.TraitReward`), and the judge columns ``query``
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,15 +82,20 @@ def trait_hits(responses: Sequence[str], rows: Sequence[dict]) -> dict[str, list
 
 def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
                  ) -> tuple[float, float, float]:
-    """``(mean, lo, hi)``: percentile bootstrap (1 - alpha) interval of the mean of ``values``."""
-    if not values:
+    """``(mean, lo, hi)``: the (1 - alpha) percentile bootstrap interval of the mean of ``values``
+    (`scipy.stats.bootstrap`, ``n_boot`` resamples, seeded); one value gives ``(v, v, v)``."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if not len(values):
         raise ValueError("bootstrap_ci needs at least one value")
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    lo = means[int(alpha / 2 * n_boot)]
-    hi = means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))]
-    return sum(values) / n, lo, hi
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:  # scipy needs two observations; one value has no spread to resample
+        return mean, mean, mean
+    ci = bootstrap((x,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method="percentile",
+                   rng=np.random.default_rng(seed), vectorized=True).confidence_interval
+    return mean, float(ci.low), float(ci.high)
 
 
 def paired_bootstrap_diff(before: Sequence[float], after: Sequence[float], n_boot: int = 2000, seed: int = 0

@@ -1,6 +1,6 @@
 """A character-level tokenizer and toy tasks: tiny, offline training fixtures for tests and smoke runs.
 
-The tokenizer matches :func:`flythinker.models.tiny_config` (pad 0, bos 1, eos 2; vocab < 256), so a tiny
+The tokenizer matches :func:`tiny_config` (pad 0, bos 1, eos 2; vocab < 256), so a tiny
 random pair plus this tokenizer is a complete, hub-free model pair that the CLI can load from disk.
 """
 
@@ -17,6 +17,45 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}a:{% endif %}"
 )
+
+
+TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma")
+
+
+def tiny_config(
+    family: str = "llama",
+    *,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    vocab_size: int = 256,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int | None = None,
+    **overrides,
+):
+    """A small random-init decoder config of a given HF family (`llama`, `qwen2`, `mistral`, `gemma`) whose special ids
+    match `char_tokenizer` (pad 0, bos 1, eos 2): the toy models of smoke runs, tests and benchmarks."""
+    from transformers import AutoConfig
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family '{family}', expected one of {TINY_FAMILIES}")
+    kwargs = dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        vocab_size=vocab_size,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    if family == "gemma":
+        kwargs["head_dim"] = hidden_size // num_attention_heads
+    kwargs.update(overrides)
+    return AutoConfig.for_model(family, **kwargs)
 
 
 def char_tokenizer():
@@ -40,7 +79,6 @@ def save_tiny_model(path: str | os.PathLike, *, seed: int = 0, **config_override
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flythinker.models import tiny_config
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(**config_overrides))

@@ -147,14 +147,6 @@ def apply_lora(
     return wrappers
 
 
-def _lora_layers(module: nn.Module):
-    from peft.tuners.lora import LoraLayer
-
-    for name, m in module.named_modules():
-        if isinstance(m, LoraLayer):
-            yield name, m
-
-
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model.state_dict()` with every LoRA adapter folded into its base weight and the peft key names undone.
 
@@ -168,7 +160,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if ".lora_" in key:
             continue
         merged[key.replace(".base_layer.", ".")] = value
-    for name, layer in _lora_layers(model):
+    from flythinker.shared_base import peft_lora_layers
+
+    for name, layer in peft_lora_layers(model):
         base = layer.get_base_layer().weight
         delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
         merged[f"{name}.weight"] = (base + delta).detach().to(base.dtype)
