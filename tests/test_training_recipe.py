@@ -103,3 +103,29 @@ def test_stage2_uses_per_part_learning_rates(setup, tmp_path):
     opt = trainer.create_optimizer()
     lrs = sorted(g["lr"] for g in opt.param_groups)
     assert lrs == [1e-4, 5e-3]
+
+
+def test_cli_train_recipe_saves_a_loadable_pair_and_the_shipped_format(tmp_path, capsys):
+    from flythinker.cli import main as cli_main
+    from flythinker.modeling import FlyThinkerForCausalLM
+    from flythinker.persona import Persona, PersonaRecord, Query, save_records
+    from flythinker.training.toy import save_tiny_model
+
+    save_tiny_model(tmp_path / "gen", seed=0, hidden_size=64)
+    save_tiny_model(tmp_path / "rsn", seed=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+    recs = [PersonaRecord(record_id=str(i), user_id=f"u{i % 4}", query=Query(text="How should I rest?"),
+                          persona=Persona(profile=["I love walks.", "I read."][i % 2]),
+                          response=["Take a walk.", "Read a book."][i % 2]) for i in range(8)]
+    save_records(recs, tmp_path / "persona.jsonl")
+    args = ["train", "--recipe", "persona-pair", "--generator", str(tmp_path / "gen"), "--reasoner",
+            str(tmp_path / "rsn"), "--data", str(tmp_path / "persona.jsonl"), "--output-dir", str(tmp_path / "out"),
+            "--stage1-steps", "1", "--stage2-steps", "2", "--ship-dir", str(tmp_path / "ship")]
+    assert cli_main(args) == 0
+    model = FlyThinkerForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert model.config.projection == "zero" and model.config.latent_norm == "standardize"
+    assert (tmp_path / "ship" / "deltas.safetensors").is_file()
+    report = json.loads((tmp_path / "out" / "recipe_report.json").read_text())
+    assert len(report["stage2"]["losses"]) == 2
+    capsys.readouterr()
+    assert cli_main([*args[:2], "nope", *args[3:]]) == 2
+    assert "unknown --recipe 'nope'" in capsys.readouterr().err
