@@ -318,6 +318,36 @@ def save_pair_deltas(model: nn.Module, folder: str | Path, recipe: PairRecipe, *
     return folder
 
 
+def select_per_user(records: Sequence, per_user: int, users: int) -> list:
+    """The first `per_user` records of each of the first `users` users, in file order (records grouped by user)."""
+    by_user: dict[str, list] = {}
+    for r in records:
+        by_user.setdefault(r.user_id, []).append(r)
+    return [r for rs in list(by_user.values())[:users] for r in rs[:per_user]]
+
+
+# The shipped pair's training data and recipe (pair.json "recipe_spec" overrides any of these)
+SHIPPED_SPEC = {"recipe": "persona-pair", "dataset": "persona-empathy", "version": 1, "train_users": 480,
+                "per_user": 2, "changes": {}}
+
+
+def retrain_shipped(info: Mapping[str, Any], folder: str | Path, *, log: Callable[[str], None] = print) -> Path:
+    """Rerun a shipped pair's recipe (``info``: its pair.json; ``info["recipe_spec"]``: recipe name, bundled data
+    set version, users and records per user, recipe changes; :data:`SHIPPED_SPEC` when absent) into `folder`
+    (pair.json + deltas, the run's logs under ``folder/run``); returns `folder`."""
+    from flythinker.persona import load_dataset
+
+    spec = {**SHIPPED_SPEC, **dict(info.get("recipe_spec") or {})}
+    recipe = RECIPES[spec["recipe"]].replace(**spec["changes"])
+    data = load_dataset(spec["dataset"], "train", **({"version": spec["version"]} if spec["version"] != 1 else {}))
+    records = select_per_user(data, spec["per_user"], spec["train_users"])
+    model, _, report = run_recipe(info["base"], info["base"], records, recipe, output_dir=Path(folder) / "run",
+                                  log=log)
+    keep = {k: v for k, v in info.items() if k not in ("fusion", "lora", "context", "max_reasoner_tokens", "base")}
+    return save_pair_deltas(model, folder, recipe, base=info["base"],
+                            info={**keep, "recipe_spec": spec, "retrained_seconds": report["seconds"]})
+
+
 def recipe_from_json(path: str | Path) -> PairRecipe:
     """A :class:`PairRecipe` from a JSON object of its fields (e.g. ``recipe_report.json``'s ``"recipe"``)."""
     data = json.loads(Path(path).read_text())
@@ -327,4 +357,5 @@ def recipe_from_json(path: str | Path) -> PairRecipe:
 
 
 __all__ = ["LORA_TARGETS", "RECIPES", "PairRecipe", "RepeatedPermutationSampler", "build_pair", "calibrate",
-           "record_features", "recipe_from_json", "run_recipe", "save_pair_deltas", "train_stage"]
+           "record_features", "recipe_from_json", "retrain_shipped", "run_recipe", "save_pair_deltas",
+           "select_per_user", "train_stage", "SHIPPED_SPEC"]
