@@ -156,6 +156,10 @@ def evaluate_all(args) -> None:
     sets = {"heldout": heldout, "handwritten": load_handwritten_users()}
     result = {"args": vars(args), "loadavg_start": os.getloadavg(), "torch": torch.__version__, "variants": {},
               "data": {"heldout_users": len(heldout), "handwritten_users": len(sets["handwritten"])}}
+    if out.exists():  # a later run (e.g. --variants b) keeps the variants an earlier one scored on the same data
+        old = json.loads(out.read_text())
+        if old.get("data") == result["data"]:
+            result["variants"].update(old.get("variants", {}))
     for p in ("train.json", "train_b.json"):
         f = Path(args.run_dir) / p
         if f.exists():
