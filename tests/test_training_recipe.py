@@ -129,3 +129,20 @@ def test_cli_train_recipe_saves_a_loadable_pair_and_the_shipped_format(tmp_path,
     capsys.readouterr()
     assert cli_main([*args[:2], "nope", *args[3:]]) == 2
     assert "unknown --recipe 'nope'" in capsys.readouterr().err
+
+
+def test_retrain_shipped_runs_the_recipe_on_the_data_pair_json_names(tmp_path):
+    from flythinker.training.recipe import retrain_shipped
+    from flythinker.training.toy import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base", seed=0, hidden_size=32, max_position_embeddings=4096,
+                           num_hidden_layers=1)
+    spec = {"train_users": 4, "per_user": 1, "changes": {"stage1_steps": 1, "stage2_steps": 1, "batch_size": 2,
+                                                         "calibration_batches": 1, "lora_rank": 2,
+                                                         "lora_targets": ("q_proj",), "max_reasoner_tokens": 4000}}
+    info = {"base": str(base), "trained": "x", "recipe_spec": spec}
+    folder = retrain_shipped(info, tmp_path / "out", log=lambda _: None)
+    pair = json.loads((folder / "pair.json").read_text())
+    assert pair["recipe_spec"]["train_users"] == 4 and pair["base"] == str(base)
+    report = json.loads((folder / "run" / "recipe_report.json").read_text())
+    assert report["records"] == 4 and report["users"] == 4
