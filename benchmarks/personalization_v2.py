@@ -175,6 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default="a,c,b,shipped_v1")
     p.add_argument("--test-users", type=int, default=100)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--skip-generation", action="store_true", help="eval: likelihood preference only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--run-dir", default=str(ROOT / ".cache" / "personalization_v2"))
     p.add_argument("--out", default=str(RESULTS / "personalization_v2.json"))

@@ -19,7 +19,8 @@ from benchmarks.personalization_v2 import BASE, log, recipe_of
 
 PREF = ("strategy", "register")
 GEN = ("strategy", "length", "register")
-CONTEXT = {"a": "query", "b": "full", "c": "split", "c_lambda0": "split", "shipped_v1": "split"}
+CONTEXT = {"a": "query", "b": "full", "c": "split", "c_lambda0": "split", "shipped_v1": "split",
+           "shipped_v1_lambda0": "split"}
 SHIPPED_V1 = "smollm2-135m-persona-empathy"
 
 
@@ -101,7 +102,7 @@ def _score(name, model, budget, tok, sets, args, result):
     ctx = CONTEXT[name]
     for set_name, recs in sets.items():
         t = time.time()
-        if name == "c_lambda0":
+        if name.endswith("_lambda0"):
             with fusion_lambda(model, 0.0):
                 pref = preference_rows(model, tok, recs, ctx, budget)
         else:
@@ -110,7 +111,7 @@ def _score(name, model, budget, tok, sets, args, result):
         slot[f"{set_name}_preference"] = summarise(pref, PREF)
         slot[f"{set_name}_preference_seconds"] = time.time() - t
         log(f"{name} {set_name} preference {_means(slot[f'{set_name}_preference'])}")
-    if name == "c_lambda0":
+    if name.endswith("_lambda0") or args.skip_generation:
         return
     if hasattr(model, "reasoner"):
         from flythinker.training import merge_lora
@@ -132,15 +133,16 @@ def compare(result: dict) -> None:
     """Paired differences c - x for x in a, b, c_lambda0, shipped_v1 on each set."""
     v = result["variants"]
     diffs = {}
-    for other in ("a", "b", "c_lambda0", "shipped_v1"):
-        if "c" not in v or other not in v:
+    pairs = [("c", o) for o in ("a", "b", "c_lambda0", "shipped_v1")] + [("shipped_v1", "shipped_v1_lambda0")]
+    for mine, other in pairs:
+        if mine not in v or other not in v:
             continue
         for key, traits in (("preference", PREF), ("generation", GEN + ("rouge_l",))):
             for set_name in ("heldout", "handwritten"):
-                rows_c, rows_o = (v[x].get(f"{set_name}_{key}_rows") for x in ("c", other))
+                rows_c, rows_o = (v[x].get(f"{set_name}_{key}_rows") for x in (mine, other))
                 if rows_c and rows_o:
                     s = summarise(rows_c, traits, rows_o)
-                    diffs[f"c-{other}/{set_name}/{key}"] = {k: x for k, x in s.items() if k.endswith("_minus")}
+                    diffs[f"{mine}-{other}/{set_name}/{key}"] = {k: x for k, x in s.items() if k.endswith("_minus")}
     result["differences"] = diffs
 
 
@@ -167,8 +169,8 @@ def evaluate_all(args) -> None:
     t0 = time.time()
     for name in args.variants.split(","):
         model, budget = load_variant(name, args)
-        if name == "c":
-            _score("c_lambda0", model, budget, tok, sets, args, result)
+        if name in ("c", "shipped_v1"):
+            _score(f"{name}_lambda0", model, budget, tok, sets, args, result)
         _score(name, model, budget, tok, sets, args, result)
         compare(result)
         result["wall_s"], result["loadavg_now"] = time.time() - t0, os.getloadavg()
