@@ -120,8 +120,10 @@ def train_pair(args) -> None:
                              callbacks=[curve_callback("c", lambda: model, curve_recs, args.curve_every, tok,
                                                        recipe.max_reasoner_tokens, "query", curve_c)])
     entry["c"]["curve"] = curve_c
-    state = {k: v.clone() for k, v in trainable_state_dict(model).items()} | model.fusion_state_dict()
-    atomic_write_bytes(run / "c.safetensors", save({k: v.contiguous() for k, v in state.items()}))
+    state = {k: v.clone().contiguous() for k, v in trainable_state_dict(model).items()}
+    atomic_write_bytes(run / "c.safetensors", save(state))
+    fusion = {k: v.clone().contiguous() for k, v in model.fusion_state_dict().items()}
+    atomic_write_bytes(run / "c_fusion.safetensors", save(fusion))
     save_pair_deltas(model, run / "ship", recipe, base=BASE)
     atomic_write_json(run / "train.json", entry)
     log(f"c: {recipe.stage2_steps} steps in {entry['c']['seconds']:.0f} s")

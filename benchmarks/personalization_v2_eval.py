@@ -51,6 +51,8 @@ def load_variant(name: str, args):
     missing, unexpected = model.load_state_dict(load_file(run / f"{name[:1]}.safetensors"), strict=False)
     if unexpected:
         raise ValueError(f"{name}: unexpected keys {unexpected[:3]}")
+    if (run / f"{name[:1]}_fusion.safetensors").exists():
+        model.load_fusion_state_dict(load_file(run / f"{name[:1]}_fusion.safetensors"))
     return model.eval(), recipe.max_reasoner_tokens
 
 

@@ -21,7 +21,6 @@ import numpy as np
 from torch import nn
 
 from .scoring import (
-    fusion_lambda,
     generate_replies,
     reply_nll,
     rouge_l,
@@ -64,14 +63,16 @@ def paired(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
     return user_bootstrap([a[u] - b[u] for u in users])
 
 
-def _score_rows(model, tok, records, context: str, args: dict) -> list[dict]:
+def _score_rows(model, tok, records, context: str, args: dict, lam: float | None = None) -> list[dict]:
+    knobs = {"fusion_lambda": lam} if lam is not None else {}
     rows = reply_nll(model, tok, records, context=context, max_reasoner_tokens=args["max_reasoner_tokens"],
-                     batch_size=args["batch_size"])
+                     batch_size=args["batch_size"], **knobs)
     for r in rows:
         r["nll_per_token"] = r["nll"] / max(1, r["tokens"])
     if args["generate"]:
         texts = generate_replies(model, tok, records, context=context, max_new_tokens=args["max_new_tokens"],
-                                 max_reasoner_tokens=args["max_reasoner_tokens"], batch_size=args["batch_size"])
+                                 max_reasoner_tokens=args["max_reasoner_tokens"], batch_size=args["batch_size"],
+                                 **knobs)
         for row, rec, text in zip(rows, records, texts, strict=True):
             row.update(reply=text, rouge_l=rouge_l(text, rec.response),
                        spaced_punctuation=float(spaced_punctuation(text)), **trait_hits(text, rec))
@@ -104,8 +105,7 @@ def evaluate_pair(pair: nn.Module, tok, records: Sequence, *, baseline: tuple[nn
             "batch_size": batch_size, "generate": generate}
     rows: dict[str, list[dict]] = {PAIR: _score_rows(pair, tok, records, "split", args)}
     _log(log, f"pair scored on {len(records)} records")
-    with fusion_lambda(pair, 0.0):
-        rows[LAMBDA0] = _score_rows(pair, tok, records, "split", args)
+    rows[LAMBDA0] = _score_rows(pair, tok, records, "split", args, lam=0.0)
     _log(log, "lambda 0 scored")
     if baseline is not None:
         rows[BASELINE] = _score_rows(baseline[0], tok, records, baseline[1], args)

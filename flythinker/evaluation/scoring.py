@@ -35,7 +35,9 @@ def check_context(model: nn.Module, context: str) -> None:
 
 @contextmanager
 def fusion_lambda(model: nn.Module, value: float):
-    """Temporarily set a pair's lambda (``0``: the same weights without the reasoner's latents)."""
+    """Score a pair at lambda `value` for the calls inside (``0``: the same weights without the reasoner's latents).
+    Prefer the per-call ``fusion_lambda=`` of :func:`reply_nll` / :func:`generate_replies`; this is for scorers
+    that take no such argument. The config is restored on exit."""
     saved = model.config.fusion_lambda
     model.config.fusion_lambda = value
     try:
@@ -56,9 +58,10 @@ def _features(views, context: str) -> list[dict]:
 
 @torch.no_grad()
 def reply_nll(model: nn.Module, tok, records: Sequence, *, context: str, max_reasoner_tokens: int | None = None,
-              batch_size: int = 8) -> list[dict]:
+              batch_size: int = 8, fusion_lambda: float | None = None) -> list[dict]:
     """Per record ``{"record", "user", "nll", "tokens"}``: the reference reply's summed NLL (nats) and its token
-    count under `model` reading `context` (module docstring). Records need a reference ``response``."""
+    count under `model` reading `context` (module docstring), a pair at `fusion_lambda` (None: its own).
+    Records need a reference ``response``."""
     from flythinker.training.collator import FlyThinkerCollator
 
     check_context(model, context)
@@ -69,12 +72,8 @@ def reply_nll(model: nn.Module, tok, records: Sequence, *, context: str, max_rea
     for i in range(0, len(records), batch_size):
         recs = records[i:i + batch_size]
         batch = collate(_features(_views(recs, tok, max_reasoner_tokens), context))
-        if context == "split":
-            saved, model.config.loss_impl = model.config.loss_impl, "naive"  # per-row logits
-            try:
-                logits = model(**batch, use_cache=False).logits
-            finally:
-                model.config.loss_impl = saved
+        if context == "split":  # per-row logits: the naive loss
+            logits = model(**batch, use_cache=False, loss_impl="naive", fusion_lambda=fusion_lambda).logits
         else:
             inner = model.generator if _is_pair(model) else model
             logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -88,8 +87,10 @@ def reply_nll(model: nn.Module, tok, records: Sequence, *, context: str, max_rea
 
 @torch.no_grad()
 def generate_replies(model: nn.Module, tok, records: Sequence, *, context: str, max_new_tokens: int = 64,
-                     max_reasoner_tokens: int | None = None, batch_size: int = 8) -> list[str]:
-    """Greedy replies (left-padded batches), one per record, decoded without special tokens."""
+                     max_reasoner_tokens: int | None = None, batch_size: int = 8,
+                     fusion_lambda: float | None = None) -> list[str]:
+    """Greedy replies (left-padded batches), one per record, decoded without special tokens; a pair in split
+    context at `fusion_lambda` (None: its own)."""
     from flythinker.persona import generate_inputs
 
     check_context(model, context)
@@ -100,7 +101,8 @@ def generate_replies(model: nn.Module, tok, records: Sequence, *, context: str, 
     for i in range(0, len(records), batch_size):
         views = _views(records[i:i + batch_size], tok, max_reasoner_tokens)
         inputs = generate_inputs(views, pad, mode)
-        seqs = runner.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        knobs = {"fusion_lambda": fusion_lambda} if (runner is model and _is_pair(model)) else {}
+        seqs = runner.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **knobs)
         out += [tok.decode(s, skip_special_tokens=True).strip() for s in seqs[:, inputs["input_ids"].shape[1]:]]
     return out
 

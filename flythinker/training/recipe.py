@@ -298,7 +298,8 @@ def save_pair_deltas(model: nn.Module, folder: str | Path, recipe: PairRecipe, *
 
     folder = Path(folder)
     tensors = {}
-    for k, v in model.state_dict().items():  # generator.<module>.lora_A.default.weight -> <module>.lora_A
+    for k, v in model.state_dict().items():  # [model.]generator.<module>.lora_A.default.weight -> <module>.lora_A
+        k = k.removeprefix("model.")  # the deltas are keyed like the fused pair's (checkpoint) names
         if ".lora_A." in k or ".lora_B." in k:
             mod, ab = k.split(".lora_")
             tensors[f"{mod}.lora_{ab.split('.')[0]}"] = v
