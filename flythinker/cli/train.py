@@ -301,6 +301,10 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger("transformers").setLevel(logging.WARNING)  # Trainer's warnings stay visible
     if args.recipe is not None:
+        from flythinker.training.recipe import RECIPES
+
+        if args.recipe not in RECIPES:  # before the run folder is touched
+            raise CLIError(f"unknown --recipe {args.recipe!r}; known: {', '.join(sorted(RECIPES))}")
         try:
             with run_folder(args.output_dir, resume=False, overwrite=args.overwrite):
                 return run_named_recipe(args)
