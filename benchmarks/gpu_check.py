@@ -405,8 +405,9 @@ def _base_factory(check: Check, attn: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flythinker.hub import ModelNotFoundError, load_pretrained, resolve, tiny_config
+    from flythinker.hub import ModelNotFoundError, load_pretrained, resolve
     from flythinker.pretrained import pair_info
+    from flythinker.training.toy import tiny_config
 
     if check.dry:
         cfg = tiny_config("llama")

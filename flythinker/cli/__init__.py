@@ -1,4 +1,4 @@
-"""The `flythinker` command line: demo, generate, train, bench, info, serve, judge, rl, alpsbench.
+"""The `flythinker` command line: demo, generate, train, eval, bench, info, serve, judge, rl, alpsbench.
 
 One module per subcommand (`flythinker/cli/<name>.py`: `HELP`, `DESCRIPTION`, `add_arguments(parser)`,
 `run(args) -> exit status`); what they share (the one user-error type, argument types, the pair loader,
@@ -17,11 +17,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from flythinker.cli import alpsbench, bench, demo, generate, info, judge, rl, serve, train
+from flythinker.cli import alpsbench, bench, demo, eval, generate, info, judge, rl, serve, train
 from flythinker.cli.common import EXIT_USER_ERROR, CLIError, Parser, user_error_types
 
-COMMANDS = {"demo": demo, "generate": generate, "train": train, "bench": bench, "info": info, "serve": serve,
-            "judge": judge, "rl": rl, "alpsbench": alpsbench}
+COMMANDS = {"demo": demo, "generate": generate, "train": train, "eval": eval, "bench": bench, "info": info,
+            "serve": serve, "judge": judge, "rl": rl, "alpsbench": alpsbench}
 
 
 def build_parser() -> argparse.ArgumentParser:

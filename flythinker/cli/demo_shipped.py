@@ -8,13 +8,13 @@
    weights, no latents), and flythinker (the reasoner reads the user's history).
 3. The likelihood-preference table over `--table-users` held-out users, computed live: how often each model
    prefers the reply the user wants over the same reply with the strategy (resp. register) flipped.
-`--retrain` reruns the pair's recipe (pair.json) from a checkout into the cache and uses what it writes.
+`--retrain` reruns the pair's recipe (flythinker.training.recipe, data as pair.json says) into the cache and uses
+what it writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,20 +23,15 @@ SHIPPED = "smollm2-135m-persona-empathy"
 
 
 def _retrained_folder(info: dict) -> Path:
-    """Run the recipe command of pair.json into the cache (needs a source checkout: the recipe is in benchmarks/);
-    returns the folder holding the retrained pair.json + deltas."""
+    """Rerun the pair's recipe (flythinker.training.recipe.retrain_shipped: the named recipe on the bundled data
+    pair.json names) into the cache; returns the folder holding the retrained pair.json + deltas."""
     from flythinker.hub import cache_dir
+    from flythinker.training.recipe import retrain_shipped
 
-    root = Path(__file__).resolve().parents[2]
-    script = root / "benchmarks" / "personalization_smollm2.py"
-    if not script.is_file():
-        raise SystemExit(f"flythinker demo --retrain: the recipe ({script.name}) is only in a source checkout")
     dest = cache_dir() / "demo" / f"{SHIPPED}-retrained"
-    cmd = [sys.executable, *info["recipe"].split()[1:], "--ship-dir", str(dest),
-           "--run-dir", str(dest / "run"), "--out", str(dest / "result.json")]
-    print("retraining the pair: " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=root, check=True)
-    return dest
+    print(f"retraining the pair into {dest} (flythinker.training.recipe, {info.get('recipe_spec', 'persona-pair')})",
+          flush=True)
+    return retrain_shipped(info, dest)
 
 
 def _table(model, base, tok, records, budget: int, out) -> dict:

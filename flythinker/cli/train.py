@@ -97,6 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=nonneg_int, default=42)
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
+    r = parser.add_argument_group("named recipe (persona records; flythinker.training.recipe)")
+    r.add_argument("--recipe", default=None, help="train a pretrained pair with a named recipe instead of one joint "
+                   "stage: persona-pair (zero projection on calibrated latents, generator LoRA, then fusion on the "
+                   "opening-weighted loss)")
+    r.add_argument("--stage1-steps", type=nonneg_int, default=None, help="recipe: generator-LoRA steps")
+    r.add_argument("--stage2-steps", type=positive_int, default=None, help="recipe: fusion steps")
+    r.add_argument("--ship-dir", default=None, help="recipe: also write the pair in the shipped-pair format "
+                   "(pair.json + deltas.safetensors) here")
+
 
 def _log(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
@@ -291,6 +300,16 @@ def run(args: argparse.Namespace) -> int:
     from flythinker.run_folder import RunFolderError, run_folder
 
     logging.getLogger("transformers").setLevel(logging.WARNING)  # Trainer's warnings stay visible
+    if args.recipe is not None:
+        from flythinker.training.recipe import RECIPES
+
+        if args.recipe not in RECIPES:  # before the run folder is touched
+            raise CLIError(f"unknown --recipe {args.recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        try:
+            with run_folder(args.output_dir, resume=False, overwrite=args.overwrite):
+                return run_named_recipe(args)
+        except RunFolderError as exc:
+            raise CLIError(f"--output-dir {exc}") from None
     parts, dtype = _check_inputs(args)
     try:
         held = run_folder(args.output_dir, resume=args.resume is not None, overwrite=args.overwrite)
@@ -355,3 +374,59 @@ def save_final(trainer, out: Path, targs) -> None:
             dest = out / file.relative_to(tmp)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(file, dest)
+
+
+def _recipe_records(args: argparse.Namespace):
+    """The --data persona records (each with a reference reply), or CLIError."""
+    from flythinker.persona import RecordError, load_records
+
+    if not Path(args.data).is_file():
+        raise CLIError(f"data file not found: {args.data}")
+    try:
+        records = load_records(args.data)
+    except (RecordError, ValueError) as e:
+        raise CLIError(f"--recipe needs persona records in --data: {e}") from None
+    missing = [r.record_id for r in records if not r.response]
+    if not records or missing:
+        raise CLIError(f"--recipe: {args.data} has {len(records)} records, {len(missing)} without a reference "
+                       f"reply (e.g. {missing[:1]})")
+    return records
+
+
+def run_named_recipe(args: argparse.Namespace) -> int:
+    """`flythinker train --recipe NAME`: the named recipe on persona records (flythinker.training.recipe); saves
+    the merged pair into --output-dir/model (and the shipped-pair format into --ship-dir)."""
+    from flythinker.training.recipe import RECIPES, run_recipe, save_pair_deltas
+    from flythinker.training.trainable import merge_lora, save_merged
+
+    if args.recipe not in RECIPES:
+        raise CLIError(f"unknown --recipe {args.recipe!r}; known: {', '.join(sorted(RECIPES))}")
+    if args.model or not args.generator:
+        raise CLIError("--recipe trains a new pair: give --generator [--reasoner], not --model")
+    if args.resume is not None:
+        raise CLIError("--recipe runs are not resumable yet (each stage is short): start over")
+    out = Path(args.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output-dir {args.output_dir} is an existing file, not a folder")
+    records = _recipe_records(args)
+    changes = {"seed": args.seed}
+    for flag in ("stage1_steps", "stage2_steps"):
+        if getattr(args, flag) is not None:
+            changes[flag] = getattr(args, flag)
+    if args.fusion_lambda is not None:
+        changes["fusion_lambda"] = args.fusion_lambda
+    if args.reasoner_max_length is not None:
+        changes["max_reasoner_tokens"] = args.reasoner_max_length
+    recipe = RECIPES[args.recipe].replace(**changes)
+    generator = args.generator
+    model, tok, report = run_recipe(generator, args.reasoner or generator, records, recipe, output_dir=out,
+                                    log=_log)
+    if args.ship_dir:
+        save_pair_deltas(model, Path(args.ship_dir), recipe, base=generator,
+                         info={"trained": f"flythinker train --recipe {args.recipe}", "records": len(records),
+                               "train_seconds": report["seconds"]})
+        _log(f"wrote the shipped-pair format to {args.ship_dir}")
+    merge_lora(model)
+    save_merged(model, out / "model", tokenizer=tok)
+    _log(f"recipe {args.recipe}: {len(records)} records, {report['seconds']:.0f} s; saved {out / 'model'}")
+    return 0

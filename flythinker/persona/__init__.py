@@ -1,6 +1,8 @@
 """Persona and empathy conditioning: records, loaders, generator/reasoner views, the ``persona-empathy``
 benchmark and its metrics."""
 
+from pathlib import Path
+
 from .empathy_dataset import TRAITS, compose_response, load_persona_empathy, make_persona_empathy
 from .jsonio import JsonFileError, read_json_items
 from .loaders import FORMATS, RecordError, detect_format, load_records, parse_records, save_records
@@ -18,6 +20,13 @@ from .views import (
 )
 
 DATASETS = {"persona-empathy": load_persona_empathy}
+HANDWRITTEN_USERS = Path(__file__).parent / "data" / "handwritten_users.jsonl"  # 48 users, docs/persona_empathy_v2.md
+
+
+def load_handwritten_users() -> list[PersonaRecord]:
+    """The 48 hand-written test users (ordinary English, no generator template; 16 per trait, each query used once
+    per trait value, so a trait-blind model's likelihood preference is exactly 50%)."""
+    return load_records(HANDWRITTEN_USERS, format="flythinker")
 
 
 def load_dataset(name: str, split: str = "train", **kwargs) -> list[PersonaRecord]:
@@ -28,7 +37,8 @@ def load_dataset(name: str, split: str = "train", **kwargs) -> list[PersonaRecor
 
 
 __all__ = [
-    "DATASETS", "DEFAULT_SYSTEM_PROMPT", "FALLBACK_TEMPLATE", "FORMATS", "TRAITS", "VIEWS", "JsonFileError", "Memory",
+    "DATASETS", "HANDWRITTEN_USERS", "load_handwritten_users",
+    "DEFAULT_SYSTEM_PROMPT", "FALLBACK_TEMPLATE", "FORMATS", "TRAITS", "VIEWS", "JsonFileError", "Memory",
     "Persona", "PersonaRecord", "Query", "RecordError", "Turn", "Views", "build_views", "classify_response",
     "generate_inputs",
     "compose_response", "detect_format", "heldout_nll", "load_dataset", "load_persona_empathy", "load_records",

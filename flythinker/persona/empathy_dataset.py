@@ -228,8 +228,10 @@ def make_persona_empathy(n_users: int = 800, queries_per_user: int = 5, seed: in
     return {split: [r for u in sorted(idx) for r in users[u]] for split, idx in cuts.items()}
 
 
-def load_persona_empathy(split: str = "train", cache_dir: str | Path | None = None, **kwargs) -> list[PersonaRecord]:
-    """One split of ``persona-empathy``. With ``cache_dir`` (e.g. ``flythinker.hub.cache_dir() / "data"``) the
+def load_persona_empathy(split: str = "train", cache_dir: str | Path | None = None, version: int = 1,
+                         **kwargs) -> list[PersonaRecord]:
+    """One split of ``persona-empathy`` `version` 1 (this module) or 2 (:mod:`flythinker.persona.empathy_v2`).
+    With ``cache_dir`` (e.g. ``flythinker.hub.cache_dir() / "data"``) the
     splits are written once as JSON lines and read back with ``load_records``; else generated in memory.
 
     The cache folder is written atomically (``flythinker.hub.atomic_directory``) with a ``manifest.json`` of each
@@ -238,12 +240,18 @@ def load_persona_empathy(split: str = "train", cache_dir: str | Path | None = No
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if version not in (1, 2):
+        raise ValueError(f"persona-empathy version must be 1 or 2, got {version!r}")
+    if version == 2:
+        from .empathy_v2 import make_persona_empathy_v2 as make
+    else:
+        make = make_persona_empathy
     if cache_dir is None:
-        return make_persona_empathy(**kwargs)[split]
+        return make(**kwargs)[split]
     from flythinker.hub import file_lock
 
     tag = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items())) or "default"
-    folder = Path(cache_dir) / f"persona-empathy-v1-{tag}".replace(" ", "").replace(",", "_")
+    folder = Path(cache_dir) / f"persona-empathy-v{version}-{tag}".replace(" ", "").replace(",", "_")
     records, problem = _read_cache(folder, split)
     if records is not None:
         return records
@@ -253,7 +261,7 @@ def load_persona_empathy(split: str = "train", cache_dir: str | Path | None = No
             return records
         if problem is not None:
             warnings.warn(f"persona-empathy cache {folder} is not valid ({problem}): rebuilding it", stacklevel=2)
-        data = make_persona_empathy(**kwargs)
+        data = make(**kwargs)
         _write_cache(folder, data)
     return data[split]
 

@@ -62,15 +62,44 @@ def opens_with_validation(text: str) -> bool:
     return sum(x in VALIDATION_CUES for x in w) > sum(x in PLAN_CUES for x in w)
 
 
-def classify_response(text: str) -> dict[str, str]:
+def _cue_sets(openers, validation_more, closers, topics) -> tuple[frozenset, ...]:
+    """(validation, plan, formal, casual) cue words of one version's phrase banks (module docstring)."""
+    val = [p for reg in ("formal", "casual") for p in openers[("validation", reg)] + validation_more[reg]]
+    plan = [p for reg in ("formal", "casual") for p in openers[("steps", reg)]
+            + [s for _, steps in topics.values() for s in steps[reg]]]
+
+    def reg_phrases(reg: str) -> list[str]:
+        return ([p for (_, r), ps in openers.items() if r == reg for p in ps] + validation_more[reg] + closers[reg]
+                + [s for _, steps in topics.values() for s in steps[reg]])
+
+    return (frozenset(_vocab(val) - _vocab(plan)), frozenset(_vocab(plan) - _vocab(val)),
+            frozenset(_vocab(reg_phrases("formal")) - _vocab(reg_phrases("casual"))),
+            frozenset(_vocab(reg_phrases("casual")) - _vocab(reg_phrases("formal"))))
+
+
+_CUES: dict[int, tuple[frozenset, ...]] = {1: (VALIDATION_CUES, PLAN_CUES, FORMAL_CUES, CASUAL_CUES)}
+
+
+def _cues(version: int) -> tuple[frozenset, ...]:
+    if version not in _CUES:
+        if version != 2:
+            raise ValueError(f"persona-empathy version must be 1 or 2, got {version!r}")
+        from . import empathy_v2_banks as b
+
+        _CUES[2] = _cue_sets(b.OPENERS, b.VALIDATION_MORE, b.CLOSERS, b.TOPICS)
+    return _CUES[version]
+
+
+def classify_response(text: str, version: int = 1) -> dict[str, str]:
     """Predicted ``{"strategy", "length", "register"}`` of a response (values as in :data:`TRAITS` or
-    ``"unknown"``)."""
+    ``"unknown"``), by the cue words of ``persona-empathy`` `version`'s (1 or 2) phrase banks."""
+    val_cues, plan_cues, formal_cues, casual_cues = _cues(version)
     first = words(first_sentence(text))
-    v, p = sum(x in VALIDATION_CUES for x in first), sum(x in PLAN_CUES for x in first)
+    v, p = sum(x in val_cues for x in first), sum(x in plan_cues for x in first)
     strategy = "validation" if v > p else "steps" if p > v else "unknown"
     w = words(text)
     length = "unknown" if not w else "short" if len(w) <= SHORT_MAX_WORDS else "detailed"
-    f, c = sum(x in FORMAL_CUES for x in w), sum(x in CASUAL_CUES for x in w)
+    f, c = sum(x in formal_cues for x in w), sum(x in casual_cues for x in w)
     register = "formal" if f > c else "casual" if c > f else "unknown"
     return {"strategy": strategy, "length": length, "register": register}
 

@@ -11,6 +11,7 @@ held-out users in seconds to minutes on a CPU, and it tells whether a pair's rea
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ import torch
 from .empathy_dataset import TRAITS, compose_response
 from .views import build_views
 
+DEFAULT_TRAITS = {"strategy": "validation", "length": "short", "register": "formal"}  # for a trait a record lacks
 OPENING = 13  # reply tokens scored by default: the opening sentence, which carries strategy and register
 
 
@@ -27,14 +29,22 @@ def trait_candidates(record, traits: Sequence[str] = ("strategy",)) -> list[str]
     unknown = [t for t in traits if t not in TRAITS]
     if unknown:
         raise ValueError(f"unknown traits {unknown}; known: {list(TRAITS)}")
-    if record.persona is None or not record.persona.traits or "topic" not in record.meta:
+    if record.persona is None or any(t not in record.persona.traits for t in traits) or "topic" not in record.meta:
         raise ValueError(f"record {record.record_id!r} is not a persona-empathy record (needs traits and a topic)")
-    seed = int.from_bytes(record.record_id.encode()[-8:], "little")
-    base, topic = record.persona.traits, record.meta["topic"]
-    out = [compose_response(base, topic, random.Random(seed))]
+    compose = compose_response
+    if record.meta.get("version", 1) == 2:  # persona-empathy v2 (and the hand-written users): v2's banks
+        from .empathy_v2 import compose_response as compose
+    # hand-written users share a query across trait values: the seed follows the query there, so both users of a
+    # query get the very same candidates (a trait-blind model then scores exactly 50%)
+    key = record.meta.get("candidate_key", record.record_id)
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") if "candidate_key" in record.meta \
+        else int.from_bytes(record.record_id.encode()[-8:], "little")
+    base = {**DEFAULT_TRAITS, **record.persona.traits}
+    topic = record.meta["topic"]
+    out = [compose(base, topic, random.Random(seed))]
     for t in traits:
         a, b = TRAITS[t]
-        out.append(compose_response({**base, t: b if base[t] == a else a}, topic, random.Random(seed)))
+        out.append(compose({**base, t: b if base[t] == a else a}, topic, random.Random(seed)))
     return out
 
 
