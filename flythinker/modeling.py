@@ -207,7 +207,7 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         other; "threads" (CPU) the reasoner on a persistent worker thread, one core each; "streams" (CUDA) the
         reasoner on side streams (also when it lives on another device). See flythinker.workers."""
         return worker_for(self, check_parallel_mode(parallel) or self.config.parallel, self.generator_device,
-                          self.reasoner_device)
+                          self.reasoner_device, decide_auto=_measured_parallel_mode)
 
     # ------------------------------------------------------------------ the building blocks of a step
     def reasoner_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -1168,6 +1168,14 @@ LIGER_REFUSAL = ("use_liger_kernel=True is not supported for a FlyThinker pair: 
 # Checkpoints keep the flat layout of the pair's parts (`generator.*`, `reasoner.*`, `latent_proj.weight`,
 # `latent_mean`, `latent_inv_std`): renamed under `model.` on load, and back on save (transformers reverts a
 # registered conversion in `save_pretrained`), so folders written before and after the base/head split are one format.
+def _measured_parallel_mode(model: object) -> str:
+    """What `parallel="auto"` runs on this CPU pair: "threads" or "off", measured once per machine and pair shape
+    (flythinker.parallel_auto)."""
+    from flythinker.parallel_auto import decide
+
+    return decide(model).mode
+
+
 _CHECKPOINT_PARTS = r"^(generator|reasoner|latent_proj|latent_mean|latent_inv_std)"
 _CHECKPOINT_KEY = re.compile(_CHECKPOINT_PARTS)
 CHECKPOINT_CONVERSION = [WeightRenaming(source_patterns=_CHECKPOINT_PARTS, target_patterns=r"model.\1")]

@@ -362,11 +362,11 @@ def _workers() -> weakref.WeakKeyDictionary:
     return _LOCAL.workers
 
 
-def worker_for(owner: object, mode: str, generator_device: torch.device,
-               reasoner_device: torch.device) -> ReasonerWorker:
+def worker_for(owner: object, mode: str, generator_device: torch.device, reasoner_device: torch.device,
+               decide_auto: Callable[[object], str] | None = None) -> ReasonerWorker:
     """This thread's worker of `owner` (a model; weakly referenced) for `parallel=mode`, created on first use and
-    re-created when the mode or the devices change. "auto" on a CPU pair is what `flythinker.parallel_auto`
-    measured for it ("threads" or "off")."""
+    re-created when the mode or the devices change. "auto" on a CPU pair asks `decide_auto(owner)` ("threads" or
+    "off"; the model passes `flythinker.parallel_auto`'s measured decision) and takes threads without one."""
     key = (mode, resolve_mode(mode, generator_device, reasoner_device), str(generator_device), str(reasoner_device))
     workers = _workers()
     entry = workers.get(owner)
@@ -374,10 +374,8 @@ def worker_for(owner: object, mode: str, generator_device: torch.device,
         return entry[1]
     if entry is not None:
         entry[1].close()
-    if key[1] == "threads" and mode == "auto" and hasattr(owner, "reasoner_forward"):
-        from flythinker.parallel_auto import decide
-
-        mode = decide(owner).mode
+    if key[1] == "threads" and mode == "auto" and decide_auto is not None:
+        mode = decide_auto(owner)
     worker = make_worker(mode, generator_device, reasoner_device)
     workers[owner] = (key, worker)
     return worker

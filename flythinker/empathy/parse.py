@@ -9,13 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .rules import JudgeParseError, strict_score
+
 # "# Analysis ... # Response ..." (PERM's policy format; headings case-insensitive, any number of '#').
 _POLICY = re.compile(r"#+\s*analysis\s*:?\s*(?P<analysis>.*?)\s*#+\s*response\s*:?\s*(?P<response>.*)\Z",
                      re.IGNORECASE | re.DOTALL)
-
-
-class JudgeParseError(ValueError):
-    """A judge output without a readable, in-range score."""
 
 
 @dataclass
@@ -48,7 +46,6 @@ def parse_score(text: str, marker: str, lo: int, hi: int) -> float:
     """The score in ``text`` for ``marker`` (``score_line``: ``Score: N``; ``boxed``: ``\\boxed{N}``; ``total``:
     ``Total Score: N[/100]`` or a JSON object of five 0-20 parts) under the ``strict`` rules: the last
     occurrence, a denominator equal to ``hi``, the value in ``[lo, hi]`` (:func:`.rules.strict_score`)."""
-    from .rules import strict_score
 
     return strict_score(text, marker, lo, hi)
 

@@ -40,7 +40,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .parse import JudgeParseError
+
+class JudgeParseError(ValueError):
+    """A judge output without a readable, in-range score."""
+
 
 RULES = ("authors", "strict")
 

@@ -21,14 +21,7 @@ import warnings
 from pathlib import Path
 
 from .records import Persona, PersonaRecord, Query, Turn
-
-TRAITS: dict[str, tuple[str, str]] = {
-    "strategy": ("validation", "steps"),
-    "length": ("short", "detailed"),
-    "register": ("formal", "casual"),
-}
-SPLITS = ("train", "validation", "test")
-SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+from .traits import SPLIT_FRACTIONS, SPLITS, TRAITS
 
 # Topic -> (situations [neutral wording], steps {register: [4 steps]}).
 TOPICS: dict[str, tuple[list[str], dict[str, list[str]]]] = {

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import random
 
-from .empathy_dataset import SPLIT_FRACTIONS, TRAITS
 from .empathy_v2_banks import CLOSERS, OPENERS, QUERY_ENDINGS, QUERY_OPENINGS, TOPICS, UNRELATED, VALIDATION_MORE
 from .empathy_v2_families import FAMILIES, families_for
 from .records import Persona, PersonaRecord, Query, Turn
+from .traits import SPLIT_FRACTIONS, TRAITS
 
 VERSION = 2
 SHORT_MAX_WORDS = 28  # short replies: opener + one step; detailed ones are longer (checked in the tests)
