@@ -227,7 +227,9 @@ def test_shipped_pair_with_a_truncated_reasoner(tmp_path):
     base = tiny_lm(hidden_size=32, num_hidden_layers=3)
     A, B = torch.randn(4, 32), torch.randn(32, 4)
     key = "generator.model.layers.0.self_attn.q_proj"
-    folder = _shipped_folder(tmp_path, base, {f"{key}.lora_A": A, f"{key}.lora_B": B}, {"scaling": 2.0},
+    stats = {"latent_proj.weight": torch.randn(32, 32), "latent_mean": torch.randn(32),
+             "latent_inv_std": torch.rand(32) + 0.5}  # a complete pair: the loader refuses one without them
+    folder = _shipped_folder(tmp_path, base, {f"{key}.lora_A": A, f"{key}.lora_B": B, **stats}, {"scaling": 2.0},
                              reasoner_layers=1)
     model = from_shipped("smollm2-135m-persona-empathy", folder=folder)
     assert len(model.reasoner.model.layers) == 1 and len(model.generator.model.layers) == 3

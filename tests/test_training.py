@@ -77,7 +77,7 @@ def heldout_loss(model, data):
 
 
 def grads(model, prefix):
-    return {n: p.grad for n, p in model.named_parameters() if n.startswith(prefix)}
+    return {n: p.grad for n, p in model.named_parameters() if n.removeprefix("model.").startswith(prefix)}
 
 
 # ---- selection ------------------------------------------------------------------------------------------------
@@ -232,10 +232,12 @@ def test_lora_trains_saves_and_loads(part, tmp_path):
     counts = set_trainable(model, "both")
     other = "reasoner" if part == "generator" else "generator"
     assert counts[part] > 0 and counts[other] > 0  # the LoRA'd part trains adapters only, the other one fully
-    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters() if n.startswith(part + "."))
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters()
+               if n.removeprefix("model.").startswith(part + "."))
     fit(model, reverse_task(64), steps=5)
     # base weights of the LoRA'd part did not move; its adapters did
-    lora_b = [p for n, p in model.named_parameters() if n.startswith(part + ".") and "lora_B" in n]
+    lora_b = [p for n, p in model.named_parameters()
+              if n.removeprefix("model.").startswith(part + ".") and "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
     sd = merged_state_dict(model)
     assert set(sd) == set(base.state_dict())  # plain FlyThinker keys
@@ -249,7 +251,8 @@ def test_lora_trains_saves_and_loads(part, tmp_path):
         # adapters only, loaded into a fresh copy of the base pair
         save_lora_adapters(model, tmp_path / "adapters")
         assert (tmp_path / "adapters" / part / "adapter_model.safetensors").is_file()
-        base.load_state_dict({k: v for k, v in sd.items() if not k.startswith(part + ".")}, strict=False)
+        base.load_state_dict({k: v for k, v in sd.items() if not k.removeprefix("model.").startswith(part + ".")},
+                            strict=False)
         load_lora_adapters(base, tmp_path / "adapters")
         torch.testing.assert_close(base.eval()(**batch).loss, want, rtol=1e-5, atol=1e-6)
         # merging in place removes the LoRA layers and keeps the function
@@ -432,4 +435,4 @@ def test_per_layer_lora_goes_through_apply_lora():
     assert any(not torch.equal(after[k], v) for k, v in state.items() if "lora_B" in k)
     assert after[next(iter(after))].data_ptr() == dict(model.named_parameters())[next(iter(after))].data_ptr()
     merged = merged_state_dict(model)
-    assert not any("lora_" in k for k in merged) and "generator.model.layers.0.mlp.up_proj.weight" in merged
+    assert not any("lora_" in k for k in merged) and "model.generator.model.layers.0.mlp.up_proj.weight" in merged
