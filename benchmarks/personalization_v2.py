@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = "smollm2-135m-instruct"
+QUICK = {"skip": "a training benchmark on the real SmolLM2 pair (tens of minutes per variant)"}
 
 
 def log(msg: str) -> None:

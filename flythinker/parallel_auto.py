@@ -63,10 +63,16 @@ def _shape(config: Any, dtype: torch.dtype) -> str:
             f"-V{config.vocab_size}-{str(dtype).removeprefix('torch.')}")
 
 
+def _dtype(module: Any) -> torch.dtype:
+    # The input embedding, not `PreTrainedModel.dtype`: a shared-base pair's reasoner holds its weights as plain
+    # tensors aliasing the generator's (flythinker.shared_base), so it has no registered parameters.
+    return module.get_input_embeddings().weight.dtype
+
+
 def decision_key(model: Any) -> str:
     """The cache key of `model` on this machine: cores, torch threads, CPU, both models' shapes and dtypes."""
-    g = _shape(model.config.generator, model.generator.dtype)
-    r = _shape(model.config.reasoner, model.reasoner.dtype)
+    g = _shape(model.config.generator, _dtype(model.generator))
+    r = _shape(model.config.reasoner, _dtype(model.reasoner))
     return f"{platform.machine()}-c{available_cores()}-t{torch.get_num_threads()}|gen {g}|rsn {r}"
 
 

@@ -91,3 +91,14 @@ def test_installed_non_editable(tmp_path):
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "source checkout" in lines[0], r.stderr
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject lists packages by hand (package-dir maps `kernels/` to flythinker.kernels, which find() cannot
+    express), so a new subpackage must be added there or the installed wheel lacks it."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "flythinker").rglob("__init__.py")
+               if "__pycache__" not in p.parts}
+    assert listed == on_disk | {"flythinker.kernels"}, {"missing": on_disk - listed, "extra": listed - on_disk}

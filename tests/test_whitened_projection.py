@@ -92,7 +92,7 @@ def test_whitened_training_starts_at_the_generator_and_folds_exactly(single_thre
         want = original @ m
         before = model(**{k: v for k, v in probe.items() if k != "labels"}, use_cache=False).logits
     fold_projection(model)
-    assert isinstance(model.latent_proj.weight, torch.nn.Parameter) and "latent_proj.weight" in model.state_dict()
+    assert isinstance(model.latent_proj.weight, torch.nn.Parameter) and "model.latent_proj.weight" in model.state_dict()
     torch.testing.assert_close(model.latent_proj.weight, want)
     with torch.no_grad():
         after = model(**{k: v for k, v in probe.items() if k != "labels"}, use_cache=False).logits

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flythinker.cli.common import CLIError, positive_int
 
-HELP = "evaluate a pair on held-out records (NLL, ROUGE-L, traits; pair vs lambda 0 vs a baseline, 95% CIs)"
+HELP = "evaluate a pair on held-out records (NLL, ROUGE-L, traits; pair vs lambda 0 vs a baseline, 95%% CIs)"
 DESCRIPTION = ("Score a FlyThinker pair on a records file (any supported format) against the same weights at "
                "lambda 0 and, optionally, a baseline model: per-user reply NLL, greedy replies' ROUGE-L and trait "
                "metric, paired differences with 95% user-bootstrap intervals. JSON out, a table printed.")
