@@ -74,7 +74,7 @@ bench: $(STAMP)
 
 # 32 concurrent requests: vLLM-served pair vs HF generate batches vs vLLM serving the generator alone
 bench-serve: $(STAMP) $(VLLM_STAMP)
-	$(VLLM_BIN)/python benchmarks/serve_throughput.py
+	$(VLLM_BIN)/python -m benchmarks.serve_throughput
 
 # The newest versions the declared ranges allow, each in a fresh venv (never the locked ones).
 drift-env:

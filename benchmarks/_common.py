@@ -1,10 +1,10 @@
 """What the benchmark scripts share: where results go, the one-subprocess-per-case worker protocol, the memory
 probes the workers read, the JSON output and the naive-vs-fused bar plot.
 
-A script that measures memory runs each case in a fresh process (`run_worker`: `python <script> --worker <cfg
-JSON>`, the last stdout line is the result JSON), so that one case's allocations never inflate another's peak.
-Scripts import this as `benchmarks._common` with the repo root on sys.path, both when run as
-`python -m benchmarks.<name>` (what `flythinker bench` does) and as `python benchmarks/<name>.py`.
+A script that measures memory runs each case in a fresh process (`run_worker`: `python -m benchmarks.<name>
+--worker <cfg JSON>` from the repo root, the last stdout line is the result JSON), so that one case's allocations
+never inflate another's peak. Scripts run as modules from the checkout (`python -m benchmarks.<name>`, what
+`flythinker bench` does), where Python puts the repo root first on sys.path; none edits sys.path.
 """
 
 from __future__ import annotations
@@ -41,9 +41,13 @@ def serve_worker(args: argparse.Namespace, worker: Callable[[dict], dict]) -> bo
 
 
 def run_worker(script: str | os.PathLike, cfg: dict, *, env: dict | None = None) -> dict:
-    """Run one case of `script` in a fresh process; returns the JSON dict its worker printed last."""
-    out = subprocess.run([sys.executable, str(script), "--worker", json.dumps(cfg)], capture_output=True, text=True,
-                         check=False, env=env)
+    """Run one case of `script` (a file in benchmarks/) in a fresh process, as `python -m benchmarks.<stem>` from
+    the repo root; returns the JSON dict its worker printed last."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--worker", json.dumps(cfg)],
+                         capture_output=True, text=True, check=False, env=env, cwd=root)
     if out.returncode != 0:
         raise RuntimeError(f"case {cfg} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

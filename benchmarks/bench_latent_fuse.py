@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from flythinker.kernels.latent_fuse_naive import latent_fuse_naive, vocab_mean_n
 
 ROWS, H_G, H_R, VOCAB, BATCH = 8192, 2048, 1536, 16384, 8
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(RESULTS.parents[1]))  # the repo root (benchmarks._common), also when run as a script
 
 # `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
 QUICK = {"skip": "its pytest-benchmark suite (pytest_latent_fuse) is the quick form"}

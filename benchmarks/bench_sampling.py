@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,6 @@ import torch
 from flythinker.kernels.sampling import sample
 from flythinker.kernels.sampling_naive import sample_naive
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
 from benchmarks._common import write_json  # noqa: E402
 
 # `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why

@@ -21,10 +21,8 @@ measures the neighbours; wall time is recorded too). Results: benchmarks/results
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
 from benchmarks._common import (  # noqa: E402
     RESULTS,
     measured_step,

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
 from benchmarks._common import RESULTS, peak_bytes, reset_peak, write_json  # noqa: E402
 from flythinker.decode import generate_path  # noqa: E402
 

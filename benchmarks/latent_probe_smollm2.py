@@ -24,13 +24,10 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
 QUICK = {"skip": "a quality benchmark (probes on hundreds of users' latents)"}

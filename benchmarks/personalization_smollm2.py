@@ -47,14 +47,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...py` from the repo root
 
 from benchmarks.personalization_fusion import bootstrap  # noqa: E402  (user-clustered bootstrap)
 

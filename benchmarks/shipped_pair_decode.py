@@ -33,13 +33,11 @@ import contextlib
 import io
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also when run as a script
 from benchmarks._common import RESULTS, write_json  # noqa: E402
 
 # `flythinker bench` contract (flythinker/cli/bench.py): the quick mode's arguments and its time on 2 idle CPU cores

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, out: Path, *args: str) -> dict:
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(out), *args], check=True,
+    module = "benchmarks." + script.removesuffix(".py")  # as the docs run them: a module, from the checkout
+    subprocess.run([sys.executable, "-m", module, "--out", str(out), *args], check=True,
                    cwd=ROOT, capture_output=True, text=True, timeout=300)
     return json.loads(out.with_suffix(".json").read_text())
 
