@@ -55,8 +55,11 @@ install-vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/flythinker demo
 
+# The suite is mostly single-threaded (tiny models, subprocesses): one pytest worker per core (pytest-xdist), whole
+# files per worker so module fixtures load once. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 test: $(STAMP) $(VLLM_STAMP)
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 	$(VLLM_BIN)/pytest -q tests/vllm_serving
 
 # the vLLM plugin's tests alone (they take their HF references from .venv, hence both stamps)
@@ -99,7 +102,7 @@ drift-vllm-env:
 drift: drift-env
 	$(DRIFT_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|flythinker)==' \
 		| diff <(grep -v '^#' $(LOCK)) - | grep '^[<>]' || echo "drift: same versions as $(LOCK)"
-	$(DRIFT_VENV)/bin/pytest -q -p no:cacheprovider $(DRIFT_TESTS)
+	$(DRIFT_VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(DRIFT_TESTS)
 
 # Refresh both locks from fresh venvs with the newest allowed versions; then `make test` installs them and must pass
 # before the new locks are committed.
