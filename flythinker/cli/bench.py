@@ -190,7 +190,10 @@ def suite_command(suite: Suite, quick: bool, results: Path, root: Path) -> list[
 def run_suite(suite: Suite, quick: bool, timeout: int, root: Path, results: Path) -> dict[str, Any]:
     """Run one suite in its own process; returns {name, cmd, rc, seconds, tail} (+ budget_s in quick mode)."""
     cmd = suite_command(suite, quick, results, root)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    # a suite is its own pytest session: when this runs inside a pytest-xdist worker, the worker's variables would
+    # make pytest-benchmark think it is a worker too and disable itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", "PYTEST_CURRENT_TEST"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
     start, cpu0 = time.perf_counter(), _children_cpu_s()
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
