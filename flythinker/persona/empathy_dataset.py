@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from .records import Persona, PersonaRecord, Query, Turn
-from .traits import SPLIT_FRACTIONS, SPLITS, TRAITS
+from .traits import SPLITS, TRAITS, split_users
 
 # Topic -> (situations [neutral wording], steps {register: [4 steps]}).
 TOPICS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
@@ -212,12 +212,7 @@ def make_persona_empathy(n_users: int = 800, queries_per_user: int = 5, seed: in
     rng = random.Random(seed)
     users = [_user_records(u, random.Random(rng.getrandbits(64)), queries_per_user, history_sessions, pool_size)
              for u in range(n_users)]
-    order = list(range(n_users))
-    random.Random(seed + 1).shuffle(order)
-    n_train = max(1, round(SPLIT_FRACTIONS[0] * n_users))
-    n_val = max(1, round(SPLIT_FRACTIONS[1] * n_users))
-    cuts = {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
-            "test": order[n_train + n_val:]}
+    cuts = split_users(n_users, seed)
     return {split: [r for u in sorted(idx) for r in users[u]] for split, idx in cuts.items()}
 
 

@@ -21,7 +21,7 @@ import random
 from .empathy_v2_banks import CLOSERS, OPENERS, QUERY_ENDINGS, QUERY_OPENINGS, TOPICS, UNRELATED, VALIDATION_MORE
 from .empathy_v2_families import FAMILIES, families_for
 from .records import Persona, PersonaRecord, Query, Turn
-from .traits import SPLIT_FRACTIONS, TRAITS
+from .traits import TRAITS, split_users
 
 VERSION = 2
 SHORT_MAX_WORDS = 28  # short replies: opener + one step; detailed ones are longer (checked in the tests)
@@ -131,12 +131,7 @@ def make_persona_empathy_v2(n_users: int = 800, queries_per_user: int = 5, seed:
     """``{"train", "validation", "test"}`` records, split by user; test users use only held-out families."""
     if n_users < 3:
         raise ValueError(f"n_users must be >= 3 (one per split), got {n_users}")
-    order = list(range(n_users))
-    random.Random(seed + 1).shuffle(order)
-    n_train = max(1, round(SPLIT_FRACTIONS[0] * n_users))
-    n_val = max(1, round(SPLIT_FRACTIONS[1] * n_users))
-    cuts = {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
-            "test": order[n_train + n_val:]}
+    cuts = split_users(n_users, seed)
     rng = random.Random(seed)
     seeds = [rng.getrandbits(64) for _ in range(n_users)]
     return {split: [r for u in sorted(idx)
