@@ -42,7 +42,9 @@ class FlyThinkerConfig(PreTrainedConfig):
             of the current token's embedding) or a positive float (fixed).
         projection: `"pad"` (add into the first H_r channels; needs H_r <= H_g), `"linear"` (learned H_r -> H_g,
             initialised to the pad map) or `"zero"` (learned H_r -> H_g, initialised to zero: an untrained pair
-            computes exactly what its generator alone computes, at any lambda; docs/fusion.md).
+            computes exactly what its generator alone computes, at any lambda; docs/fusion.md). The config's
+            default stays `"pad"` (a saved config without the field keeps its meaning); `from_pair` defaults to
+            `"zero"`.
         detach_norm: treat the latent norms as constants in backward (authors' choice).
         fuse_prompt: shared context only. True (paper): fuse at every position. False: fuse only on the
             response side, i.e. the generator's last prompt position and every later one. "Response" is defined

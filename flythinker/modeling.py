@@ -591,7 +591,12 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
                   dtype: torch.dtype | str | None = None, attn_implementation: str | dict | None = None,
                   reasoner_device: torch.device | str | None = None, **fusion: Any) -> FlyThinkerForCausalLM:
         """Pair two causal LMs sharing one vocabulary (model objects or local paths), e.g.
-        `from_pair(gen, rsn, fusion_lambda=0.5, norm_target="vocab_mean", projection="pad")`.
+        `from_pair(gen, rsn, fusion_lambda=1.0, latent_norm="standardize")`.
+
+        The projection defaults to `"zero"`: a learned [H_g, H_r] map initialised at zero, so a new pair of two
+        pretrained models computes exactly what its generator computes and training moves it from there (on a
+        pretrained SmolLM2 pair the paper's parameter-free `"pad"` adds latents the generator never saw, and
+        training from it stayed at chance: docs/fusion.md). `projection="pad"` keeps the paper's rule by name.
 
         Args:
             generator: the model that writes the reply: a transformers causal LM object (used as it is, not
@@ -603,13 +608,14 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
                 `"reasoner"` keys.
             reasoner_device: place the reasoner on another device than the generator.
             **fusion: the fusion options of :class:`FlyThinkerConfig` (`fusion_lambda`, `norm_target`,
-                `projection`, `detach_norm`, `fuse_prompt`, `parallel`, `loss_impl`, `latent_eps`,
-                `latent_norm`); an unknown name is an error.
+                `projection` (default `"zero"` here), `detach_norm`, `fuse_prompt`, `parallel`, `loss_impl`,
+                `latent_eps`, `latent_norm`); an unknown name is an error.
 
         Returns:
             The pair, with the generator's generation config.
         """
         fusion_kwargs_check(fusion)
+        fusion.setdefault("projection", "zero")
         gen, rsn = (_load_lm(name, m, dtype, attn_implementation)
                     for name, m in (("generator", generator), ("reasoner", reasoner)))
         for m in (gen, rsn):

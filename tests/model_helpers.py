@@ -41,6 +41,7 @@ def tiny_pair(gen_family: str = "llama", rsn_family: str | None = None, *, seed:
     rsn = tiny_lm(rsn_family or gen_family, seed=seed + 1, hidden_size=rsn_hidden)
     fusion.setdefault("fusion_lambda", 0.5)
     fusion.setdefault("parallel", "off")
+    fusion.setdefault("projection", "pad")
     return FlyThinkerForCausalLM.from_pair(gen, rsn, **fusion).eval()
 
 

@@ -373,7 +373,7 @@ def test_generate_text_times_the_first_token(pair):
     from flythinker.training.toy import char_tokenizer
 
     tok = char_tokenizer()
-    model = FlyThinkerForCausalLM.from_pair(*pair, fusion_lambda=0.5).eval()
+    model = FlyThinkerForCausalLM.from_pair(*pair, fusion_lambda=0.5, projection="pad").eval()
     prompts = Prompts(torch.tensor([tok("say:")["input_ids"]]), torch.tensor([tok("key=1:")["input_ids"]]))
     kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
     reply = generate_text(model, prompts, tok, kw, stream=False)
@@ -390,7 +390,7 @@ def test_serve_refuses_a_shared_base_checkpoint_in_one_line(capsys, tmp_path):
     from flythinker.training.toy import char_tokenizer
 
     base = save_tiny_model(tmp_path / "base", seed=0, hidden_size=64)
-    model = FlyThinkerForCausalLM.from_shared_base(str(base), r=4, fusion_lambda=0.5)
+    model = FlyThinkerForCausalLM.from_shared_base(str(base), r=4, fusion_lambda=0.5, projection="pad")
     model.save_pretrained(tmp_path / "shared")
     char_tokenizer().save_pretrained(tmp_path / "shared")
     rc, _, err = run(capsys, "serve", tmp_path / "shared")

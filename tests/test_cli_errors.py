@@ -21,7 +21,8 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("clierr")
     save_tiny_model(root / "gen", seed=0, hidden_size=64)
     save_tiny_model(root / "rsn", seed=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
-    FlyThinkerForCausalLM.from_pair(str(root / "gen"), str(root / "rsn")).save_pretrained(root / "pair")
+    FlyThinkerForCausalLM.from_pair(str(root / "gen"), str(root / "rsn"),
+                                    projection="pad").save_pretrained(root / "pair")
     char_tokenizer().save_pretrained(root / "pair")
     (root / "data.jsonl").write_text("".join(json.dumps(e) + "\n" for e in secret_task(8)))
     (root / "a_file").write_text("x")

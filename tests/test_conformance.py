@@ -171,7 +171,7 @@ def untied_pair() -> FlyThinkerForCausalLM:
 
     gen, rsn = tiny_lm(seed=0, hidden_size=48), tiny_lm(seed=1, hidden_size=32, tie_word_embeddings=False)
     assert rsn.get_output_embeddings().weight is not rsn.get_input_embeddings().weight
-    return FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off")
+    return FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off", projection="pad")
 
 
 def test_reasoner_head_is_not_a_trainable_parameter(tmp_path):
@@ -191,7 +191,7 @@ def test_tied_reasoner_head_stays_trainable():
     from model_helpers import tiny_lm
 
     gen, rsn = tiny_lm(seed=0, hidden_size=48), tiny_lm(seed=1, hidden_size=32, tie_word_embeddings=True)
-    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off")
+    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off", projection="pad")
     assert model.reasoner.get_output_embeddings().weight is model.reasoner.get_input_embeddings().weight
     assert model.reasoner.get_input_embeddings().weight.requires_grad
 

@@ -124,7 +124,7 @@ def test_trainer_refuses_a_batch_past_max_position_embeddings(short_model, tmp_p
     from flythinker.training.trainer import FlyThinkerTrainer
 
     gen = str(short_model / "gen")
-    model = FlyThinkerForCausalLM.from_pair(gen, gen)
+    model = FlyThinkerForCausalLM.from_pair(gen, gen, projection="pad")
     tok = char_tokenizer()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
                              report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True,

@@ -71,7 +71,7 @@ def _setup(n_users: int = 6):
                          + [r.response for r in recs])
     gen = tiny_lm(hidden_size=48, vocab_size=len(tok), seed=0)
     rsn = tiny_lm(hidden_size=32, vocab_size=len(tok), seed=1)
-    pair = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off")
+    pair = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off", projection="pad")
     return recs, tok, pair
 
 

@@ -136,7 +136,8 @@ def test_local_folder_of_a_shipped_name_is_that_folder(tmp_path, monkeypatch):
 
     save_tiny_model(tmp_path / "gen", seed=0, hidden_size=64)
     save_tiny_model(tmp_path / "rsn", seed=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
-    FlyThinkerForCausalLM.from_pair(str(tmp_path / "gen"), str(tmp_path / "rsn")).save_pretrained(tmp_path / SHIPPED)
+    FlyThinkerForCausalLM.from_pair(str(tmp_path / "gen"), str(tmp_path / "rsn"),
+                                    projection="pad").save_pretrained(tmp_path / SHIPPED)
     monkeypatch.chdir(tmp_path)
     assert shipped_name(SHIPPED) is None and shipped_name(SHIPPED.upper()) == SHIPPED
     model = FlyThinkerForCausalLM.from_pretrained(SHIPPED)

@@ -37,12 +37,12 @@ def smol():
 @torch.no_grad()
 def test_lambda_zero_is_the_generator(smol):
     gen, rsn, tok, enc, kw, plain = smol
-    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.0).eval()
+    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.0, projection="pad").eval()
     out = model.generate(**enc, **kw)
     assert torch.equal(out, plain)
     # logits to 1e-5 on the sequential (oracle) path; the overlapped prefill of parallel="auto" splits G's prompt
     # into chunks, which moves fp32 logits of magnitude ~20 by up to ~7e-5 (different matmul shapes)
-    seq = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.0, parallel="off").eval()
+    seq = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.0, parallel="off", projection="pad").eval()
     ids = plain[:, -8:]
     torch.testing.assert_close(seq(ids).logits, gen(ids).logits, atol=1e-5, rtol=0)
 
@@ -50,7 +50,7 @@ def test_lambda_zero_is_the_generator(smol):
 @torch.no_grad()
 def test_lambda_half_is_different_but_valid(smol, capsys):
     gen, rsn, tok, enc, kw, plain = smol
-    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5).eval()
+    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, projection="pad").eval()
     out = model.generate(**enc, **kw, streamer=TextStreamer(tok, skip_prompt=True), return_dict_in_generate=True,
                          output_logits=True)
     P = enc["input_ids"].shape[1]

@@ -213,7 +213,7 @@ def test_attn_implementation_passthrough(tmp_path):
 def test_from_pair_keeps_weights_and_config_defaults():
     gen, rsn = tiny_lm(seed=0, hidden_size=48), tiny_lm(seed=1)
     before = {k: v.clone() for k, v in gen.state_dict().items()}
-    model = FlyThinkerForCausalLM.from_pair(gen, rsn)
+    model = FlyThinkerForCausalLM.from_pair(gen, rsn, projection="pad")
     assert model.generator is gen and model.reasoner is rsn
     for k, v in gen.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -235,3 +235,19 @@ def test_vocab_mean_cached_at_inference_and_refreshed_on_change():
     assert float(model._norm_target()) == pytest.approx(2 * float(c1), rel=1e-5)
     model.train()
     assert model._norm_target() == "vocab_mean"  # training: always recomputed by the op
+
+
+def test_from_pair_defaults_to_the_zero_projection_that_starts_at_the_generator():
+    """Two pretrained models paired without a projection: a zero-initialised learned map, so the new pair's logits
+    are the generator's at lambda 1; `projection="pad"` by name gives the paper's rule, which moves them."""
+    gen, rsn = tiny_lm(seed=0, hidden_size=48), tiny_lm(seed=1, hidden_size=32)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    pair = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=1.0, parallel="off").eval()
+    assert pair.config.projection == "zero" and not pair.latent_proj.weight.any()
+    with torch.no_grad():
+        want = gen(ids).logits
+        assert torch.allclose(pair(ids).logits, want, atol=1e-6)
+        pad = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=1.0, parallel="off", projection="pad").eval()
+        assert pad.config.projection == "pad" and pad.latent_proj is None
+        assert not torch.allclose(pad(ids).logits, want, atol=1e-3)
+    assert FlyThinkerConfig(generator=gen.config, reasoner=rsn.config).projection == "pad"  # a saved config's default

@@ -30,12 +30,12 @@ def check_pair(model: FlyThinkerForCausalLM, steps: int = 5) -> None:
 @torch.no_grad()
 def test_family(family):
     gen, rsn = tiny_lm(family, seed=0, hidden_size=48), tiny_lm(family, seed=1, hidden_size=32)
-    m0 = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.0).eval()
+    m0 = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.0, projection="pad").eval()
     ids = random_ids(2, 6, seed=51)
     torch.testing.assert_close(m0(ids).logits, gen(ids).logits, atol=1e-5, rtol=0)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     assert torch.equal(m0.generate(ids, **kw), gen.generate(ids, **kw))
-    m = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.7).eval()
+    m = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.7, projection="pad").eval()
     assert (m(ids).logits - gen(ids).logits).abs().max() > 1e-3
     check_pair(m)
 
@@ -45,7 +45,7 @@ def test_cross_family_pair_linear_projection_wider_reasoner():
     """Qwen2 reasoner (H=64) for a Llama generator (H=48): "pad" is impossible, "linear" works."""
     gen, rsn = tiny_lm("llama", seed=0, hidden_size=48), tiny_lm("qwen2", seed=1, hidden_size=64)
     with pytest.raises(ValueError, match="pad"):
-        FlyThinkerForCausalLM.from_pair(gen, rsn)
+        FlyThinkerForCausalLM.from_pair(gen, rsn, projection="pad")
     m = FlyThinkerForCausalLM.from_pair(gen, rsn, projection="linear", fusion_lambda=0.6).eval()
     assert m.latent_proj.weight.shape == (48, 64)
     check_pair(m)
@@ -62,9 +62,9 @@ def test_cross_family_pad_and_softcapping_generator():
     torch.manual_seed(0)
     gen = AutoModelForCausalLM.from_config(cfg).eval()
     rsn = tiny_lm("mistral", seed=1, hidden_size=32)
-    m0 = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.0).eval()
+    m0 = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.0, projection="pad").eval()
     ids = random_ids(2, 7, seed=52)
     logits = m0(ids).logits
     assert logits.abs().max() <= 5.0
     torch.testing.assert_close(logits, gen(ids).logits, atol=1e-5, rtol=0)
-    check_pair(FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5).eval())
+    check_pair(FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, projection="pad").eval())

@@ -86,7 +86,7 @@ def test_split_context_gradients_match():
 def test_untied_head_frozen_parts_and_all_ignored():
     gen = tiny_lm("qwen2", seed=0, hidden_size=48, tie_word_embeddings=False)
     rsn = tiny_lm("llama", seed=1, hidden_size=32)
-    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off").train()
+    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off", projection="pad").train()
     assert model.generator.get_output_embeddings().weight is not model.generator.get_input_embeddings().weight
     batch = batch_with_prompt(seed=7)
     check_fused_equals_naive(model, **batch)
@@ -112,5 +112,5 @@ def test_softcapping_generator_gradients_match():
     with torch.no_grad():
         gen.get_output_embeddings().weight.mul_(20)  # logits well into the cap's non-linear range
     rsn = tiny_lm("mistral", seed=1, hidden_size=32)
-    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off").train()
+    model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off", projection="pad").train()
     check_fused_equals_naive(model, **batch_with_prompt(seed=9))

@@ -44,26 +44,26 @@ def test_bad_fusion_options(pair, kwargs, exc, match):
 
 def test_unknown_from_pair_option(pair):
     with pytest.raises(ValueError, match="unknown FlyThinker option.*temperature"):
-        FlyThinkerForCausalLM.from_pair(*pair, temperature=0.7)
+        FlyThinkerForCausalLM.from_pair(*pair, temperature=0.7, projection="pad")
 
 
 def test_vocab_and_special_token_mismatch():
     gen = tiny_lm(seed=0)
     with pytest.raises(ValueError, match="vocab_size 128 .* 160"):
-        FlyThinkerForCausalLM.from_pair(gen, tiny_lm(seed=1, vocab_size=160))
+        FlyThinkerForCausalLM.from_pair(gen, tiny_lm(seed=1, vocab_size=160), projection="pad")
     with pytest.raises(ValueError, match="eos_token_id"):
-        FlyThinkerForCausalLM.from_pair(gen, tiny_lm(seed=1, eos_token_id=5))
+        FlyThinkerForCausalLM.from_pair(gen, tiny_lm(seed=1, eos_token_id=5), projection="pad")
 
 
 def test_pad_projection_needs_narrower_reasoner():
     gen, rsn = tiny_lm(seed=0, hidden_size=32), tiny_lm(seed=1, hidden_size=48)
     with pytest.raises(ValueError, match=r'projection="pad".*H_r=48 > H_g=32'):
-        FlyThinkerForCausalLM.from_pair(gen, rsn)
+        FlyThinkerForCausalLM.from_pair(gen, rsn, projection="pad")
 
 
 def test_bad_model_arguments(pair):
     with pytest.raises(TypeError, match="generator must be"):
-        FlyThinkerForCausalLM.from_pair(torch.nn.Linear(2, 2), pair[1])
+        FlyThinkerForCausalLM.from_pair(torch.nn.Linear(2, 2), pair[1], projection="pad")
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def test_bad_forward_and_generate_inputs():
 
 
 def test_reasoner_device_keyword(pair):
-    m = FlyThinkerForCausalLM.from_pair(*pair, reasoner_device="cpu")
+    m = FlyThinkerForCausalLM.from_pair(*pair, reasoner_device="cpu", projection="pad")
     assert next(m.reasoner.parameters()).device.type == "cpu"
 
 
@@ -127,4 +127,4 @@ def test_loading_never_unpickles(tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         FlyThinkerForCausalLM.from_pretrained(tmp_path / "ok", use_safetensors=False)
     with pytest.raises((OSError, ValueError)):
-        FlyThinkerForCausalLM.from_pair(str(tmp_path / "gen"), str(tmp_path / "gen"))
+        FlyThinkerForCausalLM.from_pair(str(tmp_path / "gen"), str(tmp_path / "gen"), projection="pad")

@@ -48,7 +48,8 @@ def test_returning_user_same_tokens_as_no_cache(fast_path, parallel):
 
 def test_shared_base_pair_lean_loop():
     base = tiny_lm(hidden_size=48)
-    model = FlyThinkerForCausalLM.from_shared_base(base, r=4, lora_alpha=8, fusion_lambda=0.5, parallel="off").eval()
+    model = FlyThinkerForCausalLM.from_shared_base(base, r=4, lora_alpha=8, fusion_lambda=0.5, parallel="off",
+                                                   projection="pad").eval()
     randomise_adapters(model, 3)
     plain = _conversation(model)
     cache = model.enable_reasoner_prefix_cache()

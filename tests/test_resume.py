@@ -80,7 +80,8 @@ def _tiny_trainer(tmp_path, out, steps, *, lora: bool, stop_at: int | None = Non
     from flythinker.training.trainer import FlyThinkerTrainer, JsonlLogCallback
 
     torch.manual_seed(0)
-    model = FlyThinkerForCausalLM.from_pair(str(tmp_path / "gen"), str(tmp_path / "rsn"), fusion_lambda=0.5)
+    model = FlyThinkerForCausalLM.from_pair(str(tmp_path / "gen"), str(tmp_path / "rsn"), fusion_lambda=0.5,
+                                            projection="pad")
     if lora:
         apply_lora(model, "both", r=4, alpha=8)
     set_trainable(model, "both")

@@ -32,11 +32,12 @@ def pairs():
     """(shared-base pair, two-copy pair with the same adapters as peft LoRA on two independent base copies)."""
     base = tiny_lm(hidden_size=48)
     clean = copy.deepcopy(base)
-    shared = FlyThinkerForCausalLM.from_shared_base(base, r=R, lora_alpha=8, fusion_lambda=0.5, parallel="off").eval()
+    shared = FlyThinkerForCausalLM.from_shared_base(base, r=R, lora_alpha=8, fusion_lambda=0.5, parallel="off",
+                                                    projection="pad").eval()
     randomise_adapters(shared)
     g = to_peft(shared.generator, copy.deepcopy(clean), SPEC).base_model.model
     r = to_peft(shared.reasoner, clean, SPEC).base_model.model
-    two = FlyThinkerForCausalLM.from_pair(g, r, fusion_lambda=0.5, parallel="off").eval()
+    two = FlyThinkerForCausalLM.from_pair(g, r, fusion_lambda=0.5, parallel="off", projection="pad").eval()
     return shared, two
 
 
@@ -138,7 +139,8 @@ def test_save_load_stores_base_once(pairs, tmp_path):
 def test_peft_adapters_in_and_out(pairs, tmp_path):
     """Adapters go out as peft LoRA (a PeftModel, saved as a peft folder) and come back in, both halves."""
     shared, _ = pairs
-    fresh = FlyThinkerForCausalLM.from_shared_base(tiny_lm(hidden_size=48), r=R, lora_alpha=8, parallel="off")
+    fresh = FlyThinkerForCausalLM.from_shared_base(tiny_lm(hidden_size=48), r=R, lora_alpha=8, parallel="off",
+                                                   projection="pad")
     to_peft(shared.generator, tiny_lm(hidden_size=48), SPEC).save_pretrained(tmp_path / "gen_adapter")
     assert load_peft_adapter(fresh.generator, tmp_path / "gen_adapter") == len(adapters(fresh.generator))
     assert load_peft_adapter(fresh.reasoner, to_peft(shared.reasoner, tiny_lm(hidden_size=48), SPEC)) > 0
@@ -163,8 +165,9 @@ def test_peft_adapters_in_and_out(pairs, tmp_path):
 def test_rank_zero_is_the_base_paired_with_itself():
     """r = 0: no adapters; one copy of the weights; the batched step gives the two-copy pair's tokens."""
     base = tiny_lm(hidden_size=48)
-    two = FlyThinkerForCausalLM.from_pair(copy.deepcopy(base), copy.deepcopy(base), parallel="off").eval()
-    shared = FlyThinkerForCausalLM.from_shared_base(base, r=0, parallel="off").eval()
+    two = FlyThinkerForCausalLM.from_pair(copy.deepcopy(base), copy.deepcopy(base), parallel="off",
+                                          projection="pad").eval()
+    shared = FlyThinkerForCausalLM.from_shared_base(base, r=0, parallel="off", projection="pad").eval()
     assert not adapters(shared.generator) and 2 * parameter_bytes(shared) == parameter_bytes(two)
     for split in (False, True):
         ids, mask, kw = split_inputs(3, split)
@@ -203,9 +206,9 @@ def test_training_holds_one_copy_and_trains_both_adapters(pairs):
 
 def test_bad_input():
     with pytest.raises(ValueError, match="no LoRA target"):
-        FlyThinkerForCausalLM.from_shared_base(tiny_lm(), target_modules=["nope"])
+        FlyThinkerForCausalLM.from_shared_base(tiny_lm(), target_modules=["nope"], projection="pad")
     with pytest.raises(ValueError, match="reasoner_device"):
-        FlyThinkerForCausalLM.from_shared_base(tiny_lm(), reasoner_device="cpu")
+        FlyThinkerForCausalLM.from_shared_base(tiny_lm(), reasoner_device="cpu", projection="pad")
     with pytest.raises(ValueError, match="rank"):
         SharedLoRALinear(torch.nn.Linear(4, 4), 0, 1.0, 0.0, None)
 
@@ -219,6 +222,7 @@ def test_fast_generate_uses_shared_step(pairs):
 
 
 def _two_copy(base, **fusion):
+    fusion.setdefault("projection", "pad")
     return FlyThinkerForCausalLM.from_pair(copy.deepcopy(base), copy.deepcopy(base), parallel="off", **fusion).eval()
 
 
@@ -250,7 +254,8 @@ def test_share_pair_detects_one_base_with_peft_adapters():
 def test_share_pair_refuses_different_bases():
     from flythinker.shared_base import share_pair
 
-    pair = FlyThinkerForCausalLM.from_pair(tiny_lm(hidden_size=48, seed=0), tiny_lm(hidden_size=48, seed=1))
+    pair = FlyThinkerForCausalLM.from_pair(tiny_lm(hidden_size=48, seed=0), tiny_lm(hidden_size=48, seed=1),
+                                           projection="pad")
     assert share_pair(pair) is None
     plain = share_pair(_two_copy(tiny_lm(hidden_size=48)))
     assert plain is not None and not adapters(plain.generator)  # no adapters: r = 0

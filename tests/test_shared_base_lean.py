@@ -37,11 +37,12 @@ def pairs():
     """A fresh (shared-base pair, two-copy pair with the same adapters as peft LoRA) per test: tests change them."""
     base = tiny_lm(hidden_size=48)
     clean = copy.deepcopy(base)
-    shared = FlyThinkerForCausalLM.from_shared_base(base, r=R, lora_alpha=8, fusion_lambda=0.5, parallel="off").eval()
+    shared = FlyThinkerForCausalLM.from_shared_base(base, r=R, lora_alpha=8, fusion_lambda=0.5, parallel="off",
+                                                    projection="pad").eval()
     randomise_adapters(shared, 0)
     g = to_peft(shared.generator, copy.deepcopy(clean), SPEC).base_model.model
     r = to_peft(shared.reasoner, clean, SPEC).base_model.model
-    return shared, FlyThinkerForCausalLM.from_pair(g, r, fusion_lambda=0.5, parallel="off").eval()
+    return shared, FlyThinkerForCausalLM.from_pair(g, r, fusion_lambda=0.5, parallel="off", projection="pad").eval()
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ def test_module_lean_equals_peft_formula(lean_calls):
     (the autograd path), also after an in-place change, after a cache built under inference_mode is read under
     no_grad, and after `.double()` (same parameter objects and versions, new storage)."""
     shared = FlyThinkerForCausalLM.from_shared_base(tiny_lm("qwen2", hidden_size=48), r=R, lora_alpha=8,
-                                                    parallel="off").eval()
+                                                    parallel="off", projection="pad").eval()
     randomise_adapters(shared, 1, a_too=True)
     mods = list(adapters(shared.generator).values())
     assert any(m.base.bias is not None for m in mods)
@@ -155,7 +156,7 @@ def test_training_keeps_peft_formula_and_gradients(lean_calls):
     """With autograd on (training), or dropout active, a batched forward takes peft's formula and both halves'
     adapters get gradients; the lean path never runs."""
     shared = FlyThinkerForCausalLM.from_shared_base(tiny_lm(hidden_size=48), r=R, lora_alpha=8, lora_dropout=0.1,
-                                                    parallel="off").train()
+                                                    parallel="off", projection="pad").train()
     randomise_adapters(shared, 0)
     m = next(iter(adapters(shared.generator).values()))
     x = torch.randn(4, 1, m.lora_A.shape[1])
@@ -175,7 +176,7 @@ def test_op_count_per_token(pairs):
     (peft's formula through cat: 10), and no cat."""
     shared, _ = pairs
     plain = FlyThinkerForCausalLM.from_shared_base(tiny_lm(hidden_size=48), r=0, fusion_lambda=0.5,
-                                                   parallel="off").eval()
+                                                   parallel="off", projection="pad").eval()
     n_lin = len(adapters(shared.generator))
     for batch, most in ((1, 2.0), (3, 3.5)):
         ids, mask, _ = split_inputs(batch, False)

@@ -71,7 +71,8 @@ def test_continue_from_checkpoint_and_persona_records(root):
     from flythinker.modeling import FlyThinkerForCausalLM
     from flythinker.training.toy import char_tokenizer
 
-    FlyThinkerForCausalLM.from_pair(str(root / "gen"), str(root / "rsn")).save_pretrained(root / "pair")
+    FlyThinkerForCausalLM.from_pair(str(root / "gen"), str(root / "rsn"),
+                                    projection="pad").save_pretrained(root / "pair")
     char_tokenizer().save_pretrained(root / "pair")
     args = ["--model", str(root / "pair"), "--data", str(root / "persona.jsonl"), "--output-dir",
             str(root / "out_persona"), "--max-steps", "2", "--batch-size", "4", "--no-progress"]

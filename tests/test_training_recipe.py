@@ -146,3 +146,26 @@ def test_retrain_shipped_runs_the_recipe_on_the_data_pair_json_names(tmp_path):
     assert pair["recipe_spec"]["train_users"] == 4 and pair["base"] == str(base)
     report = json.loads((folder / "run" / "recipe_report.json").read_text())
     assert report["records"] == 4 and report["users"] == 4
+
+
+def test_cli_recipe_reads_a_bundled_data_set_and_selects_users(tmp_path, capsys):
+    """`--data bundled:NAME@VERSION:SPLIT` + `--users/--per-user`: the records the recipe trains on."""
+    from flythinker.cli import main as cli_main
+    from flythinker.cli.common import CLIError
+    from flythinker.cli.train import bundled_records
+    from flythinker.persona import load_dataset
+
+    assert [r.record_id for r in bundled_records("bundled:persona-empathy@2:validation")] == \
+        [r.record_id for r in load_dataset("persona-empathy", "validation", version=2)]
+    for bad, msg in (("bundled:persona-empathy", "expected bundled:NAME"), ("bundled:nope:train", "unknown dataset"),
+                     ("bundled:persona-empathy@x:train", "must be a number")):
+        with pytest.raises(CLIError, match=msg):
+            bundled_records(bad)
+    from flythinker.training.toy import save_tiny_model
+
+    save_tiny_model(tmp_path / "gen", seed=0, hidden_size=32, num_hidden_layers=1, max_position_embeddings=4096)
+    args = ["train", "--generator", str(tmp_path / "gen"), "--data", "bundled:persona-empathy@2:validation",
+            "--output-dir", str(tmp_path / "out"), "--users", "3", "--per-user", "1"]
+    assert cli_main(args) == 2  # without --recipe the selection means nothing: refused, nothing trained
+    assert "--users, --per-user only applies with --recipe" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

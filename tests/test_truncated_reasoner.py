@@ -42,7 +42,7 @@ def test_pair_generates_and_trains_with_lora():
 
     gen = tiny_lm(num_hidden_layers=3, hidden_size=48)
     rsn = truncated_reasoner(gen, 1)
-    pair = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off")
+    pair = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off", projection="pad")
     ids = random_ids(2, 6)
     out = pair.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 10)

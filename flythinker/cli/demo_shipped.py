@@ -79,6 +79,14 @@ def run_shipped(args: argparse.Namespace, compare, pick_test_users) -> int:
     print(f"pair loaded in {time.perf_counter() - wall:.0f} s; the generator reads only the query, the reasoner "
           f"the user's history + query ({info['max_reasoner_tokens']} tokens at most)", flush=True)
     from flythinker.cli.common import generation_kwargs
+    from flythinker.parallel_auto import decide
+
+    # parallel="auto" measures once per machine (then cached): do it before anything is timed, so that a fresh
+    # machine's first reply does not carry the measurement
+    start = time.perf_counter()
+    decision = decide(model)
+    print(f"parallel decode: {decision.mode} ({decision.reason}; decided in {time.perf_counter() - start:.1f} s)",
+          flush=True)
 
     budget = info["max_reasoner_tokens"]
     records = pick_test_users(args.users + args.table_users, cache_dir() / "data")

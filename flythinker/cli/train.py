@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = parser.add_argument_group("data")
     d.add_argument("--data", required=True, help="training file: JSONL of prompt/response, generator_prompt/"
-                   "reasoner_prompt/response, messages, or persona records")
+                   "reasoner_prompt/response, messages, or persona records; with --recipe also a bundled data set "
+                   "as bundled:NAME[@VERSION]:SPLIT, e.g. bundled:persona-empathy@2:train")
     d.add_argument("--eval-data", help="held-out file (same formats); its loss is reported after training")
     d.add_argument("--context", choices=("split", "shared"), default="split",
                    help="persona records only: split (reasoner reads the persona) or shared context")
@@ -94,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="start over in an --output-dir that already holds a run (its checkpoint-<step> folders "
                         "and train_log.jsonl are deleted, its model replaced); without it a folder holding "
                         "anything is refused unless --resume")
-    t.add_argument("--seed", type=nonneg_int, default=42)
+    t.add_argument("--seed", type=nonneg_int, default=None,
+                   help="data order and initialisation (default: 42; with --recipe, the recipe's own seed)")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
     r = parser.add_argument_group("named recipe (persona records; flythinker.training.recipe)")
@@ -103,8 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "opening-weighted loss)")
     r.add_argument("--stage1-steps", type=nonneg_int, default=None, help="recipe: generator-LoRA steps")
     r.add_argument("--stage2-steps", type=positive_int, default=None, help="recipe: fusion steps")
+    r.add_argument("--users", type=positive_int, default=None,
+                   help="recipe: train on the first N users of --data (file order)")
+    r.add_argument("--per-user", type=positive_int, default=None,
+                   help="recipe: the first K records of each user (default: all)")
     r.add_argument("--ship-dir", default=None, help="recipe: also write the pair in the shipped-pair format "
                    "(pair.json + deltas.safetensors) here")
+
+
+# options of the named-recipe group that mean nothing to a joint run
+RECIPE_ONLY = ("stage1_steps", "stage2_steps", "users", "per_user", "ship_dir")
 
 
 def _log(msg: str) -> None:
@@ -283,8 +293,8 @@ def _training_arguments(args: argparse.Namespace, dtype):
         fp16=dtype == torch.float16,
         use_cpu=cpu,
         ddp_backend="gloo" if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        seed=args.seed,
-        data_seed=args.seed,
+        seed=_seed(args),
+        data_seed=_seed(args),
         remove_unused_columns=False,  # the collator needs the raw prompt/response fields
         ddp_find_unused_parameters=False,  # every trainable parameter reaches the loss (see set_trainable)
         dataloader_num_workers=0,
@@ -300,7 +310,11 @@ def run(args: argparse.Namespace) -> int:
     from flythinker.run_folder import RunFolderError, run_folder
 
     logging.getLogger("transformers").setLevel(logging.WARNING)  # Trainer's warnings stay visible
-    if args.recipe is not None:
+    if args.recipe is None:
+        given = [f"--{k.replace('_', '-')}" for k in RECIPE_ONLY if getattr(args, k) is not None]
+        if given or args.data.startswith("bundled:"):
+            raise CLIError(f"{', '.join(given) or '--data bundled:...'} only applies with --recipe")
+    else:
         from flythinker.training.recipe import RECIPES
 
         if args.recipe not in RECIPES:  # before the run folder is touched
@@ -325,7 +339,7 @@ def _run_locked(args: argparse.Namespace, parts, dtype) -> int:
     from flythinker.training.trainer import FlyThinkerTrainer, JsonlLogCallback
 
     _check_output_dir(args)
-    set_seed(args.seed)
+    set_seed(_seed(args))
     model, tokenizer = _load(args)
     _position_caps(model, args)
     (train_ex, kind), (eval_ex, _) = _datasets(args, tokenizer)
@@ -376,16 +390,47 @@ def save_final(trainer, out: Path, targs) -> None:
             os.replace(file, dest)
 
 
-def _recipe_records(args: argparse.Namespace):
-    """The --data persona records (each with a reference reply), or CLIError."""
-    from flythinker.persona import RecordError, load_records
+def _seed(args: argparse.Namespace) -> int:
+    return 42 if args.seed is None else args.seed
 
-    if not Path(args.data).is_file():
-        raise CLIError(f"data file not found: {args.data}")
+
+def bundled_records(spec: str) -> list:
+    """The records of a bundled data set named `bundled:NAME[@VERSION]:SPLIT` (``flythinker.persona.load_dataset``),
+    or CLIError naming the form."""
+    from flythinker.persona import load_dataset
+
+    parts = spec.removeprefix("bundled:").split(":")
+    if len(parts) != 2 or not all(parts):
+        raise CLIError(f"--data {spec}: expected bundled:NAME[@VERSION]:SPLIT, e.g. bundled:persona-empathy@2:train")
+    name, split = parts
+    name, _, version = name.partition("@")
+    kwargs = {}
+    if version:
+        if not version.isdigit():
+            raise CLIError(f"--data {spec}: the version after @ must be a number, got {version!r}")
+        kwargs["version"] = int(version)
     try:
-        records = load_records(args.data)
-    except (RecordError, ValueError) as e:
-        raise CLIError(f"--recipe needs persona records in --data: {e}") from None
+        return load_dataset(name, split, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--data {spec}: {e}") from None
+
+
+def _recipe_records(args: argparse.Namespace):
+    """The --data persona records (each with a reference reply; --users / --per-user applied), or CLIError."""
+    from flythinker.persona import RecordError, load_records
+    from flythinker.training.recipe import select_per_user
+
+    if args.data.startswith("bundled:"):
+        records = bundled_records(args.data)
+    elif not Path(args.data).is_file():
+        raise CLIError(f"data file not found: {args.data}")
+    else:
+        try:
+            records = load_records(args.data)
+        except (RecordError, ValueError) as e:
+            raise CLIError(f"--recipe needs persona records in --data: {e}") from None
+    if args.users is not None or args.per_user is not None:
+        records = select_per_user(records, args.per_user or len(records), args.users or len(records))
     missing = [r.record_id for r in records if not r.response]
     if not records or missing:
         raise CLIError(f"--recipe: {args.data} has {len(records)} records, {len(missing)} without a reference "
@@ -409,7 +454,7 @@ def run_named_recipe(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir {args.output_dir} is an existing file, not a folder")
     records = _recipe_records(args)
-    changes = {"seed": args.seed}
+    changes = {} if args.seed is None else {"seed": args.seed}
     for flag in ("stage1_steps", "stage2_steps"):
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)

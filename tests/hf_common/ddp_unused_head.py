@@ -21,7 +21,7 @@ def main(out: str) -> None:
     rank = dist.get_rank()
     try:
         gen, rsn = tiny_lm(seed=0, hidden_size=48), tiny_lm(seed=1, hidden_size=32, tie_word_embeddings=False)
-        model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off").train()
+        model = FlyThinkerForCausalLM.from_pair(gen, rsn, fusion_lambda=0.5, parallel="off", projection="pad").train()
         ddp = DDP(model)  # no find_unused_parameters: every trainable parameter must get a gradient
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         for step in range(3):
