@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trainable", default="fusion,lora",
                    help="with --start shipped: fusion and/or lora (flythinker.rl.trainer.train_only)")
     p.add_argument("--eval-max-new-tokens", type=int, default=None, help="default: --max-completion")
+    p.add_argument("--reuse-reasoner-prompts", choices=("auto", "on", "off"), default="auto",
+                   help="FlyThinkerGRPOTrainer's reuse_reasoner_prompts (auto: where valid, i.e. a frozen reasoner)")
     p.add_argument("--out", default=str(RESULTS / "grpo_strategy"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -200,10 +202,19 @@ def main(argv: list[str] | None = None) -> dict:
                      gradient_checkpointing=False)
     trainer = FlyThinkerGRPOTrainer(model=pair, reward_funcs=[TraitReward()], args=cfg,
                                     train_dataset=Dataset.from_list(train_rows), processing_class=tok,
-                                    peft_config=peft, callbacks=[_time_budget(args.max_train_minutes)])
+                                    peft_config=peft, callbacks=[_time_budget(args.max_train_minutes)],
+                                    reuse_reasoner_prompts={"auto": None, "on": True, "off": False}[
+                                        args.reuse_reasoner_prompts])
+    print(f"reasoner prompt reuse: {trainer.reasoner_reuse} ({trainer.reasoner_reuse_reason})", flush=True)
+    seen = {"positions": 0}  # positions the policy's reasoner processes during training (not the reference's)
+    hook = pair.reasoner.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: seen.__setitem__("positions", seen["positions"] + kw["input_ids"].numel()),
+        with_kwargs=True)
     t = time.time()
     trainer.train()
     t_train = time.time() - t
+    hook.remove()
+    reuse_stats = vars(trainer.prompt_reuse.stats) if trainer.prompt_reuse is not None else None
     policy = trainer.model
     curve = [{"step": h["step"], "reward": h["reward"], "reward_std": h.get("reward_std"),
               "completion_len": h.get("completions/mean_length")}
@@ -224,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         "after": {k: v for k, v in after.items() if k != "per_record"},
         "diff_strategy_accuracy": {"mean": diff[0], "ci95": [diff[1], diff[2]]},
         "reward_curve": curve,
+        "reasoner_reuse": {"on": trainer.reasoner_reuse, "why": trainer.reasoner_reuse_reason, "stats": reuse_stats,
+                           "positions_per_step": seen["positions"] / max(trainer.state.global_step, 1)},
         "wall_s": {"total": time.time() - t0, "train": t_train, "eval_before": t_eval0, "eval_after": t_eval1},
         "loadavg": {"start": load_start, "end": os.getloadavg()},
         "samples": [{"record_id": r["record_id"], "traits": r["traits"], "before": b, "after": a}

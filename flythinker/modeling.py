@@ -135,6 +135,7 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         self._latent_capture = None  # calibrate_latent_norm's hook into fuse
         self._vocab_mean: tuple[nn.Parameter, int, torch.Tensor] | None = None  # (weight, version, c): _norm_target
         self.reasoner_prefix_cache = None  # enable_reasoner_prefix_cache
+        self.reasoner_prompt_reuse = None  # flythinker.reasoner_prefix_cache.reusing_prompts
         self.post_init()
         self._freeze_reasoner_head()
 
@@ -228,6 +229,10 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
         the reasoner prefix cache when one is enabled and applies (flythinker.reasoner_prefix_cache)."""
         from flythinker import reasoner_prefix_cache as rpc
 
+        if self.reasoner_prompt_reuse is not None:  # a batch's shared prompts, each computed once (PromptReuse)
+            h = self.reasoner_prompt_reuse.prompt_forward(self, r_ids, r_mask, r_pos, cache, use_cache)
+            if h is not None:
+                return h
         if use_cache and rpc.usable(self, r_mask, cache):
             return rpc.cached_reasoner_prefill(self, r_ids, r_mask, r_pos, cache)
         return self.reasoner_forward(r_ids, r_mask, r_pos, cache, use_cache)

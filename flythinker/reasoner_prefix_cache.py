@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -117,9 +119,10 @@ class ReasonerPrefixCache:
             self._entries.clear()
             self.stats = PrefixStats()
 
-    def lookup(self, ids: torch.Tensor) -> tuple[PrefixEntry | None, int]:
+    def lookup(self, ids: torch.Tensor, keep_last: bool = True) -> tuple[PrefixEntry | None, int]:
         """The entry sharing the longest token prefix with `ids [Q]` and how many tokens of it to reuse
-        (`min(common prefix, Q - 1)`; (None, 0) below `min_reuse`). Marks the entry as recently used."""
+        (`min(common prefix, Q - 1)`, or the whole common prefix with `keep_last=False`; (None, 0) below
+        `min_reuse`). Marks the entry as recently used."""
         ids = ids.detach().reshape(-1).cpu()
         with self._lock:
             best, best_m = None, 0
@@ -127,7 +130,7 @@ class ReasonerPrefixCache:
                 m = common_prefix(entry.ids, ids)
                 if m > best_m:
                     best, best_m = key, m
-            m = min(best_m, ids.numel() - 1)
+            m = min(best_m, ids.numel() - (1 if keep_last else 0))
             if best is None or m < self.min_reuse:
                 return None, 0
             self._entries.move_to_end(best)
@@ -217,5 +220,252 @@ def store_reply(model: FlyThinkerForCausalLM, r_ids: torch.Tensor, reply: torch.
     return pc.store(ids, keys, values, latents)
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "PrefixEntry", "PrefixStats", "ReasonerPrefixCache", "cached_reasoner_prefill",
-           "common_prefix", "store_reply", "usable"]
+# ------------------------------------------------------------------------------ one batch's shared prompts (GRPO)
+@dataclass
+class ReuseStats:
+    """What `PromptReuse` did since it was made (`clear()` keeps them; `begin()` too)."""
+
+    prompt_tokens: int = 0  # prompt tokens the reasoner computed to fill the store (once per distinct prompt)
+    reused_tokens: int = 0  # prompt tokens copied into forwards instead of computed
+    rest_tokens: int = 0  # positions the reasoner computed after the reused prompt (completions, padding)
+    forwards: int = 0  # reasoner prompt forwards served from the store
+    fills: int = 0  # store fills (one per batch and reasoner signature)
+    bypassed: dict[str, int] = field(default_factory=dict)  # forwards run as without reuse, by reason
+
+
+def reuse_signature(model: FlyThinkerForCausalLM) -> tuple:
+    """What a reasoner's latents depend on besides its input ids, as far as a store can see it: the reasoner
+    object, its parameters' in-place versions, LoRA layers' state (disabled, active, merged adapters: TRL's PEFT
+    reference disables them) and autocast on the reasoner's device. A stored prefill is reused only under an
+    equal signature."""
+    reasoner = model.reasoner
+    dev = model.reasoner_device.type
+    adapters = tuple((name, bool(getattr(m, "disable_adapters", False)), tuple(getattr(m, "active_adapters", ())),
+                      bool(getattr(m, "merged", False)))
+                     for name, m in reasoner.named_modules() if hasattr(m, "lora_A"))
+    return (id(reasoner), tuple(p._version for p in reasoner.parameters()), adapters,
+            torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+
+
+def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    Q = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), Q, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, Q - len(r):] = torch.as_tensor(r, dtype=torch.long, device=device)
+            mask[i, Q - len(r):] = 1
+    return ids, mask
+
+
+class PromptReuse:
+    """The reasoner's prefills of one batch's prompts, each computed once, reused by every split-context forward
+    that reads one of them: GRPO's G completions of a prompt, in `generate` and in every log-prob forward.
+
+    Exactness: the reasoner is causal and counts positions from each row's first real token, so its KV entries and
+    latents at a row's first m real positions are a function of those m tokens only; a forward whose rows start
+    (after their left padding) with a stored prompt gets those entries copied (its KV cache filled with them, pads
+    as zeros under a zero mask) and runs the reasoner on the rest of each row only (the completion the reasoner
+    reads beside the generator), attending to the copied entries. Only the shared prompt part is reused: each
+    row's completion is computed, as without reuse. Numbers equal the plain forward's up to floating-point
+    rounding of the differently shaped matmuls (the tests compare them).
+
+    Valid only while the reasoner is a fixed function of its inputs; each forward checks, and runs as without
+    reuse (counted in `stats.bypassed`) when it is not: a reasoner parameter that trains or dropout in training
+    mode (`frozen_reasoner_problem`), a changed reasoner signature (`reuse_signature`: other weights, adapters,
+    autocast; a store is kept per signature), sliding-window reasoner layers, a filled cache, rows that do not start
+    with a registered prompt. Never across prompts: entries match by exact token ids (a prompt differing in one
+    token reuses at most the tokens before it).
+
+        reuse = PromptReuse()
+        reuse.begin(prompts)                     # the batch's reasoner prompts (token id lists)
+        with reusing_prompts(pair, reuse):
+            pair.generate(...); pair(...)        # each distinct prompt runs through the reasoner once
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, fill_batch: int = 8) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.fill_batch = fill_batch
+        self.prompts: list[list[int]] = []
+        self._stores: dict[tuple, ReasonerPrefixCache] = {}
+        self.stats = ReuseStats()
+
+    def begin(self, prompts) -> int:
+        """Register a new batch's reasoner prompts (token id lists; repeats once) and drop the previous batch's
+        prefills. Returns the number of distinct prompts."""
+        seen: dict[tuple[int, ...], None] = {}
+        for p in prompts:
+            seen.setdefault(tuple(int(t) for t in p), None)
+        self.prompts = [list(p) for p in seen if p]
+        self._stores.clear()
+        return len(self.prompts)
+
+    def clear(self) -> None:
+        self.begin([])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._stores.values())
+
+    def _bypass(self, why: str) -> None:
+        why = why.split(";")[0]  # the reason, without the parameter names
+        self.stats.bypassed[why] = self.stats.bypassed.get(why, 0) + 1
+
+    def _problem(self, model: FlyThinkerForCausalLM, cache: FlyThinkerCache | None) -> str | None:
+        from transformers import DynamicCache
+
+        from flythinker.training.reasoner_cache import frozen_reasoner_problem
+
+        if not self.prompts:
+            return "no prompts registered"
+        problem = frozen_reasoner_problem(model.reasoner)
+        if problem:
+            return problem
+        layers = cache.reasoner if cache is not None else DynamicCache(config=model.config.reasoner)
+        if any(getattr(layers, "is_sliding", ())):
+            return "sliding-window reasoner layers"
+        if cache is not None and cache.reasoner.get_seq_length() > 0:
+            return "a filled cache"
+        return None
+
+    def _store(self, model: FlyThinkerForCausalLM) -> ReasonerPrefixCache:
+        """This signature's store, filled with every registered prompt (the reasoner runs on those missing)."""
+        sig = reuse_signature(model)
+        store = self._stores.get(sig)
+        if store is None:
+            store = self._stores[sig] = ReasonerPrefixCache(self.max_bytes)
+            self.stats.fills += 1
+            self._fill(model, store)
+        return store
+
+    @torch.no_grad()
+    def _fill(self, model: FlyThinkerForCausalLM, store: ReasonerPrefixCache) -> None:
+        from transformers import DynamicCache
+
+        from flythinker.alignment import positions_from_mask
+        from flythinker.cache import FlyThinkerCache
+
+        device = model.generator_device
+        todo = sorted(self.prompts, key=len)
+        for s in range(0, len(todo), self.fill_batch):
+            chunk = todo[s:s + self.fill_batch]
+            ids, mask = _left_pad(chunk, device)
+            tmp = FlyThinkerCache(generator=DynamicCache(), reasoner=DynamicCache(config=model.config.reasoner))
+            with _eval_mode(model.reasoner):
+                h = model.reasoner_forward(ids, mask, positions_from_mask(mask), tmp, True)  # [n, Q, H_r]
+            Q = ids.shape[1]
+            self.stats.prompt_tokens += int(mask.sum())
+            for i, p in enumerate(chunk):
+                keys, values = _layer_kv(tmp.reasoner.layers, slice(i, i + 1), slice(Q - len(p), Q))
+                store.store(torch.as_tensor(p), keys, values, h[i, Q - len(p):])
+
+    def prompt_forward(self, model: FlyThinkerForCausalLM, r_ids: torch.Tensor, r_mask: torch.Tensor,
+                       r_pos: torch.Tensor, cache: FlyThinkerCache | None, use_cache: bool) -> torch.Tensor | None:
+        """The reasoner's latents `[B, T, H_r]` for `r_ids [B, T]` (left-padded rows: a stored prompt, possibly
+        followed by more tokens) with the stored prompts' entries copied in, or None (run the plain forward) where
+        reuse does not apply. With `cache` (an empty prefill cache) its reasoner KV is filled as the plain
+        forward would fill it."""
+        problem = self._problem(model, cache)
+        if problem is not None:
+            self._bypass(problem)
+            return None
+        store = self._store(model)
+        plan = _reuse_plan(store, r_ids, r_mask)
+        if plan is None:
+            self._bypass("rows that do not start with a registered prompt")
+            return None
+        C, rows = plan
+        B, T = r_ids.shape
+        if cache is None and C < T:  # the rest attends to the copied prompt entries
+            from transformers import DynamicCache
+
+            from flythinker.cache import FlyThinkerCache
+
+            cache = FlyThinkerCache(generator=DynamicCache(), reasoner=DynamicCache(config=model.config.reasoner))
+        h = _copy_prefix(rows, B, C, cache, r_ids.device)
+        if C < T:
+            with _eval_mode(model.reasoner):
+                rest = model.reasoner_forward(r_ids[:, C:], r_mask, r_pos[:, C:], cache, True)  # [B, T - C, H_r]
+            h = torch.cat([h.to(rest.dtype), rest], dim=1)
+        self.stats.forwards += 1
+        self.stats.reused_tokens += sum(n for _, _, n in rows)
+        self.stats.rest_tokens += B * (T - C)
+        return h
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode for one call, each submodule's mode restored after. Why: transformers' decoder layers
+    drop a KV cache while gradient checkpointing in training mode (TRL's default), and the reuse feeds the copied
+    prompt entries through one. Same numbers: reuse requires a frozen reasoner without active dropout, so its
+    training mode changes nothing else (and a frozen reasoner saves no activations to checkpoint)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _reuse_plan(store: ReasonerPrefixCache, r_ids: torch.Tensor, r_mask: torch.Tensor
+                ) -> tuple[int, list[tuple[int, PrefixEntry, int]]] | None:
+    """The common boundary C (every row's positions before it are left pads or tokens of its stored entry) and
+    per row (first real position s, entry, tokens copied C - s); None when nothing can be copied."""
+    mask = r_mask.bool().cpu()
+    ids = r_ids.cpu()
+    found = []
+    for b in range(ids.shape[0]):
+        real = mask[b].nonzero()
+        if real.numel() == 0:
+            return None
+        s = int(real[0, 0])
+        gap = (~mask[b, s:]).nonzero()
+        end = s + (int(gap[0, 0]) if gap.numel() else mask.shape[1] - s)  # the first real run only
+        entry, m = store.lookup(ids[b, s:end], keep_last=False)
+        found.append((s, entry, m))
+    C = min(s + m for s, _, m in found)
+    rows = [(s, e, C - s) for s, e, _ in found]
+    if sum(max(n, 0) for _, _, n in rows) == 0:
+        return None
+    return C, [(s, e, max(n, 0)) for s, e, n in rows]
+
+
+def _copy_prefix(rows: list[tuple[int, PrefixEntry | None, int]], B: int, C: int, cache: FlyThinkerCache | None,
+                 device: torch.device) -> torch.Tensor:
+    """The latents `[B, C, H_r]` of the first C positions (each row's copied entry at its real positions, zeros at
+    pads); with `cache`, its reasoner layers receive the matching KV entries `[B, kv_heads, C, head_dim]`."""
+    ref = next(e for _, e, n in rows if n > 0)
+    h = ref.latents.new_zeros(B, C, ref.latents.shape[-1])
+    for b, (_, e, n) in enumerate(rows):
+        if n > 0:
+            h[b, C - n:] = e.latents[:n]
+    if cache is not None:
+        for i, layer in enumerate(cache.reasoner.layers):
+            k0, v0 = ref.keys[i], ref.values[i]
+            k = k0.new_zeros(B, k0.shape[0], C, k0.shape[-1])
+            v = v0.new_zeros(B, v0.shape[0], C, v0.shape[-1])
+            for b, (_, e, n) in enumerate(rows):
+                if n > 0:
+                    k[b, :, C - n:] = e.keys[i][:, :n]
+                    v[b, :, C - n:] = e.values[i][:, :n]
+            layer.update(k, v)
+    return h.to(device)
+
+
+@contextmanager
+def reusing_prompts(model: FlyThinkerForCausalLM, reuse: PromptReuse | None) -> Iterator[PromptReuse | None]:
+    """While active, split-context reasoner prompt forwards of `model` (a pair) go through `reuse` (None: off)."""
+    fused = model.get_decoder()
+    prev = fused.reasoner_prompt_reuse
+    fused.reasoner_prompt_reuse = reuse
+    try:
+        yield reuse
+    finally:
+        fused.reasoner_prompt_reuse = prev
+
+
+__all__ = ["DEFAULT_MAX_BYTES", "PrefixEntry", "PrefixStats", "PromptReuse", "ReasonerPrefixCache", "ReuseStats",
+           "cached_reasoner_prefill", "common_prefix", "reuse_signature", "reusing_prompts", "store_reply", "usable"]

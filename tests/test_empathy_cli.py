@@ -84,6 +84,27 @@ def test_rl_command(tiny_folder, tmp_path):
     assert main(["rl", "--rules", "lenient", "--out", str(out)]) == 2
 
 
+def test_rl_generator_lora_reuses_reasoner_prompts(tiny_folder, tmp_path, capsys):
+    """LoRA on the generator alone leaves the reasoner frozen: its prompt prefill is reused (and says so); asking
+    for reuse where the reasoner trains is an error."""
+    from safetensors import safe_open
+
+    folder, _ = tiny_folder
+    base = ["rl", "--generator", str(folder), "--steps", "1", "--group", "2", "--batch", "2", "--max-completion", "4",
+            "--limit", "4", "--lora", "--lr", "1e-3"]
+    assert main([*base, "--lora-models", "generator", "--out", str(tmp_path / "gen")]) == 0
+    err = capsys.readouterr().err
+    assert "reasoner prompt reuse: on" in err and "bypassed: none" in err
+    assert int(err.split(" reused over ")[0].rsplit(" ", 1)[1]) > 0
+    saved = list((tmp_path / "gen" / "model").glob("*.safetensors"))
+    with safe_open(str(saved[0]), "pt") as f:
+        lora = [k for k in f.keys() if "lora_" in k]
+    assert lora and all(".generator." in k for k in lora)
+    assert main([*base, "--reuse-reasoner-prompts", "on", "--out", str(tmp_path / "both")]) == 2
+    assert "not valid" in capsys.readouterr().err
+    assert main(["rl", "--lora-models", "generator", "--out", str(tmp_path / "x")]) == 2
+
+
 def test_rl_run_folder_refused_resumed_and_overwritten(tiny_folder, tmp_path, capsys):
     """`rl --out` holds one run: a rerun is refused (it used to overwrite model/ and delete the reward curve),
     --resume continues from the newest checkpoint (no pickle in it), --overwrite starts over."""

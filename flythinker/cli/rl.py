@@ -60,6 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--lora", action="store_true", help="LoRA (r=8, q/v projections of both models)")
     p.add_argument("--lora-r", type=positive_int, default=8)
+    p.add_argument("--lora-models", choices=("both", "generator"), default="both",
+                   help="with --lora: the models that get adapters; 'generator' keeps the reasoner frozen, so a "
+                        "group's shared reasoner prompt is computed once (--reuse-reasoner-prompts)")
+    p.add_argument("--reuse-reasoner-prompts", choices=("auto", "on", "off"), default="auto",
+                   help="run each distinct reasoner prompt of a batch through the reasoner once and reuse it for "
+                        "the group's completions and every log-prob forward; auto: where valid (split context, "
+                        "a frozen reasoner: --lora --lora-models generator)")
     p.add_argument("--max-reasoner-tokens", type=positive_int, default=512)
     p.add_argument("--limit", type=positive_int, default=None, help="use the first N training records")
     p.add_argument("--seed", type=nonneg_int, default=0)
@@ -188,11 +195,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch % args.group:
         raise CLIError(f"--batch {args.batch} must be a multiple of --group {args.group}")
+    if args.lora_models != "both" and not args.lora:
+        raise CLIError("--lora-models needs --lora")
     records = _records(args)  # before the folder is touched and any model loads
     with run_folder(args.out, resume=args.resume, overwrite=args.overwrite) as out:
         resume = _start(out, args)
         trainer, tok = _trainer(args, records, out, FlyThinkerGRPOTrainer, Dataset)
         _train(trainer, resume)
+        if trainer.prompt_reuse is not None:
+            st = trainer.prompt_reuse.stats
+            print(f"reasoner prompt reuse: {st.prompt_tokens} prompt tokens computed, {st.reused_tokens} reused "
+                  f"over {st.forwards} forwards; bypassed: {st.bypassed or 'none'}", file=sys.stderr)
         _check_judges(trainer)
         _save(trainer, tok, out)
     return 0
@@ -211,13 +224,18 @@ def _trainer(args, records, out: Path, trainer_cls, dataset_cls):
     if args.lora:
         from peft import LoraConfig
 
-        peft = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "v_proj"])
+        targets = (["q_proj", "v_proj"] if args.lora_models == "both"
+                   else r".*\.generator\..*\.(q_proj|v_proj)")  # a regex: the generator's projections only
+        peft = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets)
+    reuse = {"auto": None, "on": True, "off": False}[args.reuse_reasoner_prompts]
     try:
         trainer = trainer_cls(model=pair, reward_funcs=funcs, args=_config(out, args, weights),
                               train_dataset=dataset_cls.from_list(rows), processing_class=tok, peft_config=peft,
-                              callbacks=[_curve_callback(out / "reward_curve.jsonl")])
+                              callbacks=[_curve_callback(out / "reward_curve.jsonl")], reuse_reasoner_prompts=reuse)
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from exc
+    print(f"reasoner prompt reuse: {'on' if trainer.reasoner_reuse else 'off'} ({trainer.reasoner_reuse_reason})",
+          file=sys.stderr)
     return trainer, tok
 
 

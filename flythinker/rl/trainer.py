@@ -24,6 +24,14 @@ What the subclass changes, and why:
   PickleFreeCheckpoints`): the pair reloads with ``from_pretrained``, optimizer / scheduler / RNG state are
   safetensors + JSON (never unpickled), each checkpoint appears atomically, and ``train(resume_from_checkpoint=
   True)`` continues from the newest complete one.
+- **Reasoner prompt reuse** (``reuse_reasoner_prompts``, default: on where valid). The G completions of a
+  group share one reasoner prompt, so with a frozen reasoner (e.g. :func:`train_only` ``["fusion"]``, or LoRA on
+  the generator alone) its prefill is the same for all of them and for every forward of the batch. Each distinct
+  reasoner prompt of a generation batch then runs through the reasoner once (per reasoner: the policy's, and the
+  reference's when there is one), and ``generate`` and every log-prob forward copy its KV entries and latents
+  (:class:`flythinker.reasoner_prefix_cache.PromptReuse`); the reasoner still reads each completion. Valid only
+  in split context with a reasoner that has no trainable parameter, no active dropout and no sliding-window
+  layers; otherwise off, with the reason in ``trainer.reasoner_reuse_reason`` (and a log line).
 - **Reference model** for ``beta > 0`` without PEFT: a frozen copy of the policy taken at construction (TRL would
   rebuild it from ``config._name_or_path``, which an in-memory pair does not have). With PEFT TRL disables the
   adapter instead.
@@ -32,6 +40,8 @@ What the subclass changes, and why:
 from __future__ import annotations
 
 import copy
+import logging
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -46,7 +56,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from flythinker.configuration import IGNORE_INDEX
 from flythinker.decode import left_pad
 from flythinker.modeling import LIGER_REFUSAL, FlyThinkerForCausalLM
+from flythinker.reasoner_prefix_cache import PromptReuse, reusing_prompts
+from flythinker.training.reasoner_cache import frozen_reasoner_problem
 from flythinker.training.trainer import PickleFreeCheckpoints
+
+logger = logging.getLogger(__name__)
 
 REASONER_COLUMN = "reasoner_prompt_ids"
 PROMPT_IDS_COLUMN = "prompt_ids"
@@ -130,12 +144,16 @@ def train_only(model: Any, parts: tuple[str, ...] | list[str] = ("fusion",)) -> 
 class FlyThinkerGRPOTrainer(PickleFreeCheckpoints, GRPOTrainer):
     """``GRPOTrainer`` for a :class:`FlyThinkerForCausalLM` policy (see the module docstring for what changes).
 
-    Arguments are those of ``trl.GRPOTrainer``; ``model`` must be a pair object (not a hub name).
+    Arguments are those of ``trl.GRPOTrainer``; ``model`` must be a pair object (not a hub name), and
+    ``reuse_reasoner_prompts``: compute each distinct reasoner prompt of a generation batch once and reuse it in
+    ``generate`` and every log-prob forward (module docstring). None (default): on where valid; True: on, or a
+    ValueError saying why it is not valid; False: off. The decision: ``reasoner_reuse`` (bool) and
+    ``reasoner_reuse_reason``; what it did: ``prompt_reuse.stats`` (None when off).
     """
 
     def __init__(self, model: FlyThinkerForCausalLM, reward_funcs: Any, args: GRPOConfig | None = None,
                  train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
-                 peft_config: Any = None, **kwargs: Any):
+                 peft_config: Any = None, reuse_reasoner_prompts: bool | None = None, **kwargs: Any):
         if _pair_of(model) is None:
             raise TypeError(f"FlyThinkerGRPOTrainer needs a FlyThinkerForCausalLM policy, got {type(model).__name__}")
         args = args if args is not None else GRPOConfig(output_dir="grpo-out")
@@ -157,6 +175,34 @@ class FlyThinkerGRPOTrainer(PickleFreeCheckpoints, GRPOTrainer):
             self.ref_model = ref.to(self.accelerator.device)
         self._rows: list[dict] | None = None
         self._reasoner: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reasoner_reuse, self.reasoner_reuse_reason = self._decide_reuse(reuse_reasoner_prompts)
+        self.prompt_reuse = PromptReuse() if self.reasoner_reuse else None
+        logger.info("reasoner prompt reuse: %s (%s)", "on" if self.reasoner_reuse else "off",
+                    self.reasoner_reuse_reason)
+
+    def _decide_reuse(self, requested: bool | None) -> tuple[bool, str]:
+        """(on, why) for ``reuse_reasoner_prompts=requested``; True where it is not valid is an error."""
+        if requested is False:
+            return False, "turned off (reuse_reasoner_prompts=False)"
+        pair = _pair_of(self.model)
+        problem = None
+        if not self._split:
+            problem = f"shared context (no '{REASONER_COLUMN}' column): the reasoner reads the generator's prompt"
+        else:  # the policy trains in training mode: judge its dropout as there
+            problem = frozen_reasoner_problem(pair.reasoner, training=True)
+            layer_types = getattr(pair.config.reasoner, "layer_types", None) or ()
+            if problem is None and "sliding_attention" in layer_types:
+                problem = "sliding-window reasoner layers"
+        if problem is not None:
+            if requested:
+                raise ValueError(f"reuse_reasoner_prompts=True is not valid here: {problem}")
+            return False, problem
+        return True, "split context, frozen reasoner without dropout: each distinct prompt runs once per batch"
+
+    def _reusing(self, model: Any):
+        """The context in which ``model``'s forwards reuse this batch's reasoner prompts (a no-op when off)."""
+        pair = _pair_of(model)
+        return reusing_prompts(pair, self.prompt_reuse) if self.prompt_reuse is not None and pair else nullcontext()
 
     @staticmethod
     def _check_args(args: GRPOConfig, kwargs: dict) -> None:
@@ -183,6 +229,8 @@ class FlyThinkerGRPOTrainer(PickleFreeCheckpoints, GRPOTrainer):
                 raise ValueError(f"rows {missing[:5]} have an empty '{REASONER_COLUMN}'")
             pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
             self._reasoner = left_pad([list(x[REASONER_COLUMN]) for x in inputs], pad, self.accelerator.device)
+            if self.prompt_reuse is not None:  # this batch's prompts; the previous batch's prefills are dropped
+                self.prompt_reuse.begin(x[REASONER_COLUMN] for x in inputs)
         try:
             out = super()._generate_and_score_completions(inputs)
         finally:
@@ -210,7 +258,7 @@ class FlyThinkerGRPOTrainer(PickleFreeCheckpoints, GRPOTrainer):
             gen_inputs["reasoner_input_ids"], gen_inputs["reasoner_attention_mask"] = self._reasoner
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                           generation_kwargs=self.generation_kwargs) as unwrapped,
-              torch.no_grad()):
+              torch.no_grad(), self._reusing(unwrapped)):
             out = unwrapped.generate(**gen_inputs, generation_config=self.generation_config)
         completion = out[:, ids.shape[1]:]
         is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=completion.device))
@@ -242,7 +290,7 @@ class FlyThinkerGRPOTrainer(PickleFreeCheckpoints, GRPOTrainer):
             r_ids = r_mask = None
             if self._reasoner is not None:
                 r_ids, r_mask = self._reasoner[0][s:e], self._reasoner[1][s:e]
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), self._reusing(model):
                 lp, ent = completion_logps(model, input_ids[s:e], attention_mask[s:e], logits_to_keep,
                                            self.temperature, r_ids, r_mask, compute_entropy)
             logps.append(lp)

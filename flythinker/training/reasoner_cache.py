@@ -63,15 +63,25 @@ def reasoner_digest(reasoner: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _check_frozen(reasoner: nn.Module) -> None:
+def frozen_reasoner_problem(reasoner: nn.Module, training: bool | None = None) -> str | None:
+    """Why the latents of `reasoner` are not a fixed function of its inputs (None: they are): a parameter that
+    trains, or active dropout (a dropout module with p > 0 or attention dropout) while it is in training mode.
+    `training`: judge as if in that mode (None: its current mode)."""
     trained = [n for n, p in reasoner.named_parameters() if p.requires_grad]
     if trained:
-        raise ValueError(f"cached_reasoner_latents needs a frozen reasoner; these parameters train: {trained[:3]}")
+        return f"not a frozen reasoner; these parameters train: {trained[:3]}"
     dropout = [n for n, m in reasoner.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     attn_dropout = float(getattr(getattr(reasoner, "config", None), "attention_dropout", 0.0) or 0.0)
-    if reasoner.training and (dropout or attn_dropout > 0):
-        raise ValueError("cached_reasoner_latents: the reasoner is in training mode with dropout (its latents are "
-                         "random); call model.reasoner.eval() or set its dropout to 0")
+    if (reasoner.training if training is None else training) and (dropout or attn_dropout > 0):
+        return ("the reasoner runs in training mode with dropout (its latents are random); call "
+                "model.reasoner.eval() or set its dropout to 0")
+    return None
+
+
+def _check_frozen(reasoner: nn.Module) -> None:
+    problem = frozen_reasoner_problem(reasoner)
+    if problem:
+        raise ValueError(f"cached_reasoner_latents: {problem}")
 
 
 @contextmanager
@@ -113,4 +123,4 @@ def cached_reasoner_latents(model: nn.Module, store: ReasonerLatentCache | None 
         del fused.reasoner_forward
 
 
-__all__ = ["ReasonerLatentCache", "cached_reasoner_latents", "reasoner_digest"]
+__all__ = ["ReasonerLatentCache", "cached_reasoner_latents", "frozen_reasoner_problem", "reasoner_digest"]
