@@ -3,6 +3,7 @@
     python -m benchmarks.personalization_v2 train [--stage1-steps 60 --stage2-steps 80 --b-steps 60]
     python -m benchmarks.personalization_v2 train-b
     python -m benchmarks.personalization_v2 eval [--variants a,c,b,shipped_v1]
+    python -m benchmarks.personalization_v2 ship   # c + its figures -> flythinker/pretrained/<name>
 
 Variants (generator LoRA rank 8 on all seven linear maps; the same seed, data order and batch size):
   a   the recipe's stage 1: the generator's LoRA alone on the query (what the generator reads in split context);
@@ -27,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = "smollm2-135m-instruct"
+SHIPPED = "smollm2-135m-persona-empathy"
 QUICK = {"skip": "a training benchmark on the real SmolLM2 pair (tens of minutes per variant)"}
 
 
@@ -160,9 +162,56 @@ def train_b(args) -> None:
     log(f"b: {args.b_steps} steps in {entry['seconds']:.0f} s")
 
 
+def _points(s: dict) -> list:
+    """A bootstrap summary as [mean, [lo, hi]] in points."""
+    return [round(100 * s["mean"]), [round(100 * x) for x in s["ci95"]]]
+
+
+def ship(args) -> None:
+    """Variant c as the shipped pair: the run's deltas + a pair.json that names the one command reproducing it
+    (`recipe_spec`: what `flythinker demo --retrain` reruns) and its measured figures."""
+    import json
+    import shutil
+
+    from flythinker.hub import atomic_write_json
+
+    run, result = Path(args.run_dir), json.loads(Path(args.out).read_text())
+    train = json.loads((run / "train.json").read_text())
+    info = json.loads((run / "ship" / "pair.json").read_text())
+    v = result["variants"]
+    gen = {k: _points(v["c"]["heldout_generation"][k]) for k in ("strategy", "length", "register")}
+    measured = {"benchmark": "benchmarks/results/personalization_v2.json", "held_out_users":
+                result["data"]["heldout_users"], "generation_c": gen,
+                "generation_a": {k: _points(v["a"]["heldout_generation"][k]) for k in gen},
+                "preference_c": {k: _points(v["c"]["heldout_preference"][k]) for k in ("strategy", "register")},
+                "preference_c_lambda0": {k: _points(v["c_lambda0"]["heldout_preference"][k])
+                                         for k in ("strategy", "register")},
+                "train_seconds": {"calibration": train["calibration"]["seconds"], "a": train["a"]["seconds"],
+                                  "c": train["c"]["seconds"]}}
+    spec = {"recipe": "persona-pair", "dataset": "persona-empathy", "version": 2, "train_users": args.train_users,
+            "per_user": args.per_user, "changes": {"stage1_steps": args.stage1_steps,
+                                                   "stage2_steps": args.stage2_steps,
+                                                   "max_reasoner_tokens": args.max_reasoner_tokens}}
+    info.update({"trained": "flythinker.training.recipe persona-pair on persona-empathy v2 (generator LoRA rank 8 on "
+                            "7 linear maps, zero projection on standardised latents calibrated at the reply "
+                            "boundary, stage 1 the generator's LoRA alone, stage 2 the fusion + LoRA on the "
+                            "opening-weighted loss; reasoner frozen, SmolLM2 as shipped)",
+                 "recipe": f"flythinker train --recipe persona-pair --generator {BASE} --data "
+                           f"bundled:persona-empathy@2:train --users {args.train_users} --per-user {args.per_user} "
+                           f"--stage1-steps {args.stage1_steps} --stage2-steps {args.stage2_steps} "
+                           f"--reasoner-max-length {args.max_reasoner_tokens} --output-dir runs/pair --ship-dir "
+                           f"runs/pair/shipped",
+                 "recipe_spec": spec, "measured": measured})
+    dest = ROOT / "flythinker" / "pretrained" / SHIPPED
+    shutil.copyfile(run / "ship" / "deltas.safetensors", dest / "deltas.safetensors.tmp")
+    (dest / "deltas.safetensors.tmp").replace(dest / "deltas.safetensors")
+    atomic_write_json(dest / "pair.json", info)
+    log(f"shipped {dest}: {json.dumps(measured['generation_c'])}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("phase", choices=("train", "train-b", "eval"))
+    p.add_argument("phase", choices=("train", "train-b", "eval", "ship"))
     p.add_argument("--train-users", type=int, default=560)
     p.add_argument("--per-user", type=int, default=2)
     p.add_argument("--stage1-steps", type=int, default=60)
@@ -190,6 +239,8 @@ def main(argv=None) -> None:
         train_pair(args)
     elif args.phase == "train-b":
         train_b(args)
+    elif args.phase == "ship":
+        ship(args)
     else:
         from benchmarks.personalization_v2_eval import evaluate_all
 
