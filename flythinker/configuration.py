@@ -50,9 +50,16 @@ class FlyThinkerConfig(PreTrainedConfig):
             response side, i.e. the generator's last prompt position and every later one. "Response" is defined
             by `labels` in training (first position whose label is not IGNORE_INDEX) and, without labels, by the cache:
             in a forward on an empty cache (prefill) only the last position is fused, decode steps always are.
-        parallel: `"auto" | "off" | "threads" | "streams"`: how a decode step runs the two models.
+        parallel: `"auto" | "off" | "threads" | "streams"`: how a decode step runs the two models. A runtime
+            default, not part of the model: see below.
         loss_impl: `"fused"` (memory-lean linear + cross-entropy, no logits materialised when labels are given)
-            or `"naive"` (lm_head + cross_entropy).
+            or `"naive"` (lm_head + cross_entropy). A runtime default, not part of the model: see below.
+
+    What config.json holds defines the model; `parallel` and `loss_impl` choose how it runs (the same numbers
+    either way), so they are the defaults of the call arguments `generate(parallel=...)` / `forward(parallel=...)`
+    and `forward(loss_impl=...)`: settable here (constructor, `from_pair`, `config.parallel = ...`) for this
+    process, never written to config.json (`to_dict`), and ignored when a config.json saved before still has them
+    (a warning names a non-default value), so the loaded pair runs with the defaults.
         latent_eps: clamp of the latent norm in the rescaling.
         latent_norm: `"none"` (the paper) or `"standardize"`: each latent is centred and scaled per channel,
             `(h - latent_mean) * latent_inv_std`, before the rescale and projection. The statistics are buffers saved
@@ -97,6 +104,25 @@ class FlyThinkerConfig(PreTrainedConfig):
             _resolve_sub_configs(self)
         super().__post_init__(**kwargs)
         self.check_fusion()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> FlyThinkerConfig:
+        """`PreTrainedConfig.from_dict`, minus the runtime defaults an older config.json may hold (`RUNTIME_FIELDS`:
+        ignored, a warning names a non-default value). Passing them as keyword arguments still sets them."""
+        config_dict = dict(config_dict)
+        for name in RUNTIME_FIELDS:
+            if name in config_dict and config_dict.pop(name) != getattr(cls, name):
+                logger.warning("FlyThinkerConfig: the saved %s is ignored (a runtime choice, not part of the model: "
+                               "pass %s= to the call, or set config.%s)", name, name, name)
+        return super().from_dict(config_dict, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The serialisable config (what config.json holds): every field but the runtime defaults
+        (`RUNTIME_FIELDS`)."""
+        out = super().to_dict()
+        for name in RUNTIME_FIELDS:
+            out.pop(name, None)
+        return out
 
     def check_fusion(self) -> None:
         """Raise ValueError/TypeError naming the problem if a fusion field is invalid (also re-run by the model)."""
@@ -159,6 +185,9 @@ def fusion_kwargs_check(kwargs: dict[str, Any]) -> None:
         raise _unknown_option(key)
 
 
+# Fields that choose how the model runs, not what it computes: kept on the config object as the defaults of the call
+# arguments of the same name, never saved (to_dict), ignored in a saved config (from_dict).
+RUNTIME_FIELDS = ("parallel", "loss_impl")
 # Extra keys that reach __post_init__ legitimately: HF's own (model_type from config.json, the attn/experts
 # implementation setters) and flythinker's shared-base description (flythinker.shared_base).
 _KNOWN_EXTRA_KEYS = frozenset({"model_type", "attn_implementation", "experts_implementation", "shared_base"})
@@ -184,4 +213,5 @@ def _unknown_option(key: str) -> ValueError:
     return ValueError(f"unknown FlyThinker option {key!r}{hint}; known: {list(FUSION_FIELDS)}")
 
 
-__all__ = ["FlyThinkerConfig", "IGNORE_INDEX", "LOSS_IMPLS", "NORM_TARGETS", "PARALLEL_MODES", "PROJECTIONS"]
+__all__ = ["FlyThinkerConfig", "IGNORE_INDEX", "LOSS_IMPLS", "NORM_TARGETS", "PARALLEL_MODES", "PROJECTIONS",
+           "RUNTIME_FIELDS"]

@@ -259,8 +259,8 @@ def fast_generate(
     Sampling (do_sample=True): temperature / top_k / top_p / min_p as `flythinker.kernels.sample`, drawn with
     `generator` or a fresh one seeded by `seed`. eos/pad default to the model's generation_config.
     check_every: steps between the all-finished checks (the only host sync; default 1 on CPU, 8 on GPU).
-    fusion_lambda / parallel: this call's fusion weight / overlap mode (None: the saved config's; the config is
-    not changed).
+    fusion_lambda / parallel: this call's fusion weight / overlap mode (None: the config's, `parallel` being its
+    runtime default, never saved; the config is not changed).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")

@@ -375,8 +375,8 @@ class FlyThinkerModel(FlyThinkerPreTrainedModel):
                 start: split context, `fuse_prompt=False`), no loss is computed here.
             fusion_lambda: this call's fusion weight (None: the saved `config.fusion_lambda`); the config is not
                 changed.
-            parallel: how this call runs the two halves ("off", "auto", "threads", "streams"; None: the saved
-                `config.parallel`); the same numbers either way.
+            parallel: how this call runs the two halves ("off", "auto", "threads", "streams"; None:
+                `config.parallel`, the pair's runtime default, never saved); the same numbers either way.
 
         Returns:
             `BaseModelOutputWithPast`: `last_hidden_state [B, T, H_g]`, the cache (latents appended), and the
@@ -614,7 +614,10 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
             reasoner_device: place the reasoner on another device than the generator.
             **fusion: the fusion options of :class:`FlyThinkerConfig` (`fusion_lambda`, `norm_target`,
                 `projection` (default `"zero"` here), `detach_norm`, `fuse_prompt`, `parallel`, `loss_impl`,
-                `latent_eps`, `latent_norm`); an unknown name is an error.
+                `latent_eps`, `latent_norm`); an unknown name is an error. `parallel` and `loss_impl` are this pair's
+                defaults for the call arguments of the same name: accepted here and kept on `config` for this
+                process (every caller that sets them keeps working), but not saved with the pair (config.json holds
+                what defines the model; see :class:`FlyThinkerConfig`).
 
         Returns:
             The pair, with the generator's generation config.
@@ -1013,8 +1016,9 @@ class FlyThinkerForCausalLM(FlyThinkerPreTrainedModel, GenerationMixin):
                 pair), else transformers' loop. True: the lean loop, or a ValueError naming why it does not
                 apply. False: transformers' loop. `flythinker.decode.generate_path(model, *args, **kwargs)` names
                 the loop a call takes without running it.
-            fusion_lambda, parallel (in kwargs): this call's fusion weight and overlap mode (None: the saved
-                config's), in both loops; the config is not changed.
+            fusion_lambda, parallel (in kwargs): this call's fusion weight and overlap mode (None: the config's:
+                the saved `fusion_lambda`, the runtime default `parallel`), in both loops; the config is not
+                changed.
 
         Returns:
             What `GenerationMixin.generate` returns: `[B, P + n]` token ids, or its output object when asked.

@@ -74,3 +74,32 @@ def test_calls_leave_config_json_as_it_was(pair, tmp_path):
     pair.generate(ids, max_new_tokens=2, do_sample=False, fusion_lambda=0.9, parallel="threads")
     pair.save_pretrained(tmp_path / "after")
     assert (tmp_path / "before" / "config.json").read_text() == (tmp_path / "after" / "config.json").read_text()
+
+
+def test_runtime_defaults_are_not_saved(tmp_path, caplog):
+    """config.json holds what defines the model: `parallel` and `loss_impl` (the defaults of the call arguments) stay
+    on the config object of this process only, and a config.json saved with them loads with them ignored."""
+    import json
+
+    from flythinker import FlyThinkerForCausalLM
+
+    m = tiny_pair(projection="linear", fusion_lambda=0.5, parallel="threads", loss_impl="naive")
+    assert (m.config.parallel, m.config.loss_impl) == ("threads", "naive")  # this process's defaults
+    m.save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert "parallel" not in saved and "loss_impl" not in saved and saved["fusion_lambda"] == 0.5
+    loaded = FlyThinkerForCausalLM.from_pretrained(tmp_path / "new")
+    assert (loaded.config.parallel, loaded.config.loss_impl) == ("auto", "fused")
+    assert FlyThinkerForCausalLM.from_pretrained(tmp_path / "new", parallel="off").config.parallel == "off"
+    # a config.json saved before: its values are ignored, a non-default one named in a warning
+    m.save_pretrained(tmp_path / "old")
+    old = tmp_path / "old" / "config.json"
+    old.write_text(json.dumps({**json.loads(old.read_text()), "parallel": "off", "loss_impl": "fused"}))
+    with caplog.at_level("WARNING", logger="flythinker.configuration"):
+        loaded = FlyThinkerForCausalLM.from_pretrained(tmp_path / "old")
+    assert (loaded.config.parallel, loaded.config.loss_impl) == ("auto", "fused")
+    assert "saved parallel is ignored" in caplog.text and "loss_impl" not in caplog.text
+    with torch.no_grad():
+        ids = random_ids(1, 6)
+        torch.testing.assert_close(loaded(ids, use_cache=False).logits, m(ids, use_cache=False).logits)
+    workers.shutdown(m)

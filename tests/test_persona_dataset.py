@@ -183,11 +183,31 @@ def test_strategy_accuracy_counts():
 
 def test_rouge_l_known_values():
     assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
-    assert rouge_l("abc", "xyz") == 0.0 and rouge_l("", "x") == 0.0
+    assert rouge_l("abc", "xyz") == 0.0 and rouge_l("", "x") == 0.0 and rouge_l("x", "") == 0.0
+    assert rouge_l("", "") == 0.0 and rouge_l("...", "!") == 0.0  # no word on either side: defined as 0
     # LCS("a b c d", "a c e") = "a c": P = 2/4, R = 2/3, F1 = 4/7
     assert rouge_l("a b c d", "a c e") == pytest.approx(4 / 7)
     assert rouge_l("The CAT, sat.", "the cat sat") == 1.0  # case and punctuation ignored
+    assert rouge_l("the dogs were running", "the dog was run") == pytest.approx(3 / 4)  # Porter stemming on
     assert mean_rouge_l(["a b", "x"], ["a b", "y"]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("candidate, reference", [
+    ("I hear you, that sounds exhausting.", "That sounds really exhausting; I hear you."),
+    ("Let's make a plan: first, list the tasks.", "First, make a list of the tasks and plan the week."),
+    ("don't worry", "do not worry"),
+    ("Running late again?", "You were running late."),
+])
+def test_rouge_l_is_rouge_scores(candidate, reference):
+    """The score rouge-score's own RougeScorer gives (stemming on), so it compares with other work's; one home for
+    it: the evaluation package's rouge_l is the same function."""
+    from rouge_score import rouge_scorer
+
+    from flythinker.evaluation import rouge_l as evaluation_rouge_l
+
+    want = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, candidate)["rougeL"].fmeasure
+    assert rouge_l(candidate, reference) == want and 0 < want < 1
+    assert evaluation_rouge_l is rouge_l
 
 
 def test_nll_helpers():

@@ -265,9 +265,9 @@ def test_a_zero_adapter_is_skipped_exactly_and_rechecked_when_it_changes():
     """An adapter whose B is zero adds nothing outside autograd (its matmuls are skipped); writing B in place, or
     asking for gradients, brings it back."""
     lin = torch.nn.Linear(6, 5)
-    from flythinker.shared_base import _StepContext
+    from flythinker.shared_base.lora_layer import StepContext
 
-    a = SharedLoRALinear(lin, r=2, alpha=4, dropout=0.0, ctx=_StepContext())
+    a = SharedLoRALinear(lin, r=2, alpha=4, dropout=0.0, ctx=StepContext())
     x = torch.randn(3, 6)
     with torch.no_grad():
         assert a.adds_nothing() and torch.equal(a(x), lin(x))

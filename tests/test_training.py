@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainingArguments, get_cosine_schedule_with_warmup
 
 from flythinker.modeling import FlyThinkerForCausalLM
 from flythinker.training.collator import FlyThinkerCollator
@@ -339,9 +339,7 @@ def benchmark_loop_before_issue_11(model, feats, steps, batch, lr, reasoner_lr_s
     groups = [{"params": [p for p in params if id(p) not in rsn], "lr": lr},
               {"params": [p for p in params if id(p) in rsn], "lr": lr * reasoner_lr_scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 20), steps)  # the loop's schedule: transformers'
     order = random.Random(seed)
     model.train()
     losses = []
@@ -358,7 +356,7 @@ def benchmark_loop_before_issue_11(model, feats, steps, batch, lr, reasoner_lr_s
 
 def test_reproduces_the_benchmark_loop_exactly():
     """Same batches, same optimizer groups and schedule: bit-identical losses and weights to the loop
-    benchmarks/personalization.py had, so its numbers stay reproducible."""
+    benchmarks/personalization.py had (with transformers' warm-up + cosine schedule, which replaced its own)."""
     feats = secret_task(24, seed=1)
     ref_model, model = tiny_pair(projection="linear"), tiny_pair(projection="linear")
     want = benchmark_loop_before_issue_11(ref_model, feats, steps=12, batch=4, lr=3e-3, reasoner_lr_scale=0.5,
@@ -369,6 +367,33 @@ def test_reproduces_the_benchmark_loop_exactly():
     for (name, a), (_, b) in zip(ref_model.state_dict().items(), model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert not model.training  # left in eval mode
+
+
+def test_the_schedule_is_transformers_cosine_with_warmup(monkeypatch):
+    """Every step's learning rate, per group: transformers' get_cosine_schedule_with_warmup (as HF Trainer runs
+    it), so step 0 runs at lr 0, step `warmup_steps` at the peak, and the last step just above 0."""
+    used = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append([g["lr"] for g in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    model = tiny_pair(projection="linear")
+    steps, warm, lr = 10, 4, 1e-2
+    train_loop(model, secret_task(8), COLLATE, steps=steps, batch_size=2, lr=lr, reasoner_lr=lr / 2,
+               warmup_steps=warm)
+    factors = [0.0, 0.25, 0.5, 0.75, 1.0] + [0.5 * (1 + math.cos(math.pi * k / (steps - warm))) for k in
+                                             range(1, steps - warm)]
+    parts = [g["part"] for g in param_groups(model, lr, reasoner_lr=lr / 2)]
+    peak = {"generator": lr, "projection": lr, "reasoner": lr / 2}
+    assert len(used) == steps and parts == ["generator", "projection", "reasoner"]
+    for got, f in zip(used, factors, strict=True):
+        assert got == pytest.approx([peak[p] * f for p in parts], rel=1e-12, abs=0)
+    assert used[0] == [0.0, 0.0, 0.0]  # the first step does not move the weights
+    assert used[warm] == [lr, lr, lr / 2]
+    assert 0 < used[-1][0] < 0.07 * lr  # 0.5 * (1 + cos(5 pi / 6)) = 0.067: 0 is reached after the last step
 
 
 def test_learns_and_reports_progress():

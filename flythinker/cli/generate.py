@@ -97,7 +97,7 @@ def pick_device(name: str | None):
 
 
 def check_parallel(model, device) -> None:
-    """`parallel="streams"` (given with --parallel or saved in the checkpoint) needs a CUDA device."""
+    """`parallel="streams"` (given with --parallel) needs a CUDA device."""
     mode = getattr(getattr(model, "config", None), "parallel", None)
     if mode == "streams" and device.type != "cuda":
         raise CLIError(f"--parallel streams needs a CUDA device (the model runs on {device}); use threads or auto")

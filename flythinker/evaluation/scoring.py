@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from flythinker.persona.metrics import rouge_l  # the one ROUGE-L (rouge-score); scored here per record
+
 CONTEXTS = ("split", "query", "full")
 
 
@@ -105,13 +107,6 @@ def generate_replies(model: nn.Module, tok, records: Sequence, *, context: str, 
         seqs = runner.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **knobs)
         out += [tok.decode(s, skip_special_tokens=True).strip() for s in seqs[:, inputs["input_ids"].shape[1]:]]
     return out
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 (the `rouge-score` package, stemming on)."""
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, candidate)["rougeL"].fmeasure
 
 
 def trait_hits(text: str, record) -> dict[str, float]:

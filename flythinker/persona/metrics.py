@@ -1,4 +1,4 @@
-"""Metrics for the ``persona-empathy`` benchmark: rule-based strategy checks, ROUGE-L, held-out NLL.
+"""Metrics for the ``persona-empathy`` benchmark: rule-based strategy checks, ROUGE-L (``rouge-score``), held-out NLL.
 
 The strategy checks read a response the way the data generator wrote it:
 
@@ -12,6 +12,7 @@ The strategy checks read a response the way the data generator wrote it:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 
@@ -26,7 +27,7 @@ _SENTENCE_END = re.compile(r"[.!?]")
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased word tokens (punctuation dropped); the unit of length, cues and ROUGE-L."""
+    """Lower-cased word tokens (punctuation dropped); the unit of length and cues."""
     return _WORD.findall(text.lower())
 
 
@@ -129,26 +130,27 @@ def strategy_accuracy(responses: Sequence[str], traits: Sequence[dict[str, str]]
     return out
 
 
-def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+@functools.lru_cache(maxsize=1)
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer  # lazy: it imports nltk's Porter stemmer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased words: LCS-based precision/recall (Lin, 2004) with beta = 1."""
-    c, r = words(candidate), words(reference)
-    if not c or not r:
-        return 0.0
-    lcs = _lcs(c, r)
-    if lcs == 0:
-        return 0.0
-    p, rec = lcs / len(c), lcs / len(r)
-    return 2 * p * rec / (p + rec)
+    """ROUGE-L F1 of `candidate` against `reference`, as the `rouge-score` package computes it (Google's
+    reimplementation of ROUGE-1.5.5: lower-cased, every run of characters outside ``[a-z0-9]`` splits words, Porter
+    stemming on, LCS precision/recall with beta = 1), so the scores compare with other work's. The one ROUGE-L of
+    flythinker (:func:`flythinker.evaluation.rouge_l` is this function).
+
+    Args:
+        candidate: the generated text.
+        reference: the reference text.
+
+    Returns:
+        The F1 in [0, 1]; 0.0 when either text has no word.
+    """
+    return _rouge_l_scorer().score(reference, candidate)["rougeL"].fmeasure
 
 
 def mean_rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:

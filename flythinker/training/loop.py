@@ -1,11 +1,12 @@
 """The one small training loop (no HF `Trainer`) that the demo and the benchmarks share.
 
 AdamW over the parameters that require grad (:func:`~flythinker.training.trainable.set_trainable` decides which),
-linear warm-up then cosine decay to zero, gradient clipping, one loss per step. The pieces that differ between its
-users are arguments: the data order (``"shuffle"``: one seeded permutation, cycled, as the demo trains;
-``"sample"``: a fresh seeded ``random.sample`` per batch, as ``benchmarks/personalization.py`` trains), separate
-learning rates for the reasoner and for the fusion parameters (a learned projection/gate: everything outside
-``generator.`` and ``reasoner.``), and a progress callback.
+linear warm-up then cosine decay to zero (transformers' ``get_cosine_schedule_with_warmup``, the schedule HF
+``Trainer`` runs), gradient clipping, one loss per step. The pieces that differ between its users are arguments: the
+data order (``"shuffle"``: one seeded permutation, cycled, as the demo trains; ``"sample"``: a fresh seeded
+``random.sample`` per batch, as ``benchmarks/personalization.py`` trains), separate learning rates for the reasoner
+and for the fusion parameters (a learned projection/gate: everything outside ``generator.`` and ``reasoner.``), and
+a progress callback.
 
 Long runs (``flythinker train``) use :class:`~flythinker.training.trainer.FlyThinkerTrainer` instead: checkpoints,
 DDP, gradient accumulation, evaluation.
@@ -13,7 +14,6 @@ DDP, gradient accumulation, evaluation.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup
 
 from flythinker.training.trainable import part_of
 
@@ -50,14 +51,6 @@ def param_groups(model: nn.Module, lr: float, *, reasoner_lr: float | None = Non
         if p.requires_grad:
             by_part[part_of(name) if pair else "generator"].append(p)
     return [{"params": params, "lr": lrs[part], "part": part} for part, params in by_part.items() if params]
-
-
-def warmup_cosine(steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier at scheduler step s: linear warm-up over `warmup_steps`, then cosine decay to 0 at `steps`."""
-    def factor(s: int) -> float:
-        return min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps)))
-
-    return factor
 
 
 def batch_indices(n: int, steps: int, batch_size: int, *, order: str = "shuffle", seed: int = 0) -> list[list[int]]:
@@ -110,7 +103,10 @@ def train_loop(
         steps / batch_size / lr: optimizer steps, examples per step, peak learning rate of the generator.
         reasoner_lr / fusion_lr: peak learning rates of the reasoner's and of the fusion parameters (default `lr`).
         weight_decay / betas: AdamW's.
-        warmup_steps: linear warm-up length (default ``max(1, steps // 10)``), then cosine decay to 0.
+        warmup_steps: linear warm-up length (default ``max(1, steps // 10)``), then cosine decay to 0 at `steps`:
+            transformers' ``get_cosine_schedule_with_warmup``. Step s < warmup_steps runs at ``lr * s /
+            warmup_steps`` (so the first step runs at lr 0), step warmup_steps at the peak, and step s after it at
+            ``lr * 0.5 * (1 + cos(pi * (s - warmup_steps) / (steps - warmup_steps)))``.
         max_grad_norm: gradient clipping over all trainable parameters.
         order / seed: the data order (:func:`batch_indices`); the same seed gives the same batches.
         progress: called after every step with (step index, losses so far); it may switch the model to eval
@@ -131,7 +127,8 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]  # model order: the clipping norm's sum order
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "part"} for g in groups], lr=lr,
                             weight_decay=weight_decay, betas=betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warmup_steps or max(1, steps // 10)))
+    # transformers' schedule, as HF Trainer runs it: step 0 at lr 0, the peak at step `warmup_steps`, then cosine
+    sched = get_cosine_schedule_with_warmup(opt, warmup_steps or max(1, steps // 10), steps)
     losses: list[float] = []
     start = time.perf_counter()
     model.train()
