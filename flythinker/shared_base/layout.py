@@ -188,23 +188,6 @@ def unshare_pair(model: nn.Module) -> nn.Module:
     return pair.train(model.training)
 
 
-def to_peft(half: nn.Module, base_copy: PreTrainedModel, spec: SharedBaseSpec):
-    """A peft `PeftModel` over `base_copy` (an independent copy of the base) carrying this half's adapter, e.g.
-    to build the two-copy pair with the same adapters."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                     target_modules=list(spec.target_modules), bias="none")
-    peft_model = get_peft_model(base_copy, cfg)
-    mine = adapters(half)
-    with torch.no_grad():
-        for n, m in peft_model.base_model.model.named_modules():
-            if n in mine:
-                m.lora_A["default"].weight.copy_(mine[n].lora_A)
-                m.lora_B["default"].weight.copy_(mine[n].lora_B)
-    return peft_model
-
-
 def from_shared_base(cls: type, base: PreTrainedModel | str, *, r: int = 8, lora_alpha: float = 16,
                      target_modules: tuple[str, ...] | list[str] | None = None, lora_dropout: float = 0.0,
                      generator_adapter: Any = None, reasoner_adapter: Any = None,
