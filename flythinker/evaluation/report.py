@@ -40,9 +40,12 @@ def per_user(rows: Sequence[dict], key: str) -> dict[str, float]:
     return {u: sum(v) / len(v) for u, v in acc.items()}
 
 
-def user_bootstrap(values: Sequence[float], *, n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+def user_bootstrap(values: Sequence[float], *, n_resamples: int = 2000, seed: int = 0,
+                   confidence: float = 0.95) -> dict[str, Any]:
     """``{"mean", "ci95": [lo, hi], "users"}`` of per-user values: the mean, and the percentile interval of
-    resampled users (scipy.stats.bootstrap). One user or identical values: the interval is the mean itself."""
+    resampled users (scipy.stats.bootstrap, seeded; `confidence` 0.95 unless given, the key keeps its name). One
+    user or identical values: the interval is the mean itself. The one bootstrap of the library
+    (``flythinker.rl.bootstrap_ci`` returns the same as a tuple)."""
     from scipy.stats import bootstrap
 
     x = np.asarray(values, dtype=float)
@@ -51,8 +54,8 @@ def user_bootstrap(values: Sequence[float], *, n_resamples: int = 2000, seed: in
     mean = float(x.mean())
     if x.size == 1 or np.all(x == x[0]):
         return {"mean": mean, "ci95": [mean, mean], "users": int(x.size)}
-    res = bootstrap((x,), np.mean, n_resamples=n_resamples, confidence_level=0.95, method="percentile",
-                    random_state=np.random.default_rng(seed))
+    res = bootstrap((x,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                    rng=np.random.default_rng(seed), vectorized=True)
     return {"mean": mean, "ci95": [float(res.confidence_interval.low), float(res.confidence_interval.high)],
             "users": int(x.size)}
 

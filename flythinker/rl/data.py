@@ -83,19 +83,13 @@ def trait_hits(responses: Sequence[str], rows: Sequence[dict]) -> dict[str, list
 def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
                  ) -> tuple[float, float, float]:
     """``(mean, lo, hi)``: the (1 - alpha) percentile bootstrap interval of the mean of ``values``
-    (`scipy.stats.bootstrap`, ``n_boot`` resamples, seeded); one value gives ``(v, v, v)``."""
-    import numpy as np
-    from scipy.stats import bootstrap
+    (:func:`flythinker.evaluation.user_bootstrap`, ``n_boot`` resamples, seeded); one value gives ``(v, v, v)``."""
+    from flythinker.evaluation.report import user_bootstrap
 
     if not len(values):
         raise ValueError("bootstrap_ci needs at least one value")
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean())
-    if len(x) < 2:  # scipy needs two observations; one value has no spread to resample
-        return mean, mean, mean
-    ci = bootstrap((x,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method="percentile",
-                   rng=np.random.default_rng(seed), vectorized=True).confidence_interval
-    return mean, float(ci.low), float(ci.high)
+    out = user_bootstrap(values, n_resamples=n_boot, seed=seed, confidence=1 - alpha)
+    return out["mean"], out["ci95"][0], out["ci95"][1]
 
 
 def paired_bootstrap_diff(before: Sequence[float], after: Sequence[float], n_boot: int = 2000, seed: int = 0
