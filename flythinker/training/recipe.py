@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from flythinker.options import LORA_TARGETS
 
 
 @dataclass(frozen=True)
