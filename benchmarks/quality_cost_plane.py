@@ -3,8 +3,9 @@
     python -m benchmarks.quality_cost_plane [--histories 150,1000] [--users 3] [--rounds 2] [--new-tokens 64]
 
 Quality is the held-out strategy accuracy (greedy replies of test users whose phrasing families were never trained
-on, 95% user-bootstrap interval) that `python -m benchmarks.personalization_v2 eval` wrote to
-benchmarks/results/personalization_v2.json; it is read, not re-measured. Cost is measured here, in one run on this
+on, or the likelihood preference where replies were not generated; 95% user-bootstrap interval) that
+`python -m benchmarks.personalization_v2 eval` wrote to benchmarks/results/personalization_v2.json; it is read,
+not re-measured. Cost is measured here, in one run on this
 machine: the wall time of one reply (batch 1, greedy, exactly `--new-tokens` new tokens with eos off, fp32 CPU)
 through the demo's call (`flythinker.cli.common.generate_text`), at a history of about 150 and about 1,000 tokens.
 Variants, interleaved with a rotating order:
@@ -118,15 +119,18 @@ def measure(models: dict, tok, history_tokens: int, args) -> dict:
 
 
 def quality(path: Path) -> dict:
-    """{variant: held-out greedy strategy accuracy {mean, ci95}} from the personalisation benchmark's results."""
+    """{variant: held-out strategy accuracy {mean, ci95, metric}} from the personalisation benchmark's results:
+    greedy generation where it was scored, else the likelihood preference (`metric` says which)."""
     if not path.exists():
         return {}
     variants = json.loads(path.read_text()).get("variants", {})
     out = {}
     for name in ("a", "b", "c"):
-        s = variants.get(name, {}).get("heldout_generation", {}).get("strategy")
-        if s:
-            out[name] = {"mean": s["mean"], "ci95": s["ci95"]}
+        for metric in ("heldout_generation", "heldout_preference"):
+            s = variants.get(name, {}).get(metric, {}).get("strategy")
+            if s:
+                out[name] = {"mean": s["mean"], "ci95": s["ci95"], "metric": metric}
+                break
     return out
 
 
@@ -157,7 +161,8 @@ def plot(report: dict, path: Path) -> None:
                 ax.text(x, 0.52, f" {name}: cost only", rotation=90, fontsize=7, va="bottom")
         ax.axhline(0.5, color="grey", ls="--", lw=0.8)
         ax.set_xlabel(f"seconds per reply ({report['new_tokens']} new tokens, batch 1, CPU)")
-        ax.set_ylabel("held-out strategy accuracy (greedy, 95% CI)")
+        metrics = sorted({v["metric"].removeprefix("heldout_") for v in q.values()}) or ["none"]
+        ax.set_ylabel(f"held-out strategy accuracy ({' / '.join(metrics)}, 95% CI)")
         ax.set_title(f"history ~{h} tokens", fontsize=9)
         ax.set_ylim(0.3, 1.02)
         ax.legend(fontsize=7, loc="lower right")

@@ -16,6 +16,8 @@ def test_frontier_keeps_only_the_points_nothing_beats_on_both_axes():
 def test_quality_reads_held_out_strategy_and_skips_variants_without_it(tmp_path):
     row = {"heldout_generation": {"strategy": {"mean": 0.8, "ci95": [0.7, 0.9]}}}
     path = tmp_path / "personalization_v2.json"
-    path.write_text(json.dumps({"variants": {"a": row, "c": {"heldout_preference": {}}}}))
-    assert quality(path) == {"a": {"mean": 0.8, "ci95": [0.7, 0.9]}}
+    pref = {"heldout_preference": {"strategy": {"mean": 0.6, "ci95": [0.5, 0.7]}}}
+    path.write_text(json.dumps({"variants": {"a": {**row, **pref}, "b": {"heldout_generation": {}}, "c": pref}}))
+    assert quality(path) == {"a": {"mean": 0.8, "ci95": [0.7, 0.9], "metric": "heldout_generation"},
+                             "c": {"mean": 0.6, "ci95": [0.5, 0.7], "metric": "heldout_preference"}}
     assert quality(tmp_path / "missing.json") == {}
