@@ -54,18 +54,18 @@ class FlyThinkerConfig(PreTrainedConfig):
             default, not part of the model: see below.
         loss_impl: `"fused"` (memory-lean linear + cross-entropy, no logits materialised when labels are given)
             or `"naive"` (lm_head + cross_entropy). A runtime default, not part of the model: see below.
-
-    What config.json holds defines the model; `parallel` and `loss_impl` choose how it runs (the same numbers
-    either way), so they are the defaults of the call arguments `generate(parallel=...)` / `forward(parallel=...)`
-    and `forward(loss_impl=...)`: settable here (constructor, `from_pair`, `config.parallel = ...`) for this
-    process, never written to config.json (`to_dict`), and ignored when a config.json saved before still has them
-    (a warning names a non-default value), so the loaded pair runs with the defaults.
         latent_eps: clamp of the latent norm in the rescaling.
         latent_norm: `"none"` (the paper) or `"standardize"`: each latent is centred and scaled per channel,
             `(h - latent_mean) * latent_inv_std`, before the rescale and projection. The statistics are buffers saved
             with the model, identity until `flythinker.latent_norm.calibrate_latent_norm` sets them from the latents
             the pair fuses on training data. A pretrained reasoner's final hidden state is almost all its mean, so
             without this a learned projection sees the person only in a small residual (docs/fusion.md).
+
+    What config.json holds defines the model; `parallel` and `loss_impl` choose how it runs (the same numbers
+    either way), so they are the defaults of the call arguments `generate(parallel=...)` / `forward(parallel=...)`
+    and `forward(loss_impl=...)`: settable here (constructor, `from_pair`, `config.parallel = ...`) for this
+    process, never written to config.json (`to_dict`), and ignored when a config.json saved before still has them
+    (a warning names a non-default value), so the loaded pair runs with the defaults.
     """
 
     model_type = "flythinker"
