@@ -171,9 +171,8 @@ def ship(args) -> None:
     """Variant c as the shipped pair: the run's deltas + a pair.json that names the one command reproducing it
     (`recipe_spec`: what `flythinker demo --retrain` reruns) and its measured figures."""
     import json
-    import shutil
 
-    from flythinker.hub import atomic_write_json
+    from flythinker.hub import atomic_write_bytes, atomic_write_json
 
     run, result = Path(args.run_dir), json.loads(Path(args.out).read_text())
     train = json.loads((run / "train.json").read_text())
@@ -203,8 +202,7 @@ def ship(args) -> None:
                            f"runs/pair/shipped",
                  "recipe_spec": spec, "measured": measured})
     dest = ROOT / "flythinker" / "pretrained" / SHIPPED
-    shutil.copyfile(run / "ship" / "deltas.safetensors", dest / "deltas.safetensors.tmp")
-    (dest / "deltas.safetensors.tmp").replace(dest / "deltas.safetensors")
+    atomic_write_bytes(dest / "deltas.safetensors", (run / "ship" / "deltas.safetensors").read_bytes())
     atomic_write_json(dest / "pair.json", info)
     log(f"shipped {dest}: {json.dumps(measured['generation_c'])}")
 

@@ -83,7 +83,7 @@ def long_records(users: int, history_tokens: int, tok) -> list:
     return out
 
 
-def prompts_for(variant: str, record, tok, history_tokens: int):
+def prompts_for(variant: str, record, tok):
     from flythinker.cli.common import Prompts
     from flythinker.persona import build_views
 
@@ -106,7 +106,7 @@ def measure(models: dict, tok, history_tokens: int, args) -> dict:
         for u, rec in enumerate(records):
             k = (u + r) % len(names)
             for name in names[k:] + names[:k]:
-                p = prompts_for(name, rec, tok, history_tokens)
+                p = prompts_for(name, rec, tok)
                 c = one_call(models[name], p, tok, args.new_tokens, fixed=True)
                 calls[name].append(c)
                 sizes[name].append(p.reasoner.shape[1] if p.reasoner is not None else p.generator.shape[1])
@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     start = time.perf_counter()
     models, tok = load_models(args.reasoner_layers)
-    warm = prompts_for("c", long_records(1, 20, tok)[0], tok, 20)
+    warm = long_records(1, 20, tok)[0]
     for name, m in models.items():  # warm-up: first-call allocations, the pair's parallel-mode decision
-        one_call(m, warm if name != "b" else prompts_for("b", long_records(1, 20, tok)[0], tok, 20), tok, 4, True)
+        one_call(m, prompts_for(name, warm, tok), tok, 4, True)
     report = {"pair": SHIPPED, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
               "new_tokens": args.new_tokens, "users": args.users, "rounds": args.rounds,
               "load_start": os.getloadavg()[0], "quality_source": str(args.quality),
