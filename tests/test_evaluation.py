@@ -89,3 +89,21 @@ def test_cli_eval_writes_json_and_plot(setup, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"nope": 1}\n')
     assert main(["eval", "--model", str(tmp_path / "pair"), "--data", str(tmp_path / "bad.jsonl")]) == 2
     assert main(["eval", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "recs.jsonl")]) == 2
+
+
+def test_eval_and_recipe_read_records_through_one_loader(setup, tmp_path):
+    """`flythinker eval` and `train --recipe` share `cli.common.reply_records`: a record without a reply is refused
+    with one line naming the command, a bundled spec is read, and `select` (eval's --limit) applies before the
+    check."""
+    import dataclasses
+
+    from flythinker.cli.common import CLIError, reply_records
+
+    recs = setup[0]
+    save_records([dataclasses.replace(recs[0], response=None), *recs[1:]], tmp_path / "noreply.jsonl")
+    with pytest.raises(CLIError, match=r"^eval: .* 1 without a reference reply"):
+        reply_records(str(tmp_path / "noreply.jsonl"), "eval")
+    assert len(reply_records(str(tmp_path / "noreply.jsonl"), "eval", lambda rs: rs[1:])) == len(recs) - 1
+    assert len(reply_records("bundled:persona-empathy@2:validation", "eval", lambda rs: rs[:3])) == 3
+    with pytest.raises(CLIError, match="data file not found"):
+        reply_records(str(tmp_path / "absent.jsonl"), "eval")

@@ -151,8 +151,7 @@ def test_retrain_shipped_runs_the_recipe_on_the_data_pair_json_names(tmp_path):
 def test_cli_recipe_reads_a_bundled_data_set_and_selects_users(tmp_path, capsys):
     """`--data bundled:NAME@VERSION:SPLIT` + `--users/--per-user`: the records the recipe trains on."""
     from flythinker.cli import main as cli_main
-    from flythinker.cli.common import CLIError
-    from flythinker.cli.train import bundled_records
+    from flythinker.cli.common import CLIError, bundled_records
     from flythinker.persona import load_dataset
 
     assert [r.record_id for r in bundled_records("bundled:persona-empathy@2:validation")] == \

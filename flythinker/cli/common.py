@@ -330,3 +330,48 @@ def generate_text(model, prompts: Prompts, tokenizer, gen_kwargs: dict, *, strea
     if streamer is None or streamer.inner is None:
         print(text, file=out, flush=True)
     return Reply(text, int(new.numel()), seconds, None if streamer is None else streamer.first, path)
+
+
+def bundled_records(spec: str) -> list:
+    """The records of a bundled data set named `bundled:NAME[@VERSION]:SPLIT` (``flythinker.persona.load_dataset``),
+    or CLIError naming the form."""
+    from flythinker.persona import load_dataset
+
+    parts = spec.removeprefix("bundled:").split(":")
+    if len(parts) != 2 or not all(parts):
+        raise CLIError(f"--data {spec}: expected bundled:NAME[@VERSION]:SPLIT, e.g. bundled:persona-empathy@2:train")
+    name, split = parts
+    name, _, version = name.partition("@")
+    kwargs = {}
+    if version:
+        if not version.isdigit():
+            raise CLIError(f"--data {spec}: the version after @ must be a number, got {version!r}")
+        kwargs["version"] = int(version)
+    try:
+        return load_dataset(name, split, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--data {spec}: {e}") from None
+
+
+def reply_records(spec: str, purpose: str, select=None) -> list:
+    """Persona records that each carry a reference reply, from a records file (any supported format) or a
+    `bundled:NAME[@VERSION]:SPLIT` spec; `select` (records -> records) narrows them before the check. CLIError
+    (one line, naming `purpose`, e.g. ``"eval"``) for a missing file, unreadable records, none left, or a record
+    without a reply."""
+    from flythinker.persona import RecordError, load_records
+
+    if spec.startswith("bundled:"):
+        records = bundled_records(spec)
+    elif not Path(spec).is_file():
+        raise CLIError(f"data file not found: {spec}")
+    else:
+        try:
+            records = load_records(spec)
+        except (RecordError, ValueError) as e:
+            raise CLIError(f"{purpose} needs persona records in {spec}: {e}") from None
+    records = select(records) if select is not None else records
+    missing = [r.record_id for r in records if not r.response]
+    if not records or missing:
+        raise CLIError(f"{purpose}: {spec} has {len(records)} records, {len(missing)} without a reference reply "
+                       f"(e.g. {missing[:1]}); each record needs one")
+    return records

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flythinker.cli.common import CLIError, positive_int
+from flythinker.cli.common import CLIError, positive_int, reply_records
 
 HELP = "evaluate a pair on held-out records (NLL, ROUGE-L, traits; pair vs lambda 0 vs a baseline, 95%% CIs)"
 DESCRIPTION = ("Score a FlyThinker pair on a records file (any supported format) against the same weights at "
@@ -68,20 +68,7 @@ def _load_baseline(spec: str):
 
 
 def _records(args):
-    from flythinker.persona import RecordError, load_records
-
-    if not Path(args.data).is_file():
-        raise CLIError(f"data file not found: {args.data}")
-    try:
-        records = load_records(args.data)
-    except (RecordError, ValueError) as e:
-        raise CLIError(f"{args.data}: {e}") from None
-    records = records[: args.limit] if args.limit else records
-    missing = [r.record_id for r in records if not r.response]
-    if not records or missing:
-        raise CLIError(f"{args.data}: {len(records)} records, {len(missing)} without a reference response "
-                       f"(e.g. {missing[:1]}); eval needs one per record")
-    return records
+    return reply_records(args.data, "eval", (lambda rs: rs[: args.limit]) if args.limit else None)
 
 
 def run(args: argparse.Namespace) -> int:

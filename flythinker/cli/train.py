@@ -28,6 +28,7 @@ from flythinker.cli.common import (
     positive_float,
     positive_int,
     ratio_float,
+    reply_records,
     sequence_int,
 )
 
@@ -394,48 +395,15 @@ def _seed(args: argparse.Namespace) -> int:
     return 42 if args.seed is None else args.seed
 
 
-def bundled_records(spec: str) -> list:
-    """The records of a bundled data set named `bundled:NAME[@VERSION]:SPLIT` (``flythinker.persona.load_dataset``),
-    or CLIError naming the form."""
-    from flythinker.persona import load_dataset
-
-    parts = spec.removeprefix("bundled:").split(":")
-    if len(parts) != 2 or not all(parts):
-        raise CLIError(f"--data {spec}: expected bundled:NAME[@VERSION]:SPLIT, e.g. bundled:persona-empathy@2:train")
-    name, split = parts
-    name, _, version = name.partition("@")
-    kwargs = {}
-    if version:
-        if not version.isdigit():
-            raise CLIError(f"--data {spec}: the version after @ must be a number, got {version!r}")
-        kwargs["version"] = int(version)
-    try:
-        return load_dataset(name, split, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise CLIError(f"--data {spec}: {e}") from None
-
-
 def _recipe_records(args: argparse.Namespace):
     """The --data persona records (each with a reference reply; --users / --per-user applied), or CLIError."""
-    from flythinker.persona import RecordError, load_records
     from flythinker.training.recipe import select_per_user
 
-    if args.data.startswith("bundled:"):
-        records = bundled_records(args.data)
-    elif not Path(args.data).is_file():
-        raise CLIError(f"data file not found: {args.data}")
-    else:
-        try:
-            records = load_records(args.data)
-        except (RecordError, ValueError) as e:
-            raise CLIError(f"--recipe needs persona records in --data: {e}") from None
+    select = None
     if args.users is not None or args.per_user is not None:
-        records = select_per_user(records, args.per_user or len(records), args.users or len(records))
-    missing = [r.record_id for r in records if not r.response]
-    if not records or missing:
-        raise CLIError(f"--recipe: {args.data} has {len(records)} records, {len(missing)} without a reference "
-                       f"reply (e.g. {missing[:1]})")
-    return records
+        def select(records):
+            return select_per_user(records, args.per_user or len(records), args.users or len(records))
+    return reply_records(args.data, "--recipe", select)
 
 
 def run_named_recipe(args: argparse.Namespace) -> int:
