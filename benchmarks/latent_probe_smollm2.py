@@ -89,6 +89,54 @@ def accuracy_ci(hits: list[float], seed: int = 0, n: int = 2000) -> dict:
     return {"mean": sum(hits) / len(hits), "ci95": [boots[int(0.025 * n)], boots[int(0.975 * n)]]}
 
 
+def probe_sets(args) -> tuple[list, dict[str, list]]:
+    """(training records, {test-set name: records}): one record per user. Version 1: the synthetic train / test
+    users. Version 2: train on the training phrasing families, test on the held-out families (``test``), on unseen
+    users of the training families (``validation``) and on the hand-written users (``handwritten``: one trait
+    each, so only that trait is scored)."""
+    from benchmarks.personalization_smollm2 import select
+    from flythinker.persona import load_dataset, load_handwritten_users, make_persona_empathy
+
+    if args.dataset_version == 1:
+        data = make_persona_empathy()
+        return select(data["train"], 1, args.train_users), {"test": select(data["test"], 1, args.test_users)}
+    v = args.dataset_version
+    return (select(load_dataset("persona-empathy", "train", version=v), 1, args.train_users),
+            {"test": select(load_dataset("persona-empathy", "test", version=v), 1, args.test_users),
+             "validation": select(load_dataset("persona-empathy", "validation", version=v), 1, args.test_users),
+             "handwritten": load_handwritten_users()})
+
+
+def score_probes(xs_train: dict, train: list, xs_test: dict, test: list, args) -> dict:
+    """Per latent site and trait: the L2 logistic probe's held-out accuracy (95% CI over users) and the
+    nearest-centroid rule's on standardised and whitened latents. Test records without a trait are skipped for it."""
+    from flythinker.persona.empathy_dataset import TRAITS as VALUES
+    from flythinker.training.whitened_projection import whitening_matrix
+
+    out: dict = {}
+    for where in xs_train:
+        out[where] = {}
+        for trait in TRAITS:
+            keep = [i for i, r in enumerate(test) if trait in r.persona.traits]
+            if not keep:
+                continue
+            one = VALUES[trait][1]  # label 1: the trait's second value ("steps", "detailed", "casual")
+            y_tr = torch.tensor([float(r.persona.traits[trait] == one) for r in train])
+            y_te = [float(test[i].persona.traits[trait] == one) for i in keep]
+            x_te = xs_test[where][keep]
+            mean, inv, w = fit_probe(xs_train[where], y_tr, args.l2)
+            z = torch.cat([(x_te - mean) * inv, torch.ones(len(keep), 1)], 1)
+            pred = ((z @ w) > 0).float().tolist()
+            out[where][trait] = accuracy_ci([float(a == b) for a, b in zip(pred, y_te)])
+            # the first gradient steps' rule, on standardised latents and on whitened ones
+            yt = torch.tensor(y_te)
+            z_tr, z_te = (xs_train[where] - mean) * inv, (x_te - mean) * inv
+            m = whitening_matrix(z_tr, args.shrink)  # its scale does not change the centroid rule
+            out[where][trait].update(centroid_standardized=centroid_accuracy(z_tr, y_tr, z_te, yt),
+                                     centroid_whitened=centroid_accuracy(z_tr @ m, y_tr, z_te @ m, yt))
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train-users", type=int, default=480)
@@ -98,44 +146,33 @@ def main(argv=None) -> None:
     p.add_argument("--l2", type=float, default=1e-2)
     p.add_argument("--shrink", type=float, default=0.1, help="whitening: ridge as a fraction of the mean eigenvalue")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(RESULTS / "latent_probe_smollm2.json"))
+    p.add_argument("--dataset-version", type=int, default=1,
+                   help="persona-empathy version: 2 tests on held-out phrasing families and the hand-written users")
+    p.add_argument("--out", default=None, help="default: results/latent_probe_smollm2[_v2].json")
     args = p.parse_args(argv)
+    if args.out is None:
+        suffix = "" if args.dataset_version == 1 else f"_v{args.dataset_version}"
+        args.out = str(RESULTS / f"latent_probe_smollm2{suffix}.json")
     torch.set_num_threads(args.threads)
-    from benchmarks.personalization_smollm2 import select
     from flythinker.hub import atomic_write_json, load_pretrained
-    from flythinker.persona import make_persona_empathy
-    from flythinker.persona.empathy_dataset import TRAITS as VALUES
-    from flythinker.training.whitened_projection import whitening_matrix
 
     t0, load0 = time.time(), os.getloadavg()
     model, tok = load_pretrained("smollm2-135m-instruct")
     model.eval()
-    data = make_persona_empathy()
-    train, test = select(data["train"], 1, args.train_users), select(data["test"], 1, args.test_users)
     layers = [int(k) for k in args.layers.split(",") if k]
+    train, tests = probe_sets(args)
     xs_train = latents(model, tok, train, args.max_reasoner_tokens, layers)
-    xs_test = latents(model, tok, test, args.max_reasoner_tokens, layers)
-    result = {"args": vars(args), "loadavg_start": load0, "train_records": len(train), "test_records": len(test),
-              "probes": {}}
-    for where in xs_train:
-        result["probes"][where] = {}
-        for trait in TRAITS:
-            one = VALUES[trait][1]  # label 1: the trait's second value ("steps", "detailed", "casual")
-            y_tr = torch.tensor([float(r.persona.traits[trait] == one) for r in train])
-            y_te = [float(r.persona.traits[trait] == one) for r in test]
-            mean, inv, w = fit_probe(xs_train[where], y_tr, args.l2)
-            z = torch.cat([(xs_test[where] - mean) * inv, torch.ones(len(test), 1)], 1)
-            pred = ((z @ w) > 0).float().tolist()
-            result["probes"][where][trait] = accuracy_ci([float(a == b) for a, b in zip(pred, y_te)])
-            # the first gradient steps' rule, on standardised latents and on whitened ones
-            yt = torch.tensor(y_te)
-            z_tr, z_te = (xs_train[where] - mean) * inv, (xs_test[where] - mean) * inv
-            m = whitening_matrix(z_tr, args.shrink)  # its scale does not change the centroid rule
-            result["probes"][where][trait].update(
-                centroid_standardized=centroid_accuracy(z_tr, y_tr, z_te, yt),
-                centroid_whitened=centroid_accuracy(z_tr @ m, y_tr, z_te @ m, yt))
-        print(where, json.dumps({t: [round(v[k], 3) for k in ("mean", "centroid_standardized", "centroid_whitened")]
-                                 for t, v in result["probes"][where].items()}), flush=True)
+    result = {"args": vars(args), "loadavg_start": load0, "train_records": len(train), "test_records": {}}
+    for name, test in tests.items():
+        result["test_records"][name] = len(test)
+        key = "probes" if name == "test" else f"probes_{name}"
+        result[key] = score_probes(xs_train, train, latents(model, tok, test, args.max_reasoner_tokens, layers),
+                                   test, args)
+        print(f"-- {key}", flush=True)
+        for where, traits in result[key].items():
+            print(where, json.dumps({t: [round(v[k], 3) for k in ("mean", "centroid_standardized",
+                                                                     "centroid_whitened")]
+                                     for t, v in traits.items()}), flush=True)
     result["wall_s"] = time.time() - t0
     result["loadavg_end"] = os.getloadavg()
     atomic_write_json(Path(args.out), result)

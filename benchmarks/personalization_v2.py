@@ -40,7 +40,10 @@ def recipe_of(args):
     from flythinker.training.recipe import RECIPES
 
     return RECIPES["persona-pair"].replace(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-                                           max_reasoner_tokens=args.max_reasoner_tokens)
+                                           max_reasoner_tokens=args.max_reasoner_tokens,
+                                           reasoner_lora_rank=args.reasoner_lora_rank,
+                                           reasoner_lora_layers=args.reasoner_lora_layers,
+                                           reasoner_lr=args.reasoner_lr)
 
 
 def train_records(args):
@@ -71,8 +74,12 @@ def curve_callback(name: str, model_fn, records, every: int, tok, budget: int, v
 
 
 def train_pair(args) -> None:
-    """Variants a (stage 1) and c (stage 2) with the recipe's building blocks; a is stage 1's snapshot."""
-    from safetensors.torch import save
+    """Variants a (stage 1) and c (stage 2) with the recipe's building blocks; a is stage 1's snapshot. A run
+    folder that already holds a (``a.safetensors`` + ``a.json``, e.g. copied from a run with the same stage 1)
+    resumes at stage 2."""
+    import json
+
+    from safetensors.torch import load_file, save
 
     from flythinker.hub import atomic_write_bytes, atomic_write_json, load_tokenizer
     from flythinker.persona import load_dataset
@@ -84,6 +91,7 @@ def train_pair(args) -> None:
         record_features,
         save_pair_deltas,
         select_per_user,
+        stage2_parts,
         train_stage,
     )
     from flythinker.training.trainable import set_trainable, trainable_state_dict
@@ -102,19 +110,32 @@ def train_pair(args) -> None:
              "users": len({r.user_id for r in records})}
     entry["calibration"] = calibrate(model, split, collator, recipe)
     log(f"calibrated {entry['calibration']}")
-    curve_a: list = []
-    set_trainable(model, ("generator",))
-    entry["a"] = train_stage(model.generator, record_features(records, tok, recipe, "generator"), collator,
-                             steps=recipe.stage1_steps, lr=recipe.stage1_lr, recipe=recipe, output_dir=run / "a",
-                             callbacks=[curve_callback("a", lambda: model.generator, curve_recs, args.curve_every,
-                                                       tok, recipe.max_reasoner_tokens, "query", curve_a)])
-    entry["a"]["curve"] = curve_a
-    atomic_write_bytes(run / "a.safetensors", save({k: v.clone() for k, v in trainable_state_dict(model).items()}))
-    log(f"a: {recipe.stage1_steps} steps in {entry['a']['seconds']:.0f} s")
+    if (run / "a.safetensors").exists() and (run / "a.json").exists():
+        missing, unexpected = model.load_state_dict(load_file(run / "a.safetensors"), strict=False)
+        if unexpected:
+            raise ValueError(f"a.safetensors: unexpected keys {unexpected[:3]}")
+        entry["a"] = json.loads((run / "a.json").read_text())
+        log("a: resumed from the run folder")
+    else:
+        curve_a: list = []
+        set_trainable(model, ("generator",))
+        entry["a"] = train_stage(model.generator, record_features(records, tok, recipe, "generator"), collator,
+                                 steps=recipe.stage1_steps, lr=recipe.stage1_lr, recipe=recipe,
+                                 output_dir=run / "a",
+                                 callbacks=[curve_callback("a", lambda: model.generator, curve_recs,
+                                                           args.curve_every, tok, recipe.max_reasoner_tokens,
+                                                           "query", curve_a)])
+        entry["a"]["curve"] = curve_a
+        atomic_write_bytes(run / "a.safetensors",
+                           save({k: v.clone() for k, v in trainable_state_dict(model).items()}))
+        atomic_write_json(run / "a.json", entry["a"])
+        log(f"a: {recipe.stage1_steps} steps in {entry['a']['seconds']:.0f} s")
     curve_c: list = []
-    set_trainable(model, ("generator", "projection"))
+    set_trainable(model, stage2_parts(recipe))
     entry["c"] = train_stage(model, split, collator, steps=recipe.stage2_steps, lr=recipe.stage2_lora_lr,
-                             fusion_lr=recipe.fusion_lr, recipe=recipe, output_dir=run / "c", cache_latents=True,
+                             fusion_lr=recipe.fusion_lr,
+                             reasoner_lr=recipe.reasoner_lr if recipe.reasoner_lora_rank else None, recipe=recipe,
+                             output_dir=run / "c", cache_latents=not recipe.reasoner_lora_rank,
                              loss_fn=opening_weighted_loss(recipe.opening_tokens, recipe.opening_weight),
                              callbacks=[curve_callback("c", lambda: model, curve_recs, args.curve_every, tok,
                                                        recipe.max_reasoner_tokens, "query", curve_c)])
@@ -123,7 +144,8 @@ def train_pair(args) -> None:
     atomic_write_bytes(run / "c.safetensors", save(state))
     fusion = {k: v.clone().contiguous() for k, v in model.fusion_state_dict().items()}
     atomic_write_bytes(run / "c_fusion.safetensors", save(fusion))
-    save_pair_deltas(model, run / "ship", recipe, base=BASE)
+    if not recipe.reasoner_lora_rank:  # the shipped-pair format carries the generator's LoRA only
+        save_pair_deltas(model, run / "ship", recipe, base=BASE)
     atomic_write_json(run / "train.json", entry)
     log(f"c: {recipe.stage2_steps} steps in {entry['c']['seconds']:.0f} s")
 
@@ -216,6 +238,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage2-steps", type=int, default=80)
     p.add_argument("--b-steps", type=int, default=60)
     p.add_argument("--max-reasoner-tokens", type=int, default=320)
+    p.add_argument("--reasoner-lora-rank", type=int, default=0, help="0: the reasoner stays frozen (the recipe)")
+    p.add_argument("--reasoner-lora-layers", type=int, default=8, help="the reasoner's top layers that get LoRA")
+    p.add_argument("--reasoner-lr", type=float, default=1e-3)
     p.add_argument("--curve-users", type=int, default=24)
     p.add_argument("--curve-every", type=int, default=20)
     p.add_argument("--variants", default="a,c,b,shipped_v1")

@@ -91,6 +91,36 @@ def test_run_recipe_trains_both_stages_and_reuses_latents(setup, tmp_path):
     assert json.loads((folder / "pair.json").read_text())["fusion"]["projection"] == "zero"
 
 
+def test_recipe_with_a_reasoner_lora_starts_at_the_generator_and_trains_the_reasoner_top_layers(setup, tmp_path):
+    """``reasoner_lora_rank``: a zero-initialised LoRA on the reasoner's top layers only, the pair still computes its
+    generator's logits at step 0; stage 2 trains it at its own rate (no latent cache: the reasoner changes) and the
+    shipped-pair format, which carries the generator's LoRA only, refuses the result."""
+    from flythinker.training.recipe import stage2_parts
+
+    recs, tok = setup
+    recipe = TINY.replace(reasoner_lora_rank=2, reasoner_lora_layers=1, reasoner_lr=5e-3)
+    assert stage2_parts(recipe) == ("generator", "projection", "reasoner")
+    with pytest.raises(ValueError, match="reasoner_lora_rank"):
+        TINY.replace(reasoner_lora_rank=-1)
+    pair = build_pair(_lm(tok, 0), _lm(tok, 1), recipe).eval()
+    trainable = [n for n, p in pair.reasoner.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n and "lora_" in n for n in trainable)  # top layer of 2 only
+    batch = FlyThinkerCollator(tokenizer=tok, add_eos=True)(record_features(recs[:2], tok, recipe, "split"))
+    plain = FlyThinkerCollator(tokenizer=tok, add_eos=True)(record_features(recs[:2], tok, recipe, "generator"))
+    with torch.no_grad():
+        out = pair(**batch, use_cache=False).logits
+        want = _lm(tok, 0)(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits
+    torch.testing.assert_close(out[batch["attention_mask"].bool()], want[plain["attention_mask"].bool()],
+                               atol=1e-5, rtol=1e-5)
+    model, _, report = run_recipe(_lm(tok, 0), _lm(tok, 1), recs, recipe, output_dir=tmp_path, tokenizer=tok,
+                                  log=lambda _: None)
+    assert "reasoner_cache" not in report["stage2"]
+    lora_b = [p for n, p in model.reasoner.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    with pytest.raises(ValueError, match="generator's LoRA only"):
+        save_pair_deltas(model, tmp_path / "ship", recipe, base="tiny")
+
+
 def test_stage2_uses_per_part_learning_rates(setup, tmp_path):
     from flythinker.training.recipe import _trainer_class
 

@@ -57,6 +57,11 @@ class PairRecipe:
         opening_tokens / opening_weight: stage 2's loss (``opening_weight`` 1: the plain mean).
         calibration_batches / calibrate_on: batches and positions of the latent statistics.
         max_reasoner_tokens / max_generator_tokens: the persona views' prompt budgets.
+        reasoner_lora_rank / reasoner_lora_layers / reasoner_lr: 0 (default): the reasoner stays frozen (its
+            latents are cached in stage 2). Otherwise stage 2 also trains a LoRA of this rank on the reasoner's top
+            ``reasoner_lora_layers`` layers, at ``reasoner_lr``: for data on which the frozen reasoner's boundary
+            latent does not carry the trait (a linear probe at chance, ``benchmarks/latent_probe_smollm2.py``), no
+            projection can pass it on. Only the top layers adapt so the backward pass stops there.
         seed: LoRA initialisation and data order.
     """
 
@@ -76,6 +81,9 @@ class PairRecipe:
     calibrate_on: str = "boundary"
     max_reasoner_tokens: int = 160
     max_generator_tokens: int | None = None
+    reasoner_lora_rank: int = 0
+    reasoner_lora_layers: int = 8
+    reasoner_lr: float = 1e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +95,8 @@ class PairRecipe:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.stage2_lora_lr < 0 or self.batch_size < 1 or self.warmup_steps < 1 or self.lora_rank < 1:
             raise ValueError("need stage2_lora_lr >= 0, batch_size >= 1, warmup_steps >= 1 and lora_rank >= 1")
+        if self.reasoner_lora_rank < 0 or self.reasoner_lora_layers < 1 or not self.reasoner_lr > 0:
+            raise ValueError("need reasoner_lora_rank >= 0, reasoner_lora_layers >= 1 and reasoner_lr > 0")
         if self.calibrate_on not in ("boundary", "fused"):
             raise ValueError(f"calibrate_on must be 'boundary' or 'fused', got {self.calibrate_on!r}")
 
@@ -101,7 +111,8 @@ RECIPES: dict[str, PairRecipe] = {"persona-pair": PairRecipe()}
 # ---- building blocks ----------------------------------------------------------------------------------------
 def build_pair(generator: nn.Module | str, reasoner: nn.Module | str, recipe: PairRecipe) -> nn.Module:
     """A FlyThinker pair that computes exactly what `generator` computes until trained: zero projection on
-    standardised latents, LoRA (rank ``recipe.lora_rank``) on the generator, the reasoner frozen.
+    standardised latents, LoRA (rank ``recipe.lora_rank``) on the generator, the reasoner frozen, or with a
+    zero-initialised LoRA on its top layers when ``recipe.reasoner_lora_rank`` (still the generator's output).
 
     `generator` / `reasoner`: model objects or names/folders (``flythinker.hub.load_pretrained`` short names)."""
     from flythinker.modeling import FlyThinkerForCausalLM
@@ -113,8 +124,19 @@ def build_pair(generator: nn.Module | str, reasoner: nn.Module | str, recipe: Pa
     torch.manual_seed(recipe.seed)  # the same LoRA initialisation for the same seed
     apply_lora(model, "generator", r=recipe.lora_rank, alpha=2 * recipe.lora_rank,
                target_modules=list(recipe.lora_targets))
-    set_trainable(model, ("generator", "projection"))
+    if recipe.reasoner_lora_rank:
+        n = model.reasoner.config.num_hidden_layers
+        apply_lora(model, "reasoner", r=recipe.reasoner_lora_rank, alpha=2 * recipe.reasoner_lora_rank,
+                   target_modules=list(recipe.lora_targets), layers=range(max(0, n - recipe.reasoner_lora_layers), n))
+    set_trainable(model, stage2_parts(recipe))
     return model
+
+
+def stage2_parts(recipe: PairRecipe) -> tuple[str, ...]:
+    """The parts stage 2 trains: the fusion, the generator's LoRA unless ``stage2_lora_lr`` is 0, the reasoner's
+    LoRA when the recipe has one."""
+    return (("generator",) if recipe.stage2_lora_lr > 0 else ()) + ("projection",) + \
+        (("reasoner",) if recipe.reasoner_lora_rank else ())
 
 
 def _model(m: nn.Module | str) -> nn.Module:
@@ -204,10 +226,12 @@ def _trainer_class():
 
 
 def train_stage(model: nn.Module, features: Sequence[dict], collator, *, steps: int, lr: float, recipe: PairRecipe,
-                output_dir: str | Path, fusion_lr: float | None = None, loss_fn: Callable | None = None,
-                cache_latents: bool = False, callbacks: Sequence = ()) -> dict[str, Any]:
+                output_dir: str | Path, fusion_lr: float | None = None, reasoner_lr: float | None = None,
+                loss_fn: Callable | None = None, cache_latents: bool = False, callbacks: Sequence = ()
+                ) -> dict[str, Any]:
     """One stage through HF `Trainer`: `steps` optimizer steps over `features` (repeated seeded order) at peak
-    `lr` for the generator (`fusion_lr` for the fusion parameters), warm-up ``recipe.warmup_steps`` then cosine.
+    `lr` for the generator (`fusion_lr` for the fusion parameters, `reasoner_lr` for the reasoner's), warm-up
+    ``recipe.warmup_steps`` then cosine.
 
     `model`: a pair, or ``pair.generator`` (stage 1). `cache_latents`: reuse the frozen reasoner's latents.
     Returns ``{"losses": [per logged step], "seconds", "steps", "reasoner_cache"?}``; logs go to
@@ -224,7 +248,7 @@ def train_stage(model: nn.Module, features: Sequence[dict], collator, *, steps: 
         logging_steps=1, save_strategy="no", seed=recipe.seed, data_seed=recipe.seed, use_cpu=not
         torch.cuda.is_available(), remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         report_to="none", ddp_find_unused_parameters=False)
-    part_lrs = {"projection": fusion_lr} if fusion_lr is not None else {}
+    part_lrs = {k: v for k, v in (("projection", fusion_lr), ("reasoner", reasoner_lr)) if v is not None}
     trainer = _trainer_class()(model=model, args=args, train_dataset=list(features), data_collator=collator,
                                callbacks=[JsonlLogCallback(out / "train_log.jsonl"), *callbacks], loss_fn=loss_fn,
                                part_lrs=part_lrs or {"generator": lr}, order_seed=recipe.seed)
@@ -273,11 +297,12 @@ def run_recipe(generator: nn.Module | str, reasoner: nn.Module | str, records: S
                                        collator, steps=recipe.stage1_steps, lr=recipe.stage1_lr, recipe=recipe,
                                        output_dir=out / "stage1")
         log(f"stage 1 (generator LoRA): {recipe.stage1_steps} steps in {report['stage1']['seconds']:.0f} s")
-    parts = ("generator", "projection") if recipe.stage2_lora_lr > 0 else ("projection",)
-    set_trainable(model, parts)
+    set_trainable(model, stage2_parts(recipe))
     report["stage2"] = train_stage(model, split, collator, steps=recipe.stage2_steps,
                                    lr=recipe.stage2_lora_lr or recipe.fusion_lr, fusion_lr=recipe.fusion_lr,
-                                   recipe=recipe, output_dir=out / "stage2", cache_latents=True,
+                                   reasoner_lr=recipe.reasoner_lr if recipe.reasoner_lora_rank else None,
+                                   recipe=recipe, output_dir=out / "stage2",
+                                   cache_latents=not recipe.reasoner_lora_rank,
                                    loss_fn=opening_weighted_loss(recipe.opening_tokens, recipe.opening_weight))
     log(f"stage 2 (fusion + generator LoRA): {recipe.stage2_steps} steps in {report['stage2']['seconds']:.0f} s")
     report["seconds"] = time.perf_counter() - wall
@@ -305,6 +330,9 @@ def save_pair_deltas(model: nn.Module, folder: str | Path, recipe: PairRecipe, *
             tensors[f"{mod}.lora_{ab.split('.')[0]}"] = v
     if not tensors:
         raise ValueError("save_pair_deltas: the model has no LoRA factors (merged already?)")
+    if any(k.startswith("reasoner.") for k in tensors):
+        raise ValueError("save_pair_deltas: the shipped-pair format carries the generator's LoRA only; a pair with a "
+                         "trained reasoner LoRA is saved merged (merge_lora + save_pretrained)")
     tensors.update(model.fusion_state_dict())
     tensors = {k: v.detach().to(torch.float16 if v.dim() == 2 else torch.float32).contiguous()
                for k, v in tensors.items()}
@@ -359,4 +387,4 @@ def recipe_from_json(path: str | Path) -> PairRecipe:
 
 __all__ = ["LORA_TARGETS", "RECIPES", "PairRecipe", "RepeatedPermutationSampler", "build_pair", "calibrate",
            "record_features", "recipe_from_json", "retrain_shipped", "run_recipe", "save_pair_deltas",
-           "select_per_user", "train_stage", "SHIPPED_SPEC"]
+           "select_per_user", "stage2_parts", "train_stage", "SHIPPED_SPEC"]
