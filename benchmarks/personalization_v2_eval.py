@@ -188,18 +188,25 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
-    names = [n for n in ("a", "b", "c", "shipped_v1") if "heldout_generation" in result["variants"].get(n, {})]
+    order = ("a", "b", "c", "c_lambda0", "shipped_v1", "shipped_v1_lambda0")
+    # greedy replies' traits where they were generated; else (--skip-generation) the likelihood preference
+    metric, traits, what = "heldout_generation", GEN, "greedy replies"
+    if not any(metric in result["variants"].get(n, {}) for n in order):
+        metric, traits, what = "heldout_preference", PREF, "likelihood preference"
+    names = [n for n in order if metric in result["variants"].get(n, {})]
     w = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
-        s = result["variants"][n]["heldout_generation"]
-        m = [s[k]["mean"] for k in GEN]
-        err = [[mu - s[k]["ci95"][0] for mu, k in zip(m, GEN)], [s[k]["ci95"][1] - mu for mu, k in zip(m, GEN)]]
-        ax.bar([j + i * w for j in range(len(GEN))], m, w, yerr=err, capsize=3, label=n)
+        s = result["variants"][n][metric]
+        m = [s[k]["mean"] for k in traits]
+        err = [[mu - s[k]["ci95"][0] for mu, k in zip(m, traits)],
+               [s[k]["ci95"][1] - mu for mu, k in zip(m, traits)]]
+        ax.bar([j + i * w for j in range(len(traits))], m, w, yerr=err, capsize=3, label=n)
     ax.axhline(0.5, color="grey", ls="--", lw=0.8)
-    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(GEN))], GEN)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(traits))], traits)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel(f"greedy replies, {result['data']['heldout_users']} users of held-out families (95% CI)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"{what}, {result['data']['heldout_users']} users of held-out families (95% CI)")
+    if names:
+        ax.legend(fontsize=8)
     for key, label in (("train", "a"), ("train", "c"), ("train_b", None)):
         entry = result.get(key, {})
         curve = (entry.get(label, {}) if label else entry).get("curve")
