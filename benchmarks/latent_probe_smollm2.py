@@ -94,8 +94,8 @@ def probe_sets(args) -> tuple[list, dict[str, list]]:
     users. Version 2: train on the training phrasing families, test on the held-out families (``test``), on unseen
     users of the training families (``validation``) and on the hand-written users (``handwritten``: one trait
     each, so only that trait is scored)."""
-    from benchmarks.personalization_smollm2 import select
     from flythinker.persona import load_dataset, load_handwritten_users, make_persona_empathy
+    from flythinker.training.recipe import select_per_user as select
 
     if args.dataset_version == 1:
         data = make_persona_empathy()

@@ -84,17 +84,16 @@ def train_pair(args) -> None:
     from flythinker.hub import atomic_write_bytes, atomic_write_json, load_tokenizer
     from flythinker.persona import load_dataset
     from flythinker.training.collator import FlyThinkerCollator
-    from flythinker.training.opening_loss import opening_weighted_loss
     from flythinker.training.recipe import (
         build_pair,
         calibrate,
         record_features,
         save_pair_deltas,
         select_per_user,
-        stage2_parts,
-        train_stage,
+        train_stage1,
+        train_stage2,
     )
-    from flythinker.training.trainable import set_trainable, trainable_state_dict
+    from flythinker.training.trainable import trainable_state_dict
 
     run = Path(args.run_dir)
     if (run / "c.safetensors").exists():
@@ -118,27 +117,19 @@ def train_pair(args) -> None:
         log("a: resumed from the run folder")
     else:
         curve_a: list = []
-        set_trainable(model, ("generator",))
-        entry["a"] = train_stage(model.generator, record_features(records, tok, recipe, "generator"), collator,
-                                 steps=recipe.stage1_steps, lr=recipe.stage1_lr, recipe=recipe,
-                                 output_dir=run / "a",
-                                 callbacks=[curve_callback("a", lambda: model.generator, curve_recs,
-                                                           args.curve_every, tok, recipe.max_reasoner_tokens,
-                                                           "query", curve_a)])
+        entry["a"] = train_stage1(model, records, tok, collator, recipe, run / "a",
+                                  callbacks=[curve_callback("a", lambda: model.generator, curve_recs,
+                                                            args.curve_every, tok, recipe.max_reasoner_tokens,
+                                                            "query", curve_a)])
         entry["a"]["curve"] = curve_a
         atomic_write_bytes(run / "a.safetensors",
                            save({k: v.clone() for k, v in trainable_state_dict(model).items()}))
         atomic_write_json(run / "a.json", entry["a"])
         log(f"a: {recipe.stage1_steps} steps in {entry['a']['seconds']:.0f} s")
     curve_c: list = []
-    set_trainable(model, stage2_parts(recipe))
-    entry["c"] = train_stage(model, split, collator, steps=recipe.stage2_steps, lr=recipe.stage2_lora_lr,
-                             fusion_lr=recipe.fusion_lr,
-                             reasoner_lr=recipe.reasoner_lr if recipe.reasoner_lora_rank else None, recipe=recipe,
-                             output_dir=run / "c", cache_latents=not recipe.reasoner_lora_rank,
-                             loss_fn=opening_weighted_loss(recipe.opening_tokens, recipe.opening_weight),
-                             callbacks=[curve_callback("c", lambda: model, curve_recs, args.curve_every, tok,
-                                                       recipe.max_reasoner_tokens, "query", curve_c)])
+    entry["c"] = train_stage2(model, split, collator, recipe, run / "c",
+                              callbacks=[curve_callback("c", lambda: model, curve_recs, args.curve_every, tok,
+                                                        recipe.max_reasoner_tokens, "query", curve_c)])
     entry["c"]["curve"] = curve_c
     state = {k: v.clone().contiguous() for k, v in trainable_state_dict(model).items()}
     atomic_write_bytes(run / "c.safetensors", save(state))

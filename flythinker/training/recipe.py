@@ -263,6 +263,35 @@ def train_stage(model: nn.Module, features: Sequence[dict], collator, *, steps: 
     return report
 
 
+def train_stage1(model: nn.Module, records: Sequence, tokenizer, collator, recipe: PairRecipe,
+                 output_dir: str | Path, callbacks: Sequence = ()) -> dict[str, Any]:
+    """Stage 1: the pair's generator LoRA alone on what the generator reads (the query view of `records`), plain
+    mean loss, ``recipe.stage1_steps`` steps at ``recipe.stage1_lr``. Returns :func:`train_stage`'s report."""
+    from flythinker.training.trainable import set_trainable
+
+    set_trainable(model, ("generator",))
+    return train_stage(model.generator, record_features(records, tokenizer, recipe, "generator"), collator,
+                       steps=recipe.stage1_steps, lr=recipe.stage1_lr, recipe=recipe, output_dir=output_dir,
+                       callbacks=callbacks)
+
+
+def train_stage2(model: nn.Module, features: Sequence[dict], collator, recipe: PairRecipe, output_dir: str | Path,
+                 callbacks: Sequence = ()) -> dict[str, Any]:
+    """Stage 2 on split-context `features`: :func:`stage2_parts` at their own rates (fusion ``fusion_lr``, generator
+    LoRA ``stage2_lora_lr``, reasoner LoRA ``reasoner_lr``) on the opening-weighted loss, the frozen reasoner's
+    latents cached (not when it has a LoRA). Returns :func:`train_stage`'s report."""
+    from flythinker.training.opening_loss import opening_weighted_loss
+    from flythinker.training.trainable import set_trainable
+
+    set_trainable(model, stage2_parts(recipe))
+    return train_stage(model, features, collator, steps=recipe.stage2_steps,
+                       lr=recipe.stage2_lora_lr or recipe.fusion_lr, fusion_lr=recipe.fusion_lr,
+                       reasoner_lr=recipe.reasoner_lr if recipe.reasoner_lora_rank else None, recipe=recipe,
+                       output_dir=output_dir, cache_latents=not recipe.reasoner_lora_rank,
+                       loss_fn=opening_weighted_loss(recipe.opening_tokens, recipe.opening_weight),
+                       callbacks=callbacks)
+
+
 def run_recipe(generator: nn.Module | str, reasoner: nn.Module | str, records: Sequence, recipe: PairRecipe,
                *, output_dir: str | Path, tokenizer=None, log: Callable[[str], None] = print
                ) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -272,8 +301,6 @@ def run_recipe(generator: nn.Module | str, reasoner: nn.Module | str, records: S
     stage, calibration, the recipe) is also written to ``<output_dir>/recipe_report.json``."""
     from flythinker.hub import atomic_write_json
     from flythinker.training.collator import FlyThinkerCollator
-    from flythinker.training.opening_loss import opening_weighted_loss
-    from flythinker.training.trainable import set_trainable
 
     if not records:
         raise ValueError("run_recipe needs at least one training record")
@@ -292,18 +319,9 @@ def run_recipe(generator: nn.Module | str, reasoner: nn.Module | str, records: S
     report["calibration"] = calibrate(model, split, collator, recipe)
     log(f"calibrated latent statistics: {report['calibration']}")
     if recipe.stage1_steps:
-        set_trainable(model, ("generator",))
-        report["stage1"] = train_stage(model.generator, record_features(records, tokenizer, recipe, "generator"),
-                                       collator, steps=recipe.stage1_steps, lr=recipe.stage1_lr, recipe=recipe,
-                                       output_dir=out / "stage1")
+        report["stage1"] = train_stage1(model, records, tokenizer, collator, recipe, out / "stage1")
         log(f"stage 1 (generator LoRA): {recipe.stage1_steps} steps in {report['stage1']['seconds']:.0f} s")
-    set_trainable(model, stage2_parts(recipe))
-    report["stage2"] = train_stage(model, split, collator, steps=recipe.stage2_steps,
-                                   lr=recipe.stage2_lora_lr or recipe.fusion_lr, fusion_lr=recipe.fusion_lr,
-                                   reasoner_lr=recipe.reasoner_lr if recipe.reasoner_lora_rank else None,
-                                   recipe=recipe, output_dir=out / "stage2",
-                                   cache_latents=not recipe.reasoner_lora_rank,
-                                   loss_fn=opening_weighted_loss(recipe.opening_tokens, recipe.opening_weight))
+    report["stage2"] = train_stage2(model, split, collator, recipe, out / "stage2")
     log(f"stage 2 (fusion + generator LoRA): {recipe.stage2_steps} steps in {report['stage2']['seconds']:.0f} s")
     report["seconds"] = time.perf_counter() - wall
     atomic_write_json(out / "recipe_report.json", report)
@@ -387,4 +405,4 @@ def recipe_from_json(path: str | Path) -> PairRecipe:
 
 __all__ = ["LORA_TARGETS", "RECIPES", "PairRecipe", "RepeatedPermutationSampler", "build_pair", "calibrate",
            "record_features", "recipe_from_json", "retrain_shipped", "run_recipe", "save_pair_deltas",
-           "select_per_user", "stage2_parts", "train_stage", "SHIPPED_SPEC"]
+           "select_per_user", "stage2_parts", "train_stage", "train_stage1", "train_stage2", "SHIPPED_SPEC"]
