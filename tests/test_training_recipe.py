@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -138,18 +139,9 @@ def test_stage2_uses_per_part_learning_rates(setup, tmp_path):
 def test_cli_train_recipe_saves_a_loadable_pair_and_the_shipped_format(tmp_path, capsys):
     from flythinker.cli import main as cli_main
     from flythinker.modeling import FlyThinkerForCausalLM
-    from flythinker.persona import Persona, PersonaRecord, Query, save_records
-    from flythinker.training.toy import save_tiny_model
 
-    save_tiny_model(tmp_path / "gen", seed=0, hidden_size=64)
-    save_tiny_model(tmp_path / "rsn", seed=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
-    recs = [PersonaRecord(record_id=str(i), user_id=f"u{i % 4}", query=Query(text="How should I rest?"),
-                          persona=Persona(profile=["I love walks.", "I read."][i % 2]),
-                          response=["Take a walk.", "Read a book."][i % 2]) for i in range(8)]
-    save_records(recs, tmp_path / "persona.jsonl")
-    args = ["train", "--recipe", "persona-pair", "--generator", str(tmp_path / "gen"), "--reasoner",
-            str(tmp_path / "rsn"), "--data", str(tmp_path / "persona.jsonl"), "--output-dir", str(tmp_path / "out"),
-            "--stage1-steps", "1", "--stage2-steps", "2", "--ship-dir", str(tmp_path / "ship")]
+    args = [*_cli_recipe_args(tmp_path), "--stage1-steps", "1", "--stage2-steps", "2", "--ship-dir",
+            str(tmp_path / "ship")]
     assert cli_main(args) == 0
     model = FlyThinkerForCausalLM.from_pretrained(tmp_path / "out" / "model")
     assert model.config.projection == "zero" and model.config.latent_norm == "standardize"
@@ -198,3 +190,74 @@ def test_cli_recipe_reads_a_bundled_data_set_and_selects_users(tmp_path, capsys)
     assert cli_main(args) == 2  # without --recipe the selection means nothing: refused, nothing trained
     assert "--users, --per-user only applies with --recipe" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _cli_recipe_args(tmp_path, n_layers: int = 2) -> list[str]:
+    """`flythinker train --recipe persona-pair` on tiny random models (the reasoner `n_layers` deep) and 8 records."""
+    from flythinker.persona import Persona, PersonaRecord, Query, save_records
+    from flythinker.training.toy import save_tiny_model
+
+    save_tiny_model(tmp_path / "gen", seed=0, hidden_size=64)
+    save_tiny_model(tmp_path / "rsn", seed=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                    num_hidden_layers=n_layers)
+    recs = [PersonaRecord(record_id=str(i), user_id=f"u{i % 4}", query=Query(text="How should I rest?"),
+                          persona=Persona(profile=["I love walks.", "I read."][i % 2]),
+                          response=["Take a walk.", "Read a book."][i % 2]) for i in range(8)]
+    save_records(recs, tmp_path / "persona.jsonl")
+    return ["train", "--recipe", "persona-pair", "--generator", str(tmp_path / "gen"), "--reasoner",
+            str(tmp_path / "rsn"), "--data", str(tmp_path / "persona.jsonl"), "--output-dir", str(tmp_path / "out")]
+
+
+def test_cli_train_recipe_with_a_reasoner_lora_trains_its_top_layers_and_saves_them_merged(tmp_path):
+    """`--reasoner-lora-rank/-layers/--reasoner-lr`: stage 2 trains the reasoner's top layer (of 3) only, and the
+    merged pair in --output-dir/model loads with that layer moved and the others as they were."""
+    from safetensors.torch import load_file as load_weights
+
+    from flythinker.cli import main as cli_main
+    from flythinker.modeling import FlyThinkerForCausalLM
+
+    args = _cli_recipe_args(tmp_path, n_layers=3)
+    # stage 2 step 1 runs at lr 0 (warm-up) and the zero projection passes no gradient to the reasoner until it has
+    # moved: the reasoner's LoRA first moves at step 3
+    assert cli_main([*args, "--stage1-steps", "0", "--stage2-steps", "4", "--reasoner-lora-rank", "2",
+                     "--reasoner-lora-layers", "1", "--reasoner-lr", "5e-2"]) == 0
+    report = json.loads((tmp_path / "out" / "recipe_report.json").read_text())
+    assert report["recipe"]["reasoner_lora_rank"] == 2 and report["recipe"]["reasoner_lora_layers"] == 1
+    assert report["recipe"]["reasoner_lr"] == 5e-2 and "reasoner_cache" not in report["stage2"]
+    model = FlyThinkerForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    before = load_weights(tmp_path / "rsn" / "model.safetensors")
+    after = {k.removeprefix("model."): v for k, v in model.reasoner.state_dict().items()}
+    moved = {k for k, v in before.items() if not torch.equal(v, after[k.removeprefix("model.")])}
+    assert moved and all(".layers.2." in k for k in moved)  # the top layer's LoRA targets, merged in
+    assert not any("lora_" in k for k in model.state_dict())
+
+
+def test_cli_train_recipe_refuses_bad_reasoner_lora_options_before_training(tmp_path, capsys):
+    import argparse
+
+    from flythinker.cli import main as cli_main
+    from flythinker.cli.train import add_arguments
+
+    args = _cli_recipe_args(tmp_path)
+    cases = [(["--reasoner-lora-rank", "0"], "--reasoner-lora-rank: expected a positive integer, got '0'"),
+             (["--reasoner-lora-rank", "2", "--reasoner-lora-layers", "-1"],
+              "--reasoner-lora-layers: expected a positive integer, got '-1'"),
+             (["--reasoner-lora-rank", "2", "--reasoner-lr", "0"], "--reasoner-lr: expected a positive number"),
+             (["--reasoner-lora-layers", "2", "--reasoner-lr", "1e-3"],
+              "--reasoner-lora-layers, --reasoner-lr only applies with --reasoner-lora-rank"),
+             (["--reasoner-lora-rank", "2", "--ship-dir", str(tmp_path / "ship")],
+              "the shipped-pair format carries the generator's LoRA only")]
+    for extra, msg in cases:
+        capsys.readouterr()
+        assert cli_main([*args, *extra]) == 2
+        assert msg in capsys.readouterr().err
+    assert cli_main([a for a in args if a not in ("--recipe", "persona-pair")] + ["--reasoner-lora-rank", "2"]) == 2
+    assert "--reasoner-lora-rank only applies with --recipe" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ship").exists()  # nothing ran
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    default = PairRecipe()  # the help texts state the recipe's own defaults
+    assert f"default: {default.reasoner_lora_layers};" in helps["reasoner_lora_layers"]
+    assert float(re.search(r"default: ([0-9.e-]+)\)", helps["reasoner_lr"]).group(1)) == default.reasoner_lr
+    assert default.reasoner_lora_rank == 0 and "default: none" in helps["reasoner_lora_rank"]

@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flythinker.cli.common import (
     CLIError,
@@ -31,6 +32,9 @@ from flythinker.cli.common import (
     reply_records,
     sequence_int,
 )
+
+if TYPE_CHECKING:
+    from flythinker.training.recipe import PairRecipe
 
 HELP = "fine-tune a pair jointly on (prompt, response) data"
 DESCRIPTION = ("Single-pass joint training of a generator/reasoner pair; saves a checkpoint that "
@@ -112,10 +116,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="recipe: the first K records of each user (default: all)")
     r.add_argument("--ship-dir", default=None, help="recipe: also write the pair in the shipped-pair format "
                    "(pair.json + deltas.safetensors) here")
+    r.add_argument("--reasoner-lora-rank", type=positive_int, default=None,
+                   help="recipe: stage 2 also trains a zero-initialised LoRA of this rank on the reasoner's top "
+                        "layers (the pair still starts at its generator); the pair is then saved merged only, "
+                        "--ship-dir is refused (default: none, the reasoner stays frozen and its latents are cached)")
+    r.add_argument("--reasoner-lora-layers", type=positive_int, default=None,
+                   help="recipe, with --reasoner-lora-rank: how many of the reasoner's top layers get the LoRA "
+                        "(default: 8; all of them when the reasoner has fewer)")
+    r.add_argument("--reasoner-lr", type=positive_float, default=None,
+                   help="recipe, with --reasoner-lora-rank: the reasoner LoRA's peak learning rate in stage 2 "
+                        "(default: 1e-3)")
 
 
 # options of the named-recipe group that mean nothing to a joint run
-RECIPE_ONLY = ("stage1_steps", "stage2_steps", "users", "per_user", "ship_dir")
+RECIPE_ONLY = ("stage1_steps", "stage2_steps", "users", "per_user", "ship_dir", "reasoner_lora_rank",
+               "reasoner_lora_layers", "reasoner_lr")
+# recipe options that only mean something with a reasoner LoRA
+REASONER_LORA_ONLY = ("reasoner_lora_layers", "reasoner_lr")
+# recipe options -> PairRecipe fields of the same name
+RECIPE_FIELDS = ("stage1_steps", "stage2_steps", "reasoner_lora_rank", "reasoner_lora_layers", "reasoner_lr")
 
 
 def _log(msg: str) -> None:
@@ -316,10 +335,7 @@ def run(args: argparse.Namespace) -> int:
         if given or args.data.startswith("bundled:"):
             raise CLIError(f"{', '.join(given) or '--data bundled:...'} only applies with --recipe")
     else:
-        from flythinker.training.recipe import RECIPES
-
-        if args.recipe not in RECIPES:  # before the run folder is touched
-            raise CLIError(f"unknown --recipe {args.recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        _check_recipe_options(args)  # before the run folder is touched
         try:
             with run_folder(args.output_dir, resume=False, overwrite=args.overwrite):
                 return run_named_recipe(args)
@@ -406,14 +422,44 @@ def _recipe_records(args: argparse.Namespace):
     return reply_records(args.data, "--recipe", select)
 
 
-def run_named_recipe(args: argparse.Namespace) -> int:
-    """`flythinker train --recipe NAME`: the named recipe on persona records (flythinker.training.recipe); saves
-    the merged pair into --output-dir/model (and the shipped-pair format into --ship-dir)."""
-    from flythinker.training.recipe import RECIPES, run_recipe, save_pair_deltas
-    from flythinker.training.trainable import merge_lora, save_merged
+def _check_recipe_options(args: argparse.Namespace) -> None:
+    """A known --recipe; the reasoner-LoRA options only with --reasoner-lora-rank, and not with --ship-dir (the
+    shipped-pair format carries the generator's LoRA only): refused before anything trains."""
+    from flythinker.training.recipe import RECIPES
 
     if args.recipe not in RECIPES:
         raise CLIError(f"unknown --recipe {args.recipe!r}; known: {', '.join(sorted(RECIPES))}")
+    if args.reasoner_lora_rank is None:
+        given = [f"--{k.replace('_', '-')}" for k in REASONER_LORA_ONLY if getattr(args, k) is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} only applies with --reasoner-lora-rank")
+    elif args.ship_dir:
+        raise CLIError("--ship-dir cannot hold a pair trained with --reasoner-lora-rank: the shipped-pair format "
+                       "carries the generator's LoRA only; such a pair is saved merged into --output-dir/model")
+
+
+def _recipe_of(args: argparse.Namespace) -> PairRecipe:
+    """The named recipe with the command line's changes (--seed, steps, lambda, reasoner budget, reasoner LoRA)."""
+    from flythinker.training.recipe import RECIPES
+
+    changes = {k: getattr(args, k) for k in ("seed", *RECIPE_FIELDS) if getattr(args, k) is not None}
+    if args.fusion_lambda is not None:
+        changes["fusion_lambda"] = args.fusion_lambda
+    if args.reasoner_max_length is not None:
+        changes["max_reasoner_tokens"] = args.reasoner_max_length
+    try:
+        return RECIPES[args.recipe].replace(**changes)
+    except ValueError as e:
+        raise CLIError(f"--recipe {args.recipe}: {e}") from None
+
+
+def run_named_recipe(args: argparse.Namespace) -> int:
+    """`flythinker train --recipe NAME`: the named recipe on persona records (flythinker.training.recipe); saves
+    the merged pair into --output-dir/model (and the shipped-pair format into --ship-dir)."""
+    from flythinker.training.recipe import run_recipe, save_pair_deltas
+    from flythinker.training.trainable import merge_lora, save_merged
+
+    _check_recipe_options(args)
     if args.model or not args.generator:
         raise CLIError("--recipe trains a new pair: give --generator [--reasoner], not --model")
     if args.resume is not None:
@@ -421,16 +467,8 @@ def run_named_recipe(args: argparse.Namespace) -> int:
     out = Path(args.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir {args.output_dir} is an existing file, not a folder")
+    recipe = _recipe_of(args)
     records = _recipe_records(args)
-    changes = {} if args.seed is None else {"seed": args.seed}
-    for flag in ("stage1_steps", "stage2_steps"):
-        if getattr(args, flag) is not None:
-            changes[flag] = getattr(args, flag)
-    if args.fusion_lambda is not None:
-        changes["fusion_lambda"] = args.fusion_lambda
-    if args.reasoner_max_length is not None:
-        changes["max_reasoner_tokens"] = args.reasoner_max_length
-    recipe = RECIPES[args.recipe].replace(**changes)
     generator = args.generator
     model, tok, report = run_recipe(generator, args.reasoner or generator, records, recipe, output_dir=out,
                                     log=_log)
