@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "shipped: the shipped personalised pair, trained parts per --trainable")
     p.add_argument("--trainable", default="fusion,lora",
                    help="with --start shipped: fusion and/or lora (flythinker.rl.trainer.train_only)")
+    p.add_argument("--reset-fusion", action="store_true",
+                   help="with --start shipped: zero the shipped pair's learned projection first, so RL starts from "
+                        "the pair at its generator (the shipped LoRA, no latent); the shipped pair itself is also "
+                        "evaluated on the same users as the supervised reference")
     p.add_argument("--eval-max-new-tokens", type=int, default=None, help="default: --max-completion")
     p.add_argument("--reuse-reasoner-prompts", choices=("auto", "on", "off"), default="auto",
                    help="FlyThinkerGRPOTrainer's reuse_reasoner_prompts (auto: where valid, i.e. a frozen reasoner)")
@@ -170,7 +174,6 @@ def main(argv: list[str] | None = None) -> dict:
         from flythinker.rl.trainer import train_only
 
         pair, tok = shipped_pair()
-        n_trainable = train_only(pair, args.trainable.split(","))
         data = make_persona_empathy()  # the shipped pair's own data generator (held-out users in "test")
         peft = None
     else:
@@ -189,6 +192,16 @@ def main(argv: list[str] | None = None) -> dict:
         test_rows = list(first.values())
     test_rows = test_rows[: args.n_test]
     eval_bs = 16
+    supervised = None
+    if args.start == "shipped":
+        if args.reset_fusion:  # the supervised fusion, measured on the same users before it is zeroed
+            t = time.time()
+            supervised, _ = evaluate(pair, tok, test_rows, eval_tokens, eval_bs)
+            supervised["seconds"] = time.time() - t
+            print(f"shipped (supervised fusion): {supervised['strategy_accuracy']}", flush=True)
+            with torch.no_grad():
+                pair.latent_proj.weight.zero_()
+        n_trainable = train_only(pair, args.trainable.split(","))
     t = time.time()
     before, before_texts = evaluate(pair, tok, test_rows, eval_tokens, eval_bs)
     t_eval0 = time.time() - t
@@ -224,7 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
     t_eval1 = time.time() - t
     diff = paired_bootstrap_diff(before["per_record"], after["per_record"])
     result = {
-        "setup": vars(args) | {"pair": "the shipped pair smollm2-135m-persona-empathy" if args.start == "shipped"
+        "setup": vars(args) | {"pair": "the shipped pair smollm2-135m-persona-empathy" + (
+                               ", its projection zeroed before RL" if args.reset_fusion else "")
+                               if args.start == "shipped"
                                else f"generator SmolLM2-135M-Instruct, reasoner its first {args.reasoner_layers} "
                                     "layers", "context": "split",
                                "trained": f"{args.trainable} ({n_trainable} parameters)" if n_trainable
@@ -233,6 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
         "n_test": len(test_rows), "n_train_records": len(train_rows), "steps_done": trainer.state.global_step,
         "before": {k: v for k, v in before.items() if k != "per_record"},
         "after": {k: v for k, v in after.items() if k != "per_record"},
+        "supervised_reference": None if supervised is None else {
+            k: v for k, v in supervised.items() if k != "per_record"} | {
+            "supervised_minus_after": dict(zip(("mean", "lo", "hi"), paired_bootstrap_diff(
+                after["per_record"], supervised["per_record"])))},
         "diff_strategy_accuracy": {"mean": diff[0], "ci95": [diff[1], diff[2]]},
         "reward_curve": curve,
         "reasoner_reuse": {"on": trainer.reasoner_reuse, "why": trainer.reasoner_reuse_reason, "stats": reuse_stats,

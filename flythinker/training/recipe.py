@@ -322,7 +322,8 @@ def run_recipe(generator: nn.Module | str, reasoner: nn.Module | str, records: S
         report["stage1"] = train_stage1(model, records, tokenizer, collator, recipe, out / "stage1")
         log(f"stage 1 (generator LoRA): {recipe.stage1_steps} steps in {report['stage1']['seconds']:.0f} s")
     report["stage2"] = train_stage2(model, split, collator, recipe, out / "stage2")
-    log(f"stage 2 (fusion + generator LoRA): {recipe.stage2_steps} steps in {report['stage2']['seconds']:.0f} s")
+    parts = "fusion + generator LoRA" + (" + reasoner LoRA" if recipe.reasoner_lora_rank else "")
+    log(f"stage 2 ({parts}): {recipe.stage2_steps} steps in {report['stage2']['seconds']:.0f} s")
     report["seconds"] = time.perf_counter() - wall
     atomic_write_json(out / "recipe_report.json", report)
     return model, tokenizer, report
