@@ -70,17 +70,20 @@ def collect() -> dict[str, Any]:
 
 
 def parallel_auto() -> dict[str, Any]:
-    """What `parallel="auto"` picks on this machine and why (flythinker.parallel_auto): the rule, and the decisions
-    measured here so far (per pair shape)."""
-    from flythinker.parallel_auto import MARGIN, cached_decisions
+    """What `parallel="auto"` picks on this machine and why (flythinker.parallel_auto): the rule, and per pair shape
+    measured here so far what a new process would do (`entry_status`: reuse the saved decision, with the age and
+    load average of its measurement, or measure again, and why)."""
+    from flythinker.parallel_auto import LOAD_FRACTION, MARGIN, OWN_LOAD, cached_decisions, entry_status, max_age_days
     from flythinker.workers import available_cores
 
     cores = available_cores()
     if cores < 2:
         rule = f"{cores} core: always sequential (off)"
     else:
-        rule = (f"CUDA: streams. CPU ({cores} cores): measured once per pair shape on first use (one-token step, "
-                f"threads vs sequential); threads only if below {MARGIN:g}x sequential, else off")
-    measured = {k: {f: d.get(f) for f in ("mode", "reason")} for k, d in cached_decisions().items()
-                if isinstance(d, dict)}
+        rule = (f"CUDA: streams. CPU ({cores} cores): measured per pair shape on first use (one-token step, threads "
+                f"vs sequential); threads only if below {MARGIN:g}x sequential, else off. A saved measurement is "
+                f"reused while it is under {max_age_days():g} days old, was taken at a 1-min load of at most "
+                f"{OWN_LOAD:g} + {LOAD_FRACTION:g} x cores, and under this torch/transformers/flythinker/Python "
+                f"and CPU; otherwise it is measured again")
+    measured = {k: entry_status(d) for k, d in cached_decisions().items() if isinstance(d, dict)}
     return {"rule": rule, "measured": measured}

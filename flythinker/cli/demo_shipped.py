@@ -81,7 +81,7 @@ def run_shipped(args: argparse.Namespace, compare, pick_test_users) -> int:
     from flythinker.cli.common import generation_kwargs
     from flythinker.parallel_auto import decide
 
-    # parallel="auto" measures once per machine (then cached): do it before anything is timed, so that a fresh
+    # parallel="auto" measures on first use (then cached while fresh): do it before anything is timed, so that a fresh
     # machine's first reply does not carry the measurement
     start = time.perf_counter()
     decision = decide(model)

@@ -38,11 +38,31 @@ def print_info(as_json: bool = False, out=None) -> None:
         print("  TRITON_INTERPRET=1: Triton kernels run in the (slow) interpreter", file=out)
     pa = info["parallel_auto"]
     print(f"parallel:  'auto' = {pa['rule']}", file=out)
-    for key, d in pa["measured"].items():
-        print(f"  {key}: {d['mode']} ({d['reason']})", file=out)
+    for key, status in pa["measured"].items():
+        print(f"  {key}: {describe_auto(status)}", file=out)
     print(f"cache:     {info['cache_dir']} (set FLYTHINKER_CACHE to move it)", file=out)
     print(f"models:    cached {info['cached_models'] or 'none yet'}; known short names {info['known_models']}",
           file=out)
+
+
+def _conditions(status: dict) -> str:
+    """When and under what load a saved measurement was taken, in words ("" for an entry that did not record it)."""
+    from flythinker.parallel_auto import format_age
+
+    if status["age_s"] is None:
+        return ""
+    load = status["load_avg"]
+    at_load = f"1-min load {load[0]:.2f}" if load else "load not recorded"
+    return f"measured {format_age(max(status['age_s'], 0.0))} ago, {at_load} on {status['cpu_count'] or '?'} cores"
+
+
+def describe_auto(status: dict) -> str:
+    """One saved `parallel="auto"` decision (`flythinker.parallel_auto.entry_status`) in words: what a new process
+    would pick and why, or that it would measure again and why."""
+    when = _conditions(status)
+    if status["stale"]:
+        return f"would re-measure: {status['stale']} (saved: {status['mode']}{', ' + when if when else ''})"
+    return f"would pick {status['would']}: {status['reason']} ({when})"
 
 
 def run(args: argparse.Namespace) -> int:
