@@ -105,15 +105,17 @@ def _parse_all(texts: list[str], parse) -> tuple[list, ParseStats]:
     return out, stats
 
 
-def retrieve(query: str, memories: Sequence[MemoryItem], k: int = 5, backend=None) -> list[int]:
-    """Indices of the ``k`` memories most useful for ``query``: BM25 (default), or with ``backend`` the model's
-    single pick (a one-element list; empty when its output names no memory -- check ``retrieve_stats``)."""
+def retrieve(query: str, memories: Sequence[MemoryItem], k: int = 5, backend=None, retriever=None) -> list[int]:
+    """Indices of the ``k`` memories most useful for ``query``: BM25 (default), another ranker with ``retriever``
+    (a callable ``texts -> object with rank(query, k)``, e.g. a trained
+    :class:`~flythinker.memory.dense_retriever.DualEncoder`), or with ``backend`` the model's single pick (a
+    one-element list; empty when its output names no memory -- check ``retrieve_stats``)."""
     if not memories:
         return []
     if backend is None:
         from .retrieval import BM25Retriever
 
-        return BM25Retriever([m.value for m in memories]).rank(query, k)
+        return (BM25Retriever if retriever is None else retriever)([m.value for m in memories]).rank(query, k)
     ids = [f"c{i}" for i in range(len(memories))]
     listing = "\n".join(f"{cid}: {m.value}" for cid, m in zip(ids, memories))
     text = _run(backend, [_prompt(RETRIEVE_SYSTEM, f"Memories:\n{listing}\n\nRequest: {query}", "memory_retrieve")],

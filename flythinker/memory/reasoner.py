@@ -35,15 +35,18 @@ class MemoryViews:
     recent_turns: int = 0
 
 
-def rank_memories(memories: Sequence[MemoryItem], query: str) -> list[MemoryItem]:
-    """Constraints first (store order), then the rest by BM25 relevance to ``query``; no do-not-remember items."""
+def rank_memories(memories: Sequence[MemoryItem], query: str, retriever=None) -> list[MemoryItem]:
+    """Constraints first (store order), then the rest by relevance to ``query`` -- BM25, or ``retriever`` (a
+    callable ``texts -> object with rank(query)``, e.g. a trained dense ``DualEncoder``); no do-not-remember
+    items."""
     from .retrieval import BM25Retriever
 
     shown = [m for m in memories if m.label != DO_NOT_REMEMBER]
     constraints = [m for m in shown if m.is_constraint]
     rest = [m for m in shown if not m.is_constraint]
     if rest:
-        rest = [rest[i] for i in BM25Retriever([m.value for m in rest]).rank(query)]
+        ranker = (BM25Retriever if retriever is None else retriever)([m.value for m in rest])
+        rest = [rest[i] for i in ranker.rank(query)]
     return constraints + rest
 
 
@@ -68,7 +71,7 @@ def _ids(tokenizer, system: str, user: str) -> list[int]:
 
 def memory_views(memories: Sequence[MemoryItem], query: str, tokenizer, *, max_reasoner_tokens: int = 1024,
                  recent_turns: Sequence[tuple[str, str]] = (), system_prompt: str = DEFAULT_MEMORY_SYSTEM_PROMPT,
-                 max_memories: int | None = None) -> MemoryViews:
+                 max_memories: int | None = None, retriever=None) -> MemoryViews:
     """Split-context views for ``query`` from ``memories`` (see module doc).
 
     Args:
@@ -78,6 +81,7 @@ def memory_views(memories: Sequence[MemoryItem], query: str, tokenizer, *, max_r
         max_reasoner_tokens: budget of the reasoner's prompt, in tokens.
         recent_turns: ``(role, text)`` dialogue turns, oldest first; the newest that fit are included.
         max_memories: at most this many memories (after ranking), budget permitting.
+        retriever: ranks the non-constraint memories instead of BM25 (see :func:`rank_memories`).
 
     Returns:
         :class:`MemoryViews`; ``views.reasoner_prompt_ids`` is at most ``max_reasoner_tokens`` long.
@@ -85,7 +89,7 @@ def memory_views(memories: Sequence[MemoryItem], query: str, tokenizer, *, max_r
     """
     if not query or not query.strip():
         raise ValueError("memory_views needs a non-empty query")
-    ranked = rank_memories(memories, query)[:max_memories]
+    ranked = rank_memories(memories, query, retriever)[:max_memories]
     if len(_ids(tokenizer, system_prompt, _user_text([], [], query))) > max_reasoner_tokens:
         raise ValueError(f"the query alone exceeds the reasoner budget of {max_reasoner_tokens} tokens")
     used: list[MemoryItem] = []
