@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     reuse_stats = vars(trainer.prompt_reuse.stats) if trainer.prompt_reuse is not None else None
     policy = trainer.model
     curve = [{"step": h["step"], "reward": h["reward"], "reward_std": h.get("reward_std"),
-              "completion_len": h.get("completions/mean_length")}
+              "completion_len": h.get("completions/mean_length"),
+              "clipped_ratio": h.get("completions/clipped_ratio"), "entropy": h.get("entropy")}
              for h in trainer.state.log_history if "reward" in h]
     t = time.time()
     after, after_texts = evaluate(policy, tok, test_rows, eval_tokens, eval_bs)
