@@ -100,18 +100,15 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-# ---- the CLI's judge reward, with what it does recorded ------------------------------------------------------------
+# ---- the judge reward `flythinker rl` builds, with what it does recorded -----------------------------------------
 def cli_judge_reward(args, base_url: str):
-    """The reward `flythinker rl --reward R --judge-model M --judge-base-url URL --rules X` trains on (its own
-    builder), and the equivalent command line."""
-    from flythinker.cli import rl as rl_cli
+    """The reward `flythinker rl --reward R --judge-model M --judge-base-url URL --rules X` trains on (the
+    library's :func:`flythinker.rl.judge_reward`, which the CLI calls), and the equivalent command line."""
+    from flythinker.rl import judge_reward
 
     argv = ["--reward", args.reward, "--judge-model", args.judge_model, "--judge-base-url", base_url,
-            "--rules", args.rules, "--out", "unused"]
-    parser = argparse.ArgumentParser()
-    rl_cli.add_arguments(parser)
-    funcs, _ = rl_cli._reward_funcs(parser.parse_args(argv))
-    reward = funcs[0]
+            "--rules", args.rules]
+    reward = judge_reward(args.reward, args.judge_model, base_url=base_url, rules=args.rules)
     deviations = {}
     judge = reward.judge
     judge.backend.client = judge.backend.client.with_options(timeout=args.judge_timeout)
@@ -119,7 +116,7 @@ def cli_judge_reward(args, base_url: str):
     if args.judge_max_tokens:
         deviations["judge_max_new_tokens"] = {"cli": judge.settings.max_new_tokens, "here": args.judge_max_tokens}
         judge.settings = dataclasses.replace(judge.settings, max_new_tokens=args.judge_max_tokens)
-    return reward, "flythinker rl " + " ".join(argv[:-2]), deviations
+    return reward, "flythinker rl " + " ".join(argv), deviations
 
 
 def substitution(res, given) -> str:

@@ -104,7 +104,7 @@ def _records(args: argparse.Namespace):
 
 
 def _reward_funcs(args: argparse.Namespace):
-    from flythinker.rl import JudgeReward, LengthPenalty, TraitReward
+    from flythinker.rl import LengthPenalty, TraitReward, judge_reward
 
     funcs, weights = [], []
     for name, w in args.reward or [("trait", 1.0)]:
@@ -113,15 +113,7 @@ def _reward_funcs(args: argparse.Namespace):
         elif name == "length":
             f = LengthPenalty(args.length_limit, args.length_coef)
         else:
-            from flythinker.empathy import EmpathyJudge, HFJudgeBackend, OpenAIJudgeBackend, get_rubric
-
-            backend = (OpenAIJudgeBackend(args.judge_model, base_url=args.judge_base_url) if args.judge_base_url
-                       else HFJudgeBackend(args.judge_model))
-            mode = "generate" if args.judge_base_url else "expected"
-            # the policy writes a plain reply (no "# Analysis" part): every dimension reads the response
-            rubric = get_rubric(name, analysis=False) if name == "perm" else get_rubric(name)
-            f = JudgeReward(EmpathyJudge(rubric, backend, mode=mode, policy_format="response", rules=args.rules,
-                                         role="training"))
+            f = judge_reward(name, args.judge_model, base_url=args.judge_base_url, rules=args.rules)
         funcs.append(f)
         weights.append(w)
     return funcs, weights

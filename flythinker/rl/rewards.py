@@ -159,5 +159,26 @@ def combine_rewards(funcs: Sequence[tuple[RewardFn, float]], name: str = "combin
     return combined
 
 
+def judge_reward(rubric: str, judge_model: str, base_url: str | None = None, rules: str = "strict") -> JudgeReward:
+    """The judge reward ``flythinker rl --reward perm|peregrm`` trains on.
+
+    Args:
+        rubric: ``"perm"`` or ``"peregrm"``.
+        judge_model: a local model name or path (loaded in process), or the served model's name with ``base_url``.
+        base_url: an OpenAI-compatible endpoint (the judge then writes its answers; locally it scores the
+            expected answer's likelihood).
+        rules: the parsing and failure rules, ``"strict"`` or ``"authors"`` (:mod:`flythinker.empathy`).
+
+    The policy writes a plain reply (no "# Analysis" part), so every PERM dimension reads the response; the judge
+    runs with its ``training`` sampling settings.
+    """
+    from flythinker.empathy import EmpathyJudge, HFJudgeBackend, OpenAIJudgeBackend, get_rubric
+
+    backend = OpenAIJudgeBackend(judge_model, base_url=base_url) if base_url else HFJudgeBackend(judge_model)
+    spec = get_rubric(rubric, analysis=False) if rubric == "perm" else get_rubric(rubric)
+    return JudgeReward(EmpathyJudge(spec, backend, mode="generate" if base_url else "expected",
+                                    policy_format="response", rules=rules, role="training"))
+
+
 __all__ = ["JudgeReward", "LengthPenalty", "RewardFn", "TraitReward", "combine_rewards", "completion_text",
-           "fill_group_means"]
+           "fill_group_means", "judge_reward"]
