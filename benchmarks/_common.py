@@ -1,5 +1,6 @@
 """What the benchmark scripts share: where results go, the one-subprocess-per-case worker protocol, the memory
-probes the workers read, the JSON output and the naive-vs-fused bar plot.
+probes the workers read, the JSON output, the naive-vs-fused bar plot, and starting a loopback HTTP server
+(`free_port`, `wait_for_health`, `stop_process`).
 
 A script that measures memory runs each case in a fresh process (`run_worker`: `python -m benchmarks.<name>
 --worker <cfg JSON>` from the repo root, the last stdout line is the result JSON), so that one case's allocations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,3 +150,41 @@ def plot_naive_vs_fused(cases: list[dict], names: list[str], panels: list[tuple[
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Terminate ``proc``, and kill it if it has not exited after ``grace_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def wait_for_health(proc: subprocess.Popen, port: int, log: Path, timeout_s: float, what: str = "server",
+                    poll_s: float = 0.5) -> None:
+    """Return once ``GET http://127.0.0.1:PORT/health`` answers 200. If ``proc`` exits first or ``timeout_s``
+    passes, stop it and raise a RuntimeError carrying the tail of its ``log``."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {what} exited ({proc.returncode}): {log.read_text()[-3000:]}")
+        if time.time() > deadline:
+            stop_process(proc)
+            raise RuntimeError(f"the {what} did not answer /health in {timeout_s:.0f} s: {log.read_text()[-3000:]}")
+        time.sleep(poll_s)

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ import urllib.request
 from pathlib import Path
 
 import torch
+
+from benchmarks._common import free_port, stop_process, wait_for_health
 
 # `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
 QUICK = {"skip": "GRPO steps against a CPU judge server (~15-45 min on 2 CPU cores)"}
@@ -54,12 +55,6 @@ RAW_CHARS = 500  # judge outputs kept per sample (characters)
 
 
 # ---- the server ----------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get_json(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
@@ -74,30 +69,8 @@ def start_server(model: str, port: int, threads: int, log_path: Path, timeout_s:
                              "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     log.close()
-    deadline = time.time() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the judge server exited ({proc.returncode}): {log_path.read_text()[-1500:]}")
-        try:
-            if get_json(f"http://127.0.0.1:{port}/health", timeout=2.0).get("status") == "ok":
-                return proc
-        except OSError:
-            pass
-        if time.time() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"the judge server did not answer /health in {timeout_s:.0f} s: "
-                               f"{log_path.read_text()[-1500:]}")
-        time.sleep(0.5)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    wait_for_health(proc, port, log_path, timeout_s, what="judge server")
+    return proc
 
 
 # ---- the judge reward `flythinker rl` builds, with what it does recorded -----------------------------------------
@@ -410,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
         t_after = time.time() - t
         server_stats = get_json(base_url.removesuffix("/v1") + "/stats")
     finally:
-        stop_server(server)
+        stop_process(server)
 
     result = {
         "setup": vars(args) | {"pair": f"the shipped pair {PAIR}, only its fusion projection trained "

@@ -16,14 +16,14 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
+
+from benchmarks._common import free_port, wait_for_health
 
 # `flythinker bench` contract (flythinker/cli/bench.py): no quick mode, and why
 QUICK = {"skip": "runs in the vLLM virtualenv (`make bench-serve`)"}
@@ -112,27 +112,11 @@ def side_hf(work: Path, new_tokens: int, batch: int, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- vLLM side
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-    t0 = time.time()
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() - t0 > 900:
-            proc.kill()
-            raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
-        time.sleep(1)
+    wait_for_health(proc, port, log, 900, poll_s=1)
+    return proc
 
 
 def load(port: int, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -218,7 +202,7 @@ def hf_side(*args: str) -> None:
 
 
 def run_vllm(work: Path, sub: str, pair: bool, prompts, args) -> dict:
-    port = _free_port()
+    port = free_port()
     common = ["--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--served-model-name", "m"]
     if pair:  # `flythinker serve` (the command users run); its own flags + the rest through --vllm-args
         cmd = [sys.executable, "-m", "flythinker.cli", "serve", str(work / sub), "--kv-cache-gib", "2", *common,
